@@ -28,6 +28,11 @@ _EXPORTS = {
     "circuit_by_weight": "glocal",
     "circuit_by_relevance": "glocal",
     "concept_circuit": "glocal",
+    "decompose_batch": "glocal",
+    "channel_relevances": "glocal",
+    "Circuit": "glocal",
+    "FuzzyCircuit": "fuzzy",
+    "Fuzzifier": "fuzzy",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -303,16 +303,17 @@ class ConceptLabels:
                 leaves[parent] = found
             return leaves[parent]
 
-        columns = self._matrix.tocsc()
-        new_columns = []
-        for parent in children:
-            indices = sorted(descend(parent, ()))
-            if indices:
-                column = columns[:, indices].max(axis=1)
-            else:
-                column = scipy.sparse.csc_matrix((self.n_samples, 1), dtype=np.bool_)
-            new_columns.append(scipy.sparse.csc_matrix(column, dtype=np.bool_))
-        matrix = scipy.sparse.hstack([columns] + new_columns, format="csr", dtype=np.bool_)
+        # membership[k, p]: concept k is a descendant of parent p; one sparse product adds all parents
+        rows_, cols_ = [], []
+        for p, parent in enumerate(children):
+            members = sorted(descend(parent, ()))
+            rows_ += members
+            cols_ += [p] * len(members)
+        membership = scipy.sparse.csr_matrix(
+            (np.ones(len(rows_), dtype=np.int64), (rows_, cols_)), shape=(self.n_concepts, len(children))
+        )
+        parents = (self._matrix.astype(np.int64) @ membership) > 0
+        matrix = scipy.sparse.hstack([self._matrix, parents], format="csr", dtype=np.bool_)
         return ConceptLabels(matrix, self._names + list(children), self._descriptions)
 
     @classmethod

@@ -1,0 +1,110 @@
+"""Benchmark of the INVERT core (issue 2): a whole ImageNet-scale layer, and the slow reference.
+
+    python benchmarks/bench_core.py [--features 512] [--samples 50000] [--device cpu] [--slow-features 1]
+
+Prints a markdown table: wall time and peak memory (RSS) of labeling F features with L = 3, B = 3
+over N samples and K = 1,481 concepts, the time per feature of the slow per-candidate algorithm
+(tests/slow_invert.py: one formula at a time, AUC by sklearn-style ranking) and the speed-up, and
+the FashionMNIST check when ../shared/data/fashion-mnist-crp is present.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import synthetic  # noqa: E402
+
+from crp_invert import ConceptLabeler  # noqa: E402
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=50_000)
+    parser.add_argument("--features", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--slow-features", type=int, default=1)
+    parser.add_argument("--slow-L", type=int, default=2)
+    parser.add_argument("--skip-fashion", action="store_true")
+    args = parser.parse_args()
+
+    rows = []
+    concepts, _ = synthetic.concept_labels(args.samples)
+    acts = synthetic.activations(concepts, args.features)
+    labeler = ConceptLabeler(concepts, device=args.device)
+    labeler.label(acts[:, :8], L=3, B=3, progress=False)  # warm-up
+    rss_before = peak_rss_gb()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = labeler.label(acts, L=3, B=3, progress=False)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    fast_total = time.perf_counter() - start
+    fast_per_feature = fast_total / args.features
+    memory = f"peak RSS {peak_rss_gb():.2f} GB (before: {rss_before:.2f} GB)"
+    if args.device.startswith("cuda"):
+        memory += f", GPU peak {torch.cuda.max_memory_allocated() / 1024 ** 3:.2f} GB"
+    rows.append((f"layer N={args.samples:,} K={concepts.n_concepts:,} F={args.features} L=3 B=3 ({args.device})",
+                 f"{fast_total:.2f} s ({1000 * fast_per_feature:.1f} ms/feature)", memory))
+    median_auc = float(np.median([beam[0].auc for beam in result if beam]))
+    rows.append(("median best AUC of the synthetic layer", f"{median_auc:.4f}", ""))
+
+    # the slow per-candidate algorithm on a few features, same L as named
+    from slow_invert import slow_beam_search
+
+    dense = concepts.dense().numpy()
+    names = concepts.names
+    slow_times, fast_l_times = [], []
+    for f in range(args.slow_features):
+        start = time.perf_counter()
+        slow = slow_beam_search(acts[:, f], dense, names, L=args.slow_L, B=3, max_fraction=0.5)
+        slow_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        fast = labeler.label(acts[:, f:f + 1], L=args.slow_L, B=3, progress=False)
+        fast_l_times.append(time.perf_counter() - start)
+        if abs(slow[0][1] - fast[0][0].auc) > 1e-9 and slow[0][1] > fast[0][0].auc:
+            raise SystemExit(f"fast search lost against the slow one on feature {f}")
+    slow_per_feature = float(np.mean(slow_times))
+    start = time.perf_counter()
+    labeler.label(acts, L=args.slow_L, B=3, progress=False)
+    fast_layer_l = (time.perf_counter() - start) / args.features
+    rows.append((f"slow per-candidate search, L={args.slow_L}, per feature (mean of {args.slow_features})",
+                 f"{slow_per_feature:.1f} s", ""))
+    rows.append((f"fast search inside a layer, L={args.slow_L}, per feature",
+                 f"{1000 * fast_layer_l:.1f} ms", f"speed-up {slow_per_feature / fast_layer_l:,.0f}x"))
+    rows.append((f"fast search on one feature alone, L={args.slow_L}",
+                 f"{1000 * float(np.mean(fast_l_times)):.0f} ms",
+                 f"speed-up {slow_per_feature / float(np.mean(fast_l_times)):,.0f}x"))
+
+    fashion = HERE.parent.parent / "shared" / "data" / "fashion-mnist-crp"
+    if not args.skip_fashion and fashion.is_dir():
+        from fashion_mnist import fashion_layer_check
+
+        for row in fashion_layer_check(fashion, args.device):
+            rows.append(row)
+
+    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}\n")
+    print("| what | time | notes |\n| --- | --- | --- |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""A slow, obviously-right INVERT: one candidate formula at a time, as the paper describes it.
+
+Used by the tests (and benchmarks/bench_core.py) as the reference for the vectorized search. It
+shares nothing with crp_invert.search or crp_invert.metrics: masks are built formula by formula,
+AUCs come from scipy's ranks.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+from crp_invert import Formula
+
+
+def slow_auc(scores: np.ndarray, mask: np.ndarray) -> float:
+    """AUROC with ties counting one half, from scipy's midranks (0.5 for an empty class)."""
+    n_pos = int(mask.sum())
+    n_neg = len(mask) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return 0.5
+    ranks = rankdata(scores)
+    return (ranks[mask].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def slow_beam_search(scores, labels, names, L=3, B=3, limit_search=None, min_fraction=0.0,
+                     max_fraction=0.5, mode="positive"):
+    """Best-first list of ``(Formula, auc, fraction)`` for one feature.
+
+    Parameters mirror ``ConceptLabeler.label``; ``labels`` is a dense boolean ``[N, K]`` array.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    n_samples, n_concepts = labels.shape
+    sign = 1.0 if mode == "positive" else -1.0
+    prims = []  # (code, Formula, mask) in code order: concepts, then their negations
+    for code in range(2 * n_concepts):
+        k = code % n_concepts
+        atom = Formula.concept(names[k])
+        mask = labels[:, k] if code < n_concepts else ~labels[:, k]
+        prims.append((code, atom if code < n_concepts else ~atom, mask, k))
+
+    def valid(mask):
+        fraction = mask.sum() / n_samples
+        return 0 < mask.sum() < n_samples and min_fraction - 1e-9 <= fraction <= max_fraction + 1e-9
+
+    prim_auc = [slow_auc(scores, mask) for _, _, mask, _ in prims]
+    allowed = list(range(2 * n_concepts))
+    if limit_search is not None:
+        strength = [abs(a - 0.5) for a in prim_auc]
+        allowed = sorted(sorted(allowed, key=lambda c: -strength[c])[:limit_search])
+
+    # a beam entry: (score, formula, mask, used concepts)
+    entries = [(sign * prim_auc[c], prims[c][1], prims[c][2], {prims[c][3]}) for c in allowed if valid(prims[c][2])]
+    beam = _best_distinct(entries, B)
+    for _ in range(1, L):
+        candidates = list(beam)
+        for _, formula, mask, used in beam:
+            for op in ("and", "or"):
+                for code in allowed:
+                    _, atom, prim_mask, k = prims[code]
+                    if k in used:
+                        continue
+                    new_mask = mask & prim_mask if op == "and" else mask | prim_mask
+                    if not valid(new_mask):
+                        continue
+                    new_formula = formula & atom if op == "and" else formula | atom
+                    candidates.append((sign * slow_auc(scores, new_mask), new_formula, new_mask, used | {k}))
+        beam = _best_distinct(candidates, B)
+    return [(formula, sign * score, mask.sum() / n_samples) for score, formula, mask, _ in beam]
+
+
+def _best_distinct(entries, B):
+    order = sorted(range(len(entries)), key=lambda i: -entries[i][0])  # stable: earlier wins ties
+    chosen, seen = [], set()
+    for i in order:
+        if entries[i][1] in seen:
+            continue
+        seen.add(entries[i][1])
+        chosen.append(entries[i])
+        if len(chosen) == B:
+            break
+    return chosen
+
+
+def all_formulas(labels, names, L, min_fraction=0.0, max_fraction=0.5):
+    """Every left-deep formula of length <= L with distinct concepts whose every prefix satisfies the
+    fraction constraints (the search space of the beam search), as ``{Formula: mask}``."""
+    labels = np.asarray(labels, dtype=bool)
+    n_samples, n_concepts = labels.shape
+
+    def valid(mask):
+        fraction = mask.sum() / n_samples
+        return 0 < mask.sum() < n_samples and min_fraction - 1e-9 <= fraction <= max_fraction + 1e-9
+
+    prims = []
+    for code in range(2 * n_concepts):
+        k = code % n_concepts
+        atom = Formula.concept(names[k])
+        prims.append((atom if code < n_concepts else ~atom, labels[:, k] if code < n_concepts else ~labels[:, k], k))
+    found = {}
+    frontier = [(f, m, {k}) for f, m, k in prims if valid(m)]
+    for f, m, _ in frontier:
+        found[f] = m
+    for _ in range(1, L):
+        new_frontier = []
+        for formula, mask, used in frontier:
+            for atom, prim_mask, k in prims:
+                if k in used:
+                    continue
+                for op in ("and", "or"):
+                    new_mask = mask & prim_mask if op == "and" else mask | prim_mask
+                    if valid(new_mask):
+                        new_formula = formula & atom if op == "and" else formula | atom
+                        if new_formula not in found:
+                            found[new_formula] = new_mask
+                            new_frontier.append((new_formula, new_mask, used | {k}))
+        frontier = new_frontier
+    return found

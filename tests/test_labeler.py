@@ -1,0 +1,271 @@
+"""The vectorized beam search against the slow per-candidate algorithm and exhaustive enumeration,
+and the ConceptLabeler / LayerLabels API: statistics, files, bad input."""
+import csv
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from scipy.stats import mannwhitneyu
+from slow_invert import all_formulas, slow_auc, slow_beam_search
+
+from crp_invert import ConceptLabeler, ConceptLabels, Formula, LayerLabels
+
+
+def random_case(seed, n=None, k=None, f=4):
+    rng = np.random.default_rng(seed)
+    n = n or int(rng.integers(20, 90))
+    k = k or int(rng.integers(2, 6))
+    labels = rng.random((n, k)) < rng.uniform(0.1, 0.6, size=k)
+    scores = np.maximum(rng.normal(size=(n, f)), 0.0).round(1)
+    # some features driven by a formula, so that long formulas matter
+    scores[:, 0] += 1.5 * (labels[:, 0] & ~labels[:, 1 % k])
+    return labels, scores, [f"c{i}" for i in range(k)]
+
+
+SETTINGS = [
+    dict(L=3, B=3),
+    dict(L=2, B=2, mode="negative"),
+    dict(L=3, B=4, limit_search=3, min_fraction=0.1, max_fraction=0.7),
+    dict(L=1, B=5),
+    dict(L=4, B=2, max_fraction=1.0),
+]
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("kwargs", SETTINGS)
+def test_equals_slow_per_candidate_search(seed, kwargs):
+    labels, scores, names = random_case(seed)
+    result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, progress=False, **kwargs)
+    for f in range(scores.shape[1]):
+        slow = slow_beam_search(scores[:, f], labels, names, **kwargs)
+        fast = result[f]
+        # same formulas in the same order, and the same AUCs to the last bit
+        assert [e.formula for e in fast] == [s[0] for s in slow]
+        assert [e.auc for e in fast] == [s[1] for s in slow]
+        assert [e.fraction for e in fast] == pytest.approx([s[2] for s in slow], abs=1e-15)
+        for e in fast:
+            assert e.length == e.formula.length
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_wide_beam_finds_the_exhaustive_optimum(seed, mode):
+    labels, scores, names = random_case(seed, k=4)
+    L = 3
+    space = all_formulas(labels, names, L)
+    B = len(space)  # wide enough to hold every formula: the search becomes exhaustive
+    result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=L, B=B, mode=mode, progress=False)
+    for f in range(scores.shape[1]):
+        aucs = {formula: slow_auc(scores[:, f], mask) for formula, mask in space.items()}
+        best = max(aucs.values()) if mode == "positive" else min(aucs.values())
+        assert result[f][0].auc == pytest.approx(best, abs=1e-12)
+        # the beam holds distinct formulas, each scored correctly
+        formulas = [e.formula for e in result[f]]
+        assert len(set(formulas)) == len(formulas)
+        for e in result[f][:20]:
+            assert e.auc == pytest.approx(aucs[e.formula], abs=1e-12)
+
+
+def test_beam_explanations_are_consistent_with_their_formula():
+    labels, scores, names = random_case(11, n=200, k=5, f=6)
+    concepts = ConceptLabels(labels, names)
+    result = ConceptLabeler(concepts).label(scores, L=3, B=3, progress=False)
+    for f, beam in enumerate(result):
+        assert 1 <= len(beam) <= 3
+        aucs = [e.auc for e in beam]
+        assert aucs == sorted(aucs, reverse=True)
+        for e in beam:
+            mask = e.formula.evaluate(concepts).numpy()
+            assert e.fraction == pytest.approx(mask.mean())
+            assert 0 < e.fraction <= 0.5
+            assert e.auc == pytest.approx(slow_auc(scores[:, f], mask), abs=1e-12)
+            reference = mannwhitneyu(scores[mask, f], scores[~mask, f], alternative="greater",
+                                     method="asymptotic").pvalue
+            assert e.p_value == pytest.approx(reference, rel=1e-9)
+            assert e.p_value_bonferroni == pytest.approx(min(1.0, e.p_value * e.n_candidates))
+            assert e.n_candidates > 0
+
+
+def test_benjamini_hochberg_over_features():
+    from scipy.stats import false_discovery_control
+
+    labels, scores, names = random_case(5, n=150, f=8)
+    result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=2, B=2, progress=False)
+    bonferroni = np.array([result[f][0].p_value_bonferroni for f in range(8)])
+    expected = false_discovery_control(bonferroni, method="bh")
+    np.testing.assert_allclose([result[f][0].p_value_bh for f in range(8)], expected, rtol=1e-12)
+
+
+def test_planted_conjunction_is_found():
+    rng = np.random.default_rng(0)
+    labels = rng.random((2000, 6)) < 0.4
+    names = ["red", "green", "circle", "square", "big", "small"]
+    truth = labels[:, 0] & labels[:, 2] & ~labels[:, 4]
+    scores = (truth + 0.1 * rng.random(2000))[:, None]
+    result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=3, B=3, progress=False)
+    best = result[0][0]
+    assert best.formula == Formula.parse("red AND circle AND NOT big")
+    assert best.auc == 1.0
+
+
+def test_feature_batches_inputs_and_devices_agree(tmp_path):
+    labels, scores, names = random_case(2, n=120, f=7)
+    labeler = ConceptLabeler(ConceptLabels(labels, names), device="cpu")
+    reference = labeler.label(scores, L=3, B=3, progress=False)
+    assert labeler.label(scores, L=3, B=3, feature_batch_size=2, progress=False) == reference
+    assert labeler.label(torch.from_numpy(scores).float().double(), L=3, B=3, progress=False) == reference
+    with h5py.File(tmp_path / "acts.h5", "w") as handle:
+        handle.create_dataset("Y", data=scores)
+    with h5py.File(tmp_path / "acts.h5", "r") as handle:
+        assert labeler.label(handle["Y"], L=3, B=3, feature_batch_size=3, progress=False) == reference
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+def test_cuda_equals_cpu():
+    labels, scores, names = random_case(4, n=500, f=16)
+    concepts = ConceptLabels(labels, names)
+    cpu = ConceptLabeler(concepts, device="cpu").label(scores, L=3, B=3, progress=False)
+    gpu = ConceptLabeler(concepts, device="cuda").label(scores, L=3, B=3, progress=False)
+    assert cpu == gpu
+
+
+def test_memorize_states():
+    labels, scores, names = random_case(3, f=3)
+    result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=3, B=2, memorize_states=True,
+                                                               progress=False)
+    assert len(result.states) == 3
+    for f in range(3):
+        assert [e.formula for e in result.states[2][f]] == [e.formula for e in result[f]]
+        assert all(e.length == 1 for e in result.states[0][f])
+        # the best AUC never decreases with the length
+        bests = [result.states[step][f][0].auc for step in range(3)]
+        assert bests == sorted(bests)
+    plain = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=3, B=2, progress=False)
+    assert plain.states is None and plain == result
+
+
+def test_validation_split_reports_held_out_statistics():
+    rng = np.random.default_rng(1)
+    labels = rng.random((1000, 4)) < 0.3
+    scores = np.stack([labels[:, 0] + 0.5 * rng.random(1000), rng.random(1000)], 1)
+    concepts = ConceptLabels(labels, list("abcd"))
+    result = ConceptLabeler(concepts).label(scores, L=2, B=2, validation=0.5, progress=False)
+    assert result.parameters["validation"] == 500
+    good, noise = result[0][0], result[1][0]
+    assert good.formula == Formula.concept("a") and good.validation_auc == 1.0
+    assert noise.validation_auc is not None and abs(noise.validation_auc - 0.5) < 0.1
+    # an explicit mask: statistics equal a direct computation on the held-out rows
+    held = np.zeros(1000, dtype=bool)
+    held[::3] = True
+    result = ConceptLabeler(concepts).label(scores, L=2, B=2, validation=held, progress=False)
+    for f in range(2):
+        for e in result[f]:
+            mask = e.formula.evaluate(concepts).numpy()
+            assert e.validation_auc == pytest.approx(slow_auc(scores[held, f], mask[held]), abs=1e-12)
+            assert e.validation_fraction == pytest.approx(mask[held].mean())
+            assert e.auc == pytest.approx(slow_auc(scores[~held, f], mask[~held]), abs=1e-12)
+
+
+def test_json_and_csv(tmp_path):
+    labels, scores, names = random_case(7, f=5)
+    names[1] = 'odd "name", (with) AND'
+    result = ConceptLabeler(ConceptLabels(labels, names)).label(
+        scores, L=3, B=3, validation=0.3, memorize_states=True, layer="features.40", progress=False)
+    result.to_json(tmp_path / "labels.json")
+    loaded = LayerLabels.from_json(tmp_path / "labels.json")
+    assert loaded == result
+    assert loaded.layer == "features.40" and loaded.parameters == result.parameters
+    assert [[e.formula for e in beam] for beam in loaded.states[1]] == \
+        [[e.formula for e in beam] for beam in result.states[1]]
+    for f in range(5):
+        assert [e.auc for e in loaded[f]] == [e.auc for e in result[f]]
+
+    result.to_csv(tmp_path / "full.csv")
+    rows = list(csv.DictReader(open(tmp_path / "full.csv")))
+    assert len(rows) == 5
+    assert Formula.parse(rows[0]["formula"]) == result[0][0].formula
+    assert float(rows[0]["auc"]) == result[0][0].auc
+    assert float(rows[0]["p_value_bh"]) == result[0][0].p_value_bh
+
+    result.to_csv(tmp_path / "bench.csv", style="benchmark")
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert list(rows[0]) == ["neuron", "concept", "concept_id", "metric"]
+    renamed = Formula.parse(rows[0]["concept_id"])
+    assert renamed.concepts == {str(names.index(n)) for n in result[0][0].formula.concepts}
+    assert "feature" in result.table() and str(result[0][0].formula)[:20] in result.table()
+
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="LayerLabels"):
+        LayerLabels.from_json(tmp_path / "bad.json")
+
+
+def test_indexing():
+    labels, scores, names = random_case(1, f=3)
+    result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=2, B=2, progress=False)
+    assert len(result) == result.n_features == 3
+    assert result[-1] == result[2]
+    assert result.best(0) == result[0][0]
+    with pytest.raises(IndexError):
+        result[3]
+    with pytest.raises(TypeError):
+        result["0"]
+    joined = LayerLabels.concatenate([result, result])
+    assert joined.n_features == 6 and joined[4] == result[1]
+
+
+def test_no_valid_formula_gives_an_empty_beam():
+    # a holds everywhere, b on 9 of 10 samples: no primitive has a fraction in [0.3, 0.5]
+    labels = np.ones((10, 2), dtype=bool)
+    labels[0, 1] = False
+    result = ConceptLabeler(ConceptLabels(labels, ["a", "b"])).label(
+        np.random.rand(10, 2), L=2, B=2, min_fraction=0.3, max_fraction=0.5, progress=False)
+    assert result[0] == [] and result.best(0) is None
+    assert "no formula" in result.table()
+
+
+class TestBadInput:
+    @pytest.fixture
+    def labeler(self):
+        labels, _, names = random_case(0, n=30, k=3)
+        return ConceptLabeler(ConceptLabels(labels, names))
+
+    def test_sample_count_mismatch(self, labeler):
+        with pytest.raises(ValueError, match="N = 29.*N = 30"):
+            labeler.label(np.random.rand(29, 2), progress=False)
+
+    @pytest.mark.parametrize("bad, kind", [(np.nan, "NaN"), (np.inf, "inf")])
+    def test_non_finite_names_the_feature(self, labeler, bad, kind):
+        scores = np.random.rand(30, 9)
+        scores[4, 7] = bad
+        with pytest.raises(ValueError, match=f"feature 7 contain {kind}"):
+            labeler.label(scores, feature_batch_size=4, progress=False)
+
+    @pytest.mark.parametrize("kwargs, error, pattern", [
+        (dict(L=0), ValueError, "L must be at least 1"),
+        (dict(B=0), ValueError, "B must be at least 1"),
+        (dict(L=2.5), TypeError, "L must be an int"),
+        (dict(min_fraction=-0.1), ValueError, r"min_fraction must be in \[0, 1\]"),
+        (dict(max_fraction=1.5), ValueError, r"max_fraction must be in \[0, 1\]"),
+        (dict(min_fraction=0.6, max_fraction=0.4), ValueError, "must not exceed"),
+        (dict(mode="up"), ValueError, "mode must be one of"),
+        (dict(limit_search=0), ValueError, "limit_search"),
+        (dict(feature_batch_size=0), ValueError, "feature_batch_size"),
+        (dict(validation=1.5), ValueError, "validation"),
+        (dict(validation=np.ones(30, dtype=bool)), ValueError, "some but not all"),
+    ])
+    def test_parameters(self, labeler, kwargs, error, pattern):
+        with pytest.raises(error, match=pattern):
+            labeler.label(np.random.rand(30, 2), progress=False, **kwargs)
+
+    def test_shapes_and_types(self, labeler):
+        with pytest.raises(ValueError, match=r"\[N, F\]"):
+            labeler.label(np.random.rand(30), progress=False)
+        with pytest.raises(TypeError):
+            labeler.label([[1.0]] * 30, progress=False)
+        with pytest.raises(TypeError, match="real numbers"):
+            labeler.label(np.zeros((30, 2), dtype=bool), progress=False)
+        with pytest.raises(TypeError, match="ConceptLabels"):
+            ConceptLabeler(np.zeros((3, 3)))

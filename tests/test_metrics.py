@@ -1,0 +1,125 @@
+"""crp_invert.metrics against sklearn, scipy and a brute-force pairwise count."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import false_discovery_control, mannwhitneyu, rankdata, tiecorrect
+from sklearn.metrics import roc_auc_score
+
+from crp_invert.metrics import (
+    auc_from_rank_sums, auroc, benjamini_hochberg, mann_whitney_pvalue, midranks, rank_scores,
+)
+
+
+def relu_scores(rng, n, f, decimals=1):
+    # ReLU zeros and rounding give heavy ties, as real activations do
+    return np.maximum(rng.normal(size=(n, f)), 0.0).round(decimals)
+
+
+def pairwise_auc(scores, mask):
+    pos, neg = scores[mask], scores[~mask]
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return (greater + 0.5 * ties) / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_equals_sklearn_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    scores = relu_scores(rng, 400, 6)
+    labels = rng.random((400, 5)) < rng.uniform(0.05, 0.6, size=5)
+    result = auroc(torch.from_numpy(scores), torch.from_numpy(labels)).numpy()
+    for f in range(6):
+        for k in range(5):
+            assert abs(result[f, k] - roc_auc_score(labels[:, k], scores[:, f])) < 1e-9
+            assert abs(result[f, k] - pairwise_auc(scores[:, f], labels[:, k])) < 1e-12
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.booleans()), min_size=2, max_size=40))
+def test_auroc_pairwise_property(pairs):
+    scores = np.array([p[0] for p in pairs], dtype=np.float64)
+    mask = np.array([p[1] for p in pairs])
+    result = auroc(torch.from_numpy(scores), torch.from_numpy(mask)).item()
+    if mask.all() or not mask.any():
+        assert result == 0.5
+    else:
+        assert abs(result - pairwise_auc(scores, mask)) < 1e-12
+
+
+def test_midranks_and_tie_term_equal_scipy():
+    rng = np.random.default_rng(3)
+    scores = relu_scores(rng, 1000, 4)
+    ranked = rank_scores(torch.from_numpy(scores))
+    for f in range(4):
+        np.testing.assert_array_equal(ranked.ranks[:, f].numpy(), rankdata(scores[:, f]))
+        n = len(scores)
+        # scipy's tiecorrect is 1 - tie_term / (n^3 - n)
+        assert abs(1 - ranked.tie_term[f].item() / (n ** 3 - n) - tiecorrect(rankdata(scores[:, f]))) < 1e-12
+    np.testing.assert_array_equal(midranks(torch.from_numpy(scores)).numpy(), ranked.ranks.numpy())
+
+
+@pytest.mark.parametrize("alternative", ["two-sided", "greater", "less"])
+@pytest.mark.parametrize("seed", range(3))
+def test_pvalue_equals_scipy_asymptotic(alternative, seed):
+    rng = np.random.default_rng(seed)
+    scores = relu_scores(rng, 300, 5)
+    labels = rng.random((300, 4)) < 0.3
+    scores[:, 0] += 2.0 * labels[:, 0]  # one strong effect: tiny p-values
+    torch_scores = torch.from_numpy(scores)
+    auc = auroc(torch_scores, torch.from_numpy(labels))
+    ranked = rank_scores(torch_scores)
+    p_value = mann_whitney_pvalue(
+        auc, torch.from_numpy(labels.sum(0))[None, :], 300, ranked.tie_term[:, None], alternative
+    ).numpy()
+    for f in range(5):
+        for k in range(4):
+            reference = mannwhitneyu(scores[labels[:, k], f], scores[~labels[:, k], f],
+                                     alternative=alternative, method="asymptotic").pvalue
+            assert abs(p_value[f, k] - reference) <= 1e-9 * reference
+
+
+def test_constant_feature_gives_half_and_one():
+    scores = torch.zeros(50, 1)
+    labels = torch.arange(50)[:, None] % 3 == 0
+    auc = auroc(scores, labels)
+    assert auc.item() == 0.5
+    ranked = rank_scores(scores)
+    for alternative in ("two-sided", "greater", "less"):
+        p_value = mann_whitney_pvalue(auc, labels.sum(0), 50, ranked.tie_term, alternative)
+        assert p_value.item() == 1.0
+        assert not torch.isnan(p_value).any()
+
+
+def test_degenerate_masks():
+    assert auc_from_rank_sums(torch.tensor(0.0, dtype=torch.float64), torch.tensor(0), 10).item() == 0.5
+    assert auc_from_rank_sums(torch.tensor(55.0, dtype=torch.float64), torch.tensor(10), 10).item() == 0.5
+    assert mann_whitney_pvalue(torch.tensor([0.5]), torch.tensor([0]), 10, torch.tensor([0.0])).item() == 1.0
+
+
+def test_float64_keeps_digits_at_large_n():
+    # float32 rank sums lose digits past a few thousand samples; ours must stay exact
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(60_000, 1)).astype(np.float32)
+    mask = rng.random(60_000) < 0.5
+    result = auroc(torch.from_numpy(scores), torch.from_numpy(mask)).item()
+    assert abs(result - roc_auc_score(mask, scores[:, 0])) < 1e-12
+
+
+def test_benjamini_hochberg_equals_scipy():
+    rng = np.random.default_rng(0)
+    p_values = rng.random(50) ** 3
+    np.testing.assert_allclose(benjamini_hochberg(torch.from_numpy(p_values)).numpy(),
+                               false_discovery_control(p_values, method="bh"), rtol=1e-12)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="alternative"):
+        mann_whitney_pvalue(torch.tensor([0.5]), torch.tensor([1]), 3, torch.tensor([0.0]), "bigger")
+    with pytest.raises(ValueError, match="0/1"):
+        auroc(torch.rand(5, 1), torch.tensor([0, 1, 2, 0, 1]))
+    with pytest.raises(ValueError, match="shape"):
+        auroc(torch.rand(5, 1), torch.ones(4, dtype=torch.bool))
+    with pytest.raises(TypeError):
+        auroc(np.zeros((5, 1)), torch.ones(5, dtype=torch.bool))
