@@ -363,9 +363,16 @@ class ConceptLabeler:
             raise TypeError(f"concepts must be a ConceptLabels, got {type(concepts).__name__}")
         self.concepts = concepts
         self.device = torch.device(device)
+        self._cached_labels_t: Optional[torch.Tensor] = None
 
     def __repr__(self) -> str:
         return f"ConceptLabeler({self.concepts!r}, device={str(self.device)!r})"
+
+    def _labels_t(self) -> torch.Tensor:
+        # built once: the transpose of a large label matrix costs more than a small search
+        if self._cached_labels_t is None:
+            self._cached_labels_t = self.concepts.torch_sparse_t(self.device)
+        return self._cached_labels_t
 
     def label(
         self,
@@ -447,7 +454,7 @@ class ConceptLabeler:
         if search_concepts.n_samples < 2:
             raise ValueError("fewer than 2 samples are left for the search after the validation split")
 
-        labels_t = search_concepts.torch_sparse_t(self.device)
+        labels_t = self._labels_t() if held_out is None else search_concepts.torch_sparse_t(self.device)
         held_labels = None if held_concepts is None else held_concepts.dense(self.device)
         if feature_batch_size is None:
             feature_batch_size = default_feature_batch_size(search_concepts.n_samples, B)

@@ -125,6 +125,7 @@ def beam_search(
     ranked = rank_scores(scores)
     ranks = ranked.ranks.contiguous()  # [N, F] float64
     del scores
+    weights = 2.0 * ranks + _packing_scale(n_samples) if count_labels_t is None else ranks
     total_rank_sum = n_samples * (n_samples + 1) / 2.0
 
     concept_counts = rows.counts.to(torch.float64)  # [K]
@@ -154,46 +155,26 @@ def beam_search(
 
     for _step in range(1, L):
         # rank sums and counts of (phi AND c) for every beam formula phi and concept c
-        and_rank_sum, and_count = _and_statistics(rank_labels_t, count_labels_t, ranks, masks)
+        and_rank_sum, and_count = _and_statistics(rank_labels_t, count_labels_t, weights, masks)
 
-        phi_rank_sum = beam_rank_sum[:, :, None]
-        phi_count = beam_count[:, :, None]
-        concept_r = concept_rank_sums.T[:, None, :]  # [F, 1, K]
-        concept_n = concept_counts[None, None, :]
-        # [F, B, op, polarity, K] by inclusion-exclusion
-        cand_rank_sum = torch.stack([
-            torch.stack([and_rank_sum, phi_rank_sum - and_rank_sum], dim=2),
-            torch.stack([phi_rank_sum + concept_r - and_rank_sum,
-                         total_rank_sum - concept_r + and_rank_sum], dim=2),
-        ], dim=2)
-        cand_count = torch.stack([
-            torch.stack([and_count, phi_count - and_count], dim=2),
-            torch.stack([phi_count + concept_n - and_count,
-                         n_samples - concept_n + and_count], dim=2),
-        ], dim=2)
+        # every candidate's rank sum and count by inclusion-exclusion, written after the old beam
+        # (which comes first, so that it wins ties against longer formulas)
+        all_rank_sum = _candidates(beam_rank_sum, and_rank_sum, concept_rank_sums.T, total_rank_sum)
+        all_count = _candidates(beam_count, and_count, concept_counts.expand(n_features, -1), n_samples)
         del and_rank_sum, and_count
-        cand_rank_sum = cand_rank_sum.reshape(n_features, B, 2, n_prims)
-        cand_count = cand_count.reshape(n_features, B, 2, n_prims)
+        cand_count = all_count[:, B:].view(n_features, B, 2, n_prims)
 
         used = _used_concepts(primitives, n_concepts)  # [F, B, K]
         fresh = ~torch.cat([used, used], dim=2)  # [F, B, 2K]
-        cand_valid = (
-            (beam_length > 0)[:, :, None, None]
-            & allowed[:, None, None, :]
-            & fresh[:, :, None, :]
-            & (cand_count >= low) & (cand_count <= high)
-        )
+        all_valid = torch.empty(n_features, all_count.shape[1], dtype=torch.bool, device=device)
+        all_valid[:, :B] = beam_length > 0
+        cand_valid = all_valid[:, B:].view(n_features, B, 2, n_prims)
+        torch.logical_and((cand_count >= low) & (cand_count <= high),
+                          (beam_length > 0)[:, :, None, None] & allowed[:, None, None, :] & fresh[:, :, None, :],
+                          out=cand_valid)
         n_candidates += cand_valid.reshape(n_features, -1).sum(dim=1)
-        cand_auc = auc_from_rank_sums(cand_rank_sum, cand_count, n_samples)
-
-        # the old beam first, so that it wins ties against longer formulas
-        all_auc = torch.cat([
-            auc_from_rank_sums(beam_rank_sum, beam_count, n_samples), cand_auc.reshape(n_features, -1)
-        ], dim=1)
-        all_valid = torch.cat([beam_length > 0, cand_valid.reshape(n_features, -1)], dim=1)
-        all_rank_sum = torch.cat([beam_rank_sum, cand_rank_sum.reshape(n_features, -1)], dim=1)
-        all_count = torch.cat([beam_count, cand_count.reshape(n_features, -1)], dim=1)
-        del cand_auc, cand_valid, cand_rank_sum, cand_count
+        all_auc = auc_from_rank_sums(all_rank_sum, all_count, n_samples)
+        del cand_count, cand_valid
 
         # equivalent formulas (a AND b from beam a and from beam b) can occupy several of the top
         # entries: each distinct formula at most min(B, L) + 1 times, so this many always suffice
@@ -271,22 +252,43 @@ def _select(score: torch.Tensor, valid: torch.Tensor, k: int) -> tuple:
     return order, take
 
 
+def _candidates(beam_value, and_value, concept_value, total) -> torch.Tensor:
+    """``[F, B + 4 B K]``: the beam's values, then those of phi AND c, phi AND NOT c, phi OR c and
+    phi OR NOT c for every beam formula phi and concept c (rank sums or counts alike)."""
+    n_features, width, n_concepts = and_value.shape
+    out = torch.empty(n_features, width + 4 * width * n_concepts, dtype=and_value.dtype, device=and_value.device)
+    out[:, :width] = beam_value
+    combos = out[:, width:].view(n_features, width, 2, 2, n_concepts)
+    phi = beam_value[:, :, None]
+    concept = concept_value[:, None, :]
+    combos[:, :, 0, 0] = and_value
+    combos[:, :, 0, 1] = phi - and_value
+    combos[:, :, 1, 0] = phi + concept - and_value
+    combos[:, :, 1, 1] = (total - concept) + and_value
+    return out
+
+
 # below this many samples, rank sum and count fit into one exact float64 (2 N**3 < 2**53)
 _MAX_PACKED_SAMPLES = 160_000
 
 
-def _and_statistics(rank_labels_t, count_labels_t, ranks, masks) -> tuple:
+def _packing_scale(n_samples: int) -> float:
+    return 2.0 * n_samples * n_samples + 1.0
+
+
+def _and_statistics(rank_labels_t, count_labels_t, weights, masks) -> tuple:
     """Rank sums and counts of ``mask AND concept`` for all masks ``[N, F, B]`` and concepts.
 
     Up to :data:`_MAX_PACKED_SAMPLES` samples both come from one product: each masked sample
-    contributes ``2 r + S`` with ``S = 2 N**2 + 1`` larger than any sum of doubled ranks, so the
-    float64 sum ``2 R + S n`` is an exact integer from which ``n`` and ``R`` are read off.
+    contributes ``weights = 2 r + S`` with ``S = 2 N**2 + 1`` larger than any sum of doubled
+    ranks, so the float64 sum ``2 R + S n`` is an exact integer from which ``n`` and ``R`` are read
+    off. Otherwise ``weights`` are the ranks and the counts come from a second product.
     """
     n_samples, n_features, width = masks.shape
     n_concepts = rank_labels_t.shape[0]
     if count_labels_t is None:
-        scale = 2.0 * n_samples * n_samples + 1.0
-        packed = torch.where(masks, 2.0 * ranks[:, :, None] + scale, 0.0).view(n_samples, -1)
+        scale = _packing_scale(n_samples)
+        packed = torch.where(masks, weights[:, :, None], 0.0).view(n_samples, -1)
         total = torch.sparse.mm(rank_labels_t, packed)
         del packed
         count = torch.div(total, scale, rounding_mode="floor")
@@ -295,7 +297,7 @@ def _and_statistics(rank_labels_t, count_labels_t, ranks, masks) -> tuple:
         count += (remainder >= scale).to(count.dtype) - (remainder < 0).to(count.dtype)
         rank_sum = (total - count * scale) * 0.5
     else:
-        masked_ranks = torch.mul(ranks[:, :, None], masks).view(n_samples, -1)
+        masked_ranks = torch.mul(weights[:, :, None], masks).view(n_samples, -1)
         rank_sum = torch.sparse.mm(rank_labels_t, masked_ranks)
         del masked_ranks
         flat_masks = masks.reshape(n_samples, -1).to(count_labels_t.dtype)

@@ -269,3 +269,14 @@ class TestBadInput:
             labeler.label(np.zeros((30, 2), dtype=bool), progress=False)
         with pytest.raises(TypeError, match="ConceptLabels"):
             ConceptLabeler(np.zeros((3, 3)))
+
+
+def test_unpacked_products_agree(monkeypatch):
+    # above 160k samples rank sums and counts come from two products instead of one packed one
+    import crp_invert.search as search
+
+    labels, scores, names = random_case(9, n=150, f=5)
+    labeler = ConceptLabeler(ConceptLabels(labels, names))
+    packed = labeler.label(scores, L=3, B=3, progress=False)
+    monkeypatch.setattr(search, "_MAX_PACKED_SAMPLES", 10)
+    assert labeler.label(scores, L=3, B=3, progress=False) == packed
