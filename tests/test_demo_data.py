@@ -1,0 +1,234 @@
+"""The demo shapes dataset: deterministic, and its labels match the pixels it draws."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from crp_invert.demo import data
+from crp_invert.demo.data import (
+    CLASS_NAMES, COLORS, PARENTS, SHAPES, SIZES, TEXTURES, ShapesDataset, attribute_matrix,
+    class_attributes, concept_names, generate_shapes,
+)
+
+N = 480
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return generate_shapes(N, seed=3)
+
+
+def _saturated(images):
+    """Pixels of a colored shape: far from gray (the backgrounds are gray)."""
+    x = images.astype(np.float64) / 255.0
+    return (x.max(-1) - x.min(-1)) > 0.3
+
+
+def test_same_seed_same_bytes():
+    a, b = generate_shapes(200, seed=11), generate_shapes(200, seed=11)
+    assert a.images.dtype == np.uint8 and a.images.shape == (200, 32, 32, 3)
+    assert a.images.tobytes() == b.images.tobytes()
+    for field in ("shape", "color", "size", "texture", "center", "masks"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    c = generate_shapes(200, seed=12)
+    assert a.images.tobytes() != c.images.tobytes()
+    assert not np.array_equal(a.targets, c.targets)
+    # no image of one seed appears among the images of the other
+    assert not {image.tobytes() for image in a.images} & {image.tobytes() for image in c.images}
+
+
+def test_dataset_same_seed_same_tensors():
+    a, b = ShapesDataset(64, seed=5), ShapesDataset(64, seed=5)
+    xa, ya = a.tensors()
+    xb, yb = b.tensors()
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(xa, ShapesDataset(64, seed=6).tensors()[0])
+
+
+def test_classes_balanced_and_attributes_independent(sample):
+    counts = np.bincount(sample.targets, minlength=len(CLASS_NAMES))
+    assert counts.tolist() == [N // len(CLASS_NAMES)] * len(CLASS_NAMES)
+    assert np.array_equal(sample.targets, sample.shape * len(COLORS) + sample.color)
+    assert set(np.unique(sample.size)) == set(range(len(SIZES)))
+    assert set(np.unique(sample.texture)) == set(range(len(TEXTURES)))
+
+
+def test_masks_are_the_colored_pixels(sample):
+    saturated = _saturated(sample.images)
+    intersection = (saturated & sample.masks).sum((1, 2))
+    union = (saturated | sample.masks).sum((1, 2))
+    assert (intersection / union).min() > 0.95
+    # the shape lies inside the image: no colored pixel on the border
+    assert not saturated[:, 0].any() and not saturated[:, -1].any()
+    assert not saturated[:, :, 0].any() and not saturated[:, :, -1].any()
+
+
+def test_fill_color_matches_color_label(sample):
+    expected = {"red": (1, 0, 0), "yellow": (1, 1, 0), "green": (0, 1, 0), "blue": (0, 0, 1)}
+    assert set(expected) == set(COLORS)
+    prototypes = np.array([expected[name] for name in COLORS], dtype=np.float64)
+    saturated = _saturated(sample.images)
+    x = sample.images.astype(np.float64) / 255.0
+    for i in range(N):
+        mean = x[i][saturated[i]].mean(0)
+        nearest = np.argmin(((prototypes - mean) ** 2).sum(1))
+        assert nearest == sample.color[i], (i, mean, COLORS[sample.color[i]])
+
+
+def test_large_shapes_cover_more_pixels(sample):
+    area = _saturated(sample.images).sum((1, 2))
+    small, large = area[sample.size == SIZES.index("small")], area[sample.size == SIZES.index("large")]
+    assert small.min() > 20
+    assert large.min() > small.max()
+    # also within every shape
+    for s in range(len(SHAPES)):
+        select = sample.shape == s
+        assert area[select & (sample.size == 1)].min() > area[select & (sample.size == 0)].max()
+
+
+def test_shape_label_matches_geometry(sample):
+    """Classify the colored blob by simple geometry, independently of the generator.
+
+    Rings (a hole at the centroid) are recognized exactly; circles, squares and triangles by the
+    ratio of the largest to the smallest support-function value (1 for a disk, sqrt(2) for a
+    square, 2 for a triangle) and by how much of the enclosing disk they fill. Pixelation of the
+    small shapes blurs these, so 95 % agreement is asked (shuffled labels would give 25 %).
+    """
+    saturated = _saturated(sample.images)
+    coords = np.arange(32) + 0.5
+    angles = np.linspace(0, 2 * np.pi, 72, endpoint=False)
+    directions = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    guesses = []
+    for i in range(N):
+        ys, xs = np.nonzero(saturated[i])
+        points = np.stack([coords[xs] - coords[xs].mean(), coords[ys] - coords[ys].mean()], axis=1)
+        hole = not saturated[i, int(coords[ys].mean()), int(coords[xs].mean())]
+        assert hole == (SHAPES[sample.shape[i]] == "ring"), i
+        support = (points @ directions.T).max(0) + 0.5
+        elongation = support.max() / support.min()
+        fill = len(ys) / (np.pi * (np.sqrt((points ** 2).sum(1)).max() + 0.5) ** 2)
+        if hole:
+            guesses.append("ring")
+        elif elongation > 1.6:
+            guesses.append("triangle")
+        elif elongation + (0.85 - fill) < 1.25:
+            guesses.append("circle")
+        else:
+            guesses.append("square")
+    agreement = np.mean(np.array(guesses) == np.array(SHAPES)[sample.shape])
+    assert agreement > 0.95
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # rows or columns covered by the shape
+def test_texture_present_in_background(sample):
+    saturated = _saturated(sample.images)
+    # background: gray pixels away from the shape (one pixel of margin)
+    near = saturated.copy()
+    near[:, 1:] |= saturated[:, :-1]
+    near[:, :-1] |= saturated[:, 1:]
+    near[:, :, 1:] |= near[:, :, :-1].copy()
+    near[:, :, :-1] |= near[:, :, 1:].copy()
+    gray = sample.images.astype(np.float64).mean(-1) / 255.0
+    for i in range(N):
+        texture = TEXTURES[sample.texture[i]]
+        background = np.where(near[i], np.nan, gray[i])
+        values = background[~near[i]]
+        if texture == "plain":
+            assert values.std() < 0.03, (i, texture)
+            continue
+        assert values.std() > 0.05, (i, texture)
+        bright = values > (values.min() + values.max()) / 2
+        row_std = np.nanmean(np.nanstd(background, axis=1))  # along x, within each row
+        col_std = np.nanmean(np.nanstd(background, axis=0))  # along y, within each column
+        if texture == "horizontal_stripes":
+            assert row_std < 0.025 and col_std > 0.1, (i, row_std, col_std)
+        elif texture == "vertical_stripes":
+            assert col_std < 0.025 and row_std > 0.1, (i, row_std, col_std)
+        elif texture == "dots":
+            assert bright.mean() < 0.25 and min(row_std, col_std) > 0.025, (i, bright.mean())
+        else:
+            assert texture == "checker"
+            assert 0.35 < bright.mean() < 0.65 and min(row_std, col_std) > 0.1, (i, bright.mean())
+
+
+def test_attribute_matrix(sample):
+    labels, names = attribute_matrix(sample)
+    assert names == concept_names() and len(set(names)) == len(names)
+    assert labels.dtype == bool and labels.shape == (N, len(names))
+    column = {name: labels[:, k] for k, name in enumerate(names)}
+    for values, index in ((SHAPES, sample.shape), (COLORS, sample.color), (SIZES, sample.size),
+                          (TEXTURES, sample.texture)):
+        block = np.stack([column[v] for v in values], axis=1)
+        assert (block.sum(1) == 1).all()
+        assert np.array_equal(block.argmax(1), index)
+    for parent, children in PARENTS.items():
+        assert len(children) >= 2
+        assert np.array_equal(column[parent], np.any([column[c] for c in children], axis=0))
+    # the pair classes are not concepts
+    assert not set(CLASS_NAMES) & set(names)
+
+
+def test_planted_truth_is_unique_among_short_formulas(sample):
+    """For every class, `shape AND color` selects exactly its samples and no other formula of
+    length <= 2 over the attribute concepts (with negations, AND / OR) does."""
+    labels, names = attribute_matrix(sample)
+    literals = [(f"{name}", labels[:, k]) for k, name in enumerate(names)]
+    literals += [(f"~{name}", ~labels[:, k]) for k, name in enumerate(names)]
+    candidates = list(literals)
+    for (na, a), (nb, b) in itertools.combinations(literals, 2):
+        candidates.append((f"{na} & {nb}", a & b))
+        candidates.append((f"{na} | {nb}", a | b))
+    for c, class_name in enumerate(CLASS_NAMES):
+        shape, color = class_attributes()[class_name]
+        target = sample.targets == c
+        exact = {name for name, mask in candidates if np.array_equal(mask, target)}
+        assert exact in ({f"{shape} & {color}"}, {f"{color} & {shape}"}), (class_name, exact)
+
+
+def test_dataset_items():
+    ds = ShapesDataset(40, seed=1)
+    assert len(ds) == 40
+    assert ds.class_names == list(CLASS_NAMES) and len(CLASS_NAMES) == len(SHAPES) * len(COLORS)
+    image, target = ds[7]
+    assert image.dtype == torch.float32 and image.shape == (3, 32, 32)
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    assert isinstance(target, int)
+    shape, color = ds.class_to_attributes[ds.class_names[target]]
+    assert SHAPES[ds.sample.shape[7]] == shape and COLORS[ds.sample.color[7]] == color
+    assert torch.equal(image, torch.from_numpy(ds.sample.images[7]).permute(2, 0, 1).float() / 255)
+    images, targets = ds.tensors([7, 3])
+    assert torch.equal(images[0], image) and targets.tolist() == [target, ds[3][1]]
+    loader = torch.utils.data.DataLoader(ds, batch_size=16)
+    x, y = next(iter(loader))
+    assert x.shape == (16, 3, 32, 32) and y.tolist() == ds.targets[:16].tolist()
+    with pytest.raises(IndexError):
+        ds[40]
+
+
+def test_concept_labels(sample):
+    from crp_invert import ConceptLabels
+
+    concepts = data.attribute_concepts(sample)
+    labels, names = attribute_matrix(sample)
+    assert isinstance(concepts, ConceptLabels)
+    assert concepts.names == names and concepts.n_samples == N
+    assert torch.equal(concepts.dense().cpu(), torch.from_numpy(labels))
+    for class_name, formula in data.class_formulas().items():
+        target = torch.from_numpy(sample.targets == CLASS_NAMES.index(class_name))
+        assert torch.equal(formula.evaluate(concepts).cpu(), target)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "10"])
+def test_bad_arguments(bad):
+    with pytest.raises(ValueError, match="n must be"):
+        generate_shapes(bad)
+    with pytest.raises(ValueError, match="seed must be"):
+        generate_shapes(4, seed=bad)
+
+
+def test_image_size():
+    sample = generate_shapes(32, seed=0, image_size=48)
+    assert sample.images.shape == (32, 48, 48, 3)
+    with pytest.raises(ValueError, match="image_size"):
+        generate_shapes(4, image_size=8)
