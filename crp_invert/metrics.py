@@ -73,7 +73,8 @@ def rank_scores(scores: torch.Tensor) -> RankedScores:
     rows = scores.T.contiguous()
     sorted_scores, order = torch.sort(rows, dim=1, stable=True)
     del rows
-    position = torch.arange(n_samples, device=scores.device).expand_as(sorted_scores)
+    # positions in float64 (exact below 2**53) so that no integer tensor needs converting later
+    position = torch.arange(n_samples, device=scores.device, dtype=torch.float64).expand_as(sorted_scores)
 
     # a tie group runs from its first to its last position in sorted order
     starts_group = torch.ones_like(sorted_scores, dtype=torch.bool)
@@ -81,14 +82,14 @@ def rank_scores(scores: torch.Tensor) -> RankedScores:
     del sorted_scores
     ends_group = torch.ones_like(starts_group)
     ends_group[:, :-1] = starts_group[:, 1:]
-    first = torch.cummax(torch.where(starts_group, position, 0), dim=1).values
-    last = torch.where(ends_group, position, n_samples).flip(1).cummin(dim=1).values.flip(1)
+    first = torch.cummax(torch.where(starts_group, position, 0.0), dim=1).values
+    last = torch.where(ends_group, position, float(n_samples)).flip(1).cummin(dim=1).values.flip(1)
     del starts_group, ends_group
 
-    group_size = (last - first + 1).double()
-    sorted_ranks = (first + last).double() * 0.5 + 1.0
+    sorted_ranks = (first + last).mul_(0.5).add_(1.0)
+    group_size = last.sub_(first).add_(1.0)
     # every member of a group of size t adds t**2 - 1, so the group adds t**3 - t
-    tie_term = (group_size * group_size - 1.0).sum(dim=1)
+    tie_term = (group_size * group_size).sub_(1.0).sum(dim=1)
     del group_size, first, last
 
     ranks = torch.empty_like(sorted_ranks).scatter_(1, order, sorted_ranks)
