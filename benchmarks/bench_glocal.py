@@ -1,0 +1,153 @@
+"""Benchmark: glocal decomposition on the shared FashionMNIST model (layer linear1, top_k = 8).
+
+Reports the time per sample of ``decompose_batch`` (several batch sizes) and of ``decompose`` one
+sample at a time, against the naive way (one CondAttribution call per channel), and the largest
+completeness errors:
+
+- ``top_k + rest``: ``|sum(top-k channel heatmaps) + rest - class heatmap| / |class heatmap|``
+- ``all channels``: the same with all 120 channel heatmaps of linear1 and no rest (linear1 is a
+  bottleneck: all relevance passes it).
+
+Usage::
+
+    python benchmarks/bench_glocal.py [--samples 100] [--top-k 8] [--device cpu] [--figure out.png]
+
+The model and data come from ``benchmarks/fashion_mnist.py`` (the nn.Module re-created from the shared
+folder's README). Exits 0 with a message when the shared data folder is missing.
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fashion_mnist import CLASSES, HIERARCHY, data_dir, load
+
+
+def timed(fn, repeat=1):
+    best = float("inf")
+    result = None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--all-channel-samples", type=int, default=20,
+                        help="samples for the all-channels completeness check (120 heatmaps each)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine, 2 threads under load "
+                             "made the small passes up to 40x slower); 0 keeps torch's default")
+    parser.add_argument("--repeat", type=int, default=3, help="best of this many runs per timing")
+    parser.add_argument("--figure", default=None, help="save a labeled glocal figure of one sample here")
+    args = parser.parse_args()
+    path = Path(os.environ["CRP_INVERT_FMNIST"]) if "CRP_INVERT_FMNIST" in os.environ else data_dir()
+    if path is None or not (path / "model_state.pt").is_file():
+        print(f"shared FashionMNIST data folder is missing ({path or 'shared/data/fashion-mnist-crp'}): "
+              f"nothing to benchmark")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from crp.attribution import CondAttribution
+    from zennit.composites import EpsilonPlus
+    from zennit.torchvision import SequentialMergeBatchNorm
+
+    from crp_invert import decompose
+    from crp_invert.glocal import decompose_batch
+
+    device = torch.device(args.device)
+    model, images, targets = load(path)
+    model.to(device)
+    targets = torch.from_numpy(targets)
+    with torch.no_grad():
+        accuracy = (model(images.to(device)).argmax(1).cpu() == targets).float().mean().item()
+    x = images[:args.samples].to(device)
+    y = targets[:args.samples].tolist()
+
+    attribution = CondAttribution(model)
+    composite = EpsilonPlus(canonizers=[SequentialMergeBatchNorm()])
+    layer, top_k, n = "linear1", args.top_k, len(x)
+
+    rows = []
+    for batch_size in (32, 64, 128):
+        seconds, results = timed(lambda: decompose_batch(attribution, x, y, layer, composite, top_k=top_k,
+                                                         batch_size=batch_size), args.repeat)
+        errors = [g.completeness_error() for g in results]
+        rows.append((f"decompose_batch, batch_size={batch_size}", seconds / n, max(errors)))
+    seconds, results = timed(lambda: [decompose(attribution, x[i:i + 1], y[i], layer, composite, top_k=top_k)
+                                      for i in range(n)], args.repeat)
+    rows.append(("decompose, one sample per call", seconds / n, max(g.completeness_error() for g in results)))
+
+    # naive: one CondAttribution call per top channel (what a user would write without batching)
+    n_naive = min(n, 25)
+
+    def naive():
+        for i, g in enumerate(results[:n_naive]):
+            for c in g.channels.tolist():
+                attribution(x[i:i + 1].clone().requires_grad_(True), [{"y": [y[i]], layer: [c]}], composite)
+    seconds, _ = timed(naive, args.repeat)
+    rows.append((f"naive: {top_k} CondAttribution calls per sample (channel heatmaps only, "
+                 f"{n_naive} samples)", seconds / n_naive, float("nan")))
+
+    # all channels of linear1 sum to the class heatmap
+    m = min(args.all_channel_samples, n)
+    seconds, full = timed(lambda: decompose_batch(attribution, x[:m], y[:m], layer, composite, top_k=120,
+                                                  batch_size=128), args.repeat)
+    all_errors = []
+    for g in full:
+        reference = g.heatmap.double()
+        all_errors.append(float((g.channel_heatmaps.double().sum(0) - reference).norm() / reference.norm()))
+    rows.append((f"decompose_batch, top_k=120 (all channels), {m} samples", seconds / m, max(all_errors)))
+
+    print(f"FashionMNIST model (accuracy {accuracy:.1%} on {len(images)} val images), layer {layer}, "
+          f"{n} samples, top_k={top_k}, EpsilonPlus + SequentialMergeBatchNorm")
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, device {device}, "
+          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at the end, "
+          f"best of {args.repeat}")
+    print()
+    print("| method | ms / sample | max completeness error (rel.) |")
+    print("| --- | ---: | ---: |")
+    for name, per_sample, error in rows:
+        error_text = "-" if error != error else f"{error:.1e}"
+        print(f"| {name} | {per_sample * 1e3:.1f} | {error_text} |")
+    print()
+    print(f"largest all-channels error over {m} samples: {max(all_errors):.2e}; "
+          f"largest top-{top_k} + rest error over {n} samples: {max(r[2] for r in rows[:4]):.2e}")
+
+    if args.figure:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from crp_invert import ConceptLabeler, ConceptLabels
+        from crp_invert.plot import plot_glocal
+
+        # label linear1 with the classes as concepts, on the pooled activations of all val images
+        acts = {}
+        handle = model.linear1.register_forward_hook(
+            lambda mod, inp, out: acts.__setitem__("a", out.detach()))
+        try:
+            with torch.no_grad():
+                model(images.to(device))
+        finally:
+            handle.remove()
+        concepts = ConceptLabels.from_targets(targets.numpy(), CLASSES, hierarchy=HIERARCHY)
+        labels = ConceptLabeler(concepts).label(acts["a"].cpu(), L=2, B=1, layer=layer, progress=False)
+        g = decompose(attribution, x[:1], y[0], layer, composite, labels=labels, top_k=top_k)
+        figure = plot_glocal(g, image=x[:1], class_name=CLASSES[y[0]], ncols=5, shared_scale=True)
+        figure.savefig(args.figure, dpi=110)
+        print(f"figure written to {args.figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""Glocal explanations and circuits, checked against direct CRP calls on small random models."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from crp.attribution import AttributionGraph, CondAttribution
+from crp.concepts import ChannelConcept
+from crp.graph import trace_model_graph
+from zennit.composites import EpsilonPlus
+from zennit.layer import Sum
+from zennit.torchvision import SequentialMergeBatchNorm
+
+from crp_invert.glocal import (
+    Circuit, GlocalExplanation, channel_relevances, circuit_by_relevance, circuit_by_weight, concept_circuit,
+    decompose, decompose_batch,
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# small models: a sequential CNN and a net with a branch merged by zennit's Sum, both with BatchNorm
+# ------------------------------------------------------------------------------------------------
+
+def _randomize_batch_norm(model: nn.Module, seed: int) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model.eval()
+
+
+def sequential_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential()
+    model.add_module("conv1", nn.Conv2d(1, 6, 3))
+    model.add_module("bn1", nn.BatchNorm2d(6))
+    model.add_module("relu1", nn.ReLU())
+    model.add_module("conv2", nn.Conv2d(6, 8, 3, stride=2))
+    model.add_module("bn2", nn.BatchNorm2d(8))
+    model.add_module("relu2", nn.ReLU())
+    model.add_module("flatten", nn.Flatten())
+    model.add_module("linear1", nn.Linear(8 * 5 * 5, 12))
+    model.add_module("relu3", nn.ReLU())
+    model.add_module("linear2", nn.Linear(12, 5))
+    return _randomize_batch_norm(model, seed)
+
+
+class BranchNet(nn.Module):
+    """Main branch conv1-bn1-relu-conv2-bn2 and a parallel conv-bn, merged with zennit's Sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 6, 3, stride=2)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.parallel = nn.Sequential(nn.Conv2d(1, 6, 5, stride=2, bias=False), nn.BatchNorm2d(6))
+        self.sum = Sum()
+        self.relu2 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.linear1 = nn.Linear(6 * 2 * 2, 10)
+        self.relu3 = nn.ReLU()
+        self.linear2 = nn.Linear(10, 4)
+
+    def forward(self, x):
+        main = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        merged = self.relu2(self.sum(torch.stack([self.parallel(x), main], dim=-1)))
+        return self.linear2(self.relu3(self.linear1(self.flatten(self.pool(merged)))))
+
+
+def branch_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _randomize_batch_norm(BranchNet(), seed)
+
+
+MODELS = {"sequential": (sequential_cnn, 13), "branch": (branch_net, 11)}
+
+
+def n_channels(model, layer):
+    module = dict(model.named_modules())[layer]
+    return getattr(module, "out_features", None) or module.out_channels
+
+
+@pytest.fixture(params=sorted(MODELS))
+def setup(request):
+    make, size = MODELS[request.param]
+    model = make()
+    attribution = CondAttribution(model)
+    composite = EpsilonPlus(canonizers=[SequentialMergeBatchNorm()])
+    data = torch.randn(3, 1, size, size, generator=torch.Generator().manual_seed(7))
+    return request.param, model, attribution, composite, data
+
+
+def direct_heatmap(attribution, sample, condition, composite, exclude_parallel=True):
+    return attribution(sample.clone().requires_grad_(True), [condition], composite,
+                       exclude_parallel=exclude_parallel).heatmap[0]
+
+
+def relative_error(value, reference):
+    return float((value.double() - reference.double()).norm() / reference.double().norm())
+
+
+def assert_heatmaps_close(value, reference):
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-5 * scale)
+
+
+def hooks_of(model):
+    return [(name, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for name, m in model.named_modules()]
+
+
+# ------------------------------------------------------------------------------------------------
+# decomposition
+# ------------------------------------------------------------------------------------------------
+
+def test_all_channels_of_a_bottleneck_sum_to_the_class_heatmap(setup):
+    _, model, attribution, composite, data = setup
+    hooks = hooks_of(model)
+    channels = n_channels(model, "linear1")
+    for i, target in enumerate([0, 2, 3]):
+        sample = data[i:i + 1]
+        g = decompose(attribution, sample, target, "linear1", composite, top_k=channels)
+        assert isinstance(g, GlocalExplanation)
+        assert g.channel_heatmaps.shape == (channels, *sample.shape[2:])
+        assert sorted(g.channels.tolist()) == list(range(channels))
+        assert_heatmaps_close(g.heatmap, direct_heatmap(attribution, sample, {"y": [target]}, composite))
+        assert relative_error(g.channel_heatmaps.sum(0), g.heatmap) < 1e-5
+        assert float(g.rest_heatmap.abs().max()) == 0.0  # nothing left, nothing bypasses linear1
+        assert g.completeness_error() < 1e-5
+    assert hooks_of(model) == hooks
+
+
+@pytest.mark.parametrize("layer", ["conv1", "conv2", "linear1"])
+def test_top_k_plus_rest_is_the_class_heatmap(setup, layer):
+    name, model, attribution, composite, data = setup
+    results = decompose_batch(attribution, data, [1, 0, 3], layer, composite, top_k=3, batch_size=4)
+    assert len(results) == 3
+    for i, g in enumerate(results):
+        reference = direct_heatmap(attribution, data[i:i + 1], {"y": [g.target]}, composite)
+        assert_heatmaps_close(g.heatmap, reference)
+        assert relative_error(g.channel_heatmaps.sum(0) + g.rest_heatmap, reference) < 1e-5
+        # the rest is one conditional pass over the complement channels (parallel paths included)
+        rest = [c for c in range(n_channels(model, layer)) if c not in g.channels.tolist()]
+        assert_heatmaps_close(g.rest_heatmap, direct_heatmap(attribution, data[i:i + 1],
+                                                             {"y": [g.target], layer: rest}, composite,
+                                                             exclude_parallel=False))
+    if name == "branch" and layer == "conv2":
+        # conv2 is not a bottleneck (the parallel branch bypasses it): the rest must carry the bypass
+        g = decompose(attribution, data[:1], 1, layer, composite, top_k=n_channels(model, layer))
+        assert relative_error(g.channel_heatmaps.sum(0), g.heatmap) > 1e-3
+        assert relative_error(g.channel_heatmaps.sum(0) + g.rest_heatmap, g.heatmap) < 1e-5
+
+
+@pytest.mark.parametrize("layer", ["conv2", "linear1"])
+def test_channel_heatmaps_equal_direct_conditional_attribution(setup, layer):
+    _, model, attribution, composite, data = setup
+    g = decompose(attribution, data[1:2], 2, layer, composite, top_k=4, batch_size=3)
+    assert g.channel_heatmaps.shape[0] == 4
+    for channel, heatmap in zip(g.channels.tolist(), g.channel_heatmaps):
+        assert_heatmaps_close(heatmap, direct_heatmap(attribution, data[1:2], {"y": [2], layer: [channel]},
+                                                      composite))
+
+
+@pytest.mark.parametrize("rank_by", ["signed", "absolute"])
+def test_ranking_equals_channel_concept_attribute(setup, rank_by):
+    _, model, attribution, composite, data = setup
+    layer, top_k = "conv2", 4
+    for i in range(len(data)):
+        sample = data[i:i + 1].clone().requires_grad_(True)
+        recorded = attribution(sample, [{"y": [1]}], composite, record_layer=[layer]).relevances[layer]
+        relevance = ChannelConcept().attribute(recorded, abs_norm=False)[0].numpy().astype(np.float64)
+        key = np.abs(relevance) if rank_by == "absolute" else relevance
+        order = np.argsort(-key, kind="stable")[:top_k]
+        g = decompose(attribution, data[i:i + 1], 1, layer, composite, top_k=top_k, rank_by=rank_by)
+        np.testing.assert_allclose(g.relevance.numpy(), relevance[order], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(key[g.channels.numpy()], key[order], rtol=1e-4, atol=1e-6)
+        distinct = np.diff(np.sort(key)).min() > 1e-4 * np.abs(key).max()
+        if distinct:
+            assert g.channels.tolist() == order.tolist()
+        np.testing.assert_allclose(g.share.numpy(), relevance[order] / relevance.sum(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(g.channel_relevance.numpy(), relevance, rtol=1e-4, atol=1e-6)
+        assert g.total_relevance == pytest.approx(relevance.sum(), rel=1e-4, abs=1e-6)
+
+
+def test_batch_equals_single_samples_and_predicted_target(setup):
+    _, model, attribution, composite, data = setup
+    batch = decompose_batch(attribution, data, None, "conv2", composite, top_k=2, batch_size=5)
+    predicted = model(data).argmax(1).tolist()
+    for i, g in enumerate(batch):
+        assert g.target == predicted[i]
+        single = decompose(attribution, data[i:i + 1], predicted[i], "conv2", composite, top_k=2,
+                           device="cpu")
+        assert g.channels.tolist() == single.channels.tolist()
+        assert_heatmaps_close(g.channel_heatmaps, single.channel_heatmaps)
+        assert_heatmaps_close(g.rest_heatmap, single.rest_heatmap)
+
+
+def _layer_labels(model, data, layer, seed=0):
+    """Real LayerLabels from the ConceptLabeler on the layer's pooled activations of random data."""
+    from crp_invert import ConceptLabeler, ConceptLabels
+
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(60, *data.shape[1:], generator=generator)
+    captured = {}
+    handle = dict(model.named_modules())[layer].register_forward_hook(
+        lambda module, args, out: captured.__setitem__("out", out.detach()))
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        handle.remove()
+    activations = captured["out"]
+    if activations.dim() > 2:
+        activations = activations.flatten(2).mean(-1)
+    concepts = ConceptLabels(torch.rand(60, 4, generator=generator) > 0.6, ["red", "round", "furry", "metal"])
+    return ConceptLabeler(concepts).label(activations, L=2, B=2, layer=layer, progress=False)
+
+
+def test_labels_attached_are_the_layer_labels(setup):
+    _, model, attribution, composite, data = setup
+    labels = _layer_labels(model, data, "conv2")
+    g = decompose(attribution, data[:1], 0, "conv2", composite, labels=labels, top_k=3)
+    for channel, label in zip(g.channels.tolist(), g.labels):
+        assert label is labels[channel][0]
+    assert g.label_strings() == [str(labels[c][0].formula) for c in g.channels.tolist()]
+    # a mapping of layer -> LayerLabels works the same
+    g2 = decompose(attribution, data[:1], 0, "conv2", composite, labels={"conv2": labels}, top_k=3)
+    assert [id(x) for x in g2.labels] == [id(x) for x in g.labels]
+    # no labels: None per channel
+    assert decompose(attribution, data[:1], 0, "conv2", composite, top_k=2).labels == (None, None)
+
+
+def test_bad_input(setup):
+    _, model, attribution, composite, data = setup
+    hooks = hooks_of(model)
+    sample = data[:1]
+    with pytest.raises(KeyError, match="not a module"):
+        decompose(attribution, sample, 0, "features.40", composite)
+    with pytest.raises(ValueError, match="out of range"):
+        decompose(attribution, sample, 10, "conv2", composite)
+    with pytest.raises(ValueError, match="out of range"):
+        decompose(attribution, sample, -1, "conv2", composite)
+    with pytest.raises(ValueError, match="top_k"):
+        decompose(attribution, sample, 0, "conv2", composite, top_k=n_channels(model, "conv2") + 1)
+    with pytest.raises(ValueError, match="top_k"):
+        decompose(attribution, sample, 0, "conv2", composite, top_k=0)
+    with pytest.raises(ValueError, match="rank_by"):
+        decompose(attribution, sample, 0, "conv2", composite, rank_by="max", top_k=2)
+    with pytest.raises(ValueError, match="decompose_batch"):
+        decompose(attribution, data, 0, "conv2", composite)
+    with pytest.raises(ValueError, match="targets"):
+        decompose_batch(attribution, data, [0, 1], "conv2", composite)
+    with pytest.raises(KeyError, match="no labels for layer"):
+        decompose(attribution, sample, 0, "conv2", composite, labels={"conv1": []}, top_k=2)
+    assert hooks_of(model) == hooks
+
+
+def test_labels_of_another_layer_are_refused(setup):
+    _, model, attribution, composite, data = setup
+    labels = _layer_labels(model, data, "linear1")
+    with pytest.raises(ValueError, match="labels have 1[02] features but layer 'conv2' has [68] channels"):
+        # labels of another layer without a layer name: refused by the channel count, before any pass
+        decompose(attribution, data[:1], 0, "conv2", composite, labels=_Unnamed(labels), top_k=2)
+    with pytest.raises(ValueError, match="labels are for layer 'linear1'"):
+        decompose(attribution, data[:1], 0, "conv2", composite, labels=labels, top_k=2)
+
+
+class _Unnamed:
+    """LayerLabels seen without its layer name (only the channel count can tell the mismatch)."""
+
+    layer = None
+
+    def __init__(self, labels):
+        self._labels = labels
+
+    def __len__(self):
+        return len(self._labels)
+
+    def __getitem__(self, index):
+        return self._labels[index]
+
+
+def test_hooks_are_removed_when_a_pass_fails(setup):
+    _, model, attribution, composite, data = setup
+    hooks = hooks_of(model)
+
+    class Failing(CondAttribution):
+        def heatmap_modifier(self, data, on_device=None):
+            raise RuntimeError("boom")
+
+    failing = Failing(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        decompose(failing, data[:1], 0, "conv2", composite, top_k=2)
+    assert hooks_of(model) == hooks
+    # the same failure straight through CRP leaves its recording hook behind (what we guard against)
+    with pytest.raises(RuntimeError, match="boom"):
+        failing(data[:1].clone().requires_grad_(True), [{"y": [0]}], composite, record_layer=["conv2"])
+    assert hooks_of(model) != hooks
+
+
+def test_channel_relevances_equal_channel_concept(setup):
+    _, model, attribution, composite, data = setup
+    targets = [0, 1, 2]
+    result = channel_relevances(attribution, data, targets, "conv2", composite, batch_size=2)
+    loader = [(data[:2], torch.tensor(targets[:2])), (data[2:], torch.tensor(targets[2:]))]
+    from_loader = channel_relevances(attribution, loader, torch.tensor(targets), "conv2", composite)
+    torch.testing.assert_close(from_loader, result, rtol=1e-4, atol=1e-6)
+    for i, target in enumerate(targets):
+        recorded = attribution(data[i:i + 1].clone().requires_grad_(True), [{"y": [target]}], composite,
+                               record_layer=["conv2"]).relevances["conv2"]
+        torch.testing.assert_close(result[i], ChannelConcept().attribute(recorded, abs_norm=False)[0],
+                                   rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# circuits
+# ------------------------------------------------------------------------------------------------
+
+def test_circuit_by_weight_is_an_argsort_of_the_weight_row():
+    model = sequential_cnn()
+    weight = model.linear2.weight.detach().numpy()
+    labels = _layer_labels(model, torch.zeros(1, 1, 13, 13), "linear1")
+    for target in range(weight.shape[0]):
+        circuit = circuit_by_weight("linear2", target, k=5, labels=labels, model=model,
+                                    target_name=f"class{target}")
+        expected = np.argsort(-weight[target], kind="stable")[:5].tolist()
+        assert circuit.quantity == "weight"
+        assert circuit.nodes[0].layer == "linear2" and circuit.nodes[0].channel == target
+        assert circuit.nodes[0].label == f"class{target}"
+        assert [node.channel for node in circuit.nodes[1:]] == expected
+        assert [node.layer for node in circuit.nodes[1:]] == ["linear1"] * 5
+        for node, edge in zip(circuit.nodes[1:], circuit.edges):
+            assert edge.source == node.id and edge.target == circuit.nodes[0].id
+            assert edge.value == pytest.approx(float(weight[target, node.channel]))
+            assert node.label == str(labels[node.channel][0].formula)
+            assert node.auc == pytest.approx(labels[node.channel][0].auc)
+    # the module itself, absolute ranking
+    circuit = circuit_by_weight(model.linear2, 1, k=3, rank_by="absolute", model=model)
+    expected = np.argsort(-np.abs(weight[1]), kind="stable")[:3].tolist()
+    assert [n.channel for n in circuit.nodes[1:]] == expected
+    assert circuit.nodes[0].layer == "linear2" and circuit.nodes[1].layer == "linear2.input"
+    with pytest.raises(ValueError, match="out of range"):
+        circuit_by_weight("linear2", 5, model=model)
+    with pytest.raises(ValueError, match="top_k"):
+        circuit_by_weight("linear2", 0, k=13, model=model)
+    with pytest.raises(KeyError, match="not a module"):
+        circuit_by_weight("fc", 0, model=model)
+    with pytest.raises(ValueError, match="2-D weight"):
+        circuit_by_weight("conv1", 0, model=model)
+    with pytest.raises(ValueError, match="labels have 8 features but layer 'linear1' has 12 channels"):
+        conv2_labels = _Unnamed(_layer_labels(model, torch.zeros(1, 1, 13, 13), "conv2"))
+        circuit_by_weight("linear2", 0, labels=conv2_labels, model=model, source_layer="linear1")
+
+
+def test_circuit_by_relevance_and_json_roundtrip(tmp_path):
+    generator = torch.Generator().manual_seed(5)
+    relevances = torch.randn(40, 7, generator=generator)
+    sample_targets = torch.randint(0, 3, (40,), generator=generator)
+    circuit = circuit_by_relevance(relevances, 2, k=3, layer="conv2", sample_targets=sample_targets,
+                                   target_name="cat")
+    mean = relevances[sample_targets == 2].double().mean(0).numpy()
+    assert [n.channel for n in circuit.nodes[1:]] == np.argsort(-mean, kind="stable")[:3].tolist()
+    assert [e.value for e in circuit.edges] == pytest.approx(np.sort(mean)[::-1][:3].tolist())
+    assert circuit.meta["n_samples"] == int((sample_targets == 2).sum())
+
+    class FakeCache:
+        layers = ["conv2"]
+
+        def relevances(self, layer):
+            assert layer == "conv2"
+            return relevances
+
+    from_cache = circuit_by_relevance(FakeCache(), 2, k=3, layer="conv2", sample_targets=sample_targets,
+                                      target_name="cat")
+    assert from_cache == circuit
+    # JSON: plain structure, edges carry "relevance"
+    data = json.loads(circuit.to_json(tmp_path / "circuit.json"))
+    assert set(data) == {"quantity", "meta", "nodes", "edges"}
+    assert set(data["edges"][0]) == {"source", "target", "relevance"}
+    assert data["nodes"][1] == {"id": f"conv2:{circuit.nodes[1].channel}", "layer": "conv2",
+                                "channel": circuit.nodes[1].channel, "label": None, "auc": None,
+                                "value": circuit.nodes[1].value}
+    assert Circuit.from_json(tmp_path / "circuit.json") == circuit
+    assert Circuit.from_json(circuit.to_json()) == circuit
+    with pytest.raises(ValueError, match="no sample has target"):
+        circuit_by_relevance(relevances, 7, k=3, layer="conv2", sample_targets=sample_targets)
+    with pytest.raises(ValueError, match="out of range"):
+        circuit_by_relevance(relevances, 3, k=3, layer="conv2", n_outputs=3)
+    with pytest.raises(ValueError, match="layer is required"):
+        circuit_by_relevance(FakeCache(), 1)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # the reference's trace_model_graph
+@pytest.mark.parametrize("target", [None, 1])
+def test_concept_circuit_follows_the_attribution_graph(setup, target):
+    name, model, attribution, composite, data = setup
+    layers = ["conv1", "conv2", "linear1"]
+    sample = data[:1]
+    labels = {layer: _layer_labels(model, data, layer) for layer in ("conv1", "conv2")}
+    hooks = hooks_of(model)
+    circuit = concept_circuit(attribution, sample, composite, "linear1", 3, layers, labels=labels,
+                              width=(2, 2), target=target)
+    assert hooks_of(model) == hooks
+    graph = trace_model_graph(model, sample, layers)
+    reference = AttributionGraph(attribution, graph, {layer: ChannelConcept() for layer in layers})
+    nodes, connections = reference(sample.clone().requires_grad_(True), composite, 3, "linear1",
+                                   target=target, width=[2, 2], verbose=False)
+    assert [(n.layer, n.channel) for n in circuit.nodes] == list(dict.fromkeys((l, int(c)) for l, c in nodes))
+    expected_edges = sorted((f"{ll}:{lc}", f"{ul}:{uc}", round(rel, 5))
+                            for (ul, uc), children in connections.items() for ll, lc, rel in children)
+    assert sorted((e.source, e.target, round(e.value, 5)) for e in circuit.edges) == expected_edges
+    assert circuit.nodes[0].id == "linear1:3"
+    for node in circuit.nodes:
+        if node.layer in labels:
+            assert node.label == str(labels[node.layer][node.channel][0].formula)
+            assert node.auc == pytest.approx(labels[node.layer][node.channel][0].auc)
+        else:
+            assert node.label is None
+    assert Circuit.from_json(circuit.to_json()) == circuit
+    # start from a concept name: the channel whose best label is that formula, highest AUC first
+    formula = str(labels["conv2"][0][0].formula)
+    candidates = [c for c in range(n_channels(model, "conv2"))
+                  if str(labels["conv2"][c][0].formula) == formula]
+    best = max(candidates, key=lambda c: (labels["conv2"][c][0].auc, -c))
+    by_name = concept_circuit(attribution, sample, composite, "conv2", formula, layers, labels=labels,
+                              width=(2,), target=target)
+    assert by_name.nodes[0].id == f"conv2:{best}" and by_name.nodes[0].label == formula
+    with pytest.raises(KeyError, match="no channel"):
+        # labels have length <= 2, so no channel's best label is this formula of length 3
+        concept_circuit(attribution, sample, composite, "conv2", "red AND metal AND furry", layers,
+                        labels=labels)
+    with pytest.raises(ValueError, match="pass labels"):
+        concept_circuit(attribution, sample, composite, "conv2", formula, layers)
+    with pytest.raises(ValueError, match="out of range"):
+        concept_circuit(attribution, sample, composite, "linear1", 99, layers)
+    with pytest.raises(ValueError, match="must be one of"):
+        concept_circuit(attribution, sample, composite, "linear2", 0, layers)

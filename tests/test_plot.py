@@ -1,0 +1,129 @@
+"""Figures render with the Agg backend and carry the expected titles."""
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from crp_invert import ConceptLabeler, ConceptLabels, Explanation, Formula  # noqa: E402
+from crp_invert.glocal import Circuit, CircuitEdge, CircuitNode, GlocalExplanation  # noqa: E402
+from crp_invert.plot import heatmap_image, plot_circuit, plot_explanation, plot_glocal  # noqa: E402
+
+
+def _render(figure):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    assert isinstance(figure, Figure)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()  # Agg: actually rasterize
+    pixels = np.asarray(canvas.buffer_rgba())
+    assert pixels.shape[0] > 50 and pixels.shape[1] > 50
+    return [ax.get_title() for ax in figure.axes if ax.get_title()]
+
+
+@pytest.fixture
+def labeled():
+    generator = torch.Generator().manual_seed(0)
+    concepts = ConceptLabels(torch.rand(80, 3, generator=generator) > 0.6, ["stripes", "wheel", "fur"])
+    activations = torch.randn(80, 4, generator=generator) + 2 * concepts.dense().float()[:, [0, 1, 2, 0]]
+    labels = ConceptLabeler(concepts).label(activations, L=2, B=2, layer="conv2", progress=False)
+    return concepts, activations, labels
+
+
+def _glocal(labels, top_k=3, size=9):
+    generator = torch.Generator().manual_seed(1)
+    channel_heatmaps = torch.randn(top_k, size, size, generator=generator)
+    rest = torch.randn(size, size, generator=generator)
+    channel_relevance = torch.tensor([0.5, 0.3, -0.1, 0.2])
+    channels = torch.tensor([0, 1, 3][:top_k])
+    return GlocalExplanation(
+        layer="conv2", target=2, heatmap=channel_heatmaps.sum(0) + rest, channels=channels,
+        channel_heatmaps=channel_heatmaps, relevance=channel_relevance[channels],
+        share=channel_relevance[channels] / channel_relevance.sum(),
+        labels=tuple(labels[c][0] if labels is not None else None for c in channels.tolist()),
+        rest_heatmap=rest, channel_relevance=channel_relevance, prediction=torch.zeros(4))
+
+
+def test_glocal_figure_titles(labeled):
+    _, _, labels = labeled
+    g = _glocal(labels)
+    image = torch.rand(1, 1, 9, 9)
+    titles = _render(plot_glocal(g, image=image, class_name="Sneaker"))
+    assert titles[0] == "input"
+    assert titles[1] == "class Sneaker\nconv2: top 3"
+    for title, channel, label, share in zip(titles[2:5], g.channels.tolist(), g.labels, g.share.tolist()):
+        assert title == f"ch {channel}: {label.formula}\nAUC {label.auc:.2f} | R {share:+.0%}"
+    assert titles[5] == "rest"
+    assert len(titles) == 6
+    # the share of channel 0 is 0.5 / 0.9
+    assert titles[2].endswith("R +56%")
+    # a color input [3, H, W] (CRP's imgify) and a batch of inputs (refused)
+    figure = plot_glocal(g, image=torch.rand(3, 9, 9))
+    assert _render(figure)[0] == "input" and figure.axes[0].images[0].get_array().shape == (9, 9, 3)
+    with pytest.raises(ValueError, match="one sample"):
+        plot_glocal(g, image=torch.rand(2, 1, 9, 9))
+    # unlabeled, no input, no rest, a grid of 2 columns, one color scale
+    titles = _render(plot_glocal(_glocal(None, top_k=2), show_rest=False, ncols=2, shared_scale=True))
+    assert titles == ["class 2\nconv2: top 2", "ch 0: (no label)\nR +56%", "ch 1: (no label)\nR +33%"]
+
+
+def test_heatmap_image_uses_zennit_colormap():
+    from zennit.image import imgify, palette
+
+    heatmap = torch.tensor([[-2.0, 0.0], [1.0, 2.0]])
+    rgb = heatmap_image(heatmap)
+    assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
+    # zennit's own normalization and palette, through PIL (re-set as bytes: Pillow 13 cannot read the numpy
+    # palette that zennit 0.4.6 sets)
+    image = imgify(heatmap.numpy().astype(np.float64), vmin=-2, vmax=2, cmap="bwr")
+    image.putpalette(palette("bwr").tobytes())
+    np.testing.assert_array_equal(rgb, np.asarray(image.convert("RGB")))
+    np.testing.assert_array_equal(heatmap_image(heatmap, cmap="coldnhot", vmax=4.0),
+                                  palette("coldnhot")[((heatmap.numpy() + 4) / 8 * 255).astype(np.uint8)])
+    assert rgb[0, 1].min() >= 250  # zero is (nearly) white in bwr (index 127 of 256)
+    assert rgb[0, 0, 2] > rgb[0, 0, 0] and rgb[1, 1, 0] > rgb[1, 1, 2]  # negative blue, positive red
+    with pytest.raises(ValueError, match="2-D"):
+        heatmap_image(torch.zeros(3))
+
+
+def test_explanation_figure(labeled):
+    concepts, activations, labels = labeled
+    explanation = labels[1][0]
+    figure = plot_explanation(activations, concepts, explanation, feature=1)
+    titles = _render(figure)
+    assert titles == [f"feature 1: {explanation.formula}\nAUC {explanation.auc:.3f}, "
+                      f"p = {explanation.p_value:.2g}, fraction {explanation.fraction:.1%}"]
+    inside = int(explanation.formula.evaluate(concepts).sum())
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert legend == [f"outside (n={80 - inside})", f"inside (n={inside})"]
+    # a hand-made explanation on a 1-D activation vector; degenerate (constant) groups still draw
+    handmade = Explanation(formula=Formula.parse("fur"), auc=0.5, fraction=0.25, length=1, p_value=0.5)
+    titles = _render(plot_explanation(torch.ones(80), concepts, handmade))
+    assert titles[0].startswith("fur\nAUC 0.500, p = 0.5, fraction 25.0%")
+    with pytest.raises(ValueError, match="feature="):
+        plot_explanation(activations, concepts, explanation)
+    with pytest.raises(ValueError, match="samples"):
+        plot_explanation(activations[:10, 0], concepts, explanation)
+
+
+def test_circuit_figure(labeled):
+    _, _, labels = labeled
+    nodes = (CircuitNode("linear1", 3, label="stripes AND wheel", auc=0.91),
+             CircuitNode("conv2", 0, label=str(labels[0][0].formula), auc=labels[0][0].auc),
+             CircuitNode("conv2", 2), CircuitNode("conv1", 5, label="fur", auc=0.7))
+    edges = (CircuitEdge("conv2:0", "linear1:3", 0.6), CircuitEdge("conv2:2", "linear1:3", -0.2),
+             CircuitEdge("conv1:5", "conv2:0", 0.4))
+    figure = plot_circuit(Circuit(nodes, edges, quantity="relevance"))
+    assert _render(figure) == ["circuit (relevance)"]
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["conv1", "conv2", "linear1"]
+    texts = {t.get_text() for t in ax.texts}
+    assert "linear1:3\nstripes AND wheel\nAUC 0.91" in texts
+    assert "conv2:2" in texts
+    assert f"conv2:0\n{labels[0][0].formula}\nAUC {labels[0][0].auc:.2f}" in texts
+    assert len(ax.lines) == len(edges)
+    with pytest.raises(ValueError, match="no nodes"):
+        plot_circuit(Circuit((), ()))
