@@ -1,19 +1,23 @@
 """Benchmark of the embedded demo (issue 5): data generation, the committed model, planted truth.
 
-    python benchmarks/bench_demo.py [--samples 4000] [--train] [--threads 2]
+    python benchmarks/bench_demo.py [--samples 4000] [--train] [--threads 2] [--skip-demo] [--demo-samples N]
 
 Prints a markdown table: time to generate N demo images (and that the same seed gives the same
 bytes), the committed model's accuracy on fresh data, the time to label its output neurons (L = 2,
 B = 3), the planted-truth score (share of output neurons labeled exactly ``shape AND color``), the
 table-1 style accuracy of explanations, and the median AUC of the best explanations. With
 ``--train`` it also times a full training run (``crp_invert.demo.train`` defaults) and checks that
-the result equals the committed weights.
+the result equals the committed weights. Unless ``--skip-demo``, it also times the main job
+``run_demo`` (what ``crp-invert demo`` runs) with its default settings in a temporary folder, per
+step (goal: at most 3 minutes on 2 CPU cores), and the size of its report.
 """
 from __future__ import annotations
 
 import argparse
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +34,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train", action="store_true")
+    parser.add_argument("--skip-demo", action="store_true", help="do not time run_demo")
+    parser.add_argument("--demo-samples", type=int, default=None, help="run_demo n_samples")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -76,6 +82,22 @@ def main() -> None:
         equal = all(torch.equal(v, committed[k]) for k, v in trained.state_dict().items())
         rows.append((f"train (defaults, {args.threads} threads)", f"{elapsed:.1f} s"))
         rows.append(("retrained == committed weights", str(equal)))
+
+    if not args.skip_demo:
+        from crp_invert.demo.pipeline import DEFAULT_SAMPLES, run_demo
+
+        n_demo = DEFAULT_SAMPLES if args.demo_samples is None else args.demo_samples
+        with tempfile.TemporaryDirectory() as folder:
+            start = time.perf_counter()
+            summary = run_demo(folder, n_samples=n_demo, progress=False)
+            total = time.perf_counter() - start
+            report_mb = Path(summary.files["report"]).stat().st_size / 2 ** 20
+        for step, seconds in summary.timings.items():
+            rows.append((f"run_demo ({n_demo} images): {step}", f"{seconds:.1f} s"))
+        rows.append((f"run_demo ({n_demo} images) total, incl. imports of CRP", f"{total:.1f} s"))
+        rows.append(("run_demo report.html size", f"{report_mb:.1f} MiB"))
+        rows.append(("run_demo planted-truth score (L=2) / L=3",
+                     f"{summary.planted_truth_score:.3f} / {summary.planted_truth_score_l3:.3f}"))
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}")

@@ -33,6 +33,8 @@ _EXPORTS = {
     "Circuit": "glocal",
     "FuzzyCircuit": "fuzzy",
     "Fuzzifier": "fuzzy",
+    "write_report": "report",
+    "run_demo": "demo.pipeline",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,0 +1,308 @@
+"""ActivationCache, FlatActivationWriter, and labeling straight from HDF5 (label_cache, label_h5)."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from crp_invert.cache import (
+    ActivationCache,
+    FlatActivationWriter,
+    chunk_shape,
+    fingerprint,
+    label_cache,
+    label_h5,
+    model_hash,
+)
+
+N, C = 60, 7
+
+
+def make_cache(
+    path, layers=("features.40", "layer4.1.conv2"), n=N, c=C, relevances=True, complete=True, seed=0
+):
+    """A cache filled with random data (ties included); returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    data = {}
+    with ActivationCache(path, mode="a", overwrite=True) as cache:
+        cache.initialize((0, n))
+        for i, name in enumerate(layers):
+            acts = rng.integers(0, 5, size=(n, c + i)).astype(np.float32) + rng.random((n, c + i)).astype(
+                np.float32
+            )
+            acts[:, 0] = np.round(acts[:, 0])  # ties
+            rels = rng.normal(size=(n, c + i)).astype(np.float32)
+            cache.add_layer(name, c + i, relevances=relevances, pooling="mean", fingerprint=f"fp{i}")
+            cache.write(name, (0, n), acts, rels if relevances else None)
+            data[name] = (acts, rels)
+        if complete:
+            cache.mark_complete((0, n))
+    return data
+
+
+def make_concepts(n=N, k=5, seed=1):
+    from crp_invert.concepts import ConceptLabels
+
+    rng = np.random.default_rng(seed)
+    labels = rng.random((n, k)) < 0.3
+    labels[:, 0] = np.arange(n) % 2 == 0
+    return ConceptLabels(labels, [f"c{i}" for i in range(k)])
+
+
+# -- the file ------------------------------------------------------------------------------------------------
+
+
+def test_round_trip_and_column_reads(tmp_path):
+    data = make_cache(tmp_path / "a.h5")
+    with ActivationCache(tmp_path / "a.h5") as cache:
+        assert cache.layers == ["features.40", "layer4.1.conv2"]
+        assert cache.n_samples == N and cache.is_complete()
+        acts, rels = data["layer4.1.conv2"]
+        assert isinstance(cache.activations("layer4.1.conv2"), torch.Tensor)
+        np.testing.assert_array_equal(cache.activations("layer4.1.conv2").numpy(), acts)
+        np.testing.assert_array_equal(cache.relevances("layer4.1.conv2").numpy(), rels)
+        np.testing.assert_array_equal(cache.activations("layer4.1.conv2", slice(2, 5)).numpy(), acts[:, 2:5])
+        np.testing.assert_array_equal(
+            cache.activations("layer4.1.conv2", [6, 0, 6, -1]).numpy(), acts[:, [6, 0, 6, -1]]
+        )
+        mask = np.arange(C + 1) % 3 == 0
+        np.testing.assert_array_equal(cache.relevances("layer4.1.conv2", mask).numpy(), rels[:, mask])
+        np.testing.assert_array_equal(cache.activations("layer4.1.conv2", 3).numpy(), acts[:, [3]])
+        dataset = cache.dataset("features.40")
+        assert isinstance(dataset, h5py.Dataset) and dataset.shape == (N, C)
+        np.testing.assert_array_equal(dataset[:, 1:3], data["features.40"][0][:, 1:3])
+        with pytest.raises(IndexError):
+            cache.activations("features.40", [C])
+        with pytest.raises(ValueError, match="read-only"):
+            cache.write("features.40", (0, 1), np.zeros((1, C)))
+
+
+def test_layer_names_cannot_escape(tmp_path):
+    names = ["a/b", "..", "/root", "layers/0", ".", "x" * 300, "ümlaut name"]
+    with ActivationCache(tmp_path / "n.h5", mode="a") as cache:
+        cache.initialize((0, 4))
+        for i, name in enumerate(names):
+            cache.add_layer(name, 2)
+            cache.write(name, (0, 4), np.full((4, 2), i, dtype=np.float32))
+        cache.mark_complete((0, 4))
+    with ActivationCache(tmp_path / "n.h5") as cache:
+        assert cache.layers == names
+        for i, name in enumerate(names):
+            assert (cache.activations(name) == i).all()
+    with h5py.File(tmp_path / "n.h5", "r") as file:
+        assert sorted(file.keys()) == ["layers"]
+        assert sorted(file["layers"].keys(), key=int) == [str(i) for i in range(len(names))]
+        assert all(isinstance(file["layers"][k], h5py.Group) for k in file["layers"])
+
+
+def test_missing_layer_lists_layers(tmp_path):
+    make_cache(tmp_path / "a.h5")
+    with ActivationCache(tmp_path / "a.h5") as cache:
+        with pytest.raises(KeyError, match=r"features\.40.*layer4\.1\.conv2"):
+            cache.activations("conv9")
+        assert "conv9" not in cache and "features.40" in cache
+
+
+def test_existing_file_is_never_overwritten(tmp_path):
+    data = make_cache(tmp_path / "a.h5")
+    with ActivationCache(tmp_path / "a.h5", mode="a") as cache:  # continue, do not wipe
+        assert cache.layers == list(data)
+        with pytest.raises(ValueError, match="samples"):
+            cache.initialize((0, N + 1))
+        with pytest.raises(ValueError, match="pooling"):
+            cache.add_layer("features.40", C, relevances=True, pooling="max")
+        with pytest.raises(ValueError, match="n_channels"):
+            cache.add_layer("features.40", C + 1, relevances=True)
+        cache.add_layer("features.40", C, relevances=True, pooling="mean")  # same: accepted
+    with ActivationCache(tmp_path / "a.h5") as cache:
+        np.testing.assert_array_equal(cache.activations("features.40").numpy(), data["features.40"][0])
+    with ActivationCache(tmp_path / "a.h5", mode="a", overwrite=True) as cache:
+        assert not cache.initialized and cache.layers == []
+    with pytest.raises(ValueError, match="mode"):
+        ActivationCache(tmp_path / "a.h5", mode="w")
+
+
+def test_completion_bookkeeping(tmp_path):
+    with ActivationCache(tmp_path / "c.h5", mode="a") as cache:
+        cache.initialize((100, 110), dataset_length=200)  # a shard: samples [100, 110) of 200
+        cache.add_layer("l1", 3)
+        cache.add_layer("l2", 2)
+        assert cache.missing_ranges() == [(100, 110)]
+        cache.write("l1", (0, 4), np.ones((4, 3)))
+        cache.write("l2", (0, 4), np.ones((4, 2)))
+        cache.mark_complete((0, 4))
+        cache.write("l1", np.array([6, 8]), np.ones((2, 3)))
+        cache.mark_complete(np.array([6, 8]), ["l1"])
+        assert cache.missing_ranges("l1") == [(104, 106), (107, 108), (109, 110)]
+        assert cache.missing_ranges() == [(104, 110)]
+        assert cache.complete("l1").sum() == 6 and not cache.is_complete()
+        with pytest.raises(ValueError, match="increasing"):
+            cache.write("l1", np.array([3, 2]), np.ones((2, 3)))
+        with pytest.raises(ValueError, match="shape"):
+            cache.write("l1", (0, 2), np.ones((2, 4)))
+        with pytest.raises(IndexError):
+            cache.write("l1", (8, 11), np.ones((3, 3)))
+    with ActivationCache(tmp_path / "c.h5") as cache:
+        assert cache.sample_range == (100, 110) and cache.dataset_length == 200
+        assert torch.isnan(cache.activations("l1")[4]).all()
+        with pytest.raises(ValueError, match=r"\[104, 110\)"):
+            cache.require_complete()
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ActivationCache(tmp_path / "missing.h5")
+    (tmp_path / "text.h5").write_text("not hdf5 at all")
+    with pytest.raises(ValueError, match="not an HDF5 file"):
+        ActivationCache(tmp_path / "text.h5")
+    make_cache(tmp_path / "full.h5")
+    raw = (tmp_path / "full.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="cut.h5"):
+        ActivationCache(tmp_path / "cut.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as file:
+        file["Y"] = np.zeros((3, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="not a crp-invert activation cache"):
+        ActivationCache(tmp_path / "other.h5")
+
+
+def test_chunk_shape_properties():
+    for n_rows, n_cols in [
+        (5000, 16),
+        (10, 3),
+        (1_281_167, 2048),
+        (1_000_000, 256),
+        (None, 100_000),
+        (None, 5),
+    ]:
+        rows, cols = chunk_shape(n_rows, n_cols)
+        assert 1 <= cols <= n_cols and rows >= 1
+        if n_rows is not None:
+            assert rows <= n_rows
+        assert rows * cols * 4 <= 2 << 20  # about 1 MiB, never huge
+        assert rows * n_cols * 4 <= 32 << 20  # one band of chunks (what an append touches) stays bounded
+
+
+def test_fingerprint_components():
+    base = dict(model_hash="m", layer="conv1", dataset_length=10, pooling="mean")
+    reference = fingerprint(**base)
+    assert fingerprint(**base) == reference
+    for key, value in [
+        ("model_hash", "m2"),
+        ("layer", "conv2"),
+        ("dataset_length", 11),
+        ("pooling", "max"),
+        ("concept", "Other"),
+        ("composite", "EpsilonPlus"),
+        ("relevance", "sum"),
+    ]:
+        assert fingerprint(**{**base, key: value}) != reference
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    digest = model_hash(model)
+    assert digest == model_hash(model)
+    with torch.no_grad():
+        model[1].running_mean += 1  # buffers count
+    assert model_hash(model) != digest
+
+
+# -- labeling from files -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def labeler():
+    from crp_invert.labeler import ConceptLabeler
+
+    return ConceptLabeler(make_concepts())
+
+
+@pytest.mark.parametrize("source", ["activation", "relevance"])
+def test_label_cache_equals_in_memory(tmp_path, labeler, source):
+    data = make_cache(tmp_path / "a.h5")
+    results = label_cache(
+        labeler, tmp_path / "a.h5", source=source, L=2, B=2, feature_batch_size=3, progress=False
+    )
+    assert list(results) == list(data)
+    for name, (acts, rels) in data.items():
+        expected = labeler.label(
+            torch.from_numpy(acts if source == "activation" else rels),
+            L=2,
+            B=2,
+            feature_batch_size=3,
+            layer=name,
+            progress=False,
+        )
+        assert results[name] == expected
+        assert results[name].layer == name
+    # through the labeler's method, one layer, an open cache
+    with ActivationCache(tmp_path / "a.h5") as cache:
+        via_method = labeler.label_cache(
+            cache, layers="features.40", source=source, L=2, B=2, feature_batch_size=3, progress=False
+        )
+        assert not cache.closed
+    assert via_method["features.40"] == results["features.40"]
+
+
+def test_label_cache_refuses_bad_caches(tmp_path, labeler):
+    make_cache(tmp_path / "a.h5")
+    with pytest.raises(KeyError, match=r"conv9.*features\.40"):
+        label_cache(labeler, tmp_path / "a.h5", layers=["conv9"], progress=False)
+    make_cache(tmp_path / "short.h5", n=N - 1)
+    with pytest.raises(ValueError, match=f"N={N - 1}.*N={N}"):
+        label_cache(labeler, tmp_path / "short.h5", progress=False)
+    make_cache(tmp_path / "partial.h5", complete=False)
+    with pytest.raises(ValueError, match="incomplete"):
+        label_cache(labeler, tmp_path / "partial.h5", progress=False)
+    make_cache(tmp_path / "norel.h5", relevances=False)
+    with pytest.raises(KeyError, match="relevances"):
+        label_cache(labeler, tmp_path / "norel.h5", source="relevance", progress=False)
+    with pytest.raises(ValueError, match="source"):
+        label_cache(labeler, tmp_path / "a.h5", source="gradient", progress=False)
+    (tmp_path / "junk.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(ValueError):
+        label_cache(labeler, tmp_path / "junk.h5", progress=False)
+
+
+# -- the INVERT release format -------------------------------------------------------------------------------
+
+
+def test_flat_writer_round_trip(tmp_path, labeler):
+    rng = np.random.default_rng(3)
+    batches = [torch.from_numpy(rng.normal(size=(b, 2, 3)).astype(np.float32)) for b in (25, 1, 20)]
+    batches.append(rng.normal(size=(14, 2, 3)))  # numpy float64 is accepted too
+    with FlatActivationWriter(tmp_path / "y.h5", chunks=(8, 4)) as writer:
+        for batch in batches[:3]:
+            writer.append(batch)
+        assert writer.n_rows == 46 and writer.n_features == 6
+        with pytest.raises(ValueError, match="features"):
+            writer.append(np.zeros((2, 5)))
+    with FlatActivationWriter(tmp_path / "y.h5") as writer:  # reopening appends
+        writer.append(batches[3])
+        assert writer.n_rows == N
+    expected = np.concatenate([np.asarray(b, dtype=np.float32).reshape(len(b), -1) for b in batches])
+    with h5py.File(tmp_path / "y.h5", "r") as file:
+        assert list(file.keys()) == ["Y"] and file["Y"].dtype == np.float32
+        np.testing.assert_array_equal(file["Y"][()], expected)
+    result = label_h5(labeler, tmp_path / "y.h5", L=2, B=2, feature_batch_size=4, progress=False)
+    assert result == labeler.label(
+        torch.from_numpy(expected), L=2, B=2, feature_batch_size=4, layer="Y", progress=False
+    )
+    assert labeler.label_h5(tmp_path / "y.h5", L=2, B=2, feature_batch_size=4, progress=False) == result
+    with pytest.raises(KeyError, match="'Y'"):
+        label_h5(labeler, tmp_path / "y.h5", dataset="X", progress=False)
+    with FlatActivationWriter(tmp_path / "y.h5", overwrite=True) as writer:
+        writer.append(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="N=3"):
+        label_h5(labeler, tmp_path / "y.h5", progress=False)
+    with pytest.raises(ValueError, match="plain name"):
+        FlatActivationWriter(tmp_path / "z.h5", dataset="a/b")
+
+
+def test_cache_is_json_free_of_paths(tmp_path):
+    make_cache(tmp_path / "a.h5")
+    with h5py.File(tmp_path / "a.h5", "r") as file:
+        index = json.loads(file.attrs["layer_index"])
+        assert index == {"features.40": "0", "layer4.1.conv2": "1"}
+        group = file["layers"]["0"]
+        assert group["activations"].chunks is not None and group["complete"].dtype == np.uint8

@@ -1,0 +1,268 @@
+"""The ``crp-invert`` command line: ``label`` on small caches, in-process (CliRunner) and as ``python -m``."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from crp_invert.cache import ActivationCache, FlatActivationWriter
+from crp_invert.cli import LAZY_COMMANDS, main
+
+N = 48
+
+
+def write_cache(path, n=N, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    with ActivationCache(path, mode="a", overwrite=True) as cache:
+        cache.initialize((0, n))
+        for name, c in [("features.4", 5), ("head.fc", 3)]:
+            acts = rng.normal(size=(n, c)).astype(np.float32)
+            rels = rng.normal(size=(n, c)).astype(np.float32)
+            cache.add_layer(name, c, relevances=True, pooling="mean")
+            cache.write(name, (0, n), acts, rels)
+            arrays[name] = (acts, rels)
+        cache.mark_complete((0, n))
+    return arrays
+
+
+def concepts(n=N, k=4, seed=1):
+    from crp_invert.concepts import ConceptLabels
+
+    rng = np.random.default_rng(seed)
+    return ConceptLabels(rng.random((n, k)) < 0.35, [f"concept {i}" for i in range(k)])
+
+
+@pytest.fixture
+def files(tmp_path):
+    arrays = write_cache(tmp_path / "acts.h5")
+    labels = concepts()
+    np.savez(tmp_path / "dense.npz", labels=labels.dense().numpy(), names=np.array(labels.names))
+    labels.save(tmp_path / "sparse.npz")
+    return tmp_path, arrays, labels
+
+
+def expected_labels(labels, array, layer, **kwargs):
+    from crp_invert.labeler import ConceptLabeler
+
+    return ConceptLabeler(labels).label(torch.from_numpy(array), layer=layer, progress=False, **kwargs)
+
+
+def test_help_lists_label():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0 and "label" in result.output
+    assert isinstance(LAZY_COMMANDS, dict)
+
+
+@pytest.mark.parametrize("labels_file", ["dense.npz", "sparse.npz"])
+@pytest.mark.parametrize("source", ["activation", "relevance"])
+def test_label_one_layer(files, labels_file, source):
+    from crp_invert.labeler import LayerLabels
+
+    tmp_path, arrays, labels = files
+    out = tmp_path / f"out-{source}.json"
+    result = CliRunner().invoke(
+        main,
+        [
+            "label",
+            str(tmp_path / "acts.h5"),
+            str(tmp_path / labels_file),
+            "--layer",
+            "features.4",
+            "--source",
+            source,
+            "-L",
+            "2",
+            "-B",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "features.4" in result.output
+    got = LayerLabels.from_json(out)
+    array = arrays["features.4"][0 if source == "activation" else 1]
+    assert got == expected_labels(labels, array, "features.4", L=2, B=2)
+
+
+def test_label_all_layers_into_folder(files):
+    from crp_invert.labeler import LayerLabels
+
+    tmp_path, arrays, labels = files
+    result = CliRunner().invoke(
+        main,
+        [
+            "label",
+            str(tmp_path / "acts.h5"),
+            str(tmp_path / "sparse.npz"),
+            "-L",
+            "1",
+            "-B",
+            "1",
+            "--out",
+            str(tmp_path / "labels"),
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "labels" / "index.json").read_text())
+    assert list(index) == ["features.4", "head.fc"]
+    for name, filename in index.items():
+        assert LayerLabels.from_json(tmp_path / "labels" / filename) == expected_labels(
+            labels, arrays[name][0], name, L=1, B=1
+        )
+
+
+def test_label_reference_pair(files):
+    from crp_invert.labeler import LayerLabels
+
+    tmp_path, arrays, labels = files
+    torch.save(labels.dense().to(torch.float32), tmp_path / "onehot.pt")
+    (tmp_path / "desc.json").write_text(
+        json.dumps(
+            {str(i): {"name": name, "description": f"the {name}"} for i, name in enumerate(labels.names)}
+        )
+    )
+    result = CliRunner().invoke(
+        main,
+        [
+            "label",
+            str(tmp_path / "acts.h5"),
+            str(tmp_path / "onehot.pt"),
+            str(tmp_path / "desc.json"),
+            "--layer",
+            "head.fc",
+            "-L",
+            "2",
+            "-B",
+            "2",
+            "--out",
+            str(tmp_path / "ref.json"),
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert LayerLabels.from_json(tmp_path / "ref.json") == expected_labels(
+        labels, arrays["head.fc"][0], "head.fc", L=2, B=2
+    )
+
+
+def test_label_flat_file(files):
+    from crp_invert.labeler import LayerLabels
+
+    tmp_path, arrays, labels = files
+    flat = np.random.default_rng(5).normal(size=(N, 2, 3)).astype(np.float32)
+    with FlatActivationWriter(tmp_path / "y.h5") as writer:
+        writer.append(flat[:20])
+        writer.append(torch.from_numpy(flat[20:]))
+    result = CliRunner().invoke(
+        main,
+        [
+            "label",
+            str(tmp_path / "y.h5"),
+            str(tmp_path / "dense.npz"),
+            "-L",
+            "2",
+            "-B",
+            "2",
+            "--out",
+            str(tmp_path / "y.json"),
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert LayerLabels.from_json(tmp_path / "y.json") == expected_labels(
+        labels, flat.reshape(N, -1), "Y", L=2, B=2
+    )
+
+
+def test_bad_input_gives_clear_errors(files):
+    tmp_path, _, labels = files
+    runner = CliRunner()
+    cache, npz = str(tmp_path / "acts.h5"), str(tmp_path / "dense.npz")
+
+    result = runner.invoke(main, ["label", cache, npz, "--layer", "conv9", "-q"])
+    assert result.exit_code != 0 and "conv9" in result.output and "features.4" in result.output
+
+    np.savez(tmp_path / "short.npz", labels=labels.dense().numpy()[:-3], names=np.array(labels.names))
+    result = runner.invoke(main, ["label", cache, str(tmp_path / "short.npz"), "-q"])
+    assert result.exit_code != 0 and f"N={N - 3}" in result.output
+
+    np.savez(tmp_path / "names.npz", labels=labels.dense().numpy(), names=np.array(labels.names[:-1]))
+    result = runner.invoke(main, ["label", cache, str(tmp_path / "names.npz"), "-q"])
+    assert result.exit_code != 0 and "Error" in result.output
+
+    np.savez(tmp_path / "flat.npz", labels=labels.dense().numpy().reshape(-1), names=np.array(labels.names))
+    result = runner.invoke(main, ["label", cache, str(tmp_path / "flat.npz"), "-q"])
+    assert result.exit_code != 0 and "Error" in result.output and "Traceback" not in result.output
+
+    (tmp_path / "text.h5").write_text("hello")
+    result = runner.invoke(main, ["label", str(tmp_path / "text.h5"), npz, "-q"])
+    assert result.exit_code != 0 and "not an HDF5 file" in result.output
+
+    raw = (tmp_path / "acts.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(raw[: len(raw) // 3])
+    result = runner.invoke(main, ["label", str(tmp_path / "cut.h5"), npz, "-q"])
+    assert result.exit_code != 0 and "truncated" in result.output
+
+    result = runner.invoke(main, ["label", cache, str(tmp_path / "text.h5"), "-q"])
+    assert result.exit_code != 0 and ".npz" in result.output
+
+
+def test_python_dash_m(files):
+    from crp_invert.labeler import LayerLabels
+
+    tmp_path, arrays, labels = files
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crp_invert",
+            "label",
+            str(tmp_path / "acts.h5"),
+            str(tmp_path / "dense.npz"),
+            "--layer",
+            "features.4",
+            "-L",
+            "2",
+            "-B",
+            "2",
+            "--out",
+            str(tmp_path / "m.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "features.4" in proc.stdout
+    assert LayerLabels.from_json(tmp_path / "m.json") == expected_labels(
+        labels, arrays["features.4"][0], "features.4", L=2, B=2
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crp_invert",
+            "label",
+            str(tmp_path / "acts.h5"),
+            str(tmp_path / "dense.npz"),
+            "--layer",
+            "nope",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "nope" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,215 @@
+"""``crp-invert demo`` end to end on a small setting: files, labels, report, planted truth, escaping."""
+
+import html
+import json
+import os
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from crp_invert.cli import main
+
+N = 160
+SEED = 2
+EVIL = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Run the demo once in an empty working folder; returns (working folder, out folder, CLI output)."""
+    work = tmp_path_factory.mktemp("demo")
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        result = CliRunner().invoke(
+            main,
+            ["demo", "--out", "out", "--samples", str(N), "--seed", str(SEED), "--max-channels", "1", "-q"],
+        )
+    finally:
+        os.chdir(old)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return work, work / "out", result.output
+
+
+class _Tables(HTMLParser):
+    """layer -> rows (lists of cell texts) of the report's channel tables."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self._layer, self._row, self._cell = {}, None, None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table" and "channels" in (attrs.get("class") or ""):
+            self._layer = attrs["data-layer"]
+            self.tables[self._layer] = []
+        elif tag == "tr" and self._layer is not None:
+            self._row = []
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append("".join(self._cell))
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.tables[self._layer].append(self._row)
+            self._row = None
+        elif tag == "table":
+            self._layer = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def channel_tables(text):
+    parser = _Tables()
+    parser.feed(text)
+    return parser.tables
+
+
+def test_writes_only_into_out(demo):
+    work, out, _ = demo
+    assert sorted(p.name for p in work.iterdir()) == ["out"]
+    for name in (
+        "report.html",
+        "activations.h5",
+        "summary.json",
+        "labels/index.json",
+        "figures/circuit.png",
+        "figures/glocal_0.png",
+        "crp/ActMax_sum_normed",
+        "crp/RelMax_sum_normed",
+    ):
+        assert (out / name).exists(), name
+
+
+def test_labels_equal_direct_labeling_of_the_cache(demo):
+    from crp_invert.cache import ActivationCache
+    from crp_invert.demo.data import ShapesDataset
+    from crp_invert.demo.model import load_demo_model
+    from crp_invert.labeler import ConceptLabeler, LayerLabels
+
+    _, out, _ = demo
+    dataset = ShapesDataset(N, seed=SEED)
+    index = json.loads((out / "labels" / "index.json").read_text())
+    model = load_demo_model()
+    assert list(index) == model.layer_names
+    labeler = ConceptLabeler(dataset.concepts)
+    with ActivationCache(out / "activations.h5") as cache:
+        # the recorded logits are the model's outputs (BatchNorm merging does not change them)
+        images, _ = dataset.tensors()
+        with torch.no_grad():
+            logits = model(images)
+        torch.testing.assert_close(cache.activations("linear2"), logits, atol=1e-4, rtol=1e-4)
+        for layer, file_name in index.items():
+            stored = LayerLabels.from_json(out / "labels" / file_name)
+            direct = labeler.label(cache.activations(layer), L=3, B=3, layer=layer, progress=False)
+            assert len(stored) == cache.n_channels(layer)
+            assert [str(e.formula) for beam in stored for e in beam] == [
+                str(e.formula) for beam in direct for e in beam
+            ]
+            assert [e.auc for beam in stored for e in beam] == pytest.approx(
+                [e.auc for beam in direct for e in beam]
+            )
+
+
+def test_summary_and_planted_truth(demo):
+    from crp_invert.demo.data import ShapesDataset, class_formulas
+    from crp_invert.demo.truth import explanation_accuracy, planted_truth_score
+    from crp_invert.labeler import LayerLabels
+
+    _, out, output = demo
+    summary = json.loads((out / "summary.json").read_text())
+    l2 = LayerLabels.from_json(out / "linear2_L2.json")
+    assert l2.parameters["L"] == 2
+    dataset = ShapesDataset(N, seed=SEED)
+    assert summary["planted_truth_score"] == planted_truth_score(l2, class_formulas(), dataset.class_names)
+    assert summary["explanation_accuracy_l2"] == explanation_accuracy(l2, dataset.concepts, dataset.targets)
+    layers = [row["layer"] for row in summary["layers"]]
+    assert layers == ["conv1", "conv2", "conv3", "linear1", "linear2"]
+    for row in summary["layers"]:
+        labels = LayerLabels.from_json(out / "labels" / f"{row['layer']}.json")
+        aucs = [labels.best(f).auc for f in range(len(labels)) if labels.best(f) is not None]
+        assert row["channels"] == len(labels)
+        assert row["median_auc"] == pytest.approx(float(np.median(aucs)))
+        q = [labels.best(f).p_value_bh if labels.best(f) else 1.0 for f in range(len(labels))]
+        assert row["share_significant"] == pytest.approx(np.mean(np.array(q) < 0.05))
+    # the printed table: one line per layer and the planted-truth line
+    for layer in layers:
+        assert any(line.startswith(layer + " ") for line in output.splitlines())
+    assert "planted truth" in output and "L = 2" in output
+
+
+def test_report_lists_every_channel(demo):
+    from crp_invert.labeler import LayerLabels
+
+    _, out, _ = demo
+    text = (out / "report.html").read_text()
+    tables = channel_tables(text)
+    index = json.loads((out / "labels" / "index.json").read_text())
+    assert list(tables) == list(index)
+    for layer, file_name in index.items():
+        labels = LayerLabels.from_json(out / "labels" / file_name)
+        rows = tables[layer][1:]
+        assert [int(row[0]) for row in rows] == list(range(len(labels)))
+        assert [row[1] for row in rows] == [
+            str(labels.best(c).formula) if labels.best(c) else "(no formula)" for c in range(len(labels))
+        ]
+    # a model was given: CRP reference samples, glocal figures and the circuit are in the page
+    assert "<figcaption>CRP ActMax" in text and "<figcaption>CRP RelMax" in text
+    assert "Glocal explanations" in text and "Circuits" in text
+    assert "reference samples are skipped" not in text
+
+
+def test_report_from_demo_files_escapes_concept_names(demo, tmp_path):
+    """Rename a concept to a script tag in the demo's labels and concepts: the report shows it as text."""
+    from crp_invert.concepts import ConceptLabels
+    from crp_invert.demo.data import ShapesDataset
+
+    _, out, _ = demo
+    concepts = ShapesDataset(N, seed=SEED).concepts
+    names = [EVIL if name == "red" else name for name in concepts.names]
+    ConceptLabels(concepts.dense(), names).save(tmp_path / "concepts.npz")
+    renamed = []
+    for name in json.loads((out / "labels" / "index.json").read_text()).values():
+        text = (out / "labels" / name).read_text().replace('"red"', json.dumps(EVIL))
+        (tmp_path / name).write_text(text)
+        renamed.append(str(tmp_path / name))
+    assert any(EVIL in Path(p).read_text() for p in renamed)
+    result = CliRunner().invoke(
+        main,
+        [
+            "report",
+            str(out / "activations.h5"),
+            *renamed,
+            "--concepts",
+            str(tmp_path / "concepts.npz"),
+            "--out",
+            str(tmp_path / "r.html"),
+            "--max-channels",
+            "2",
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r.html").read_text()
+    assert EVIL not in page
+    assert html.escape(EVIL) in page
+    assert any(EVIL in row[1] for rows in channel_tables(page).values() for row in rows[1:])
+
+
+def test_bad_settings(tmp_path):
+    from crp_invert.demo.pipeline import run_demo
+
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "x"), "--samples", "5"])
+    assert result.exit_code == 2 and "samples" in result.output
+    with pytest.raises(ValueError, match="n_samples"):
+        run_demo(tmp_path / "y", n_samples=3)
+    with pytest.raises(ValueError, match="alpha"):
+        run_demo(tmp_path / "y", n_samples=32, alpha=2.0)
