@@ -31,68 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-DATA = HERE.parent.parent / "shared" / "data" / "fashion-mnist-crp"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data/fashion-mnist-crp")
-LAYERS = ["conv1", "conv2", "linear1", "linear2"]
-CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+sys.path.insert(0, str(HERE))
 
+from fashion_mnist import CLASSES, LAYERS, FashionNet, ImageDataset, data_dir  # noqa: E402
 
-class FashionNet(nn.Module):
-    """The shared model, re-created from its README.
-
-    Children are registered in forward order (conv1, bn1, relu, conv2, bn2, ...): zennit's
-    SequentialMergeBatchNorm merges a BatchNorm into the *preceding leaf module in registration order*.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(16, 16, 3, stride=2)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.parallel = nn.Sequential(nn.Conv2d(1, 16, 5, stride=2, bias=False), nn.BatchNorm2d(16))
-        from zennit.layer import Sum
-
-        self.sum = Sum()
-        self.relu2 = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.flatten = nn.Flatten()
-        self.linear1 = nn.Linear(576, 120)
-        self.relu3 = nn.ReLU()
-        self.linear2 = nn.Linear(120, 10)
-
-    def forward(self, x):
-        main = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-        merged = self.sum(torch.stack([self.parallel(x), main], dim=-1))
-        return self.linear2(self.relu3(self.linear1(self.flatten(self.pool(self.relu2(merged))))))
-
-
-class ImageDataset:
-    def __init__(self, images: torch.Tensor, targets: np.ndarray):
-        self.images, self.targets = images, targets
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        return self.images[index], int(self.targets[index])
+DATA = data_dir() or HERE.parent.parent / "shared" / "data" / "fashion-mnist-crp"
 
 
 def main() -> int:

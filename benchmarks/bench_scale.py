@@ -2,9 +2,10 @@
 
 Measures, on files written to ``--dir`` (default /tmp/crp-invert-bench-scale, never the repository):
 
-1. append throughput while recording (rows appended in batches of ``--append-rows``, as a recording run
-   writes them) for the default chunk shape of :func:`crp_invert.cache.chunk_shape` and for a narrow
-   alternative;
+1. append throughput while recording (rows appended in batches of ``--append-rows``; rows marked complete,
+   which flushes, after every batch or every 2 s as the recorder does) for the default chunk shape of
+   :func:`crp_invert.cache.chunk_shape` and an alternative (``--alt-chunks``, default the earlier wide
+   1024 x 256 chunks);
 2. read throughput of column batches (``feature_batch_size`` columns at a time, as the labeler reads them)
    against the disk's sequential read speed (O_DIRECT reads, which bypass the page cache). The page cache
    cannot be dropped without root, so the file is evicted with ``posix_fadvise(POSIX_FADV_DONTNEED)``:
@@ -190,7 +191,8 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/crp-invert-bench-scale")
     parser.add_argument("--memory-gb", type=float, default=2.0)
     parser.add_argument("--append-rows", type=int, default=256)
-    parser.add_argument("--alt-chunks", default="16384,16", help="alternative chunk shape rows,cols")
+    parser.add_argument("--alt-chunks", default="1024,256",
+                        help="alternative chunk shape rows,cols (default: crp-invert's earlier wide chunks)")
     parser.add_argument("-L", "--L", dest="L", type=int, default=2)
     parser.add_argument("-B", "--B", dest="B", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the files in --dir")
@@ -222,7 +224,7 @@ def main() -> None:
 
     # 1. appends
     alt = tuple(int(v) for v in args.alt_chunks.split(","))
-    layouts = {"default": (folder / "acts_default.h5", None), "narrow": (folder / "acts_narrow.h5", alt)}
+    layouts = {"default": (folder / "acts_default.h5", None), "alternative": (folder / "acts_alt.h5", alt)}
     print("\n## append throughput (recording), rows appended in batches of", args.append_rows)
     print("| layout | chunk shape (rows x cols) | flush | append MB/s | seconds for 1 GB | file MB |")
     print("| --- | --- | --- | --- | --- | --- |")

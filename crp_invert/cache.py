@@ -82,13 +82,17 @@ def _h5py():
 
 
 def chunk_shape(
-    n_rows: int | None, n_cols: int, itemsize: int = 4, chunk_bytes: int = 1 << 20, band_bytes: int = 32 << 20
+    n_rows: int | None, n_cols: int, itemsize: int = 4, chunk_bytes: int = 1 << 20, band_bytes: int = 32 << 20,
+    max_rows: int = 16384,
 ) -> tuple[int, int]:
     """Chunk shape for a [n_rows, n_cols] matrix that is appended by rows and read by columns.
 
-    A chunk holds ``rows x cols`` values with ``rows <= 1024`` (fewer if one band of chunks,
+    A chunk holds ``rows x cols`` values with ``rows <= max_rows`` (fewer if one band of chunks,
     ``rows x n_cols``, would exceed ``band_bytes``) and ``cols`` chosen so that a chunk is about
-    ``chunk_bytes``; rows and columns are then spread evenly over the chunks.
+    ``chunk_bytes``; rows and columns are then spread evenly over the chunks. Tall, narrow chunks keep
+    column-batch reads cheap (a batch of ``feature_batch_size`` columns reads little more than those
+    columns), while appends stay fast because the writer's chunk cache holds two bands (see
+    ``benchmarks/bench_scale.py``: N = 1 M, F = 256 gives 16130 x 16 chunks).
 
     Parameters
     ----------
@@ -102,6 +106,9 @@ def chunk_shape(
         Target size of one chunk.
     band_bytes : int
         Upper bound of ``rows * n_cols * itemsize``, the memory one append of ``rows`` rows touches.
+    max_rows : int
+        Upper bound of the chunk height. Writers that flush after every small append should use a small
+        one (e.g. 1024): a flush writes every partly filled chunk of the current band.
 
     Returns
     -------
@@ -110,7 +117,7 @@ def chunk_shape(
     """
     if n_cols < 1:
         raise ValueError(f"n_cols must be >= 1, got {n_cols}")
-    rows = max(1, min(1024, band_bytes // (n_cols * itemsize)))
+    rows = max(1, min(int(max_rows), band_bytes // (n_cols * itemsize)))
     if n_rows is not None:
         rows = max(1, min(rows, int(n_rows)))
     cols = int(max(1, min(n_cols, chunk_bytes // (rows * itemsize))))
@@ -805,7 +812,8 @@ class FlatActivationWriter:
         if self._dataset is None:
             if batch.shape[1] == 0:
                 raise ValueError(f"batch must have D >= 1 features, got shape {batch.shape}")
-            chunks = self._chunks or chunk_shape(None, batch.shape[1])
+            # every append flushes, which writes each partly filled chunk of the band: keep chunks short
+            chunks = self._chunks or chunk_shape(None, batch.shape[1], max_rows=1024)
             self._dataset = self._file.create_dataset(
                 self.dataset_name,
                 shape=(0, batch.shape[1]),

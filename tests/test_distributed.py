@@ -448,3 +448,44 @@ def test_label_h5_distributed_without_process_group_equals_label_h5(tmp_path):
     assert got.to_dict() == expected.to_dict() and got.layer == "Y"
     with pytest.raises(KeyError, match="Y"):
         label_h5_distributed(labeler, tmp_path / "flat.h5", dataset="Z")
+
+
+def test_resume_skips_checkpoint_files_left_truncated(runs, tmp_path):
+    """A rank killed while CRP saves leaves a truncated checkpoint; resume must redo it, not load it."""
+    import importlib.util
+
+    from crp.attribution import CondAttribution
+    from crp.concepts import ChannelConcept
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import EpsilonPlus
+
+    from crp_invert.recording import InvertFeatureVisualization
+
+    spec = importlib.util.spec_from_file_location("dist_worker", runs["script"])
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    torch.manual_seed(0)
+    model = worker.Net()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-0.5, 0.5)
+        model.bn1.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(N_SAMPLES, 1, 10, 10, generator=generator)
+    y = torch.randint(0, 3, (N_SAMPLES,), generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the reference process
+    try:
+        fv = InvertFeatureVisualization(CondAttribution(model), worker.Data(x, y),
+                                        {name: ChannelConcept() for name in LAYERS}, path=str(tmp_path / "fv"),
+                                        cache=tmp_path / "acts.h5", flush_interval=0)
+        checkpoints = fv.run_distributed(EpsilonPlus(canonizers=[SequentialMergeBatchNorm()]), 0, N_SAMPLES,
+                                         batch_size=BATCH, checkpoint=CHECKPOINT)
+        victim = Path(checkpoints["a_stats"][-len(LAYERS) - 1] + "rel.npy")  # in the last-but-one checkpoint
+        victim.write_bytes(victim.read_bytes()[:50])
+        fv.resume(EpsilonPlus(canonizers=[SequentialMergeBatchNorm()]), 0, N_SAMPLES, batch_size=BATCH,
+                  checkpoint=CHECKPOINT)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_crp_results(tmp_path / "fv", runs["root"] / "single" / "fv")
+    assert_same_cache(tmp_path / "acts.h5", runs["root"] / "single" / "acts.h5")
