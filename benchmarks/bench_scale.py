@@ -17,6 +17,7 @@ Measures, on files written to ``--dir`` (default /tmp/crp-invert-bench-scale, ne
 
 Run: ``python benchmarks/bench_scale.py`` (about 15-25 minutes on 2 cores; ``--n 100000`` for a quick look).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,13 +43,15 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# -- writing ------------------------------------------------------------------------------------------------------
+# -- writing -------------------------------------------------------------------------------------------------
 
-def write_layer(path: Path, concepts, n_features: int, chunks, append_rows: int, flush_interval: float,
-                seed: int = 1) -> dict:
+
+def write_layer(
+    path: Path, concepts, n_features: int, chunks, append_rows: int, flush_interval: float, seed: int = 1
+) -> dict:
     """Write an [N, F] ReLU activation layer (each feature driven by one concept) row batch by row batch.
 
-    Only the ``write`` + ``mark_complete`` calls are timed (what recording adds); generating the numbers is not.
+    Only the ``write`` + ``mark_complete`` calls are timed (what recording adds), not making the numbers.
     Rows are marked complete (which flushes the file) every ``flush_interval`` seconds, as the recorder does
     (its default is 2 s), or after every batch with 0.
     """
@@ -71,7 +74,7 @@ def write_layer(path: Path, concepts, n_features: int, chunks, append_rows: int,
             tick = time.perf_counter()
             for row in range(start, stop, append_rows):
                 end = min(row + append_rows, stop)
-                cache.write("synthetic", (row, end), values[row - start:end - start])
+                cache.write("synthetic", (row, end), values[row - start : end - start])
                 if flush_interval == 0 or time.perf_counter() - last_flush >= flush_interval:
                     cache.mark_complete((done, end), ["synthetic"])  # flushes, as the recorder does
                     done, last_flush = end, time.perf_counter()
@@ -80,10 +83,16 @@ def write_layer(path: Path, concepts, n_features: int, chunks, append_rows: int,
         cache.mark_complete((done, n), ["synthetic"])
         seconds += time.perf_counter() - tick
     size = n * n_features * 4
-    return {"chunks": tuple(used), "seconds": seconds, "mb_s": size / seconds / 1e6, "file_mb": path.stat().st_size / 1e6}
+    return {
+        "chunks": tuple(used),
+        "seconds": seconds,
+        "mb_s": size / seconds / 1e6,
+        "file_mb": path.stat().st_size / 1e6,
+    }
 
 
-# -- reading ------------------------------------------------------------------------------------------------------
+# -- reading -------------------------------------------------------------------------------------------------
+
 
 def evict(path: Path) -> None:
     """Drop the file's pages from the page cache (clean pages; works without root)."""
@@ -96,7 +105,7 @@ def evict(path: Path) -> None:
 
 
 def sequential_read(path: Path, direct: bool, block: int = 8 << 20) -> float:
-    """MB/s of reading the whole file in ``block`` pieces (O_DIRECT: from the disk, bypassing the page cache)."""
+    """MB/s of reading the whole file in ``block`` pieces (O_DIRECT: from the disk, not the page cache)."""
     flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
     buffer = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
     fd = os.open(path, flags)
@@ -126,13 +135,14 @@ def column_reads(path: Path, feature_batch_size: int, cold: bool) -> dict:
             if cold:
                 evict(path)
             tick = time.perf_counter()
-            block = data[:, start:start + feature_batch_size]
+            block = data[:, start : start + feature_batch_size]
             seconds += time.perf_counter() - tick
             delivered += block.nbytes
     return {"seconds": seconds, "mb_s": delivered / seconds / 1e6}
 
 
-# -- labeling in fresh processes ------------------------------------------------------------------------------------
+# -- labeling in fresh processes -----------------------------------------------------------------------------
+
 
 def child(args) -> None:
     """Label (part of) the layer in this process; print one JSON line with time and peak RSS."""
@@ -140,7 +150,13 @@ def child(args) -> None:
 
     from crp_invert import ConceptLabeler, ConceptLabels
     from crp_invert.cache import ActivationCache
-    from crp_invert.distributed import ColumnSlice, distributed_session, get_rank, get_world_size, label_cache_distributed
+    from crp_invert.distributed import (
+        ColumnSlice,
+        distributed_session,
+        get_rank,
+        get_world_size,
+        label_cache_distributed,
+    )
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     with distributed_session():
@@ -150,49 +166,81 @@ def child(args) -> None:
         tick = time.perf_counter()
         if args.limit:
             with ActivationCache(args.child) as cache:
-                labeler.label(ColumnSlice(cache.dataset("synthetic"), 0, args.limit), L=args.L, B=args.B,
-                              feature_batch_size=args.fb, progress=False)
+                labeler.label(
+                    ColumnSlice(cache.dataset("synthetic"), 0, args.limit),
+                    L=args.L,
+                    B=args.B,
+                    feature_batch_size=args.fb,
+                    progress=False,
+                )
             result = None
         else:
-            result = label_cache_distributed(labeler, args.child, L=args.L, B=args.B, feature_batch_size=args.fb,
-                                             progress=False)["synthetic"]
+            result = label_cache_distributed(
+                labeler, args.child, L=args.L, B=args.B, feature_batch_size=args.fb, progress=False
+            )["synthetic"]
         seconds = time.perf_counter() - tick
         if result is not None and get_rank() == 0 and args.out:
             result.to_json(args.out)
-        print(MARK + json.dumps({"rank": get_rank(), "world": get_world_size(), "seconds": seconds,
-                                 "base_rss_mb": base, "peak_rss_mb": rss_mb(), "fb": args.fb}), flush=True)
+        print(
+            MARK
+            + json.dumps(
+                {
+                    "rank": get_rank(),
+                    "world": get_world_size(),
+                    "seconds": seconds,
+                    "base_rss_mb": base,
+                    "peak_rss_mb": rss_mb(),
+                    "fb": args.fb,
+                }
+            ),
+            flush=True,
+        )
 
 
 def run_child(script_args: list, nproc: int, threads: int) -> list:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
     if nproc == 1:
         command = [sys.executable, str(Path(__file__).resolve())] + script_args
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   str(Path(__file__).resolve())] + script_args
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(Path(__file__).resolve()),
+        ] + script_args
     tick = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - tick
     if result.returncode != 0:
         raise RuntimeError(f"child failed: {result.stderr[-4000:]}")
-    rows = [json.loads(line[len(MARK):]) for line in result.stdout.splitlines() if line.startswith(MARK)]
+    rows = [json.loads(line[len(MARK) :]) for line in result.stdout.splitlines() if line.startswith(MARK)]
     for row in rows:
         row["wall_s"] = wall
     return sorted(rows, key=lambda row: row["rank"])
 
 
-# -- main -----------------------------------------------------------------------------------------------------------
+# -- main ----------------------------------------------------------------------------------------------------
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--features", type=int, default=256)
     parser.add_argument("--dir", default="/tmp/crp-invert-bench-scale")
     parser.add_argument("--memory-gb", type=float, default=2.0)
     parser.add_argument("--append-rows", type=int, default=256)
-    parser.add_argument("--alt-chunks", default="1024,256",
-                        help="alternative chunk shape rows,cols (default: crp-invert's earlier wide chunks)")
+    parser.add_argument(
+        "--alt-chunks",
+        default="1024,256",
+        help="alternative chunk shape rows,cols (default: crp-invert's earlier wide chunks)",
+    )
     parser.add_argument("-L", "--L", dest="L", type=int, default=2)
     parser.add_argument("-B", "--B", dest="B", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the files in --dir")
@@ -213,17 +261,23 @@ def main() -> None:
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
     n, n_features = args.n, args.features
-    print(f"# bench_scale: N = {n:,}, F = {n_features}, K = 1,481, L = {args.L}, B = {args.B}, "
-          f"bound {args.memory_gb} GB per process; files in {folder}")
+    print(
+        f"# bench_scale: N = {n:,}, F = {n_features}, K = 1,481, L = {args.L}, B = {args.B}, "
+        f"bound {args.memory_gb} GB per process; files in {folder}"
+    )
 
     tick = time.perf_counter()
     concepts, _ = synthetic.concept_labels(n)
     concepts.save(folder / "labels.npz")
-    print(f"concept labels: {concepts.n_concepts} concepts, {concepts.sparse().nnz:,} positives, "
-          f"{time.perf_counter() - tick:.1f} s")
+    print(
+        f"concept labels: {concepts.n_concepts} concepts, {concepts.sparse().nnz:,} positives, "
+        f"{time.perf_counter() - tick:.1f} s"
+    )
 
     # 1. appends
-    alt = tuple(int(v) for v in args.alt_chunks.split(","))
+    alt = tuple(
+        min(int(v), limit) for v, limit in zip(args.alt_chunks.split(","), (n, n_features), strict=True)
+    )
     layouts = {"default": (folder / "acts_default.h5", None), "alternative": (folder / "acts_alt.h5", alt)}
     print("\n## append throughput (recording), rows appended in batches of", args.append_rows)
     print("| layout | chunk shape (rows x cols) | flush | append MB/s | seconds for 1 GB | file MB |")
@@ -231,9 +285,13 @@ def main() -> None:
     for flush_interval in (0.0, 2.0):
         for name, (path, chunks) in layouts.items():
             row = write_layer(path, concepts, n_features, chunks, args.append_rows, flush_interval)
-            print(f"| {name} | {row['chunks'][0]} x {row['chunks'][1]} | "
-                  f"{'every batch' if flush_interval == 0 else f'every {flush_interval:g} s'} | {row['mb_s']:.0f} | "
-                  f"{row['seconds']:.1f} | {row['file_mb']:.0f} |", flush=True)
+            print(
+                f"| {name} | {row['chunks'][0]} x {row['chunks'][1]} | "
+                f"{'every batch' if flush_interval == 0 else f'every {flush_interval:g} s'} | "
+                f"{row['mb_s']:.0f} | "
+                f"{row['seconds']:.1f} | {row['file_mb']:.0f} |",
+                flush=True,
+            )
     del concepts
 
     # 2. sequential disk speed and column reads
@@ -242,27 +300,49 @@ def main() -> None:
     disk = sequential_read(probe, direct=True)
     sequential_read(probe, direct=False)
     cached = sequential_read(probe, direct=False)
-    print(f"\nsequential read of the 1 GB file: disk (O_DIRECT, 8 MiB blocks) {disk:.0f} MB/s; "
-          f"page cache {cached:.0f} MB/s")
+    print(
+        f"\nsequential read of the 1 GB file: disk (O_DIRECT, 8 MiB blocks) {disk:.0f} MB/s; "
+        f"page cache {cached:.0f} MB/s"
+    )
 
     # 3. memory per feature: two short labeling runs in fresh processes
     small, large = 2, 8
     rows = {}
     for fb in (small, large):
-        rows[fb] = run_child(["--child", str(probe), "--dir", str(folder), "--fb", str(fb), "--limit", str(fb),
-                              "-L", str(args.L), "-B", str(args.B)], 1, 2)[0]
+        rows[fb] = run_child(
+            [
+                "--child",
+                str(probe),
+                "--dir",
+                str(folder),
+                "--fb",
+                str(fb),
+                "--limit",
+                str(fb),
+                "-L",
+                str(args.L),
+                "-B",
+                str(args.B),
+            ],
+            1,
+            2,
+        )[0]
     per_feature = (rows[large]["peak_rss_mb"] - rows[small]["peak_rss_mb"]) / (large - small) * (1 << 20)
     base = rows[small]["peak_rss_mb"] * (1 << 20) - small * per_feature
     bytes_per = per_feature / n
     budget = args.memory_gb * 1e9
     fb = int(max(1, (0.9 * budget - base) // per_feature))
-    print(f"\n## labeler memory: peak RSS {rows[small]['peak_rss_mb']:.0f} MB with {small} features per batch, "
-          f"{rows[large]['peak_rss_mb']:.0f} MB with {large}: {per_feature / 1e6:.0f} MB per feature = "
-          f"{bytes_per:.0f} bytes per feature per sample (B = {args.B}); fixed part {base / 1e6:.0f} MB "
-          f"(labels, torch, h5py; RSS after loading the labels {rows[small]['base_rss_mb']:.0f} MB)")
-    print(f"   default_feature_batch_size(N, B) = {default_feature_batch_size(n, args.B)} "
-          f"(assumes {8 * (5 * args.B + 3)} bytes per feature per sample, 1 GiB); chosen for "
-          f"{args.memory_gb} GB: feature_batch_size = {fb}")
+    print(
+        f"\n## labeler memory: peak RSS {rows[small]['peak_rss_mb']:.0f} MB with {small} features per batch, "
+        f"{rows[large]['peak_rss_mb']:.0f} MB with {large}: {per_feature / 1e6:.0f} MB per feature = "
+        f"{bytes_per:.0f} bytes per feature per sample (B = {args.B}); fixed part {base / 1e6:.0f} MB "
+        f"(labels, torch, h5py; RSS after loading the labels {rows[small]['base_rss_mb']:.0f} MB)"
+    )
+    print(
+        f"   default_feature_batch_size(N, B) = {default_feature_batch_size(n, args.B)} "
+        f"(assumes {8 * (5 * args.B + 3)} bytes per feature per sample, 1 GiB); chosen for "
+        f"{args.memory_gb} GB: feature_batch_size = {fb}"
+    )
 
     print("\n## column-batch reads (feature_batch_size =", fb, "columns per read, all features)")
     print("| layout | page cache | seconds | MB/s delivered | vs disk sequential |")
@@ -270,9 +350,13 @@ def main() -> None:
     for name, (path, _) in layouts.items():
         for cold in (True, False):
             row = column_reads(path, fb, cold)
-            print(f"| {name} {chunk_shape(n, n_features) if name == 'default' else alt} | "
-                  f"{'evicted before every batch' if cold else 'warm'} | {row['seconds']:.1f} | {row['mb_s']:.0f} | "
-                  f"{row['mb_s'] / disk:.2f}x |", flush=True)
+            print(
+                f"| {name} {chunk_shape(n, n_features) if name == 'default' else alt} | "
+                f"{'evicted before every batch' if cold else 'warm'} | {row['seconds']:.1f} | "
+                f"{row['mb_s']:.0f} | "
+                f"{row['mb_s'] / disk:.2f}x |",
+                flush=True,
+            )
 
     # 4. labeling, 1 and 2 processes
     print(f"\n## labeling all {n_features} features, L = {args.L}, B = {args.B}, feature_batch_size = {fb}")
@@ -281,12 +365,31 @@ def main() -> None:
     results = {}
     for nproc, threads in ((1, 2), (1, 1), (2, 1)):
         out = folder / f"labels_{nproc}x{threads}.json"
-        got = run_child(["--child", str(probe), "--dir", str(folder), "--fb", str(fb), "-L", str(args.L),
-                         "-B", str(args.B), "--out", str(out)], nproc, threads)
+        got = run_child(
+            [
+                "--child",
+                str(probe),
+                "--dir",
+                str(folder),
+                "--fb",
+                str(fb),
+                "-L",
+                str(args.L),
+                "-B",
+                str(args.B),
+                "--out",
+                str(out),
+            ],
+            nproc,
+            threads,
+        )
         results[(nproc, threads)] = out
         peaks = ", ".join("%.0f" % r["peak_rss_mb"] for r in got)
-        print(f"| {nproc} | {threads} | {got[0]['wall_s']:.0f} | {max(r['seconds'] for r in got):.0f} | {peaks} |",
-              flush=True)
+        print(
+            f"| {nproc} | {threads} | {got[0]['wall_s']:.0f} | {max(r['seconds'] for r in got):.0f} | "
+            f"{peaks} |",
+            flush=True,
+        )
     reference = LayerLabels.from_json(results[(1, 2)]).to_dict()
     same = all(LayerLabels.from_json(path).to_dict() == reference for path in results.values())
     print(f"\nlabels identical across 1 and 2 processes: {same}")

@@ -82,7 +82,11 @@ def _h5py():
 
 
 def chunk_shape(
-    n_rows: int | None, n_cols: int, itemsize: int = 4, chunk_bytes: int = 1 << 20, band_bytes: int = 32 << 20,
+    n_rows: int | None,
+    n_cols: int,
+    itemsize: int = 4,
+    chunk_bytes: int = 1 << 20,
+    band_bytes: int = 32 << 20,
     max_rows: int = 16384,
 ) -> tuple[int, int]:
     """Chunk shape for a [n_rows, n_cols] matrix that is appended by rows and read by columns.

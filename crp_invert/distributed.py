@@ -1,15 +1,15 @@
-"""Scale out with ``torch.distributed`` (launched by ``torchrun``): sharded recording, channel-parallel labeling.
+"""Scale out with ``torch.distributed`` (``torchrun``): sharded recording, channel-parallel labeling.
 
 Recording
 ---------
-Under ``torchrun --nproc_per_node=P`` every rank runs :func:`run_sharded`: it records its own contiguous share of
-``[data_start, data_end)`` (boundaries on multiples of ``batch_size``, so every rank sees exactly the batches a
-single process would see and the numbers are bitwise the same) into its own HDF5 *shard* next to the requested
-cache file::
+Under ``torchrun --nproc_per_node=P`` every rank runs :func:`run_sharded`: it records its own contiguous
+share of ``[data_start, data_end)`` (boundaries on multiples of ``batch_size``, so every rank sees exactly
+the batches a single process would see and the numbers are bitwise the same) into its own HDF5 *shard*
+next to the requested cache file::
 
-    acts.h5                          the index: a small ActivationCache whose datasets are HDF5 virtual datasets
-    acts.shard-00000-of-00002.h5     rows of rank 0 (an ordinary ActivationCache with sample_range = its share)
-    acts.shard-00001-of-00002.h5     rows of rank 1
+    acts.h5                        the index: a small ActivationCache of HDF5 virtual datasets
+    acts.shard-00000-of-00002.h5   rows of rank 0 (an ActivationCache with sample_range = its share)
+    acts.shard-00001-of-00002.h5   rows of rank 1
 
 Why virtual datasets (and not a merge that copies): the index costs no time and no disk space, is written in
 milliseconds by rank 0 once the ranks are done, and can be rebuilt at any time from the shards. Reading it is
@@ -25,8 +25,8 @@ number of processes, same ``batch_size`` and ``checkpoint``) resumes every shard
 
 CRP's own ActMax/RelMax/statistics checkpoints are written by every rank into the common CRP folder (their
 file names carry the sample range, so ranks never collide) and rank 0 combines them with CRP's own
-``FeatureVisualization.collect_results``, exactly as CRP combines the checkpoints of one process. Several nodes
-therefore need a shared filesystem for the cache and CRP's folder (as usual on clusters).
+``FeatureVisualization.collect_results``, exactly as CRP combines the checkpoints of one process. Several
+nodes therefore need a shared filesystem for the cache and CRP's folder (as usual on clusters).
 
 Labeling
 --------
@@ -38,6 +38,7 @@ deterministic per feature (exact float64 rank sums), so splitting the features c
 :func:`crp_invert.cache.label_cache` (and ``crp-invert label`` under torchrun) use it automatically when a
 process group with more than one rank is initialized.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,17 +58,30 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "init_distributed", "distributed_session", "is_distributed", "get_rank", "get_world_size", "local_device",
-    "split_range", "shard_path", "find_shards", "combine_shards", "run_sharded", "ColumnSlice",
-    "label_cache_distributed", "label_h5_distributed", "all_gather_labels",
+    "init_distributed",
+    "distributed_session",
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "local_device",
+    "split_range",
+    "shard_path",
+    "find_shards",
+    "combine_shards",
+    "run_sharded",
+    "ColumnSlice",
+    "label_cache_distributed",
+    "label_h5_distributed",
+    "all_gather_labels",
 ]
 
 _SHARD_RE = r"\.shard-(?P<rank>[0-9]{5})-of-(?P<world>[0-9]{5})"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # process group
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+
 
 def _dist():
     import torch.distributed as dist
@@ -138,7 +152,9 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     if timeout_s is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=float(timeout_s))
     dist.init_process_group(backend=backend, init_method="env://", **kwargs)
-    logger.info("initialized %s process group: rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
+    logger.info(
+        "initialized %s process group: rank %d of %d", backend, dist.get_rank(), dist.get_world_size()
+    )
     return True
 
 
@@ -182,9 +198,10 @@ def _barrier() -> None:
         _dist().barrier()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # splitting work
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+
 
 def split_range(start: int, end: int, rank: int, world_size: int, align: int = 1) -> tuple[int, int]:
     """The contiguous share ``[a, b)`` of ``[start, end)`` of one rank.
@@ -222,9 +239,10 @@ def split_range(start: int, end: int, rank: int, world_size: int, align: int = 1
     return min(end, start + first * align), min(end, start + last * align)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # shard files
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+
 
 def shard_path(path: str | os.PathLike, rank: int, world_size: int) -> Path:
     """File of one rank's shard: ``acts.h5`` -> ``acts.shard-00001-of-00004.h5`` (same folder)."""
@@ -268,15 +286,27 @@ def _is_index(path: Path) -> bool:
 
 def _layer_meta(cache: "ActivationCache", layer: str) -> dict[str, Any]:
     info = cache.info(layer)
-    for key in ("name", "n_samples", "n_channels", "sample_start", "sample_end", "dataset_length", "format_version",
-                "chunks", "relevances"):
+    for key in (
+        "name",
+        "n_samples",
+        "n_channels",
+        "sample_start",
+        "sample_end",
+        "dataset_length",
+        "format_version",
+        "chunks",
+        "relevances",
+    ):
         info.pop(key, None)
     return info
 
 
 def combine_shards(
-    path: str | os.PathLike, world_size: int | None = None, sample_range: tuple[int, int] | None = None,
-    copy: bool = False, overwrite: bool = False,
+    path: str | os.PathLike,
+    world_size: int | None = None,
+    sample_range: tuple[int, int] | None = None,
+    copy: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Present the shards of ``path`` as one :class:`~crp_invert.cache.ActivationCache` at ``path``.
 
@@ -317,15 +347,20 @@ def combine_shards(
         if len(found) != 1:
             raise (FileNotFoundError if not found else ValueError)(
                 f"found shards of {str(path)!r} for world sizes {sorted(found)}; pass world_size="
-                if found else f"no shard files of {str(path)!r} (expected {shard_path(path, 0, 1).name} ...)"
+                if found
+                else f"no shard files of {str(path)!r} (expected {shard_path(path, 0, 1).name} ...)"
             )
         world_size = next(iter(found))
     files = found.get(int(world_size), {})
     if not files:
-        raise FileNotFoundError(f"no shard files of {str(path)!r} for world size {world_size} "
-                                f"(expected e.g. {shard_path(path, 0, world_size).name})")
+        raise FileNotFoundError(
+            f"no shard files of {str(path)!r} for world size {world_size} "
+            f"(expected e.g. {shard_path(path, 0, world_size).name})"
+        )
     if path.exists() and path.stat().st_size > 0 and not overwrite and not _is_index(path):
-        raise ValueError(f"{str(path)!r} exists and is not an index of shards; pass overwrite=True to replace it")
+        raise ValueError(
+            f"{str(path)!r} exists and is not an index of shards; pass overwrite=True to replace it"
+        )
 
     shards = []  # (rank, file, (a, b))
     layers: dict[str, dict[str, Any]] = {}
@@ -338,24 +373,34 @@ def combine_shards(
             if dataset_length is None:
                 dataset_length = shard.dataset_length
             elif shard.dataset_length != dataset_length:
-                raise ValueError(f"shard {files[rank].name} has dataset_length {shard.dataset_length}, the others "
-                                 f"{dataset_length}")
+                raise ValueError(
+                    f"shard {files[rank].name} has dataset_length {shard.dataset_length}, the others "
+                    f"{dataset_length}"
+                )
             names = shard.layers
             if not layers:
                 for name in names:
-                    layers[name] = {"n_channels": shard.n_channels(name), "meta": _layer_meta(shard, name),
-                                    "relevances": shard.info(name)["relevances"],
-                                    "chunks": shard.info(name)["chunks"]}
+                    layers[name] = {
+                        "n_channels": shard.n_channels(name),
+                        "meta": _layer_meta(shard, name),
+                        "relevances": shard.info(name)["relevances"],
+                        "chunks": shard.info(name)["chunks"],
+                    }
             elif names != list(layers):
-                raise ValueError(f"shard {files[rank].name} has layers {names}, the first shard {list(layers)}")
+                raise ValueError(
+                    f"shard {files[rank].name} has layers {names}, the first shard {list(layers)}"
+                )
             for name in names:
                 want = layers[name]
-                if (shard.n_channels(name) != want["n_channels"]
-                        or shard.fingerprint(name) != want["meta"].get("fingerprint")
-                        or shard.info(name)["relevances"] != want["relevances"]):
+                if (
+                    shard.n_channels(name) != want["n_channels"]
+                    or shard.fingerprint(name) != want["meta"].get("fingerprint")
+                    or shard.info(name)["relevances"] != want["relevances"]
+                ):
                     raise ValueError(
                         f"shard {files[rank].name} layer {name!r} does not match the first shard (channels "
-                        f"{shard.n_channels(name)} vs {want['n_channels']}, fingerprint {shard.fingerprint(name)} vs "
+                        f"{shard.n_channels(name)} vs {want['n_channels']}, fingerprint "
+                        f"{shard.fingerprint(name)} vs "
                         f"{want['meta'].get('fingerprint')}); it was recorded by another model or setup"
                     )
             groups = {name: shard._group(name).name for name in names}
@@ -364,16 +409,20 @@ def combine_shards(
         raise ValueError(f"all shard files of {str(path)!r} are empty")
     shards.sort(key=lambda item: item[2])
     shard_ranges = [(rank, file, rows) for rank, file, rows, _ in shards]
-    start, end = (shards[0][2][0], shards[-1][2][1]) if sample_range is None else (int(v) for v in sample_range)
+    start, end = (
+        (shards[0][2][0], shards[-1][2][1]) if sample_range is None else (int(v) for v in sample_range)
+    )
     position = start
-    for rank, file, (a, b) in shard_ranges:
+    for _, file, (a, b) in shard_ranges:
         if a != position:
             what = "overlap" if a < position else f"no shard holds samples [{position}, {a})"
             raise ValueError(f"shards of {str(path)!r} do not fit together: {what} (at {file.name})")
         position = b
     if position != end or shards[0][2][0] != start:
-        raise ValueError(f"shards of {str(path)!r} cover [{shards[0][2][0]}, {position}), not the requested "
-                         f"[{start}, {end})")
+        raise ValueError(
+            f"shards of {str(path)!r} cover [{shards[0][2][0]}, {position}), not the requested "
+            f"[{start}, {end})"
+        )
     n_rows = end - start
 
     if copy:
@@ -381,8 +430,13 @@ def combine_shards(
         with ActivationCache(tmp, mode="a", overwrite=True) as out:
             out.initialize((start, end), dataset_length=dataset_length)
             for name, want in layers.items():
-                out.add_layer(name, want["n_channels"], relevances=want["relevances"], chunks=want["chunks"],
-                              **want["meta"])
+                out.add_layer(
+                    name,
+                    want["n_channels"],
+                    relevances=want["relevances"],
+                    chunks=want["chunks"],
+                    **want["meta"],
+                )
             for _, file, (a, b) in shard_ranges:
                 with ActivationCache(file) as shard:
                     for name, want in layers.items():
@@ -391,8 +445,12 @@ def combine_shards(
                         rels = shard.dataset(name, "relevance") if want["relevances"] else None
                         for row in range(0, b - a, step):
                             stop = min(row + step, b - a)
-                            out.write(name, (a - start + row, a - start + stop), acts[row:stop],
-                                      None if rels is None else rels[row:stop])
+                            out.write(
+                                name,
+                                (a - start + row, a - start + stop),
+                                acts[row:stop],
+                                None if rels is None else rels[row:stop],
+                            )
                         done = np.flatnonzero(shard.complete(name)) + (a - start)
                         if done.size:
                             out.mark_complete(done, [name])
@@ -409,8 +467,9 @@ def combine_shards(
         attrs["sample_start"] = start
         attrs["sample_end"] = end
         attrs["dataset_length"] = dataset_length
-        attrs["shards"] = json.dumps([{"file": file.name, "rank": rank, "sample_range": [a, b]}
-                                      for rank, file, (a, b) in shard_ranges])
+        attrs["shards"] = json.dumps(
+            [{"file": file.name, "rank": rank, "sample_range": [a, b]} for rank, file, (a, b) in shard_ranges]
+        )
         attrs["world_size"] = int(world_size)
         group_of = {}
         root = index.create_group("layers")
@@ -424,12 +483,21 @@ def combine_shards(
             for dataset, shape, dtype, fill in datasets:
                 layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
                 for _, file, (a, b), groups in shards:
-                    source = h5py.VirtualSource(file.name, f"{groups[name]}/{dataset}", shape=(b - a,) + shape[1:])
-                    layout[a - start:b - start] = source
+                    source = h5py.VirtualSource(
+                        file.name, f"{groups[name]}/{dataset}", shape=(b - a,) + shape[1:]
+                    )
+                    layout[a - start : b - start] = source
                 group.create_virtual_dataset(dataset, layout, fillvalue=fill)
             meta = dict(want["meta"])
-            meta.update(name=name, n_samples=n_rows, n_channels=n_channels, sample_start=start, sample_end=end,
-                        dataset_length=dataset_length, format_version=FORMAT_VERSION)
+            meta.update(
+                name=name,
+                n_samples=n_rows,
+                n_channels=n_channels,
+                sample_start=start,
+                sample_end=end,
+                dataset_length=dataset_length,
+                format_version=FORMAT_VERSION,
+            )
             for attr_key, value in meta.items():
                 if value is not None:
                     group.attrs[attr_key] = value
@@ -440,16 +508,23 @@ def combine_shards(
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # sharded recording during CRP's FeatureVisualization.run
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 _KINDS = ("r_max", "a_max", "r_stats", "a_stats")
 
 
 def run_sharded(
-    fv: Any, composite: Any, data_start: int = 0, data_end: int | None = None, batch_size: int = 32,
-    checkpoint: int = 500, on_device: Any = None, resume: bool = True, copy: bool = False,
+    fv: Any,
+    composite: Any,
+    data_start: int = 0,
+    data_end: int | None = None,
+    batch_size: int = 32,
+    checkpoint: int = 500,
+    on_device: Any = None,
+    resume: bool = True,
+    copy: bool = False,
 ) -> dict[str, list[str]]:
     """``fv.run`` for every rank of a torchrun job: each rank records its share into its own shard.
 
@@ -482,15 +557,19 @@ def run_sharded(
 
     cache = fv.activation_cache
     if isinstance(cache, ActivationCache) or not isinstance(cache, (str, os.PathLike)):
-        raise TypeError(f"run_sharded needs fv built with cache= a path (the combined cache), got {type(cache).__name__}")
+        raise TypeError(
+            f"run_sharded needs fv built with cache= a path (the combined cache), got {type(cache).__name__}"
+        )
     batch_size, checkpoint = int(batch_size), int(checkpoint)
     if batch_size < 1 or checkpoint < 1:
         raise ValueError(f"batch_size and checkpoint must be >= 1, got {batch_size}, {checkpoint}")
     data_end = len(fv.dataset) if data_end is None else int(data_end)
     data_start = int(data_start)
     if not 0 <= data_start < data_end <= len(fv.dataset):
-        raise ValueError(f"need 0 <= data_start < data_end <= len(dataset) = {len(fv.dataset)}, got "
-                         f"[{data_start}, {data_end})")
+        raise ValueError(
+            f"need 0 <= data_start < data_end <= len(dataset) = {len(fv.dataset)}, got "
+            f"[{data_start}, {data_end})"
+        )
     combined = Path(cache)
     rank, world_size = get_rank(), get_world_size()
     if not resume:
@@ -530,18 +609,25 @@ def run_sharded(
     if rank == 0:
         try:
             merged = {key: [p for _, part in gathered for p in part[key]] for key in _KINDS}
-            missing = [p for key in ("r_max", "a_max") for p in merged[key] if not Path(p + "data.npy").exists()]
+            missing = [
+                p for key in ("r_max", "a_max") for p in merged[key] if not Path(p + "data.npy").exists()
+            ]
             if missing:
                 raise FileNotFoundError(
-                    f"rank 0 cannot see CRP checkpoint files written by other ranks (e.g. {missing[0]}data.npy); "
+                    "rank 0 cannot see CRP checkpoint files written by other ranks (e.g. "
+                    f"{missing[0]}data.npy); "
                     "CRP's path= must be on a filesystem shared by all ranks"
                 )
             if any(merged[key] for key in _KINDS):
                 saved = fv.collect_results(merged)
             else:
-                logger.info("nothing was recorded: every shard was complete and its CRP results already collected")
+                logger.info(
+                    "nothing was recorded: every shard was complete and its CRP results already collected"
+                )
                 saved = {key: [] for key in _KINDS}
-            combine_shards(combined, world_size, sample_range=(data_start, data_end), copy=copy, overwrite=True)
+            combine_shards(
+                combined, world_size, sample_range=(data_start, data_end), copy=copy, overwrite=True
+            )
         except Exception as err:
             error = f"rank 0: {type(err).__name__}: {err}"
     saved, error = _broadcast((saved, error))
@@ -556,20 +642,32 @@ def _check_shard_layout(combined: Path, world_size: int, overwrite: bool) -> Non
     if found:
         other = sorted(found)
         raise ValueError(
-            f"{str(combined)!r} has shards of a run with {other} processes; resume it with the same number of "
+            f"{str(combined)!r} has shards of a run with {other} processes; resume it with the same "
+            "number of "
             f"processes, or combine its shards (combine_shards(..., copy=True)) and delete them first"
         )
     if world_size == 1 and _is_index(combined):
-        raise ValueError(f"{str(combined)!r} is an index over shards of a multi-process run; resume it with the same "
-                         "number of processes")
-    if world_size > 1 and not overwrite and combined.exists() and combined.stat().st_size and not _is_index(combined):
-        raise ValueError(f"{str(combined)!r} exists and is not an index of shards (a single-process cache?); "
-                         "use another cache path or overwrite=True")
+        raise ValueError(
+            f"{str(combined)!r} is an index over shards of a multi-process run; resume it with the same "
+            "number of processes"
+        )
+    if (
+        world_size > 1
+        and not overwrite
+        and combined.exists()
+        and combined.stat().st_size
+        and not _is_index(combined)
+    ):
+        raise ValueError(
+            f"{str(combined)!r} exists and is not an index of shards (a single-process cache?); "
+            "use another cache path or overwrite=True"
+        )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # channel-parallel labeling
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+
 
 class ColumnSlice:
     """Columns ``[start, stop)`` of an [N, F] array-like (e.g. an h5py.Dataset), read lazily.
@@ -586,11 +684,16 @@ class ColumnSlice:
         self.shape = (n_rows, self.stop - self.start)
 
     def __getitem__(self, key):
-        if (not isinstance(key, tuple) or len(key) != 2 or key[0] != slice(None)
-                or not isinstance(key[1], slice) or key[1].step not in (None, 1)):
+        if (
+            not isinstance(key, tuple)
+            or len(key) != 2
+            or key[0] != slice(None)
+            or not isinstance(key[1], slice)
+            or key[1].step not in (None, 1)
+        ):
             raise TypeError(f"ColumnSlice supports x[:, a:b] only, got {key!r}")
         a, b, _ = key[1].indices(self.shape[1])
-        return self.data[:, self.start + a:self.start + max(a, b)]
+        return self.data[:, self.start + a : self.start + max(a, b)]
 
 
 def all_gather_labels(part: "LayerLabels") -> "LayerLabels":
@@ -598,29 +701,33 @@ def all_gather_labels(part: "LayerLabels") -> "LayerLabels":
 
     The Benjamini-Hochberg q-values are recomputed over all features (each rank saw only its share).
     """
-    from .labeler import LayerLabels, _correct
+    from .labeler import LayerLabels
 
     parts = [p for p in _all_gather(part) if p.n_features]
-    joined = LayerLabels.concatenate(parts) if parts else part
-    return LayerLabels(_correct(list(joined)), joined.concept_names, joined.layer, joined.parameters, joined.states)
+    return LayerLabels.concatenate(parts) if parts else part
 
 
-def _label_share(labeler: "ConceptLabeler", data: Any, layer: str | None, progress: bool,
-                 label_kwargs: dict[str, Any]) -> "LayerLabels":
+def _label_share(
+    labeler: "ConceptLabeler", data: Any, layer: str | None, progress: bool, label_kwargs: dict[str, Any]
+) -> "LayerLabels":
     from .labeler import LayerLabels
 
     start, stop = split_range(0, int(data.shape[1]), get_rank(), get_world_size())
     if stop > start:
-        part = labeler.label(ColumnSlice(data, start, stop), layer=layer, progress=progress and get_rank() == 0,
-                             **label_kwargs)
+        part = labeler.label(
+            ColumnSlice(data, start, stop), layer=layer, progress=progress and get_rank() == 0, **label_kwargs
+        )
     else:
         part = LayerLabels([], labeler.concepts.names, layer)
     return all_gather_labels(part)
 
 
 def label_cache_distributed(
-    labeler: "ConceptLabeler", cache: "ActivationCache | str | os.PathLike",
-    layers: str | Sequence[str] | None = None, source: str = "activation", progress: bool = True,
+    labeler: "ConceptLabeler",
+    cache: "ActivationCache | str | os.PathLike",
+    layers: str | Sequence[str] | None = None,
+    source: str = "activation",
+    progress: bool = True,
     **label_kwargs: Any,
 ) -> dict[str, "LayerLabels"]:
     """:func:`crp_invert.cache.label_cache` with the channels of every layer split across the ranks.
@@ -656,8 +763,9 @@ def label_cache_distributed(
         n_labels = _labeler_n_samples(labeler)
         if cache.n_samples != n_labels:
             raise ValueError(
-                f"cache {str(cache.path)!r} has N={cache.n_samples} rows (samples {cache.sample_range}) but the "
-                f"labeler's concepts have N={n_labels} samples; they must describe the same samples in the same order"
+                f"cache {str(cache.path)!r} has N={cache.n_samples} rows (samples {cache.sample_range}) but "
+                f"the labeler's concepts have N={n_labels} samples; they must describe the same samples in "
+                "the same order"
             )
         for name in names:
             cache.require_complete(name)
@@ -673,7 +781,10 @@ def label_cache_distributed(
 
 
 def label_h5_distributed(
-    labeler: "ConceptLabeler", path: str | os.PathLike, dataset: str = "Y", progress: bool = True,
+    labeler: "ConceptLabeler",
+    path: str | os.PathLike,
+    dataset: str = "Y",
+    progress: bool = True,
     **label_kwargs: Any,
 ) -> "LayerLabels":
     """:func:`crp_invert.cache.label_h5` with the columns split across the ranks (collective, see above)."""
@@ -690,6 +801,8 @@ def label_h5_distributed(
         if data.ndim != 2:
             raise ValueError(f"{str(path)!r}: dataset {dataset!r} must be 2-D [N, D], got shape {data.shape}")
         if data.shape[0] != n_labels:
-            raise ValueError(f"{str(path)!r}: dataset {dataset!r} has N={data.shape[0]} rows but the labeler's "
-                             f"concepts have N={n_labels} samples")
+            raise ValueError(
+                f"{str(path)!r}: dataset {dataset!r} has N={data.shape[0]} rows but the labeler's "
+                f"concepts have N={n_labels} samples"
+            )
         return _label_share(labeler, data, layer, progress, label_kwargs)

@@ -18,6 +18,7 @@ import csv
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from os import PathLike
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
@@ -31,7 +32,7 @@ from .formula import Formula
 from .metrics import auc_from_rank_sums, benjamini_hochberg, mann_whitney_pvalue, rank_scores
 from .search import MODES, BeamState, beam_search
 
-__all__ = ["Explanation", "LayerLabels", "ConceptLabeler", "default_feature_batch_size"]
+__all__ = ["Explanation", "LayerLabels", "ConceptLabeler", "default_feature_batch_size", "available_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,11 @@ class LayerLabels:
 
     @staticmethod
     def concatenate(parts: Sequence["LayerLabels"]) -> "LayerLabels":
-        """Join the labels of consecutive feature ranges (e.g. of several processes)."""
+        """Join the labels of consecutive feature ranges (e.g. of several processes).
+
+        The Benjamini-Hochberg q-values are recomputed over the joined features, so the result equals
+        labeling all features at once.
+        """
         if not parts:
             raise ValueError("nothing to concatenate")
         first = parts[0]
@@ -184,7 +189,7 @@ class LayerLabels:
             states = [
                 [beam for part in parts for beam in part.states[step]] for step in range(len(first.states))
             ]
-        return LayerLabels(explanations, first.concept_names, first.layer, first.parameters, states)
+        return LayerLabels(_correct(explanations), first.concept_names, first.layer, first.parameters, states)
 
     # views and files ----------------------------------------------------------------------------
     def rows(self) -> List[Dict[str, Any]]:
@@ -330,13 +335,44 @@ def _rename(formula: Formula, mapping: Dict[str, str]) -> Formula:
     return Formula.and_(*children) if formula.kind == "and" else Formula.or_(*children)
 
 
-def default_feature_batch_size(n_samples: int, B: int, memory_bytes: int = 1 << 30) -> int:
-    """A feature batch size that keeps the search's working memory near ``memory_bytes``.
+def available_memory(device: Union[str, torch.device, None] = None) -> Optional[int]:
+    """Free memory in bytes: of the GPU for a CUDA device, else the host's available RAM (None if
+    unknown)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
-    A beam step holds, per feature, about ``5 * B * N`` float64 values (the masked ranks, the
-    masks as float64, their concatenation for the product, and ranks and masks) plus the
-    ``[F, 4 K B]`` candidate statistics; 1 GiB by default.
+
+def default_feature_batch_size(n_samples: int, B: int, memory_bytes: Optional[int] = None,
+                               device: Union[str, torch.device, None] = None) -> int:
+    """A feature batch size that keeps the search's working memory within ``memory_bytes``.
+
+    A beam step holds, per feature and sample, about ``8 (5 B + 3)`` bytes (ranks, masks, the packed
+    product operand, the gathered masks; measured: 82 bytes at B = 3 and N = 1 M, see
+    BENCHMARKS.md), plus the ``[F, 4 K B]`` candidate statistics. By default the budget is a quarter
+    of the free memory of ``device`` (host RAM or GPU), at most 512 MiB on a CPU (larger batches
+    are no faster there: they leave the caches) and 4 GiB on a GPU, and at least 128 MiB.
     """
+    if memory_bytes is None:
+        free = available_memory(device)
+        if free is not None:
+            # processes that torchrun started on one node share its memory
+            free //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        cap = (4 << 30) if on_gpu else (512 << 20)
+        memory_bytes = cap if free is None else min(cap, max(128 << 20, free // 4))
     per_feature = 8 * n_samples * (5 * B + 3)
     return int(max(1, min(4096, memory_bytes // max(per_feature, 1))))
 
@@ -412,7 +448,9 @@ class ConceptLabeler:
         memorize_states : bool
             Also keep the beam after every length in ``LayerLabels.states``.
         feature_batch_size : int, optional
-            Features searched together; bounds memory (see :func:`default_feature_batch_size`).
+            Features searched together; bounds memory. By default chosen from the free memory
+            of the device (see :func:`default_feature_batch_size`): about ``8 (5 B + 3) N`` bytes
+            per feature.
         validation : float or boolean mask, optional
             Held-out samples: a share in (0, 1) drawn at random with ``seed``, or a boolean ``[N]``
             mask (True = held out). The search sees only the other samples; every explanation also
@@ -457,7 +495,7 @@ class ConceptLabeler:
         labels_t = self._labels_t() if held_out is None else search_concepts.torch_sparse_t(self.device)
         held_labels = None if held_concepts is None else held_concepts.dense(self.device)
         if feature_batch_size is None:
-            feature_batch_size = default_feature_batch_size(search_concepts.n_samples, B)
+            feature_batch_size = default_feature_batch_size(search_concepts.n_samples, B, device=self.device)
 
         parameters = dict(
             L=L, B=B, limit_search=limit_search, min_fraction=min_fraction, max_fraction=max_fraction,

@@ -4,6 +4,7 @@ The expected values come from a plain single process: the same worker script wit
 records the whole range into one cache), ``python -m crp_invert label`` in one process, and slow
 re-implementations of the splitting rules.
 """
+
 import filecmp
 import os
 import subprocess
@@ -18,7 +19,12 @@ import torch
 from crp_invert import ConceptLabeler, ConceptLabels
 from crp_invert.cache import ActivationCache, label_cache
 from crp_invert.distributed import (
-    ColumnSlice, combine_shards, find_shards, label_cache_distributed, shard_path, split_range,
+    ColumnSlice,
+    combine_shards,
+    find_shards,
+    label_cache_distributed,
+    shard_path,
+    split_range,
 )
 
 N_SAMPLES = 36
@@ -104,14 +110,16 @@ WORKER = textwrap.dedent('''
 ''').format(n=N_SAMPLES, batch=BATCH, checkpoint=CHECKPOINT, layers=LAYERS)
 
 
-# -- helpers ---------------------------------------------------------------------------------------------------
+# -- helpers -------------------------------------------------------------------------------------------------
+
 
 def _env(**extra):
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"  # torchrun's default for its workers; the same for the single process
-    env["GLOO_SOCKET_IFNAME"] = env.get("GLOO_SOCKET_IFNAME", "lo")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     env.pop("WORLD_SIZE", None)
     env.update({key: str(value) for key, value in extra.items()})
     return env
@@ -119,17 +127,32 @@ def _env(**extra):
 
 def torchrun(args, cwd, nproc=2, check=True, **env):
     """``torchrun --standalone`` (c10d rendezvous on localhost, free port) with ``nproc`` CPU processes."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "--max-restarts=0", "--monitor-interval=0.2"] + [str(a) for a in args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "--max-restarts=0",
+        "--monitor-interval=0.2",
+    ] + [str(a) for a in args]
     result = subprocess.run(command, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:
-        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 
 def python(args, cwd):
-    result = subprocess.run([sys.executable] + [str(a) for a in args], cwd=cwd, env=_env(), capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable] + [str(a) for a in args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if result.returncode != 0:
         raise AssertionError(f"python failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
@@ -138,11 +161,17 @@ def python(args, cwd):
 def read_cache(path):
     with ActivationCache(path) as cache:
         return {
-            "range": cache.sample_range, "layers": cache.layers,
-            "info": {name: {k: v for k, v in cache.info(name).items() if k != "chunks"} for name in cache.layers},
+            "range": cache.sample_range,
+            "layers": cache.layers,
+            "info": {
+                name: {k: v for k, v in cache.info(name).items() if k != "chunks"} for name in cache.layers
+            },
             "complete": cache.complete(),
-            "data": {(name, source): cache.dataset(name, source)[()] for name in cache.layers
-                     for source in ("activation", "relevance")},
+            "data": {
+                (name, source): cache.dataset(name, source)[()]
+                for name in cache.layers
+                for source in ("activation", "relevance")
+            },
         }
 
 
@@ -157,12 +186,14 @@ def assert_same_cache(path_a, path_b):
 
 
 def crp_arrays(folder):
-    """CRP's result files: {relative path: array}; targets.npy as a sorted list (its order follows file order)."""
+    """CRP's result files: {relative path: array}; targets.npy as a sorted list (its order follows files)."""
     folder = Path(folder)
     result = {}
     for file in sorted(folder.rglob("*.npy")):
         value = np.load(file)
-        result[str(file.relative_to(folder))] = sorted(value.tolist()) if file.name == "targets.npy" else value
+        result[str(file.relative_to(folder))] = (
+            sorted(value.tolist()) if file.name == "targets.npy" else value
+        )
     return result
 
 
@@ -184,13 +215,25 @@ def assert_same_crp_results(folder_a, folder_b):
             for key in (value, b[name]):
                 assert key.shape == a[prefix + "data.npy"].shape
             for column in range(value.shape[1]):
-                triples = [sorted(zip(rel[:, column].tolist(), data[:, column].tolist(), rf[:, column].tolist()))
-                           for rel, data, rf in ((value, a[prefix + "data.npy"], a[prefix + "rf.npy"]),
-                                                 (b[name], b[prefix + "data.npy"], b[prefix + "rf.npy"]))]
+                triples = [
+                    sorted(
+                        zip(
+                            rel[:, column].tolist(),
+                            data[:, column].tolist(),
+                            rf[:, column].tolist(),
+                            strict=True,
+                        )
+                    )
+                    for rel, data, rf in (
+                        (value, a[prefix + "data.npy"], a[prefix + "rf.npy"]),
+                        (b[name], b[prefix + "data.npy"], b[prefix + "rf.npy"]),
+                    )
+                ]
                 assert triples[0] == triples[1], (name, column)
 
 
-# -- the runs (shared by the tests below) -----------------------------------------------------------------------
+# -- the runs (shared by the tests below) --------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -232,13 +275,15 @@ def test_killed_rank_resumes_to_same_result(runs, tmp_path):
     root = runs["root"]
     (tmp_path / "run").mkdir()
     die_at = 20 + 2 * BATCH + 1  # rank 1 dies in its third batch, after one CRP checkpoint
-    result = torchrun([runs["script"], tmp_path / "run"], cwd=tmp_path, check=False, DIE_AT=die_at, DIE_RANK=1)
+    result = torchrun(
+        [runs["script"], tmp_path / "run"], cwd=tmp_path, check=False, DIE_AT=die_at, DIE_RANK=1
+    )
     assert result.returncode != 0
     assert not (tmp_path / "run" / "acts.h5").exists()  # no index before every rank is done
     with ActivationCache(shard_path(tmp_path / "run" / "acts.h5", 1, 2)) as shard:
         missing = shard.missing_ranges()
         assert missing and missing[-1][1] == N_SAMPLES
-        assert shard.complete()[:2 * BATCH].all()  # what was flushed before the crash is kept
+        assert shard.complete()[: 2 * BATCH].all()  # what was flushed before the crash is kept
     torchrun([runs["script"], tmp_path / "run"], cwd=tmp_path)
     assert_same_cache(tmp_path / "run" / "acts.h5", root / "single" / "acts.h5")
     assert_same_crp_results(tmp_path / "run" / "fv", root / "single" / "fv")
@@ -255,19 +300,34 @@ def concept_file(runs):
 
 def test_label_command_under_torchrun_writes_same_json(runs, concept_file):
     root = runs["root"]
-    args = ["-m", "crp_invert", "label", root / "sharded" / "acts.h5", concept_file, "-L", "2", "-B", "3",
-            "--feature-batch-size", "2", "-q"]
+    args = [
+        "-m",
+        "crp_invert",
+        "label",
+        root / "sharded" / "acts.h5",
+        concept_file,
+        "-L",
+        "2",
+        "-B",
+        "3",
+        "--feature-batch-size",
+        "2",
+        "-q",
+    ]
     python(args + ["--out", root / "labels_single"], cwd=root)
     result = torchrun(args + ["--out", root / "labels_torchrun"], cwd=root)
     single = sorted(p.name for p in (root / "labels_single").iterdir())
     assert single == sorted(p.name for p in (root / "labels_torchrun").iterdir())
     assert len(single) == len(LAYERS) + 1  # one JSON per layer and index.json
     for name in single:
-        assert filecmp.cmp(root / "labels_single" / name, root / "labels_torchrun" / name, shallow=False), name
+        assert filecmp.cmp(root / "labels_single" / name, root / "labels_torchrun" / name, shallow=False), (
+            name
+        )
     assert "wrote" not in result.stdout  # -q: nothing printed, and never twice
 
 
-# -- in-process tests -------------------------------------------------------------------------------------------
+# -- in-process tests ----------------------------------------------------------------------------------------
+
 
 def slow_split(start, end, world, align):
     """Deal out blocks of ``align`` items one by one, round-robin over the ranks in rank order."""
@@ -277,17 +337,19 @@ def slow_split(start, end, world, align):
         counts[i % world] += 1
     shares, position = [], 0
     for count in counts:
-        items = [item for block in blocks[position:position + count] for item in block]
+        items = [item for block in blocks[position : position + count] for item in block]
         position += count
         shares.append(items)
     return shares
 
 
-@pytest.mark.parametrize("start,end,world,align", [(0, 36, 2, 4), (5, 106, 3, 7), (0, 3, 4, 1), (2, 2, 3, 1),
-                                                   (0, 1000, 7, 32), (10, 11, 2, 5)])
+@pytest.mark.parametrize(
+    "start,end,world,align",
+    [(0, 36, 2, 4), (5, 106, 3, 7), (0, 3, 4, 1), (2, 2, 3, 1), (0, 1000, 7, 32), (10, 11, 2, 5)],
+)
 def test_split_range_matches_slow_dealing(start, end, world, align):
     shares = [split_range(start, end, rank, world, align) for rank in range(world)]
-    for (a, b), items in zip(shares, slow_split(start, end, world, align)):
+    for (a, b), items in zip(shares, slow_split(start, end, world, align), strict=True):
         assert list(range(a, b)) == items
     assert all((a - start) % align == 0 or a == end for a, _ in shares)
 
@@ -319,7 +381,10 @@ def _write_shard(path, rows, data, fingerprint="fp", complete=True):
 @pytest.fixture
 def shard_data():
     generator = np.random.default_rng(0)
-    return {"a/b": generator.normal(size=(30, 5)).astype("f4"), "x": generator.normal(size=(30, 2)).astype("f4")}
+    return {
+        "a/b": generator.normal(size=(30, 5)).astype("f4"),
+        "x": generator.normal(size=(30, 2)).astype("f4"),
+    }
 
 
 def test_index_reads_through_to_the_shards(tmp_path, shard_data):
@@ -407,9 +472,10 @@ def test_shares_of_features_join_to_the_single_process_labels(tmp_path):
     parts = []
     for rank in range(3):
         a, b = split_range(0, 7, rank, 3)
-        parts.append(labeler.label(ColumnSlice(acts, a, b), L=2, B=3, progress=False, layer="l",
-                                   feature_batch_size=2))
-    joined_naive = LayerLabels.concatenate(parts)
+        parts.append(
+            labeler.label(ColumnSlice(acts, a, b), L=2, B=3, progress=False, layer="l", feature_batch_size=2)
+        )
+    per_share_q = [beam[0].p_value_bh for part in parts for beam in part]
     gathered = distributed._all_gather
     try:
         distributed._all_gather = lambda part: parts
@@ -419,7 +485,8 @@ def test_shares_of_features_join_to_the_single_process_labels(tmp_path):
     assert joined == expected
     assert joined.to_dict() == expected.to_dict()
     # the join must redo Benjamini-Hochberg over the whole layer (each share saw fewer features)
-    assert [beam[0].p_value_bh for beam in joined_naive] != [beam[0].p_value_bh for beam in expected]
+    assert per_share_q != [beam[0].p_value_bh for beam in expected]
+    assert LayerLabels.concatenate(parts) == expected
 
 
 def test_label_cache_distributed_without_process_group_equals_label_cache(runs, concept_file):
@@ -441,7 +508,9 @@ def test_label_h5_distributed_without_process_group_equals_label_h5(tmp_path):
     labels = generator.random((50, 4)) < 0.4
     with FlatActivationWriter(tmp_path / "flat.h5") as writer:
         for start in range(0, 50, 20):
-            writer.append(labels[start:start + 20, [0, 1, 2, 3, 0]] + generator.normal(0, 1, (min(20, 50 - start), 5)))
+            writer.append(
+                labels[start : start + 20, [0, 1, 2, 3, 0]] + generator.normal(0, 1, (min(20, 50 - start), 5))
+            )
     labeler = ConceptLabeler(ConceptLabels(labels, list("abcd")))
     expected = label_h5(labeler, tmp_path / "flat.h5", L=2, B=2, progress=False)
     got = label_h5_distributed(labeler, tmp_path / "flat.h5", L=2, B=2, progress=False)
@@ -476,15 +545,30 @@ def test_resume_skips_checkpoint_files_left_truncated(runs, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the reference process
     try:
-        fv = InvertFeatureVisualization(CondAttribution(model), worker.Data(x, y),
-                                        {name: ChannelConcept() for name in LAYERS}, path=str(tmp_path / "fv"),
-                                        cache=tmp_path / "acts.h5", flush_interval=0)
-        checkpoints = fv.run_distributed(EpsilonPlus(canonizers=[SequentialMergeBatchNorm()]), 0, N_SAMPLES,
-                                         batch_size=BATCH, checkpoint=CHECKPOINT)
+        fv = InvertFeatureVisualization(
+            CondAttribution(model),
+            worker.Data(x, y),
+            {name: ChannelConcept() for name in LAYERS},
+            path=str(tmp_path / "fv"),
+            cache=tmp_path / "acts.h5",
+            flush_interval=0,
+        )
+        checkpoints = fv.run_distributed(
+            EpsilonPlus(canonizers=[SequentialMergeBatchNorm()]),
+            0,
+            N_SAMPLES,
+            batch_size=BATCH,
+            checkpoint=CHECKPOINT,
+        )
         victim = Path(checkpoints["a_stats"][-len(LAYERS) - 1] + "rel.npy")  # in the last-but-one checkpoint
         victim.write_bytes(victim.read_bytes()[:50])
-        fv.resume(EpsilonPlus(canonizers=[SequentialMergeBatchNorm()]), 0, N_SAMPLES, batch_size=BATCH,
-                  checkpoint=CHECKPOINT)
+        fv.resume(
+            EpsilonPlus(canonizers=[SequentialMergeBatchNorm()]),
+            0,
+            N_SAMPLES,
+            batch_size=BATCH,
+            checkpoint=CHECKPOINT,
+        )
     finally:
         torch.set_num_threads(threads)
     assert_same_crp_results(tmp_path / "fv", runs["root"] / "single" / "fv")

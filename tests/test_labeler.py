@@ -280,3 +280,27 @@ def test_unpacked_products_agree(monkeypatch):
     packed = labeler.label(scores, L=3, B=3, progress=False)
     monkeypatch.setattr(search, "_MAX_PACKED_SAMPLES", 10)
     assert labeler.label(scores, L=3, B=3, progress=False) == packed
+
+
+def test_default_feature_batch_size_follows_memory():
+    from crp_invert.labeler import available_memory, default_feature_batch_size
+
+    assert available_memory("cpu") is None or available_memory("cpu") > 0
+    # 8 (5 B + 3) bytes per feature and sample
+    assert default_feature_batch_size(1_000_000, 3, memory_bytes=1 << 30) == (1 << 30) // (8 * 1_000_000 * 18)
+    assert default_feature_batch_size(10**9, 3, memory_bytes=1 << 30) == 1
+    assert default_feature_batch_size(100, 3, memory_bytes=1 << 40) == 4096
+    sizes = [default_feature_batch_size(n, 3) for n in (1_000, 100_000, 10_000_000)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] >= 1
+    assert default_feature_batch_size(50_000, 3) <= (512 << 20) // (8 * 50_000 * 18)
+
+
+def test_concatenate_recomputes_benjamini_hochberg():
+    labels, scores, names = random_case(6, n=150, f=8)
+    labeler = ConceptLabeler(ConceptLabels(labels, names))
+    whole = labeler.label(scores, L=2, B=2, progress=False)
+    parts = [labeler.label(scores[:, :3], L=2, B=2, progress=False),
+             labeler.label(scores[:, 3:], L=2, B=2, progress=False)]
+    joined = LayerLabels.concatenate(parts)
+    assert joined == whole
+    assert [e.p_value_bh for beam in joined for e in beam] == [e.p_value_bh for beam in whole for e in beam]
