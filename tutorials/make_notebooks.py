@@ -357,6 +357,38 @@ fv = InvertFeatureVisualization(attribution, imagenet_val, layer_map, path="crp"
 fv.run(composite, 0, len(imagenet_val), batch_size=64)        # resumable: fv.resume(...)
 labels = ConceptLabeler(concepts, device="cuda").label_cache("imagenet.h5", L=3, B=3)
 ```'''),
+        new_markdown_cell('''\
+## Scaling out: several GPUs, several nodes (torchrun)
+
+For a large dataset or layer, run the same code under `torchrun`: recording splits the *samples* across
+processes (each writes its own HDF5 shard; rank 0 combines CRP's ActMax/RelMax results and writes an index
+`acts.h5` of virtual datasets over the shards), labeling splits the *channels* (each process reads only its
+columns). Results equal one process: the cache bitwise, the labels to the last bit of every AUC.
+
+```python
+# record.py
+from crp_invert.distributed import distributed_session, local_device, run_sharded
+
+with distributed_session():                       # reads torchrun's environment; no-op without torchrun
+    device = local_device("cuda")                 # cuda:LOCAL_RANK, one GPU per process
+    model = model.to(device).eval()
+    fv = InvertFeatureVisualization(CondAttribution(model), dataset, layer_map,
+                                    path="fv", cache="acts.h5", device=device)
+    run_sharded(fv, composite, 0, len(dataset), batch_size=64)
+```
+
+```bash
+# one node with 8 GPUs
+torchrun --standalone --nproc_per_node=8 record.py
+torchrun --standalone --nproc_per_node=8 -m crp_invert label acts.h5 concepts.npz --device cuda --out labels/
+
+# 4 nodes with 8 GPUs each: the same command on every node (a shared filesystem for acts.h5 and fv/)
+torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=node0:29500 \\
+         --rdzv-id=invert record.py
+```
+
+A killed rank loses only the unfinished rows of its shard: launch the same command again to resume. Peak
+memory per process is about 0.5 GB + the concept labels + `feature_batch_size` x N x 90 bytes (B = 3).'''),
     ]
 
 
