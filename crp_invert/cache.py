@@ -42,12 +42,13 @@ does) reads whole chunks sequentially without loading the layer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -987,7 +988,14 @@ def label_h5(
             labeler, path, dataset=dataset, progress=progress, **label_kwargs
         )
     label_kwargs.setdefault("layer", dataset)
-    n_labels = _labeler_n_samples(labeler)
+    with open_flat_dataset(path, dataset, _labeler_n_samples(labeler)) as data:
+        return labeler.label(data, progress=progress, **label_kwargs)
+
+
+@contextlib.contextmanager
+def open_flat_dataset(path: str | os.PathLike, dataset: str, n_samples: int) -> Iterator["h5py.Dataset"]:
+    """Open the ``[N, D]`` dataset of an INVERT-format HDF5 file for column reads, checking that it
+    exists, is 2-D and has ``n_samples`` rows; the file closes on exit."""
     with _open_h5(path, "r", rdcc_nbytes=_FILE_CACHE_BYTES, rdcc_nslots=10007) as file:
         h5py = _h5py()
         if dataset not in file or not isinstance(file[dataset], h5py.Dataset):
@@ -996,9 +1004,9 @@ def label_h5(
         data = file[dataset]
         if data.ndim != 2:
             raise ValueError(f"{str(path)!r}: dataset {dataset!r} must be 2-D [N, D], got shape {data.shape}")
-        if data.shape[0] != n_labels:
+        if data.shape[0] != n_samples:
             raise ValueError(
                 f"{str(path)!r}: dataset {dataset!r} has N={data.shape[0]} rows but the labeler's "
-                f"concepts have N={n_labels} samples"
+                f"concepts have N={n_samples} samples"
             )
-        return labeler.label(data, progress=progress, **label_kwargs)
+        yield data

@@ -788,21 +788,8 @@ def label_h5_distributed(
     **label_kwargs: Any,
 ) -> "LayerLabels":
     """:func:`crp_invert.cache.label_h5` with the columns split across the ranks (collective, see above)."""
-    from .cache import _FILE_CACHE_BYTES, _h5py, _labeler_n_samples, _open_h5
+    from .cache import _labeler_n_samples, open_flat_dataset
 
     layer = label_kwargs.pop("layer", dataset)
-    n_labels = _labeler_n_samples(labeler)
-    with _open_h5(path, "r", rdcc_nbytes=_FILE_CACHE_BYTES, rdcc_nslots=10007) as file:
-        h5py = _h5py()
-        if dataset not in file or not isinstance(file[dataset], h5py.Dataset):
-            found = [k for k, v in file.items() if isinstance(v, h5py.Dataset)]
-            raise KeyError(f"{str(path)!r} has no dataset {dataset!r}; datasets at the root: {found}")
-        data = file[dataset]
-        if data.ndim != 2:
-            raise ValueError(f"{str(path)!r}: dataset {dataset!r} must be 2-D [N, D], got shape {data.shape}")
-        if data.shape[0] != n_labels:
-            raise ValueError(
-                f"{str(path)!r}: dataset {dataset!r} has N={data.shape[0]} rows but the labeler's "
-                f"concepts have N={n_labels} samples"
-            )
+    with open_flat_dataset(path, dataset, _labeler_n_samples(labeler)) as data:
         return _label_share(labeler, data, layer, progress, label_kwargs)
