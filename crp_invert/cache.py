@@ -925,6 +925,24 @@ def label_cache(
         return distributed.label_cache_distributed(
             labeler, cache, layers=layers, source=source, progress=progress, **label_kwargs
         )
+    with open_for_labeling(labeler, cache, layers, source, label_kwargs) as (cache, names):
+        results = {}
+        for name in tqdm(names, desc="layers", disable=not progress or len(names) < 2):
+            logger.info("labeling %s of layer %r (%d channels)", source, name, cache.n_channels(name))
+            results[name] = labeler.label(
+                cache.dataset(name, source), layer=name, progress=progress, **label_kwargs
+            )
+        return results
+
+
+@contextlib.contextmanager
+def open_for_labeling(
+    labeler: "ConceptLabeler", cache: "ActivationCache | str | os.PathLike", layers: Any, source: str,
+    label_kwargs: dict,
+) -> Iterator[tuple["ActivationCache", list]]:
+    """Open ``cache`` (a path or an open cache) and check it before any labeling: the source, the
+    layers (KeyError listing them), N against the labeler's concepts, complete rows. Yields the
+    cache and the layer names; a cache opened here is closed on exit."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     if "layer" in label_kwargs:
@@ -947,13 +965,7 @@ def label_cache(
         for name in names:
             cache.require_complete(name)
             cache.dataset(name, source)  # KeyError if relevances were not recorded
-        results = {}
-        for name in tqdm(names, desc="layers", disable=not progress or len(names) < 2):
-            logger.info("labeling %s of layer %r (%d channels)", source, name, cache.n_channels(name))
-            results[name] = labeler.label(
-                cache.dataset(name, source), layer=name, progress=progress, **label_kwargs
-            )
-        return results
+        yield cache, names
     finally:
         if own:
             cache.close()

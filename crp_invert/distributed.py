@@ -745,39 +745,14 @@ def label_cache_distributed(
     -------
     dict of str to LayerLabels
     """
-    from .cache import SOURCES, ActivationCache, _labeler_n_samples
+    from .cache import open_for_labeling
 
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    if "layer" in label_kwargs:
-        raise TypeError("label_cache sets layer= itself; choose layers with layers=")
-    own = not isinstance(cache, ActivationCache)
-    cache = ActivationCache(cache) if own else cache
-    try:
-        if not cache.initialized:
-            raise ValueError(f"cache {str(cache.path)!r} is empty")
-        names = cache.layers if layers is None else ([layers] if isinstance(layers, str) else list(layers))
-        for name in names:
-            if name not in cache:
-                raise KeyError(f"layer {name!r} is not in cache {str(cache.path)!r}; layers: {cache.layers}")
-        n_labels = _labeler_n_samples(labeler)
-        if cache.n_samples != n_labels:
-            raise ValueError(
-                f"cache {str(cache.path)!r} has N={cache.n_samples} rows (samples {cache.sample_range}) but "
-                f"the labeler's concepts have N={n_labels} samples; they must describe the same samples in "
-                "the same order"
-            )
-        for name in names:
-            cache.require_complete(name)
-            cache.dataset(name, source)
+    with open_for_labeling(labeler, cache, layers, source, label_kwargs) as (cache, names):
         results = {}
         for name in names:
             logger.info("rank %d labeling %s of layer %r", get_rank(), source, name)
             results[name] = _label_share(labeler, cache.dataset(name, source), name, progress, label_kwargs)
         return results
-    finally:
-        if own:
-            cache.close()
 
 
 def label_h5_distributed(
