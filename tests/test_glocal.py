@@ -445,3 +445,23 @@ def test_concept_circuit_follows_the_attribution_graph(setup, target):
         concept_circuit(attribution, sample, composite, "linear1", 99, layers)
     with pytest.raises(ValueError, match="must be one of"):
         concept_circuit(attribution, sample, composite, "linear2", 0, layers)
+
+
+def test_circuit_by_relevance_reads_a_real_activation_cache(tmp_path):
+    from crp_invert import ActivationCache
+    from crp_invert.glocal import circuit_by_relevance
+
+    generator = torch.Generator().manual_seed(3)
+    relevances = torch.randn(30, 6, generator=generator)
+    sample_targets = torch.arange(30) % 3
+    with ActivationCache(tmp_path / "acts.h5", mode="a") as cache:
+        cache.initialize((0, 30))
+        cache.add_layer("features.4", 6, relevances=True)
+        cache.write("features.4", (0, 30), torch.rand(30, 6, generator=generator), relevances)
+        cache.mark_complete((0, 30))
+    with ActivationCache(tmp_path / "acts.h5") as cache:
+        from_cache = circuit_by_relevance(cache, target=1, k=3, layer="features.4", sample_targets=sample_targets)
+    from_tensor = circuit_by_relevance(relevances, target=1, k=3, layer="features.4", sample_targets=sample_targets)
+    assert from_cache.to_dict() == from_tensor.to_dict()
+    expected = torch.argsort(relevances[sample_targets == 1].mean(0), descending=True)[:3].tolist()
+    assert [node.channel for node in from_cache.nodes if node.layer == "features.4"] == expected
