@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .concepts import ConceptLabels
 from .formula import Formula
 from .metrics import auc_from_rank_sums, benjamini_hochberg, mann_whitney_pvalue, rank_scores
-from .search import MODES, BeamState, beam_search
+from .search import MODES, BeamState, PreparedLabels, beam_search, prepare_labels
 
 __all__ = ["Explanation", "LayerLabels", "ConceptLabeler", "default_feature_batch_size", "available_memory"]
 
@@ -399,16 +399,16 @@ class ConceptLabeler:
             raise TypeError(f"concepts must be a ConceptLabels, got {type(concepts).__name__}")
         self.concepts = concepts
         self.device = torch.device(device)
-        self._cached_labels_t: Optional[torch.Tensor] = None
+        self._cached_labels: Optional[PreparedLabels] = None
 
     def __repr__(self) -> str:
         return f"ConceptLabeler({self.concepts!r}, device={str(self.device)!r})"
 
-    def _labels_t(self) -> torch.Tensor:
-        # built once: the transpose of a large label matrix costs more than a small search
-        if self._cached_labels_t is None:
-            self._cached_labels_t = self.concepts.torch_sparse_t(self.device)
-        return self._cached_labels_t
+    def _prepared_labels(self) -> PreparedLabels:
+        # built once: preparing a large label matrix costs more than a small search
+        if self._cached_labels is None:
+            self._cached_labels = prepare_labels(self.concepts.torch_sparse_t(self.device))
+        return self._cached_labels
 
     def label(
         self,
@@ -492,7 +492,10 @@ class ConceptLabeler:
         if search_concepts.n_samples < 2:
             raise ValueError("fewer than 2 samples are left for the search after the validation split")
 
-        labels_t = self._labels_t() if held_out is None else search_concepts.torch_sparse_t(self.device)
+        if held_out is None:
+            labels_t = self._prepared_labels()
+        else:
+            labels_t = prepare_labels(search_concepts.torch_sparse_t(self.device))
         held_labels = None if held_concepts is None else held_concepts.dense(self.device)
         if feature_batch_size is None:
             feature_batch_size = default_feature_batch_size(search_concepts.n_samples, B, device=self.device)

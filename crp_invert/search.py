@@ -17,13 +17,13 @@ Ties are broken deterministically: candidates are ordered by score, then by the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
 from .metrics import auc_from_rank_sums, mann_whitney_pvalue, rank_scores
 
-__all__ = ["SearchResult", "BeamState", "beam_search", "MODES", "AND", "OR"]
+__all__ = ["SearchResult", "BeamState", "PreparedLabels", "beam_search", "prepare_labels", "MODES", "AND", "OR"]
 
 AND, OR = 0, 1
 MODES = ("positive", "negative")
@@ -99,9 +99,10 @@ def beam_search(
     ----------
     scores : torch.Tensor
         ``[N, F]`` activations of F features over N samples, finite.
-    labels_t : torch.Tensor
-        ``[K, N]`` float64 sparse CSR 0/1 labels, transposed, on the device of ``scores``
-        (:meth:`crp_invert.ConceptLabels.torch_sparse_t`).
+    labels_t : torch.Tensor or PreparedLabels
+        ``[K, N]`` sparse CSR 0/1 labels, transposed, on the device of ``scores``
+        (:meth:`crp_invert.ConceptLabels.torch_sparse_t`), or :func:`prepare_labels` of them (to
+        prepare them once for many calls).
     L, B : int
         Maximal formula length and beam width.
     limit_search : int, optional
@@ -116,10 +117,9 @@ def beam_search(
     """
     device = scores.device
     n_samples, n_features = scores.shape
-    n_concepts = labels_t.shape[0]
-    rows = _SparseRows(labels_t)
-    # torch's COO product is 2-3x faster than its CSR product on CPU
-    rank_labels_t = labels_t.to_sparse_coo().coalesce().to(torch.float64)
+    prepared = labels_t if isinstance(labels_t, PreparedLabels) else prepare_labels(labels_t)
+    rows, rank_labels_t = prepared.rows, prepared.matrix
+    n_concepts = rank_labels_t.shape[0]
     count_labels_t = None if n_samples <= _MAX_PACKED_SAMPLES else rank_labels_t.to(torch.float32)
     n_prims = 2 * n_concepts
     ranked = rank_scores(scores)
@@ -268,6 +268,26 @@ def _candidates(beam_value, and_value, concept_value, total) -> torch.Tensor:
     return out
 
 
+class PreparedLabels(NamedTuple):
+    """Transposed labels in the forms the search uses: a coalesced float64 COO matrix ``[K, N]``
+    (torch's COO product is 2-3x faster than its CSR product on CPU) and row access sharing its
+    column indices."""
+
+    matrix: torch.Tensor
+    rows: "_SparseRows"
+
+
+def prepare_labels(labels_t: torch.Tensor) -> PreparedLabels:
+    """Prepare transposed sparse labels ``[K, N]`` (CSR or COO) once for many :func:`beam_search` calls."""
+    matrix = labels_t.to_sparse_coo().coalesce().to(torch.float64)
+    indices = matrix.indices()
+    n_rows, n_columns = matrix.shape
+    # coalesced COO is sorted row-major, so its column indices are the CSR column indices
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=indices.device)
+    crow[1:] = torch.bincount(indices[0], minlength=n_rows).cumsum(0)
+    return PreparedLabels(matrix, _SparseRows(crow, indices[1], n_columns))
+
+
 # below this many samples, rank sum and count fit into one exact float64 (2 N**3 < 2**53)
 _MAX_PACKED_SAMPLES = 160_000
 
@@ -307,12 +327,13 @@ def _and_statistics(rank_labels_t, count_labels_t, weights, masks) -> tuple:
 
 
 class _SparseRows:
-    """Dense boolean rows of a sparse CSR ``[K, N]`` matrix, gathered without densifying it."""
+    """Dense boolean rows of a sparse ``[K, N]`` matrix, gathered without densifying it: ``col`` holds
+    the column of every stored entry in row-major order, ``crow`` where each row starts."""
 
-    def __init__(self, matrix: torch.Tensor) -> None:
-        self.crow = matrix.crow_indices()
-        self.col = matrix.col_indices()
-        self.n_columns = matrix.shape[1]
+    def __init__(self, crow: torch.Tensor, col: torch.Tensor, n_columns: int) -> None:
+        self.crow = crow
+        self.col = col
+        self.n_columns = n_columns
         self.counts = self.crow[1:] - self.crow[:-1]
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:

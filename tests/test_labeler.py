@@ -304,3 +304,17 @@ def test_concatenate_recomputes_benjamini_hochberg():
     joined = LayerLabels.concatenate(parts)
     assert joined == whole
     assert [e.p_value_bh for beam in joined for e in beam] == [e.p_value_bh for beam in whole for e in beam]
+
+
+def test_prepared_label_rows_equal_the_dense_labels():
+    from crp_invert.search import prepare_labels
+
+    labels = np.random.default_rng(0).random((40, 6)) < 0.3
+    labels[:, 2] = False  # a concept without positives: an empty row
+    prepared = prepare_labels(ConceptLabels(labels, list("abcdef")).torch_sparse_t())
+    codes = torch.tensor([[0, 2], [5, 1]])
+    gathered = prepared.rows.gather(codes)  # [N, 2, 2]
+    for i in range(2):
+        for j in range(2):
+            assert gathered[:, i, j].tolist() == labels[:, codes[i, j]].tolist()
+    assert torch.equal(prepared.matrix.to_dense().T.bool(), torch.from_numpy(labels))
