@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from fashion_mnist import CLASSES, HIERARCHY, data_dir, load
 
 
@@ -80,8 +79,10 @@ def main():
 
     rows = []
     for batch_size in (32, 64, 128):
-        seconds, results = timed(lambda: decompose_batch(attribution, x, y, layer, composite, top_k=top_k,
-                                                         batch_size=batch_size), args.repeat)
+        def run(batch_size=batch_size):
+            return decompose_batch(attribution, x, y, layer, composite, top_k=top_k, batch_size=batch_size)
+
+        seconds, results = timed(run, args.repeat)
         errors = [g.completeness_error() for g in results]
         rows.append((f"decompose_batch, batch_size={batch_size}", seconds / n, max(errors)))
     seconds, results = timed(lambda: [decompose(attribution, x[i:i + 1], y[i], layer, composite, top_k=top_k)

@@ -7,8 +7,17 @@ import torch
 
 from crp_invert.demo import data
 from crp_invert.demo.data import (
-    CLASS_NAMES, COLORS, PARENTS, SHAPES, SIZES, TEXTURES, ShapesDataset, attribute_matrix,
-    class_attributes, concept_names, generate_shapes,
+    CLASS_NAMES,
+    COLORS,
+    PARENTS,
+    SHAPES,
+    SIZES,
+    TEXTURES,
+    ShapesDataset,
+    attribute_matrix,
+    class_attributes,
+    concept_names,
+    generate_shapes,
 )
 
 N = 480

@@ -11,7 +11,12 @@ from torch import nn
 from crp_invert.demo import data, truth
 from crp_invert.demo.data import CLASS_NAMES, ShapesDataset
 from crp_invert.demo.model import (
-    DEMO_EVAL_SEED, DEMO_EVAL_SIZE, DEMO_MODEL_ACCURACY, DEMO_MODEL_PATH, DemoCNN, load_demo_model,
+    DEMO_EVAL_SEED,
+    DEMO_EVAL_SIZE,
+    DEMO_MODEL_ACCURACY,
+    DEMO_MODEL_PATH,
+    DemoCNN,
+    load_demo_model,
 )
 from crp_invert.demo.train import evaluate, train_demo_model
 

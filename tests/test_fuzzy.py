@@ -8,8 +8,17 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from crp_invert.fuzzy import (
-    LOGICS, Fuzzifier, FuzzyCircuit, best_neurons, fuzzify, fuzzy_and, fuzzy_not, fuzzy_or,
-    standardize_params, t_conorm, t_norm,
+    LOGICS,
+    Fuzzifier,
+    FuzzyCircuit,
+    best_neurons,
+    fuzzify,
+    fuzzy_and,
+    fuzzy_not,
+    fuzzy_or,
+    standardize_params,
+    t_conorm,
+    t_norm,
 )
 
 # definitions written out per element, in plain Python floats

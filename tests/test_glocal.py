@@ -4,20 +4,24 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from crp.attribution import AttributionGraph, CondAttribution
 from crp.concepts import ChannelConcept
 from crp.graph import trace_model_graph
+from torch import nn
 from zennit.composites import EpsilonPlus
 from zennit.layer import Sum
 from zennit.torchvision import SequentialMergeBatchNorm
 
 from crp_invert.glocal import (
-    Circuit, GlocalExplanation, channel_relevances, circuit_by_relevance, circuit_by_weight, concept_circuit,
-    decompose, decompose_batch,
+    Circuit,
+    GlocalExplanation,
+    channel_relevances,
+    circuit_by_relevance,
+    circuit_by_weight,
+    concept_circuit,
+    decompose,
+    decompose_batch,
 )
-
 
 # ------------------------------------------------------------------------------------------------
 # small models: a sequential CNN and a net with a branch merged by zennit's Sum, both with BatchNorm
@@ -415,7 +419,7 @@ def test_concept_circuit_follows_the_attribution_graph(setup, target):
     reference = AttributionGraph(attribution, graph, {layer: ChannelConcept() for layer in layers})
     nodes, connections = reference(sample.clone().requires_grad_(True), composite, 3, "linear1",
                                    target=target, width=[2, 2], verbose=False)
-    assert [(n.layer, n.channel) for n in circuit.nodes] == list(dict.fromkeys((l, int(c)) for l, c in nodes))
+    assert [(n.layer, n.channel) for n in circuit.nodes] == list(dict.fromkeys((name, int(c)) for name, c in nodes))
     expected_edges = sorted((f"{ll}:{lc}", f"{ul}:{uc}", round(rel, 5))
                             for (ul, uc), children in connections.items() for ll, lc, rel in children)
     assert sorted((e.source, e.target, round(e.value, 5)) for e in circuit.edges) == expected_edges

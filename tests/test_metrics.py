@@ -8,7 +8,12 @@ from scipy.stats import false_discovery_control, mannwhitneyu, rankdata, tiecorr
 from sklearn.metrics import roc_auc_score
 
 from crp_invert.metrics import (
-    auc_from_rank_sums, auroc, benjamini_hochberg, mann_whitney_pvalue, midranks, rank_scores,
+    auc_from_rank_sums,
+    auroc,
+    benjamini_hochberg,
+    mann_whitney_pvalue,
+    midranks,
+    rank_scores,
 )
 
 
