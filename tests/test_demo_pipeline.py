@@ -3,13 +3,13 @@
 import html
 import json
 import os
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_report import parse
 
 from crp_invert.cli import main
 
@@ -35,42 +35,9 @@ def demo(tmp_path_factory):
     return work, work / "out", result.output
 
 
-class _Tables(HTMLParser):
-    """layer -> rows (lists of cell texts) of the report's channel tables."""
-
-    def __init__(self):
-        super().__init__()
-        self.tables, self._layer, self._row, self._cell = {}, None, None, None
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "table" and "channels" in (attrs.get("class") or ""):
-            self._layer = attrs["data-layer"]
-            self.tables[self._layer] = []
-        elif tag == "tr" and self._layer is not None:
-            self._row = []
-        elif tag in ("td", "th") and self._row is not None:
-            self._cell = []
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th") and self._cell is not None:
-            self._row.append("".join(self._cell))
-            self._cell = None
-        elif tag == "tr" and self._row is not None:
-            self.tables[self._layer].append(self._row)
-            self._row = None
-        elif tag == "table":
-            self._layer = None
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell.append(data)
-
-
 def channel_tables(text):
-    parser = _Tables()
-    parser.feed(text)
-    return parser.tables
+    """layer -> rows (lists of cell texts) of the report's channel tables."""
+    return parse(text).tables
 
 
 def test_writes_only_into_out(demo):
