@@ -62,7 +62,7 @@ def main():
     from zennit.torchvision import SequentialMergeBatchNorm
 
     from crp_invert import decompose
-    from crp_invert.glocal import decompose_batch
+    from crp_invert.integration.glocal import decompose_batch
 
     device = torch.device(args.device)
     model, images, targets = load(path)

@@ -62,8 +62,8 @@ def main() -> int:
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.composites import EpsilonPlus
 
-    from crp_invert.cache import ActivationCache
-    from crp_invert.recording import InvertFeatureVisualization, record_activations
+    from crp_invert.integration.recording import InvertFeatureVisualization, record_activations
+    from crp_invert.storage.cache import ActivationCache
 
     archive = np.load(DATA / "val.npz")
     n = min(args.samples, len(archive["targets"]))
@@ -81,7 +81,7 @@ def main() -> int:
         return EpsilonPlus(canonizers=[SequentialMergeBatchNorm()])
 
     # time spent inside the recording code itself (robust to the load of a shared machine)
-    import crp_invert.recording as recording
+    import crp_invert.integration.recording as recording
 
     spent = {"seconds": 0.0}
 
@@ -156,8 +156,8 @@ def main() -> int:
 
         label_times = {}
         if not args.skip_label:
-            from crp_invert.concepts import ConceptLabels
-            from crp_invert.labeler import ConceptLabeler
+            from crp_invert import ConceptLabeler
+            from crp_invert.core.concepts import ConceptLabels
 
             concepts = ConceptLabels.from_targets(targets, CLASSES)
             labeler = ConceptLabeler(concepts, device=args.device)

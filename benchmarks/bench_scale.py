@@ -4,7 +4,7 @@ Measures, on files written to ``--dir`` (default /tmp/crp-invert-bench-scale, ne
 
 1. append throughput while recording (rows appended in batches of ``--append-rows``; rows marked complete,
    which flushes, after every batch or every 2 s as the recorder does) for the default chunk shape of
-   :func:`crp_invert.cache.chunk_shape` and an alternative (``--alt-chunks``, default the earlier wide
+   :func:`crp_invert.storage.h5.chunk_shape` and an alternative (``--alt-chunks``, default the earlier wide
    1024 x 256 chunks);
 2. read throughput of column batches (``feature_batch_size`` columns at a time, as the labeler reads them)
    against the disk's sequential read speed (O_DIRECT reads, which bypass the page cache). The page cache
@@ -55,7 +55,7 @@ def write_layer(
     Rows are marked complete (which flushes the file) every ``flush_interval`` seconds, as the recorder does
     (its default is 2 s), or after every batch with 0.
     """
-    from crp_invert.cache import ActivationCache
+    from crp_invert.storage.cache import ActivationCache
 
     rng = np.random.default_rng(seed)
     n = concepts.n_samples
@@ -124,7 +124,7 @@ def sequential_read(path: Path, direct: bool, block: int = 8 << 20) -> float:
 
 def column_reads(path: Path, feature_batch_size: int, cold: bool) -> dict:
     """Read every column in batches as the labeler does (through ActivationCache); MB/s of delivered data."""
-    from crp_invert.cache import ActivationCache
+    from crp_invert.storage.cache import ActivationCache
 
     if not cold:
         sequential_read(path, direct=False)  # bring the file into the page cache
@@ -148,15 +148,10 @@ def child(args) -> None:
     """Label (part of) the layer in this process; print one JSON line with time and peak RSS."""
     import torch
 
-    from crp_invert import ConceptLabeler, ConceptLabels
-    from crp_invert.cache import ActivationCache
-    from crp_invert.distributed import (
-        ColumnSlice,
-        distributed_session,
-        get_rank,
-        get_world_size,
-        label_cache_distributed,
-    )
+    from crp_invert import ConceptLabeler, ConceptLabels, label_cache
+    from crp_invert.parallel.group import distributed_session, get_rank, get_world_size
+    from crp_invert.parallel.labeling import ColumnSlice
+    from crp_invert.storage.cache import ActivationCache
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     with distributed_session():
@@ -175,7 +170,7 @@ def child(args) -> None:
                 )
             result = None
         else:
-            result = label_cache_distributed(
+            result = label_cache(
                 labeler, args.child, L=args.L, B=args.B, feature_batch_size=args.fb, progress=False
             )["synthetic"]
         seconds = time.perf_counter() - tick
@@ -255,8 +250,9 @@ def main() -> None:
 
     import synthetic
 
-    from crp_invert.cache import chunk_shape
-    from crp_invert.labeler import LayerLabels, default_feature_batch_size
+    from crp_invert.core.labeling import default_feature_batch_size
+    from crp_invert.core.labels import LayerLabels
+    from crp_invert.storage.h5 import chunk_shape
 
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)

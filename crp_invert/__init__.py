@@ -10,27 +10,32 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    # core (plain tensors, no model needed)
-    "Formula": "formula",
-    "ConceptLabels": "concepts",
+    # core: plain tensors, no model needed
+    "Formula": "core.formula",
+    "ConceptLabels": "core.concepts",
+    "SearchParams": "core.params",
+    "LayerLabels": "core.labels",
+    "Explanation": "core.labels",
+    "beam_search": "core.search",
+    # the labeler over arrays, cache files and torchrun
     "ConceptLabeler": "labeler",
-    "LayerLabels": "labeler",
-    "Explanation": "labeler",
-    "beam_search": "search",
-    # CRP integration and storage
-    "ActivationCache": "cache",
-    "FlatActivationWriter": "cache",
-    "InvertFeatureVisualization": "recording",
-    "record_activations": "recording",
-    # glocal explanations
-    "decompose": "glocal",
-    "GlocalExplanation": "glocal",
-    "circuit_by_weight": "glocal",
-    "circuit_by_relevance": "glocal",
-    "concept_circuit": "glocal",
-    "decompose_batch": "glocal",
-    "channel_relevances": "glocal",
-    "Circuit": "glocal",
+    "label_cache": "labeler",
+    "label_h5": "labeler",
+    # storage
+    "ActivationCache": "storage.cache",
+    "FlatActivationWriter": "storage.flat",
+    # CRP integration
+    "InvertFeatureVisualization": "integration.recording",
+    "record_activations": "integration.recording",
+    "decompose": "integration.glocal",
+    "GlocalExplanation": "integration.glocal",
+    "decompose_batch": "integration.glocal",
+    "channel_relevances": "integration.glocal",
+    "circuit_by_weight": "integration.circuits",
+    "circuit_by_relevance": "integration.circuits",
+    "concept_circuit": "integration.circuits",
+    "Circuit": "integration.circuits",
+    # on top
     "FuzzyCircuit": "fuzzy",
     "Fuzzifier": "fuzzy",
     "write_report": "report",

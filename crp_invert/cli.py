@@ -7,15 +7,18 @@ imports nothing heavy.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import re
+from dataclasses import Field, asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
 from . import __version__
+from .core.params import MODES, SearchParams
 
 #: Subcommands defined in other modules, imported only when used: ``name -> "module:attribute"``
 #: (the attribute is a ``click.Command``). Register new subcommands here, one line each, e.g.
@@ -50,7 +53,7 @@ def main() -> None:
 
 
 def _load_concepts(paths: tuple[str, ...]):
-    from .concepts import ConceptLabels
+    from .core.concepts import ConceptLabels
 
     if len(paths) == 1:
         path = Path(paths[0])
@@ -73,10 +76,41 @@ def _load_concepts(paths: tuple[str, ...]):
 
 
 def _is_activation_cache(path: str) -> bool:
-    from .cache import FORMAT, _open_h5
+    from .storage.cache import FORMAT
+    from .storage.h5 import open_h5
 
-    with _open_h5(path, "r") as file:
+    with open_h5(path, "r") as file:
         return file.attrs.get("format") == FORMAT
+
+
+def search_options(command: Callable) -> Callable:
+    """Add one option per :class:`SearchParams` field to a click command and pass them as ``params=``."""
+
+    def option_for(spec: Field) -> Callable:
+        flag = f"-{spec.name}" if len(spec.name) == 1 else "--" + spec.name.replace("_", "-")
+        kwargs: dict[str, Any] = dict(default=spec.default, help=spec.metadata.get("help"), show_default=True)
+        if spec.name == "mode":
+            kwargs["type"] = click.Choice(MODES)
+        elif isinstance(spec.default, bool):
+            kwargs["is_flag"] = True
+        elif isinstance(spec.default, float):
+            kwargs["type"] = click.FloatRange(0, 1)
+        else:
+            kwargs["type"] = click.IntRange(min=1)
+        return click.option(flag, spec.name, **kwargs)
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        values = {spec.name: kwargs.pop(spec.name) for spec in fields(SearchParams)}
+        try:
+            params = SearchParams(**values)
+        except (TypeError, ValueError) as err:
+            raise click.UsageError(str(err)) from err
+        return command(params=params, **kwargs)
+
+    for spec in reversed(fields(SearchParams)):
+        wrapper = option_for(spec)(wrapper)
+    return wrapper
 
 
 def _safe_filename(name: str) -> str:
@@ -102,32 +136,7 @@ def _safe_filename(name: str) -> str:
     show_default=True,
     help="Label what the activations or what the relevances of the channels detect.",
 )
-@click.option(
-    "-L", "L", type=click.IntRange(min=1), default=3, show_default=True, help="Maximal formula length."
-)
-@click.option(
-    "-B",
-    "B",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="Beam width (explanations kept per channel).",
-)
-@click.option("--mode", type=click.Choice(["positive", "negative"]), default="positive", show_default=True)
-@click.option("--min-fraction", type=click.FloatRange(0, 1), default=0.0, show_default=True)
-@click.option("--max-fraction", type=click.FloatRange(0, 1), default=0.5, show_default=True)
-@click.option(
-    "--limit-search",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Use only this many primitives per channel (largest |AUC - 0.5|).",
-)
-@click.option(
-    "--feature-batch-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Channels read and searched together (bounds memory).",
-)
+@search_options
 @click.option("--device", default="cpu", show_default=True)
 @click.option(
     "--out",
@@ -143,13 +152,7 @@ def label_command(
     layers: tuple[str, ...],
     dataset: str,
     source: str,
-    L: int,
-    B: int,
-    mode: str,
-    min_fraction: float,
-    max_fraction: float,
-    limit_search: int | None,
-    feature_batch_size: int | None,
+    params: SearchParams,
     device: str,
     out: str | None,
     quiet: bool,
@@ -161,23 +164,13 @@ def label_command(
     'names' and 'labels' (bool [N, K]) or CSR 'indices', 'indptr', 'shape'; or the reference implementation's
     pair of files ONEHOT.pt DESCRIPTION.json.
     """
-    from .cache import label_cache, label_h5
-    from .distributed import distributed_session, get_rank, local_device
-    from .labeler import ConceptLabeler
+    from .labeler import ConceptLabeler, label_cache, label_h5
+    from .parallel.group import distributed_session, get_rank, local_device
 
     # under torchrun (WORLD_SIZE set) the channels are split across the processes; rank 0 writes the output
     with distributed_session():
         rank = get_rank()
-        kwargs: dict[str, Any] = dict(
-            L=L,
-            B=B,
-            mode=mode,
-            min_fraction=min_fraction,
-            max_fraction=max_fraction,
-            limit_search=limit_search,
-            feature_batch_size=feature_batch_size,
-            progress=not quiet and rank == 0,
-        )
+        kwargs: dict[str, Any] = dict(asdict(params), progress=not quiet and rank == 0)
         try:
             concepts = _load_concepts(labels)
             labeler = ConceptLabeler(concepts, device=local_device(device))

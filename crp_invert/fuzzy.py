@@ -235,7 +235,7 @@ class FuzzyCircuit:
 
     def __init__(self, formula, logic: str = "goedel", p: float = 2.0,
                  names: Optional[Mapping[str, int]] = None):
-        from .formula import Formula
+        from .core.formula import Formula
 
         if isinstance(formula, str):
             formula = Formula.parse(formula)
@@ -272,7 +272,7 @@ class FuzzyCircuit:
 
     def score(self, memberships, concept) -> float:
         """AUROC of the circuit's truth degree against a boolean concept mask [N] (ties count one half)."""
-        from .metrics import auroc
+        from .core.metrics import auroc
 
         degrees = self(memberships)
         mask = torch.as_tensor(np.asarray(concept) if not isinstance(concept, torch.Tensor) else concept)
@@ -309,7 +309,7 @@ def best_neurons(activations, concepts, names: Optional[Sequence[str]] = None) -
     list of NeuronMatch
         One per concept, in concept order.
     """
-    from .metrics import auroc
+    from .core.metrics import auroc
 
     x = _tensor(activations)
     if x.dim() != 2:

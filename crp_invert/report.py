@@ -225,7 +225,7 @@ def load_labels(paths: Iterable[Union[str, os.PathLike]]) -> dict:
     dict of str to LayerLabels
         Layer name (the labels' ``layer``, else the file stem) -> labels, in the order given.
     """
-    from .labeler import LayerLabels
+    from .core.labels import LayerLabels
 
     result: dict = {}
     for path in paths:
@@ -493,7 +493,7 @@ def write_report(
     """
     from tqdm.auto import tqdm
 
-    from .cache import ActivationCache
+    from .storage.cache import ActivationCache
 
     if source not in ("activation", "relevance"):
         raise ValueError(f"source must be 'activation' or 'relevance', got {source!r}")
@@ -654,7 +654,7 @@ def report_command(
 
     Made from files alone, without a model: CRP's reference samples are not shown.
     """
-    from .concepts import ConceptLabels
+    from .core.concepts import ConceptLabels
 
     try:
         layer_labels = load_labels(labels)

@@ -7,15 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from crp_invert.cache import (
-    ActivationCache,
-    FlatActivationWriter,
-    chunk_shape,
-    fingerprint,
-    label_cache,
-    label_h5,
-    model_hash,
-)
+from crp_invert import ActivationCache, FlatActivationWriter, label_cache, label_h5
+from crp_invert.storage.fingerprint import fingerprint, model_hash
+from crp_invert.storage.h5 import chunk_shape
 
 N, C = 60, 7
 
@@ -43,7 +37,7 @@ def make_cache(
 
 
 def make_concepts(n=N, k=5, seed=1):
-    from crp_invert.concepts import ConceptLabels
+    from crp_invert.core.concepts import ConceptLabels
 
     rng = np.random.default_rng(seed)
     labels = rng.random((n, k)) < 0.3
@@ -212,7 +206,7 @@ def test_fingerprint_components():
 
 @pytest.fixture(scope="module")
 def labeler():
-    from crp_invert.labeler import ConceptLabeler
+    from crp_invert import ConceptLabeler
 
     return ConceptLabeler(make_concepts())
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from crp_invert.cache import ActivationCache, FlatActivationWriter
+from crp_invert import ActivationCache, FlatActivationWriter
 from crp_invert.cli import LAZY_COMMANDS, main
 
 N = 48
@@ -33,7 +33,7 @@ def write_cache(path, n=N, seed=0):
 
 
 def concepts(n=N, k=4, seed=1):
-    from crp_invert.concepts import ConceptLabels
+    from crp_invert.core.concepts import ConceptLabels
 
     rng = np.random.default_rng(seed)
     return ConceptLabels(rng.random((n, k)) < 0.35, [f"concept {i}" for i in range(k)])
@@ -49,7 +49,7 @@ def files(tmp_path):
 
 
 def expected_labels(labels, array, layer, **kwargs):
-    from crp_invert.labeler import ConceptLabeler
+    from crp_invert import ConceptLabeler
 
     return ConceptLabeler(labels).label(torch.from_numpy(array), layer=layer, progress=False, **kwargs)
 
@@ -63,7 +63,7 @@ def test_help_lists_label():
 @pytest.mark.parametrize("labels_file", ["dense.npz", "sparse.npz"])
 @pytest.mark.parametrize("source", ["activation", "relevance"])
 def test_label_one_layer(files, labels_file, source):
-    from crp_invert.labeler import LayerLabels
+    from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files
     out = tmp_path / f"out-{source}.json"
@@ -93,7 +93,7 @@ def test_label_one_layer(files, labels_file, source):
 
 
 def test_label_all_layers_into_folder(files):
-    from crp_invert.labeler import LayerLabels
+    from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files
     result = CliRunner().invoke(
@@ -121,7 +121,7 @@ def test_label_all_layers_into_folder(files):
 
 
 def test_label_reference_pair(files):
-    from crp_invert.labeler import LayerLabels
+    from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files
     torch.save(labels.dense().to(torch.float32), tmp_path / "onehot.pt")
@@ -155,7 +155,7 @@ def test_label_reference_pair(files):
 
 
 def test_label_flat_file(files):
-    from crp_invert.labeler import LayerLabels
+    from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files
     flat = np.random.default_rng(5).normal(size=(N, 2, 3)).astype(np.float32)
@@ -217,7 +217,7 @@ def test_bad_input_gives_clear_errors(files):
 
 
 def test_python_dash_m(files):
-    from crp_invert.labeler import LayerLabels
+    from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files
     package_root = str(Path(__file__).resolve().parents[1])

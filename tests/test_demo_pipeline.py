@@ -57,10 +57,10 @@ def test_writes_only_into_out(demo):
 
 
 def test_labels_equal_direct_labeling_of_the_cache(demo):
-    from crp_invert.cache import ActivationCache
+    from crp_invert import ConceptLabeler, LayerLabels
     from crp_invert.demo.data import ShapesDataset
     from crp_invert.demo.model import load_demo_model
-    from crp_invert.labeler import ConceptLabeler, LayerLabels
+    from crp_invert.storage.cache import ActivationCache
 
     _, out, _ = demo
     dataset = ShapesDataset(N, seed=SEED)
@@ -87,9 +87,9 @@ def test_labels_equal_direct_labeling_of_the_cache(demo):
 
 
 def test_summary_and_planted_truth(demo):
+    from crp_invert.core.labels import LayerLabels
     from crp_invert.demo.data import ShapesDataset, class_formulas
     from crp_invert.demo.truth import explanation_accuracy, planted_truth_score
-    from crp_invert.labeler import LayerLabels
 
     _, out, output = demo
     summary = json.loads((out / "summary.json").read_text())
@@ -114,7 +114,7 @@ def test_summary_and_planted_truth(demo):
 
 
 def test_report_lists_every_channel(demo):
-    from crp_invert.labeler import LayerLabels
+    from crp_invert.core.labels import LayerLabels
 
     _, out, _ = demo
     text = (out / "report.html").read_text()
@@ -136,7 +136,7 @@ def test_report_lists_every_channel(demo):
 
 def test_report_from_demo_files_escapes_concept_names(demo, tmp_path):
     """Rename a concept to a script tag in the demo's labels and concepts: the report shows it as text."""
-    from crp_invert.concepts import ConceptLabels
+    from crp_invert.core.concepts import ConceptLabels
     from crp_invert.demo.data import ShapesDataset
 
     _, out, _ = demo

@@ -16,16 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from crp_invert import ConceptLabeler, ConceptLabels
-from crp_invert.cache import ActivationCache, label_cache
-from crp_invert.distributed import (
-    ColumnSlice,
-    combine_shards,
-    find_shards,
-    label_cache_distributed,
-    shard_path,
-    split_range,
-)
+from crp_invert import ActivationCache, ConceptLabeler, ConceptLabels, label_cache
+from crp_invert.parallel.labeling import ColumnSlice
+from crp_invert.parallel.shards import combine_shards, find_shards, shard_path, split_range
 
 N_SAMPLES = 36
 BATCH = 4
@@ -49,8 +42,9 @@ WORKER = textwrap.dedent('''
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.composites import EpsilonPlus
 
-    from crp_invert.distributed import distributed_session, get_rank, run_sharded
-    from crp_invert.recording import InvertFeatureVisualization
+    from crp_invert.parallel.group import distributed_session, get_rank
+    from crp_invert.parallel.recording import run_sharded
+    from crp_invert.integration.recording import InvertFeatureVisualization
 
     N_SAMPLES, BATCH, CHECKPOINT = {n}, {batch}, {checkpoint}
     LAYERS = {layers!r}
@@ -408,7 +402,7 @@ def test_index_reads_through_to_the_shards(tmp_path, shard_data):
         assert cache.missing_ranges() == [(12, 24)]
         labeler = ConceptLabeler(ConceptLabels(np.eye(30, 3, dtype=bool), ["p", "q", "r"]))
         with pytest.raises(ValueError, match="incomplete"):
-            label_cache_distributed(labeler, cache, progress=False)
+            label_cache(labeler, cache, progress=False)
 
 
 def test_combine_shards_refuses_what_does_not_fit(tmp_path, shard_data):
@@ -461,8 +455,8 @@ def test_column_slice_reads_only_its_columns():
 
 def test_shares_of_features_join_to_the_single_process_labels(tmp_path):
     """The per-rank code path (column shares + join + BH over the layer) in one process, 3 simulated ranks."""
-    import crp_invert.distributed as distributed
-    from crp_invert.labeler import LayerLabels
+    import crp_invert.parallel.labeling as distributed
+    from crp_invert.core.labels import LayerLabels
 
     generator = np.random.default_rng(1)
     labels = generator.random((80, 5)) < 0.3
@@ -476,12 +470,12 @@ def test_shares_of_features_join_to_the_single_process_labels(tmp_path):
             labeler.label(ColumnSlice(acts, a, b), L=2, B=3, progress=False, layer="l", feature_batch_size=2)
         )
     per_share_q = [beam[0].p_value_bh for part in parts for beam in part]
-    gathered = distributed._all_gather
+    gathered = distributed.all_gather
     try:
-        distributed._all_gather = lambda part: parts
+        distributed.all_gather = lambda part: parts
         joined = distributed.all_gather_labels(parts[0])
     finally:
-        distributed._all_gather = gathered
+        distributed.all_gather = gathered
     assert joined == expected
     assert joined.to_dict() == expected.to_dict()
     # the join must redo Benjamini-Hochberg over the whole layer (each share saw fewer features)
@@ -489,20 +483,31 @@ def test_shares_of_features_join_to_the_single_process_labels(tmp_path):
     assert LayerLabels.concatenate(parts) == expected
 
 
-def test_label_cache_distributed_without_process_group_equals_label_cache(runs, concept_file):
+@pytest.fixture
+def rank_path(monkeypatch):
+    """Make the labeler take its torchrun path (column shares, gather) in a single process of world size 1."""
+    import crp_invert.labeler as labeler_module
+
+    def use(flag: bool) -> None:
+        monkeypatch.setattr(labeler_module, "is_distributed", lambda: flag)
+
+    return use
+
+
+def test_label_cache_on_the_rank_path_equals_label_cache(runs, concept_file, rank_path):
     labeler = ConceptLabeler(ConceptLabels.load(concept_file))
     path = runs["root"] / "sharded" / "acts.h5"
     expected = label_cache(labeler, path, L=2, B=2, progress=False)
-    got = label_cache_distributed(labeler, path, L=2, B=2, progress=False)
+    rank_path(True)
+    got = label_cache(labeler, path, L=2, B=2, progress=False)
     assert list(got) == LAYERS
     assert all(got[name].to_dict() == expected[name].to_dict() for name in LAYERS)
     with pytest.raises(KeyError, match="conv1"):
-        label_cache_distributed(labeler, path, layers=["nope"])
+        label_cache(labeler, path, layers=["nope"])
 
 
-def test_label_h5_distributed_without_process_group_equals_label_h5(tmp_path):
-    from crp_invert.cache import FlatActivationWriter, label_h5
-    from crp_invert.distributed import label_h5_distributed
+def test_label_h5_on_the_rank_path_equals_label_h5(tmp_path, rank_path):
+    from crp_invert import FlatActivationWriter, label_h5
 
     generator = np.random.default_rng(2)
     labels = generator.random((50, 4)) < 0.4
@@ -513,10 +518,11 @@ def test_label_h5_distributed_without_process_group_equals_label_h5(tmp_path):
             )
     labeler = ConceptLabeler(ConceptLabels(labels, list("abcd")))
     expected = label_h5(labeler, tmp_path / "flat.h5", L=2, B=2, progress=False)
-    got = label_h5_distributed(labeler, tmp_path / "flat.h5", L=2, B=2, progress=False)
+    rank_path(True)
+    got = label_h5(labeler, tmp_path / "flat.h5", L=2, B=2, progress=False)
     assert got.to_dict() == expected.to_dict() and got.layer == "Y"
     with pytest.raises(KeyError, match="Y"):
-        label_h5_distributed(labeler, tmp_path / "flat.h5", dataset="Z")
+        label_h5(labeler, tmp_path / "flat.h5", dataset="Z")
 
 
 def test_resume_skips_checkpoint_files_left_truncated(runs, tmp_path):
@@ -528,7 +534,7 @@ def test_resume_skips_checkpoint_files_left_truncated(runs, tmp_path):
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.composites import EpsilonPlus
 
-    from crp_invert.recording import InvertFeatureVisualization
+    from crp_invert.integration.recording import InvertFeatureVisualization
 
     spec = importlib.util.spec_from_file_location("dist_worker", runs["script"])
     worker = importlib.util.module_from_spec(spec)

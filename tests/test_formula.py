@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crp_invert import ConceptLabels, Formula
-from crp_invert.formula import FormulaParseError
+from crp_invert.core.formula import FormulaParseError
 
 a, b, c, d = (Formula.concept(n) for n in "abcd")
 

@@ -12,16 +12,8 @@ from zennit.composites import EpsilonPlus
 from zennit.layer import Sum
 from zennit.torchvision import SequentialMergeBatchNorm
 
-from crp_invert.glocal import (
-    Circuit,
-    GlocalExplanation,
-    channel_relevances,
-    circuit_by_relevance,
-    circuit_by_weight,
-    concept_circuit,
-    decompose,
-    decompose_batch,
-)
+from crp_invert.integration.circuits import Circuit, circuit_by_relevance, circuit_by_weight, concept_circuit
+from crp_invert.integration.glocal import GlocalExplanation, channel_relevances, decompose, decompose_batch
 
 # ------------------------------------------------------------------------------------------------
 # small models: a sequential CNN and a net with a branch merged by zennit's Sum, both with BatchNorm
@@ -453,7 +445,7 @@ def test_concept_circuit_follows_the_attribution_graph(setup, target):
 
 def test_circuit_by_relevance_reads_a_real_activation_cache(tmp_path):
     from crp_invert import ActivationCache
-    from crp_invert.glocal import circuit_by_relevance
+    from crp_invert.integration.circuits import circuit_by_relevance
 
     generator = torch.Generator().manual_seed(3)
     relevances = torch.randn(30, 6, generator=generator)

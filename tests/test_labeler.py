@@ -273,7 +273,7 @@ class TestBadInput:
 
 def test_unpacked_products_agree(monkeypatch):
     # above 160k samples rank sums and counts come from two products instead of one packed one
-    import crp_invert.search as search
+    import crp_invert.core.search as search
 
     labels, scores, names = random_case(9, n=150, f=5)
     labeler = ConceptLabeler(ConceptLabels(labels, names))
@@ -283,7 +283,7 @@ def test_unpacked_products_agree(monkeypatch):
 
 
 def test_default_feature_batch_size_follows_memory():
-    from crp_invert.labeler import available_memory, default_feature_batch_size
+    from crp_invert.core.labeling import available_memory, default_feature_batch_size
 
     assert available_memory("cpu") is None or available_memory("cpu") > 0
     # 8 (5 B + 3) bytes per feature and sample
@@ -307,7 +307,7 @@ def test_concatenate_recomputes_benjamini_hochberg():
 
 
 def test_prepared_label_rows_equal_the_dense_labels():
-    from crp_invert.search import prepare_labels
+    from crp_invert.core.search import prepare_labels
 
     labels = np.random.default_rng(0).random((40, 6)) < 0.3
     labels[:, 2] = False  # a concept without positives: an empty row

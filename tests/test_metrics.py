@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from scipy.stats import false_discovery_control, mannwhitneyu, rankdata, tiecorrect
 from sklearn.metrics import roc_auc_score
 
-from crp_invert.metrics import (
+from crp_invert.core.metrics import (
     auc_from_rank_sums,
     auroc,
     benjamini_hochberg,

@@ -9,7 +9,8 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from crp_invert import ConceptLabeler, ConceptLabels, Explanation, Formula  # noqa: E402
-from crp_invert.glocal import Circuit, CircuitEdge, CircuitNode, GlocalExplanation  # noqa: E402
+from crp_invert.integration.circuits import Circuit, CircuitEdge, CircuitNode
+from crp_invert.integration.glocal import GlocalExplanation  # noqa: E402
 from crp_invert.plot import heatmap_image, plot_circuit, plot_explanation, plot_glocal  # noqa: E402
 
 

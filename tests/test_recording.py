@@ -26,8 +26,8 @@ from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
 from zennit.composites import EpsilonPlus  # noqa: E402
 from zennit.layer import Sum  # noqa: E402
 
-from crp_invert.cache import ActivationCache  # noqa: E402
-from crp_invert.recording import InvertFeatureVisualization, load_stat_targets, pool, record_activations  # noqa: E402
+from crp_invert.integration.recording import InvertFeatureVisualization, load_stat_targets, pool, record_activations  # noqa: E402
+from crp_invert.storage.cache import ActivationCache  # noqa: E402
 
 N_SAMPLES = 40
 BATCH = 8
@@ -586,8 +586,8 @@ def test_pool_matches_definition():
 
 
 def test_labels_from_recorded_cache_equal_in_memory(recorded):
-    from crp_invert.concepts import ConceptLabels
-    from crp_invert.labeler import ConceptLabeler
+    from crp_invert import ConceptLabeler
+    from crp_invert.core.concepts import ConceptLabels
 
     concepts = ConceptLabels.from_targets(recorded["y"].numpy(), ["a", "b", "c"])
     labeler = ConceptLabeler(concepts)

@@ -13,11 +13,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from crp_invert.cache import ActivationCache
+from crp_invert import ConceptLabeler
 from crp_invert.cli import main
-from crp_invert.concepts import ConceptLabels
-from crp_invert.labeler import ConceptLabeler
+from crp_invert.core.concepts import ConceptLabels
 from crp_invert.report import _to_uint8_image, load_labels, select_channels, write_report
+from crp_invert.storage.cache import ActivationCache
 
 N = 120
 EVIL = "<script>alert(1)</script>"

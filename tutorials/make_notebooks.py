@@ -367,7 +367,8 @@ columns). Results equal one process: the cache bitwise, the labels to the last b
 
 ```python
 # record.py
-from crp_invert.distributed import distributed_session, local_device, run_sharded
+from crp_invert.parallel.group import distributed_session, local_device
+from crp_invert.parallel.recording import run_sharded
 
 with distributed_session():                       # reads torchrun's environment; no-op without torchrun
     device = local_device("cuda")                 # cuda:LOCAL_RANK, one GPU per process

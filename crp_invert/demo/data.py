@@ -280,7 +280,7 @@ def attribute_concepts(sample: ShapesSample):
     The pair classes are *not* among the concepts: the output neuron of ``"red circle"`` can only
     be explained by the composition ``circle & red``.
     """
-    from ..concepts import ConceptLabels
+    from ..core.concepts import ConceptLabels
 
     labels, names = attribute_matrix(sample)
     return ConceptLabels(labels, names, descriptions=_descriptions())
@@ -293,7 +293,7 @@ def class_attributes() -> Dict[str, Tuple[str, str]]:
 
 def class_formulas() -> Dict[str, "object"]:
     """The planted truth: class name -> :class:`crp_invert.Formula` ``shape & color``."""
-    from ..formula import Formula
+    from ..core.formula import Formula
 
     return {name: Formula.concept(shape) & Formula.concept(color)
             for name, (shape, color) in class_attributes().items()}

@@ -258,12 +258,13 @@ def run_demo(
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.composites import EpsilonPlusFlat
 
-    from ..cache import ActivationCache
-    from ..glocal import circuit_by_weight, decompose_batch
+    from ..integration.circuits import circuit_by_weight
+    from ..integration.glocal import decompose_batch
+    from ..integration.recording import InvertFeatureVisualization
     from ..labeler import ConceptLabeler
     from ..plot import plot_circuit, plot_glocal
-    from ..recording import InvertFeatureVisualization
     from ..report import write_report
+    from ..storage.cache import ActivationCache
     from .data import ShapesDataset
     from .model import load_demo_model
     from .truth import explanation_accuracy, planted_truth_score

@@ -22,11 +22,11 @@ from typing import List, NamedTuple, Optional
 import torch
 
 from .metrics import auc_from_rank_sums, mann_whitney_pvalue, rank_scores
+from .params import MODES
 
 __all__ = ["SearchResult", "BeamState", "PreparedLabels", "beam_search", "prepare_labels", "MODES", "AND", "OR"]
 
 AND, OR = 0, 1
-MODES = ("positive", "negative")
 
 
 @dataclass

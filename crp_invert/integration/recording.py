@@ -45,7 +45,8 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Sequence, Union
 import numpy as np
 import torch
 
-from .cache import ActivationCache, fingerprint, model_hash
+from ..storage.cache import ActivationCache
+from ..storage.fingerprint import fingerprint, model_hash
 
 __all__ = ["InvertFeatureVisualization", "record_activations", "pool", "load_stat_targets"]  # noqa: F822
 

@@ -1,6 +1,6 @@
-"""HDF5 storage of per-sample, per-concept activations and relevances, and labeling straight from it.
+"""HDF5 storage of per-sample, per-concept activations and relevances, (the activation cache).
 
-Two formats live here:
+Two formats of ours:
 
 :class:`ActivationCache`
     The cache written while recording (see :mod:`crp_invert.recording`). One HDF5 file, one group per
@@ -43,20 +43,31 @@ does) reads whole chunks sequentially without loading the layer.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from .h5 import (
+    FILE_CACHE_BYTES,
+    MAX_WRITE_CACHE_BYTES,
+    chunk_shape,
+    h5py_module,
+    open_h5,
+    read_columns,
+    row_selection,
+    true_ranges,
+)
+
 if TYPE_CHECKING:  # pragma: no cover
     import h5py
 
-    from .labeler import ConceptLabeler, LayerLabels
+__all__ = ["ActivationCache", "open_for_labeling", "write_root", "create_layer", "layer_meta", "FORMAT",
+           "FORMAT_VERSION", "SOURCES"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,205 +78,67 @@ _DATASET_NAMES = {"activation": "activations", "relevance": "relevances"}
 
 # HDF5 chunk cache per dataset. Datasets written by the cache get one sized to two bands of chunks
 # (see ActivationCache._writer); the file-level default stays small so that many layers do not add up.
-_FILE_CACHE_BYTES = 4 << 20
-_MAX_WRITE_CACHE_BYTES = 64 << 20
-
-
-def _h5py():
-    import h5py
-
-    return h5py
 
 
 # ------------------------------------------------------------------------------------------------------------
-# functional helpers
+# the layout: the one place that writes it (ActivationCache and the shard index use these)
 # ------------------------------------------------------------------------------------------------------------
 
-
-def chunk_shape(
-    n_rows: int | None,
-    n_cols: int,
-    itemsize: int = 4,
-    chunk_bytes: int = 1 << 20,
-    band_bytes: int = 32 << 20,
-    max_rows: int = 16384,
-) -> tuple[int, int]:
-    """Chunk shape for a [n_rows, n_cols] matrix that is appended by rows and read by columns.
-
-    A chunk holds ``rows x cols`` values with ``rows <= max_rows`` (fewer if one band of chunks,
-    ``rows x n_cols``, would exceed ``band_bytes``) and ``cols`` chosen so that a chunk is about
-    ``chunk_bytes``; rows and columns are then spread evenly over the chunks. Tall, narrow chunks keep
-    column-batch reads cheap (a batch of ``feature_batch_size`` columns reads little more than those
-    columns), while appends stay fast because the writer's chunk cache holds two bands (see
-    ``benchmarks/bench_scale.py``: N = 1 M, F = 256 gives 16130 x 16 chunks).
-
-    Parameters
-    ----------
-    n_rows : int or None
-        Number of rows, or None if unknown (appendable datasets).
-    n_cols : int
-        Number of columns.
-    itemsize : int
-        Bytes per value.
-    chunk_bytes : int
-        Target size of one chunk.
-    band_bytes : int
-        Upper bound of ``rows * n_cols * itemsize``, the memory one append of ``rows`` rows touches.
-    max_rows : int
-        Upper bound of the chunk height. Writers that flush after every small append should use a small
-        one (e.g. 1024): a flush writes every partly filled chunk of the current band.
-
-    Returns
-    -------
-    tuple of int
-        ``(rows, cols)``.
-    """
-    if n_cols < 1:
-        raise ValueError(f"n_cols must be >= 1, got {n_cols}")
-    rows = max(1, min(int(max_rows), band_bytes // (n_cols * itemsize)))
-    if n_rows is not None:
-        rows = max(1, min(rows, int(n_rows)))
-    cols = int(max(1, min(n_cols, chunk_bytes // (rows * itemsize))))
-    if n_rows is not None and cols == n_cols:
-        # narrow layer: make chunks taller instead (fewer chunks, still about chunk_bytes)
-        rows = int(max(1, min(n_rows, chunk_bytes // (n_cols * itemsize))))
-    # spread rows and columns evenly over the chunks, so that the last chunk is not mostly padding
-    if n_rows is not None:
-        rows = -(-int(n_rows) // -(-int(n_rows) // rows))
-    cols = -(-n_cols // -(-n_cols // cols))
-    return int(rows), int(cols)
+DatasetMaker = Callable[["h5py.Group", str, tuple, str, float], None]
 
 
-def model_hash(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's ``state_dict`` (names, dtypes, shapes and bytes of parameters and buffers).
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The model, as given by the user (before canonizers are applied).
-
-    Returns
-    -------
-    str
-        Hex digest.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        flat = tensor.reshape(-1).contiguous().cpu()
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return digest.hexdigest()
+def write_root(file: "h5py.File", start: int, end: int, dataset_length: int, **extra: Any) -> None:
+    """Write the root attributes of a cache holding samples ``[start, end)`` of ``dataset_length``."""
+    attrs = file.attrs
+    attrs["format"] = FORMAT
+    attrs["format_version"] = FORMAT_VERSION
+    attrs["n_samples"] = end - start
+    attrs["sample_start"] = start
+    attrs["sample_end"] = end
+    attrs["dataset_length"] = dataset_length
+    attrs["layer_index"] = "{}"
+    for key, value in extra.items():
+        attrs[key] = value
+    file.require_group("layers")
 
 
-def fingerprint(
-    model_hash: str,
-    layer: str,
-    dataset_length: int,
-    pooling: str,
-    concept: str = "ChannelConcept",
-    composite: str = "",
-    relevance: str = "",
-) -> str:
-    """Fingerprint of what produced a layer's data in a cache.
-
-    Covers the model (via :func:`model_hash`), the layer name, the dataset length, the pooling, the CRP
-    concept class, the composite (its canonizers change activations, e.g. merged BatchNorms) and a description
-    of how relevances were computed, but *not* the sample range, so that shards of one recording share it.
-
-    Returns
-    -------
-    str
-        Hex digest (SHA-256 of the canonical JSON of the arguments).
-    """
-    payload = json.dumps(
-        {
-            "model": str(model_hash),
-            "layer": str(layer),
-            "dataset_length": int(dataset_length),
-            "pooling": str(pooling),
-            "concept": str(concept),
-            "composite": str(composite),
-            "relevance": str(relevance),
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
+def create_layer(file: "h5py.File", layer: str, n_channels: int, relevances: bool, meta: dict[str, Any],
+                 make_dataset: DatasetMaker) -> None:
+    """Add layer ``layer`` to a cache whose root is written: a numbered group with its attributes and the
+    datasets ``activations``, ``relevances`` (if recorded) and ``complete``, each made by ``make_dataset(group,
+    name, shape, dtype, fill)`` (allocated datasets when recording, virtual ones for an index of shards)."""
+    n_rows = int(file.attrs["n_samples"])
+    layers = file["layers"]
+    key = str(len(layers))
+    while key in layers:
+        key = str(int(key) + 1)
+    group = layers.create_group(key)
+    for name in ["activations"] + (["relevances"] if relevances else []):
+        make_dataset(group, name, (n_rows, n_channels), "f4", np.nan)
+    make_dataset(group, "complete", (n_rows,), "u1", 0)
+    attrs = {
+        "name": layer,
+        "n_samples": n_rows,
+        "n_channels": n_channels,
+        "sample_start": int(file.attrs["sample_start"]),
+        "sample_end": int(file.attrs["sample_end"]),
+        "dataset_length": int(file.attrs["dataset_length"]),
+        "format_version": FORMAT_VERSION,
+    }
+    attrs.update({k: v for k, v in meta.items() if v is not None})
+    for attr_key, value in attrs.items():
+        group.attrs[attr_key] = value
+    index = json.loads(file.attrs["layer_index"])
+    index[layer] = key
+    file.attrs["layer_index"] = json.dumps(index)
 
 
-def _ranges(mask: np.ndarray, offset: int = 0) -> list[tuple[int, int]]:
-    """Maximal runs ``[start, end)`` of True in a 1-D bool array, shifted by ``offset``."""
-    mask = np.asarray(mask, dtype=bool)
-    if mask.size == 0:
-        return []
-    padded = np.concatenate([[False], mask, [False]])
-    edges = np.flatnonzero(padded[1:] != padded[:-1])
-    return [(int(a) + offset, int(b) + offset) for a, b in zip(edges[::2], edges[1::2], strict=True)]
-
-
-def _read_columns(dataset, columns) -> np.ndarray:
-    """Read ``dataset[:, columns]`` for a slice, an int or a sequence of ints (any order, repeats allowed)."""
-    n_cols = dataset.shape[1]
-    if columns is None:
-        return dataset[()]
-    if isinstance(columns, slice):
-        return dataset[:, columns]
-    if isinstance(columns, (int, np.integer)):
-        columns = [int(columns)]
-    index = np.asarray(columns)
-    if index.dtype == bool:
-        if index.shape != (n_cols,):
-            raise ValueError(f"a boolean column mask must have shape ({n_cols},), got {index.shape}")
-        index = np.flatnonzero(index)
-    if index.ndim != 1 or (index.size and not np.issubdtype(index.dtype, np.integer)):
-        raise TypeError(f"columns must be None, a slice, an int or a 1-D sequence of ints, got {columns!r}")
-    index = np.where(index < 0, index + n_cols, index)
-    if index.size and (index.min() < 0 or index.max() >= n_cols):
-        raise IndexError(f"column index out of range for {n_cols} columns: {columns!r}")
-    unique, inverse = np.unique(index, return_inverse=True)
-    if unique.size == 0:
-        return np.empty((dataset.shape[0], 0), dtype=dataset.dtype)
-    return dataset[:, unique][:, inverse]
-
-
-def _row_selection(rows, n_rows: int) -> tuple[slice | np.ndarray, int]:
-    """Rows (slice, ``(start, end)`` or increasing int array) as a slice or index array, and their count."""
-    if isinstance(rows, slice) or (isinstance(rows, tuple) and len(rows) == 2):
-        start, end = (rows.start, rows.stop) if isinstance(rows, slice) else rows
-        start, end = int(start), int(end)
-        if not 0 <= start <= end <= n_rows:
-            raise IndexError(f"rows [{start}, {end}) out of range for {n_rows} rows")
-        return slice(start, end), end - start
-    index = np.asarray(rows, dtype=np.int64).reshape(-1)
-    if index.size and (index.min() < 0 or index.max() >= n_rows):
-        raise IndexError(f"row index out of range for {n_rows} rows")
-    if index.size > 1 and not (np.diff(index) > 0).all():
-        raise ValueError("row indices must be strictly increasing")
-    return index, int(index.size)
-
-
-def _open_h5(path: str | os.PathLike, mode: str, **kwargs) -> "h5py.File":
-    """Open an HDF5 file, turning h5py's OSError for unreadable files into clear errors."""
-    h5py = _h5py()
-    path = Path(path)
-    if mode == "r" and not path.exists():
-        raise FileNotFoundError(f"no such file: {str(path)!r}")
-    try:
-        return h5py.File(path, mode, **kwargs)
-    except OSError as err:
-        if path.exists() and not h5py.is_hdf5(path):
-            raise ValueError(f"{str(path)!r} is not an HDF5 file") from err
-        if "already open" in str(err):
-            raise ValueError(
-                f"cannot open {str(path)!r} with mode {mode!r}: it is already open elsewhere (close the "
-                f"other ActivationCache or h5py.File first): {err}"
-            ) from err
-        raise ValueError(f"cannot open {str(path)!r} as HDF5 (truncated or damaged file?): {err}") from err
-
-
-# ------------------------------------------------------------------------------------------------------------
-# the cache
-# ------------------------------------------------------------------------------------------------------------
+def layer_meta(info: dict[str, Any]) -> dict[str, Any]:
+    """The attributes of a layer (``ActivationCache.info``) that describe how it was recorded, without
+    those the layout derives (rows, channels, sample range, chunks)."""
+    derived = {"name", "n_samples", "n_channels", "sample_start", "sample_end", "dataset_length",
+               "format_version", "chunks", "relevances"}
+    return {key: value for key, value in info.items() if key not in derived}
 
 
 class ActivationCache:
@@ -309,9 +182,9 @@ class ActivationCache:
         if mode == "a":
             exists = self.path.exists() and self.path.stat().st_size > 0
             h5mode = "w" if (overwrite or not exists) else "r+"
-            self._file = _open_h5(self.path, h5mode, rdcc_nbytes=_FILE_CACHE_BYTES, rdcc_nslots=10007)
+            self._file = open_h5(self.path, h5mode, rdcc_nbytes=FILE_CACHE_BYTES, rdcc_nslots=10007)
         else:
-            self._file = _open_h5(self.path, "r", rdcc_nbytes=_FILE_CACHE_BYTES, rdcc_nslots=10007)
+            self._file = open_h5(self.path, "r", rdcc_nbytes=FILE_CACHE_BYTES, rdcc_nslots=10007)
         try:
             if len(self._file.attrs) or len(self._file):
                 self._check_format()
@@ -380,15 +253,7 @@ class ActivationCache:
                 )
             return
         self._writable()
-        attrs = self._file.attrs
-        attrs["format"] = FORMAT
-        attrs["format_version"] = FORMAT_VERSION
-        attrs["n_samples"] = end - start
-        attrs["sample_start"] = start
-        attrs["sample_end"] = end
-        attrs["dataset_length"] = dataset_length
-        attrs["layer_index"] = "{}"
-        self._file.require_group("layers")
+        write_root(self._file, start, end, dataset_length)
         self._file.flush()
 
     def _writable(self) -> None:
@@ -431,6 +296,10 @@ class ActivationCache:
 
     def __contains__(self, layer: str) -> bool:
         return layer in self._index()
+
+    def group_path(self, layer: str) -> str:
+        """The HDF5 path of a layer's group (e.g. ``/layers/3``); KeyError listing the layers if unknown."""
+        return self._group(layer).name
 
     def _group(self, layer: str) -> "h5py.Group":
         index = self._index()
@@ -504,42 +373,18 @@ class ActivationCache:
                     "(use another file or overwrite=True): " + "; ".join(diffs)
                 )
             return
-        h5py = _h5py()
         n_rows = self.n_samples
         chunks = chunk_shape(n_rows, n_channels) if chunks is None else tuple(int(c) for c in chunks)
-        key = str(len(self._file["layers"]))
-        while key in self._file["layers"]:
-            key = str(int(key) + 1)
-        group = self._file["layers"].create_group(key)
-        for name in ["activations"] + (["relevances"] if relevances else []):
+
+        def allocated(group: "h5py.Group", name: str, shape: tuple, dtype: str, fill: float) -> None:
+            # allocated at creation: writing rows later never changes HDF5 metadata (crash safety)
+            h5py = h5py_module()
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-            group.create_dataset(
-                name,
-                shape=(n_rows, n_channels),
-                dtype="f4",
-                chunks=chunks,
-                fillvalue=np.nan,
-                dcpl=dcpl,
-            )
-        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-        group.create_dataset("complete", shape=(n_rows,), dtype="u1", fillvalue=0, dcpl=dcpl)
-        start, end = self.sample_range
-        attrs = {
-            "name": layer,
-            "n_samples": n_rows,
-            "n_channels": n_channels,
-            "sample_start": start,
-            "sample_end": end,
-            "dataset_length": self.dataset_length,
-            "format_version": FORMAT_VERSION,
-        }
-        attrs.update(meta)
-        for attr_key, value in attrs.items():
-            group.attrs[attr_key] = value
-        index[layer] = key
-        self._file.attrs["layer_index"] = json.dumps(index)
+            group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks if len(shape) == 2 else None,
+                                 fillvalue=fill, dcpl=dcpl)
+
+        create_layer(self._file, layer, n_channels, relevances, meta, allocated)
         self._index_memo = None
         self._file.flush()
 
@@ -581,7 +426,7 @@ class ActivationCache:
         self._writable()
         group = self._group(layer)
         n_channels = int(group.attrs["n_channels"])
-        selection, count = _row_selection(rows, self.n_samples)
+        selection, count = row_selection(rows, self.n_samples)
         for name, values in (("activations", activations), ("relevances", relevances)):
             if values is None:
                 continue
@@ -606,7 +451,7 @@ class ActivationCache:
         ``rows`` is a slice, ``(start, end)`` or an increasing index array.
         """
         self._writable()
-        selection, count = _row_selection(rows, self.n_samples)
+        selection, count = row_selection(rows, self.n_samples)
         layers = self.layers if layers is None else list(layers)
         groups = [self._group(layer) for layer in layers]
         self._file.flush()
@@ -620,10 +465,10 @@ class ActivationCache:
         key = (group.name, name)
         dataset = self._writers.get(key)
         if dataset is None:
-            h5py = _h5py()
+            h5py = h5py_module()
             plain = group[name]
             band = (plain.chunks[0] if plain.chunks else 1) * int(np.prod(plain.shape[1:], dtype=np.int64))
-            nbytes = int(min(_MAX_WRITE_CACHE_BYTES, max(1 << 20, 2 * band * plain.dtype.itemsize)))
+            nbytes = int(min(MAX_WRITE_CACHE_BYTES, max(1 << 20, 2 * band * plain.dtype.itemsize)))
             # close it first: HDF5 shares one chunk cache among the open handles of a dataset, sized by the
             # first open, so reopening while `plain` is alive would silently keep the small file default
             del plain
@@ -644,7 +489,7 @@ class ActivationCache:
 
     def missing_ranges(self, layer: str | None = None) -> list[tuple[int, int]]:
         """Ranges ``[start, end)`` of *dataset* sample indices whose rows are not complete."""
-        return _ranges(~self.complete(layer), offset=self.sample_range[0])
+        return true_ranges(~self.complete(layer), offset=self.sample_range[0])
 
     def is_complete(self, layer: str | None = None) -> bool:
         """Whether every row (of one layer, or of all layers) is complete."""
@@ -693,13 +538,13 @@ class ActivationCache:
             Channels to read (default: all).
         """
         return torch.from_numpy(
-            np.ascontiguousarray(_read_columns(self.dataset(layer, "activation"), columns))
+            np.ascontiguousarray(read_columns(self.dataset(layer, "activation"), columns))
         )
 
     def relevances(self, layer: str, columns=None) -> torch.Tensor:
         """Per-concept relevances [N, C] float32 (or a column subset) of a layer as a torch tensor."""
         return torch.from_numpy(
-            np.ascontiguousarray(_read_columns(self.dataset(layer, "relevance"), columns))
+            np.ascontiguousarray(read_columns(self.dataset(layer, "relevance"), columns))
         )
 
     # -- life cycle ------------------------------------------------------------------------------------------
@@ -742,211 +587,16 @@ class ActivationCache:
         )
 
 
-# ------------------------------------------------------------------------------------------------------------
-# the single-file format of the INVERT release
-# ------------------------------------------------------------------------------------------------------------
-
-
-class FlatActivationWriter:
-    """Appendable writer of the INVERT release format: one dataset ``Y`` [N, D] float32, rows appended.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        The HDF5 file. An existing file is appended to (its dataset must have the same D) unless
-        ``overwrite=True``.
-    dataset : str
-        Dataset name (``"Y"`` in the release).
-    overwrite : bool
-        Discard an existing file.
-    chunks : (int, int), optional
-        Chunk shape (default :func:`chunk_shape` with unknown N).
-
-    Examples
-    --------
-    >>> with FlatActivationWriter("acts.h5") as writer:   # doctest: +SKIP
-    ...     for x, _ in loader:
-    ...         writer.append(feature_extractor(x))         # any [B, ...], flattened to [B, D]
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        dataset: str = "Y",
-        overwrite: bool = False,
-        chunks: tuple[int, int] | None = None,
-    ) -> None:
-        if not isinstance(dataset, str) or not dataset or "/" in dataset or dataset in (".", ".."):
-            raise ValueError(f"dataset must be a plain name without '/', got {dataset!r}")
-        self.path = Path(path)
-        self.dataset_name = dataset
-        self._chunks = chunks
-        exists = self.path.exists() and self.path.stat().st_size > 0
-        self._file = _open_h5(
-            self.path,
-            "w" if (overwrite or not exists) else "r+",
-            rdcc_nbytes=_MAX_WRITE_CACHE_BYTES,
-            rdcc_nslots=10007,
-        )
-        self._dataset = self._file.get(dataset)
-        if self._dataset is not None and (self._dataset.ndim != 2 or self._dataset.maxshape[0] is not None):
-            self._file.close()
-            raise ValueError(
-                f"{str(self.path)!r}: existing dataset {dataset!r} is not an appendable [N, D] dataset "
-                f"(shape {self._dataset.shape}, maxshape {self._dataset.maxshape})"
-            )
-
-    @property
-    def n_rows(self) -> int:
-        """Rows written so far."""
-        return 0 if self._dataset is None else int(self._dataset.shape[0])
-
-    @property
-    def n_features(self) -> int | None:
-        """D, or None before the first append."""
-        return None if self._dataset is None else int(self._dataset.shape[1])
-
-    def append(self, batch: np.ndarray | torch.Tensor) -> None:
-        """Append a batch [B, ...] (torch or numpy), flattened to [B, D] float32, and flush."""
-        if isinstance(batch, torch.Tensor):
-            batch = batch.detach().cpu().float().numpy()
-        batch = np.asarray(batch, dtype=np.float32)
-        if batch.ndim < 1:
-            raise ValueError(f"batch must have a batch dimension [B, ...], got shape {batch.shape}")
-        batch = batch.reshape(batch.shape[0], -1) if batch.ndim != 2 else batch
-        if self._dataset is None:
-            if batch.shape[1] == 0:
-                raise ValueError(f"batch must have D >= 1 features, got shape {batch.shape}")
-            # every append flushes, which writes each partly filled chunk of the band: keep chunks short
-            chunks = self._chunks or chunk_shape(None, batch.shape[1], max_rows=1024)
-            self._dataset = self._file.create_dataset(
-                self.dataset_name,
-                shape=(0, batch.shape[1]),
-                maxshape=(None, batch.shape[1]),
-                dtype="f4",
-                chunks=chunks,
-            )
-        if batch.shape[1] != self._dataset.shape[1]:
-            raise ValueError(
-                f"batch has {batch.shape[1]} features per row after flattening, the file has "
-                f"{self._dataset.shape[1]}"
-            )
-        start = self._dataset.shape[0]
-        self._dataset.resize(start + batch.shape[0], axis=0)
-        self._dataset[start:] = batch
-        self._file.flush()
-
-    def close(self) -> None:
-        """Close the file (idempotent)."""
-        if self._file.id.valid:
-            self._file.close()
-
-    def __enter__(self) -> "FlatActivationWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# labeling from files
-# ------------------------------------------------------------------------------------------------------------
-
-
-def _distributed():
-    """:mod:`crp_invert.distributed` when a torch.distributed group with several ranks is running, else None.
-
-    Under ``torchrun`` labeling is then split across the ranks (every rank must call the function).
-    """
-    try:
-        from . import distributed
-    except ImportError:  # pragma: no cover - the module is optional for this file
-        return None
-    return distributed if distributed.is_distributed() else None
-
-
-def _labeler_n_samples(labeler: "ConceptLabeler") -> int:
-    concepts = getattr(labeler, "concepts", None)
-    if concepts is None or not hasattr(concepts, "n_samples"):
-        raise TypeError(
-            f"labeler must be a ConceptLabeler (with .concepts.n_samples), got {type(labeler).__name__}"
-        )
-    return int(concepts.n_samples)
-
-
-def label_cache(
-    labeler: "ConceptLabeler",
-    cache: ActivationCache | str | os.PathLike,
-    layers: str | Sequence[str] | None = None,
-    source: str = "activation",
-    progress: bool = True,
-    **label_kwargs: Any,
-) -> dict[str, "LayerLabels"]:
-    """Label the channels of cached layers, streaming column batches from HDF5.
-
-    Parameters
-    ----------
-    labeler : ConceptLabeler
-        Holds the concept labels; their N must equal the cache's.
-    cache : ActivationCache, str or os.PathLike
-        The cache (a path is opened read-only and closed afterwards).
-    layers : str or sequence of str, optional
-        Layers to label (default: all, in cache order).
-    source : {"activation", "relevance"}
-        Label what a channel's activation detects, or what its relevance detects.
-    progress : bool
-        Show a tqdm bar over layers (and let the labeler show one over feature batches).
-    **label_kwargs
-        Passed to :meth:`ConceptLabeler.label` (``L``, ``B``, ``feature_batch_size``, ...); ``layer`` is set.
-
-    Returns
-    -------
-    dict of str to LayerLabels
-        In the order of ``layers``.
-
-    Raises
-    ------
-    KeyError
-        A requested layer is not in the cache (the message lists the layers).
-    ValueError
-        The cache's N differs from the labeler's, or rows are incomplete.
-
-    Notes
-    -----
-    When a ``torch.distributed`` process group with several ranks is initialized (``torchrun``), the
-    channels of every layer are split across the ranks
-    (:func:`crp_invert.distributed.label_cache_distributed`); every rank must then call this function and
-    gets the same result.
-    """
-    from tqdm.auto import tqdm
-
-    distributed = _distributed()
-    if distributed is not None:
-        return distributed.label_cache_distributed(
-            labeler, cache, layers=layers, source=source, progress=progress, **label_kwargs
-        )
-    with open_for_labeling(labeler, cache, layers, source, label_kwargs) as (cache, names):
-        results = {}
-        for name in tqdm(names, desc="layers", disable=not progress or len(names) < 2):
-            logger.info("labeling %s of layer %r (%d channels)", source, name, cache.n_channels(name))
-            results[name] = labeler.label(
-                cache.dataset(name, source), layer=name, progress=progress, **label_kwargs
-            )
-        return results
-
 
 @contextlib.contextmanager
 def open_for_labeling(
-    labeler: "ConceptLabeler", cache: "ActivationCache | str | os.PathLike", layers: Any, source: str,
-    label_kwargs: dict,
+    cache: "ActivationCache | str | os.PathLike", layers: str | Sequence[str] | None, source: str, n_samples: int,
 ) -> Iterator[tuple["ActivationCache", list]]:
     """Open ``cache`` (a path or an open cache) and check it before any labeling: the source, the
-    layers (KeyError listing them), N against the labeler's concepts, complete rows. Yields the
+    layers (KeyError listing them), N against the concepts' ``n_samples``, complete rows. Yields the
     cache and the layer names; a cache opened here is closed on exit."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    if "layer" in label_kwargs:
-        raise TypeError("label_cache sets layer= itself; choose layers with layers=")
     own = not isinstance(cache, ActivationCache)
     cache = ActivationCache(cache) if own else cache
     try:
@@ -955,7 +605,7 @@ def open_for_labeling(
         names = cache.layers if layers is None else ([layers] if isinstance(layers, str) else list(layers))
         for name in names:
             cache._group(name)  # KeyError listing the layers
-        n_labels = _labeler_n_samples(labeler)
+        n_labels = int(n_samples)
         if cache.n_samples != n_labels:
             raise ValueError(
                 f"cache {str(cache.path)!r} has N={cache.n_samples} rows (samples {cache.sample_range}) but "
@@ -970,55 +620,3 @@ def open_for_labeling(
         if own:
             cache.close()
 
-
-def label_h5(
-    labeler: "ConceptLabeler",
-    path: str | os.PathLike,
-    dataset: str = "Y",
-    progress: bool = True,
-    **label_kwargs: Any,
-) -> "LayerLabels":
-    """Label all D columns of an [N, D] dataset in an HDF5 file (the INVERT release format) in column batches.
-
-    Parameters
-    ----------
-    labeler : ConceptLabeler
-    path : str or os.PathLike
-    dataset : str
-        Name of the [N, D] dataset (``"Y"``).
-    progress : bool
-    **label_kwargs
-        Passed to :meth:`ConceptLabeler.label`; ``layer`` defaults to ``dataset``.
-
-    Returns
-    -------
-    LayerLabels
-    """
-    distributed = _distributed()
-    if distributed is not None:
-        return distributed.label_h5_distributed(
-            labeler, path, dataset=dataset, progress=progress, **label_kwargs
-        )
-    label_kwargs.setdefault("layer", dataset)
-    with open_flat_dataset(path, dataset, _labeler_n_samples(labeler)) as data:
-        return labeler.label(data, progress=progress, **label_kwargs)
-
-
-@contextlib.contextmanager
-def open_flat_dataset(path: str | os.PathLike, dataset: str, n_samples: int) -> Iterator["h5py.Dataset"]:
-    """Open the ``[N, D]`` dataset of an INVERT-format HDF5 file for column reads, checking that it
-    exists, is 2-D and has ``n_samples`` rows; the file closes on exit."""
-    with _open_h5(path, "r", rdcc_nbytes=_FILE_CACHE_BYTES, rdcc_nslots=10007) as file:
-        h5py = _h5py()
-        if dataset not in file or not isinstance(file[dataset], h5py.Dataset):
-            found = [k for k, v in file.items() if isinstance(v, h5py.Dataset)]
-            raise KeyError(f"{str(path)!r} has no dataset {dataset!r}; datasets at the root: {found}")
-        data = file[dataset]
-        if data.ndim != 2:
-            raise ValueError(f"{str(path)!r}: dataset {dataset!r} must be 2-D [N, D], got shape {data.shape}")
-        if data.shape[0] != n_samples:
-            raise ValueError(
-                f"{str(path)!r}: dataset {dataset!r} has N={data.shape[0]} rows but the labeler's "
-                f"concepts have N={n_samples} samples"
-            )
-        yield data

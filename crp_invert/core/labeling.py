@@ -1,0 +1,299 @@
+"""The pure labeling of an [N, F] array: feature batches through the beam search, decoded into
+:class:`~crp_invert.core.labels.LayerLabels`, with the memory model that sizes the batches.
+
+Examples
+--------
+>>> import torch
+>>> from crp_invert import ConceptLabels, SearchParams
+>>> from crp_invert.core.labeling import label_array
+>>> generator = torch.Generator().manual_seed(0)
+>>> labels = torch.rand(200, 3, generator=generator) < 0.3
+>>> activations = labels[:, :1].float() + 0.1 * torch.rand(200, 2, generator=generator)
+>>> result = label_array(activations, ConceptLabels(labels, ["red", "round", "big"]), SearchParams(L=2), progress=False)
+>>> str(result[0][0].formula), round(result[0][0].auc, 3)
+('red', 1.0)
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .concepts import ConceptLabels
+from .formula import Formula
+from .labels import Explanation, LayerLabels, correct_p_values
+from .metrics import auc_from_rank_sums, mann_whitney_pvalue, rank_scores
+from .params import SearchParams
+from .search import BeamState, PreparedLabels, beam_search, prepare_labels
+
+__all__ = ["label_array", "default_feature_batch_size", "available_memory"]
+
+logger = logging.getLogger(__name__)
+
+
+def available_memory(device: Union[str, torch.device, None] = None) -> Optional[int]:
+    """Free memory in bytes: of the GPU for a CUDA device, else the host's available RAM (None if
+    unknown)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_feature_batch_size(n_samples: int, B: int, memory_bytes: Optional[int] = None,
+                               device: Union[str, torch.device, None] = None) -> int:
+    """A feature batch size that keeps the search's working memory within ``memory_bytes``.
+
+    A beam step holds, per feature and sample, about ``8 (5 B + 3)`` bytes (ranks, masks, the packed
+    product operand, the gathered masks; measured: 82 bytes at B = 3 and N = 1 M, see
+    BENCHMARKS.md), plus the ``[F, 4 K B]`` candidate statistics. By default the budget is a quarter
+    of the free memory of ``device`` (host RAM or GPU), at most 512 MiB on a CPU (larger batches
+    are no faster there: they leave the caches) and 4 GiB on a GPU, and at least 128 MiB.
+    """
+    if memory_bytes is None:
+        free = available_memory(device)
+        if free is not None:
+            # processes that torchrun started on one node share its memory
+            free //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        cap = (4 << 30) if on_gpu else (512 << 20)
+        memory_bytes = cap if free is None else min(cap, max(128 << 20, free // 4))
+    per_feature = 8 * n_samples * (5 * B + 3)
+    return int(max(1, min(4096, memory_bytes // max(per_feature, 1))))
+
+
+
+def label_array(
+    activations: Any,
+    concepts: ConceptLabels,
+    params: SearchParams,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    validation: Union[None, float, np.ndarray, torch.Tensor] = None,
+    layer: Optional[str] = None,
+    progress: bool = True,
+    seed: int = 0,
+    prepared: Optional[PreparedLabels] = None,
+) -> LayerLabels:
+    """Label every column of ``activations`` with INVERT explanations (see :meth:`ConceptLabeler.label`).
+
+    ``prepared`` is ``prepare_labels(concepts.torch_sparse_t(device))``, passed by callers that
+    label several arrays with the same concepts.
+    """
+    if not isinstance(concepts, ConceptLabels):
+        raise TypeError(f"concepts must be a ConceptLabels, got {type(concepts).__name__}")
+    if not isinstance(params, SearchParams):
+        raise TypeError(f"params must be a SearchParams, got {type(params).__name__}")
+    device = torch.device(device)
+    L, B, mode = params.L, params.B, params.mode
+    feature_batch_size = params.feature_batch_size
+    memorize_states = params.memorize_states
+    shape = _shape_of(activations)
+    n_samples, n_features = shape
+    if n_samples != concepts.n_samples:
+        raise ValueError(
+            f"activations have N = {n_samples} samples but the concept labels have "
+            f"N = {concepts.n_samples}; they must describe the same samples in the same order"
+        )
+    held_out = _validation_mask(validation, n_samples, seed)
+    search_rows = None if held_out is None else torch.from_numpy(np.flatnonzero(~held_out))
+    search_concepts = concepts if held_out is None else concepts.subset(~held_out)
+    held_concepts = None if held_out is None else concepts.subset(held_out)
+    if search_concepts.n_samples < 2:
+        raise ValueError("fewer than 2 samples are left for the search after the validation split")
+
+    if held_out is None:
+        labels_t = prepare_labels(concepts.torch_sparse_t(device)) if prepared is None else prepared
+    else:
+        labels_t = prepare_labels(search_concepts.torch_sparse_t(device))
+    held_labels = None if held_concepts is None else held_concepts.dense(device)
+    if feature_batch_size is None:
+        feature_batch_size = default_feature_batch_size(search_concepts.n_samples, B, device=device)
+
+    parameters = dict(
+        params.to_dict(), n_samples=n_samples, n_search_samples=search_concepts.n_samples,
+        validation=None if held_out is None else int(held_out.sum()),
+    )
+    names = concepts.names
+    decoder = _Decoder(names)
+    explanations: List[List[Explanation]] = []
+    states: Optional[List[List[List[Explanation]]]] = [[] for _ in range(L)] if memorize_states else None
+    starts = range(0, n_features, feature_batch_size)
+    bar = tqdm(starts, desc=f"labeling {layer}" if layer else "labeling", unit="batch",
+               disable=not progress or len(starts) <= 1, leave=False)
+    n_search = search_concepts.n_samples
+    for start in bar:
+        stop = min(start + feature_batch_size, n_features)
+        block = _read_columns(activations, start, stop, device)
+        _check_finite(block, start)
+        search_block = block if search_rows is None else block[search_rows.to(block.device)]
+        result = beam_search(search_block, labels_t, **params.search_kwargs())
+        held = None
+        if held_out is not None:
+            held = _held_out_statistics(
+                block[torch.from_numpy(held_out).to(block.device)], held_labels, result.beam,
+                len(names), mode,
+            )
+        explanations += decoder.explanations(result.beam, result.p_value, result.n_candidates, n_search, held)
+        if states is not None:
+            for step, state in enumerate(result.states):
+                alternative = "greater" if mode == "positive" else "less"
+                p_value = mann_whitney_pvalue(
+                    state.auc.nan_to_num(0.5), state.n_positive, n_search, result.tie_term[:, None], alternative
+                )
+                states[step] += decoder.explanations(state, p_value, result.n_candidates, n_search, None)
+    explanations = correct_p_values(explanations)
+    return LayerLabels(explanations, names, layer, parameters, states)
+
+
+# helpers -----------------------------------------------------------------------------------------
+def _shape_of(activations: Any) -> tuple:
+    shape = getattr(activations, "shape", None)
+    if shape is None:
+        raise TypeError(
+            "activations must be a torch.Tensor, a numpy array or an array-like with .shape and "
+            f"column slicing, got {type(activations).__name__}"
+        )
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2:
+        raise ValueError(f"activations must have shape [N, F], got {shape}")
+    if shape[1] == 0:
+        raise ValueError("activations have no feature (F = 0)")
+    return shape
+
+
+def _read_columns(activations: Any, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    block = activations[:, start:stop]
+    if not isinstance(block, torch.Tensor):
+        block = torch.from_numpy(np.ascontiguousarray(block))
+    if block.dtype == torch.bool or block.is_complex():
+        raise TypeError(f"activations must be real numbers, got dtype {block.dtype}")
+    if not block.is_floating_point():
+        block = block.double()
+    return block.detach().to(device)
+
+
+def _check_finite(block: torch.Tensor, offset: int) -> None:
+    finite = torch.isfinite(block)
+    if not bool(finite.all()):
+        bad_features = (~finite).any(dim=0).nonzero().flatten()
+        feature = offset + int(bad_features[0])
+        column = block[:, int(bad_features[0])]
+        kind = "NaN" if bool(torch.isnan(column).any()) else "inf"
+        more = f" (and {len(bad_features) - 1} more features in this batch)" if len(bad_features) > 1 else ""
+        raise ValueError(f"activations of feature {feature} contain {kind}{more}")
+
+
+def _validation_mask(validation: Any, n_samples: int, seed: int) -> Optional[np.ndarray]:
+    if validation is None:
+        return None
+    if isinstance(validation, (float, int)) and not isinstance(validation, bool):
+        if not 0.0 < float(validation) < 1.0:
+            raise ValueError(f"a validation share must be in (0, 1), got {validation}")
+        n_held = int(round(float(validation) * n_samples))
+        generator = np.random.default_rng(seed)
+        mask = np.zeros(n_samples, dtype=bool)
+        mask[generator.permutation(n_samples)[:n_held]] = True
+    else:
+        if isinstance(validation, torch.Tensor):
+            validation = validation.detach().cpu().numpy()
+        mask = np.asarray(validation)
+        if mask.dtype != np.bool_ or mask.shape != (n_samples,):
+            raise ValueError(
+                f"validation must be a share in (0, 1) or a boolean mask of shape ({n_samples},), "
+                f"got dtype {mask.dtype} and shape {mask.shape}"
+            )
+    if mask.all() or not mask.any():
+        raise ValueError("validation must hold out some but not all samples")
+    return mask
+
+
+def _held_out_statistics(block, held_labels, beam: BeamState, n_concepts: int, mode: str) -> Dict[str, torch.Tensor]:
+    """AUC, p-value and fraction of the final beam formulas on held-out samples."""
+    n_held, n_features = block.shape
+    width, max_length = beam.primitives.shape[1:]
+    device = block.device
+    prims = beam.primitives.to(device)
+    ops = beam.operators.to(device)
+    concept = prims.clamp(min=0) % n_concepts
+    masks = held_labels.T[concept]  # [F, B, L, N_held]
+    masks = masks ^ (prims >= n_concepts)[..., None]
+    combined = masks[:, :, 0]
+    for position in range(1, max_length):
+        step = masks[:, :, position]
+        active = (beam.length.to(device) > position)[..., None]
+        joined = torch.where((ops[:, :, position] == 0)[..., None], combined & step, combined | step)
+        combined = torch.where(active, joined, combined)
+    ranked = rank_scores(block)
+    flat = combined.reshape(n_features, width, n_held).to(torch.float64)
+    rank_sums = torch.einsum("nf,fbn->fb", ranked.ranks, flat)
+    counts = flat.sum(-1)
+    auc = auc_from_rank_sums(rank_sums, counts, n_held)
+    alternative = "greater" if mode == "positive" else "less"
+    p_value = mann_whitney_pvalue(auc, counts, n_held, ranked.tie_term[:, None], alternative)
+    return {"auc": auc.cpu(), "p_value": p_value.cpu(), "fraction": (counts / n_held).cpu()}
+
+
+class _Decoder:
+    """Turns primitive / operator codes into (cached) Formula objects and Explanations."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.n_concepts = len(names)
+        self._cache: Dict[tuple, Formula] = {}
+
+    def formula(self, prims: Sequence[int], ops: Sequence[int]) -> Formula:
+        key = (tuple(prims), tuple(ops))
+        formula = self._cache.get(key)
+        if formula is None:
+            formula = self._primitive(prims[0])
+            for op, prim in zip(ops[1:], prims[1:]):
+                formula = formula & self._primitive(prim) if op == 0 else formula | self._primitive(prim)
+            self._cache[key] = formula
+        return formula
+
+    def _primitive(self, code: int) -> Formula:
+        atom = Formula.concept(self.names[code % self.n_concepts])
+        return ~atom if code >= self.n_concepts else atom
+
+    def explanations(self, beam: BeamState, p_value, n_candidates, n_samples, held) -> List[List[Explanation]]:
+        prims, ops, lengths = beam.primitives.tolist(), beam.operators.tolist(), beam.length.tolist()
+        aucs, counts, p_values = beam.auc.tolist(), beam.n_positive.tolist(), p_value.tolist()
+        candidates = n_candidates.tolist()
+        held_lists = {key: value.tolist() for key, value in held.items()} if held else None
+        result = []
+        for f, feature_lengths in enumerate(lengths):
+            beam_list = []
+            for b, length in enumerate(feature_lengths):
+                if length == 0:
+                    continue
+                extra = {}
+                if held_lists is not None:
+                    extra = dict(
+                        validation_auc=held_lists["auc"][f][b], validation_p_value=held_lists["p_value"][f][b],
+                        validation_fraction=held_lists["fraction"][f][b],
+                    )
+                beam_list.append(Explanation(
+                    formula=self.formula(prims[f][b][:length], ops[f][b][:length]),
+                    auc=aucs[f][b], fraction=counts[f][b] / n_samples, length=length,
+                    p_value=p_values[f][b], n_candidates=int(candidates[f]), **extra,
+                ))
+            result.append(beam_list)
+        return result
+
+

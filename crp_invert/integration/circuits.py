@@ -1,0 +1,390 @@
+"""Labeled circuits: the channels that matter most for a class logit (by direct weight, by mean relevance
+over a dataset) or below one labeled concept (CRP's :py:class:`crp.attribution.AttributionGraph`), each
+channel named by its INVERT label (paper figure 7 and appendix A.8)."""
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .glocal import (
+    _best_label,
+    _check_rank_by,
+    _check_top_k,
+    _get_module,
+    _layer_labels,
+    _no_leaked_hooks,
+    _prepare,
+    _probe,
+    _rank,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CircuitNode", "CircuitEdge", "Circuit", "circuit_by_weight", "circuit_by_relevance", "concept_circuit"]
+
+
+
+@dataclass(frozen=True)
+class CircuitNode:
+    """A channel in a circuit: its layer, index, label (formula text) and the label's AUC."""
+
+    layer: str
+    channel: int
+    label: Optional[str] = None
+    auc: Optional[float] = None
+    value: Optional[float] = None
+
+    @property
+    def id(self) -> str:
+        """``"layer:channel"``."""
+        return f"{self.layer}:{self.channel}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"id": self.id, "layer": self.layer, "channel": self.channel, "label": self.label,
+                "auc": self.auc, "value": self.value}
+
+
+@dataclass(frozen=True)
+class CircuitEdge:
+    """A connection from an earlier-layer channel (``source``) to a later one (``target``), by node id."""
+
+    source: str
+    target: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """A plain, exportable circuit: labeled nodes and weighted edges.
+
+    Edges point in the forward direction: from a channel of an earlier layer (``source``) to the channel
+    or output it feeds (``target``). ``quantity`` names what the edge value is: ``"weight"`` (direct
+    linear weight) or ``"relevance"``.
+    """
+
+    nodes: Tuple[CircuitNode, ...]
+    edges: Tuple[CircuitEdge, ...]
+    quantity: str = "relevance"
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def node(self, node_id: str) -> CircuitNode:
+        """The node with id ``"layer:channel"``."""
+        for node in self.nodes:
+            if node.id == node_id:
+                return node
+        raise KeyError(f"no node {node_id!r} in the circuit")
+
+    @property
+    def layers(self) -> List[str]:
+        """Layers of the nodes, in order of first appearance."""
+        return list(dict.fromkeys(node.layer for node in self.nodes))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-able dict with ``quantity``, ``meta``, ``nodes`` and ``edges`` (source, target, value)."""
+        return {
+            "quantity": self.quantity,
+            "meta": dict(self.meta),
+            "nodes": [node.to_dict() for node in self.nodes],
+            "edges": [{"source": edge.source, "target": edge.target, self.quantity: edge.value}
+                      for edge in self.edges],
+        }
+
+    def to_json(self, path=None, indent: int = 2) -> str:
+        """The circuit as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> "Circuit":
+        quantity = obj["quantity"]
+        nodes = tuple(CircuitNode(layer=node["layer"], channel=int(node["channel"]), label=node.get("label"),
+                                  auc=node.get("auc"), value=node.get("value")) for node in obj["nodes"])
+        edges = tuple(CircuitEdge(edge["source"], edge["target"], float(edge[quantity]))
+                      for edge in obj["edges"])
+        return cls(nodes=nodes, edges=edges, quantity=quantity, meta=dict(obj.get("meta", {})))
+
+    @classmethod
+    def from_json(cls, text_or_path) -> "Circuit":
+        """Read a circuit from JSON text or from a file path."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            with open(text_or_path, encoding="utf-8") as handle:
+                text = handle.read()
+        return cls.from_dict(json.loads(text))
+
+
+def _label_node(layer: str, channel: int, labels, value=None) -> CircuitNode:
+    best = _best_label(labels, channel)
+    return CircuitNode(layer=layer, channel=int(channel),
+                       label=None if best is None else str(best.formula),
+                       auc=None if best is None else float(best.auc),
+                       value=None if value is None else float(value))
+
+
+def _top_channels(values: torch.Tensor, k: int, rank_by: str) -> List[int]:
+    return _rank(values, rank_by)[:k].tolist()
+
+
+def _check_target(target, n_outputs: int) -> int:
+    if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+        raise TypeError(f"target must be an int, got {type(target).__name__}")
+    if not 0 <= target < n_outputs:
+        raise ValueError(f"target {target} is out of range (expected 0 <= target < {n_outputs})")
+    return int(target)
+
+
+def circuit_by_weight(linear: Union[torch.nn.Module, str], target: int, k: int = 8, labels=None, *,
+                      model: Optional[torch.nn.Module] = None, source_layer: Optional[str] = None,
+                      target_name: Optional[str] = None, rank_by: str = "signed") -> Circuit:
+    """The ``k`` input channels of a linear layer with the largest weight to output ``target``.
+
+    The paper's circuit for ResNet18 (avgpool -> fc): the channels of the pooled layer that feed a
+    class logit most strongly, each with its INVERT label.
+
+    Parameters
+    ----------
+    linear : torch.nn.Module or str
+        A module with a 2-D ``weight`` [outputs, inputs] (``torch.nn.Linear``), or its name in ``model``.
+    target : int
+        The output (row of the weight).
+    k : int
+        Number of input channels.
+    labels : LayerLabels, optional
+        Labels of the layer that feeds ``linear`` (one per input channel).
+    model : torch.nn.Module, optional
+        Needed when ``linear`` is a name.
+    source_layer : str, optional
+        Name of the feeding layer for the nodes; default ``labels.layer`` or ``"<linear>.input"``.
+    target_name : str, optional
+        Label of the output node (e.g. the class name).
+    rank_by : {"signed", "absolute"}
+
+    Returns
+    -------
+    Circuit
+        ``quantity="weight"``: the output node first, then the k channels best first; node and edge value
+        is the weight.
+    """
+    rank_by = _check_rank_by(rank_by)
+    if isinstance(linear, str):
+        if model is None:
+            raise ValueError(f"linear={linear!r} is a name: pass the model too (model=...)")
+        name, module = linear, _get_module(model, linear)
+    elif isinstance(linear, torch.nn.Module):
+        module = linear
+        name = "linear"
+        if model is not None:
+            name = next((n for n, m in model.named_modules() if m is module), name)
+    else:
+        raise TypeError(f"linear must be a torch.nn.Module or a layer name, got {type(linear).__name__}")
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"layer {name!r} has no 2-D weight [outputs, inputs] "
+                         f"(a torch.nn.Linear is expected)")
+    target = _check_target(target, weight.shape[0])
+    n_inputs = weight.shape[1]
+    k = _check_top_k(k, n_inputs, f"{name} (inputs)")
+    if source_layer is None:
+        source_layer = getattr(labels, "layer", None) or f"{name}.input"
+    layer_labels = _layer_labels(labels, source_layer, n_inputs)
+    row = weight.detach()[target].cpu()
+    channels = _top_channels(row, k, rank_by)
+    output = CircuitNode(layer=name, channel=target, label=target_name)
+    nodes = [output] + [_label_node(source_layer, c, layer_labels, row[c]) for c in channels]
+    edges = [CircuitEdge(node.id, output.id, float(row[node.channel])) for node in nodes[1:]]
+    return Circuit(nodes=tuple(nodes), edges=tuple(edges), quantity="weight",
+                   meta={"kind": "weight", "linear": name, "target": target, "k": k, "rank_by": rank_by})
+
+
+def circuit_by_relevance(relevances, target: int, k: int = 8, labels=None, *, layer: Optional[str] = None,
+                         sample_targets=None, target_layer: str = "y", target_name: Optional[str] = None,
+                         n_outputs: Optional[int] = None, rank_by: str = "signed") -> Circuit:
+    """The ``k`` channels of a layer with the largest mean relevance for output ``target``.
+
+    Parameters
+    ----------
+    relevances : torch.Tensor, numpy.ndarray or ActivationCache
+        [N, C] per-channel relevance of each sample (from :py:func:`channel_relevances`, or a cache's
+        ``relevances(layer)``, which holds each sample's relevance w.r.t. the target CRP used for it).
+    target : int
+        The output explained.
+    k : int
+        Number of channels.
+    labels : LayerLabels or mapping of layer to LayerLabels, optional
+    layer : str, optional
+        Layer name (required for a cache; default ``labels.layer``).
+    sample_targets : array-like of int, optional
+        [N] the target of each row; when given only the rows with ``sample_targets == target`` are averaged
+        (the rows of a cache are relevances w.r.t. each sample's own target).
+    target_layer : str
+        Layer name of the output node (default ``"y"``, CRP's name of the model output).
+    target_name : str, optional
+        Label of the output node.
+    n_outputs : int, optional
+        Number of outputs, to check ``target``.
+    rank_by : {"signed", "absolute"}
+
+    Returns
+    -------
+    Circuit
+        ``quantity="relevance"``; node and edge value is the mean relevance.
+    """
+    rank_by = _check_rank_by(rank_by)
+    if hasattr(relevances, "relevances") and not isinstance(relevances, (torch.Tensor, np.ndarray)):
+        if layer is None:
+            raise ValueError("layer is required to read relevances from a cache")
+        relevances = relevances.relevances(layer)
+    if not isinstance(relevances, torch.Tensor):
+        relevances = np.asarray(relevances)
+    matrix = torch.as_tensor(relevances)
+    if matrix.dim() != 2:
+        raise ValueError(f"relevances must have shape [N, C], got {tuple(matrix.shape)}")
+    if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+        raise TypeError(f"target must be an int, got {type(target).__name__}")
+    if n_outputs is not None:
+        _check_target(target, n_outputs)
+    elif target < 0:
+        raise ValueError(f"target {target} is out of range (expected target >= 0)")
+    if layer is None:
+        layer = getattr(labels, "layer", None) or "layer"
+    n_channels = matrix.shape[1]
+    k = _check_top_k(k, n_channels, layer)
+    layer_labels = _layer_labels(labels, layer, n_channels)
+    rows = matrix.double()
+    if sample_targets is not None:
+        sample_targets = torch.as_tensor(np.asarray(sample_targets)).reshape(-1)
+        if len(sample_targets) != len(rows):
+            raise ValueError(f"sample_targets has {len(sample_targets)} entries for {len(rows)} rows "
+                             f"of relevance")
+        rows = rows[sample_targets == target]
+        if len(rows) == 0:
+            raise ValueError(f"no sample has target {target}")
+    mean = rows.mean(dim=0)
+    channels = _top_channels(mean, k, rank_by)
+    output = CircuitNode(layer=target_layer, channel=int(target), label=target_name)
+    nodes = [output] + [_label_node(layer, c, layer_labels, mean[c]) for c in channels]
+    edges = [CircuitEdge(node.id, output.id, float(mean[node.channel])) for node in nodes[1:]]
+    return Circuit(nodes=tuple(nodes), edges=tuple(edges), quantity="relevance",
+                   meta={"kind": "relevance", "layer": layer, "target": int(target), "k": k,
+                         "n_samples": int(len(rows)), "rank_by": rank_by})
+
+
+def _channel_of_concept(text: str, labels, layer: str) -> int:
+    """The channel whose best label is the formula ``text`` (highest AUC among several)."""
+    from ..core.formula import Formula
+
+    if labels is None:
+        raise ValueError(f"channel={text!r} names a concept: pass labels for layer {layer!r}")
+    formula = Formula.parse(text)
+    matches = [(c, best.auc) for c in range(len(labels))
+               for best in [_best_label(labels, c)] if best is not None and best.formula == formula]
+    if not matches:
+        raise KeyError(f"no channel of layer {layer!r} has the best label {str(formula)!r}")
+    return max(matches, key=lambda match: (match[1], -match[0]))[0]
+
+
+def concept_circuit(attribution, sample: torch.Tensor, composite, layer: str, channel: int,
+                    layers: Sequence[str], labels: Optional[Mapping[str, Any]] = None,
+                    width: Sequence[int] = (4, 2),
+                    target: Optional[int] = None, abs_norm: bool = True, batch_size: int = 16,
+                    graph=None, device=None) -> Circuit:
+    """Follow CRP's AttributionGraph from a labeled concept down to labeled sub-concepts in earlier layers.
+
+    Parameters
+    ----------
+    attribution : crp.attribution.CondAttribution
+    sample : torch.Tensor
+        One input [1, ...].
+    composite : zennit.core.Composite
+    layer : str
+        Layer of the concept to decompose.
+    channel : int or str
+        Channel of the concept in ``layer``, or a formula text (``"dog"``, ``"wheel AND NOT car"``): the
+        channel whose best label is that formula, with the highest AUC among them (needs ``labels[layer]``).
+    layers : sequence of str
+        The layers the graph may pass through (CRP's ``layer_names`` of ``trace_model_graph``; must include
+        ``layer``). Each gets a ``ChannelConcept``.
+    labels : mapping of layer name to LayerLabels, optional
+        Labels per layer; nodes of layers without labels stay unlabeled.
+    width : sequence of int
+        How many sub-concepts per step, one entry per step down (CRP's ``width``).
+    target : int, optional
+        Decompose w.r.t. this output; None starts at ``layer`` with its activation.
+    abs_norm : bool
+        Edge relevance normalized by the sum of absolute relevance of the lower layer (CRP default).
+    batch_size : int
+        Maximal conditions per pass.
+    graph : crp.graph.ModelGraph, optional
+        A graph from ``crp.graph.trace_model_graph`` (traced when not given).
+    device : torch.device or str, optional
+
+    Returns
+    -------
+    Circuit
+        ``quantity="relevance"``; the first node is the concept, edges go from sub-concept to concept.
+    """
+    from crp.attribution import AttributionGraph
+    from crp.concepts import ChannelConcept
+    from crp.graph import trace_model_graph
+
+    model = attribution.model
+    layers = list(layers)
+    for name in layers + [layer]:
+        _get_module(model, name)
+    if layer not in layers:
+        raise ValueError(f"layer {layer!r} must be one of layers={layers}")
+    if not width or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in width):
+        raise ValueError(f"width must be a non-empty sequence of positive ints, got {width!r}")
+    device = attribution.device if device is None else torch.device(device)
+    data = _prepare(sample, device)
+    if data.shape[0] != 1:
+        raise ValueError(f"concept_circuit explains one sample [1, ...], got a batch of {data.shape[0]}")
+    prediction, layer_shape = _probe(model, data, layer)
+    n_channels = layer_shape[1]
+    if target is not None:
+        target = _check_target(target, prediction.shape[1])
+    labels = dict(labels or {})
+    checked = {}
+    for name in layers:
+        if name in labels:
+            _, shape = _probe(model, data, name)
+            checked[name] = _layer_labels(labels[name], name, shape[1])
+    if isinstance(channel, str):
+        channel = _channel_of_concept(channel, checked.get(layer), layer)
+    if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)):
+        raise TypeError(f"channel must be an int or a formula text, got {type(channel).__name__}")
+    if not 0 <= channel < n_channels:
+        raise ValueError(f"channel {channel} is out of range: layer {layer!r} has {n_channels} channels")
+
+    with _no_leaked_hooks(model):
+        if graph is None:
+            with warnings.catch_warnings():
+                # CRP traces with torch.jit.trace, deprecated in torch 2.x; nothing a user can act on
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+                graph = trace_model_graph(model, data, layers)
+        attribution_graph = AttributionGraph(attribution, graph, {name: ChannelConcept() for name in layers})
+        nodes, connections = attribution_graph(
+            data.clone().requires_grad_(True), composite, int(channel), layer, target=target,
+            width=list(width), abs_norm=abs_norm, batch_size=batch_size, verbose=False)
+
+    circuit_nodes = {}
+    for node_layer, node_channel in nodes:
+        key = (node_layer, int(node_channel))
+        if key not in circuit_nodes:
+            circuit_nodes[key] = _label_node(node_layer, int(node_channel), checked.get(node_layer))
+    edges = []
+    for (upper_layer, upper_channel), children in connections.items():
+        upper = circuit_nodes[(upper_layer, int(upper_channel))]
+        for lower_layer, lower_channel, rel in children:
+            lower = circuit_nodes[(lower_layer, int(lower_channel))]
+            edges.append(CircuitEdge(lower.id, upper.id, float(rel)))
+    return Circuit(nodes=tuple(circuit_nodes.values()), edges=tuple(edges), quantity="relevance",
+                   meta={"kind": "attribution_graph", "layer": layer, "channel": int(channel),
+                         "target": target, "width": list(width), "abs_norm": abs_norm})
