@@ -7,9 +7,10 @@ import torch
 from crp.attribution import AttributionGraph, CondAttribution
 from crp.concepts import ChannelConcept
 from crp.graph import trace_model_graph
+from helpers import branch_net as make_branch_net
+from helpers import randomize_batch_norm
 from torch import nn
 from zennit.composites import EpsilonPlus
-from zennit.layer import Sum
 from zennit.torchvision import SequentialMergeBatchNorm
 
 from crp_invert.integration.circuits import Circuit, circuit_by_relevance, circuit_by_weight, concept_circuit
@@ -18,19 +19,6 @@ from crp_invert.integration.glocal import GlocalExplanation, channel_relevances,
 # ------------------------------------------------------------------------------------------------
 # small models: a sequential CNN and a net with a branch merged by zennit's Sum, both with BatchNorm
 # ------------------------------------------------------------------------------------------------
-
-def _randomize_batch_norm(model: nn.Module, seed: int) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-    return model.eval()
-
 
 def sequential_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -45,37 +33,11 @@ def sequential_cnn(seed: int = 0) -> nn.Module:
     model.add_module("linear1", nn.Linear(8 * 5 * 5, 12))
     model.add_module("relu3", nn.ReLU())
     model.add_module("linear2", nn.Linear(12, 5))
-    return _randomize_batch_norm(model, seed)
-
-
-class BranchNet(nn.Module):
-    """Main branch conv1-bn1-relu-conv2-bn2 and a parallel conv-bn, merged with zennit's Sum."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 3)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(6, 6, 3, stride=2)
-        self.bn2 = nn.BatchNorm2d(6)
-        self.parallel = nn.Sequential(nn.Conv2d(1, 6, 5, stride=2, bias=False), nn.BatchNorm2d(6))
-        self.sum = Sum()
-        self.relu2 = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.flatten = nn.Flatten()
-        self.linear1 = nn.Linear(6 * 2 * 2, 10)
-        self.relu3 = nn.ReLU()
-        self.linear2 = nn.Linear(10, 4)
-
-    def forward(self, x):
-        main = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-        merged = self.relu2(self.sum(torch.stack([self.parallel(x), main], dim=-1)))
-        return self.linear2(self.relu3(self.linear1(self.flatten(self.pool(merged)))))
+    return randomize_batch_norm(model, seed)
 
 
 def branch_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return _randomize_batch_norm(BranchNet(), seed)
+    return make_branch_net(seed, c1=6, c2=6, hidden=10, classes=4, flat=24)
 
 
 MODELS = {"sequential": (sequential_cnn, 13), "branch": (branch_net, 11)}

@@ -15,16 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 crp = pytest.importorskip("crp")
 
 from crp.attribution import CondAttribution  # noqa: E402
 from crp.concepts import ChannelConcept  # noqa: E402
 from crp.visualization import FeatureVisualization  # noqa: E402
+from helpers import ListDataset, branch_net  # noqa: E402
 from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
 from zennit.composites import EpsilonPlus  # noqa: E402
-from zennit.layer import Sum  # noqa: E402
 
 from crp_invert.integration.recording import InvertFeatureVisualization, load_stat_targets, pool, record_activations  # noqa: E402
 from crp_invert.storage.cache import ActivationCache  # noqa: E402
@@ -43,42 +42,8 @@ AFTER_BN = {
 }
 
 
-class Net(nn.Module):
-    """Small CNN: BatchNorms (merged by SequentialMergeBatchNorm), a branch merged by zennit's Sum."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(4, 5, 3, stride=2)
-        self.bn2 = nn.BatchNorm2d(5)
-        self.parallel = nn.Sequential(nn.Conv2d(1, 5, 5, stride=2, bias=False), nn.BatchNorm2d(5))
-        self.sum = Sum()
-        self.relu2 = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.flatten = nn.Flatten()
-        self.linear1 = nn.Linear(20, 6)
-        self.relu3 = nn.ReLU()
-        self.linear2 = nn.Linear(6, 3)
-
-    def forward(self, x):
-        main = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-        merged = self.sum(torch.stack([self.parallel(x), main], dim=-1))
-        return self.linear2(self.relu3(self.linear1(self.flatten(self.pool(self.relu2(merged))))))
-
-
 def make_model(seed=0):
-    torch.manual_seed(seed)
-    model = Net()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-    return model.eval()
+    return branch_net(seed)
 
 
 def make_data(n=N_SAMPLES, seed=1):
@@ -86,22 +51,6 @@ def make_data(n=N_SAMPLES, seed=1):
     x = torch.randn(n, 1, 14, 14, generator=generator)
     y = torch.randint(0, 3, (n,), generator=generator)
     return x, y
-
-
-class ListDataset:
-    """(image, target) pairs; calls ``on_get(index)`` before returning an item (to interrupt runs)."""
-
-    def __init__(self, x, targets, on_get=None):
-        self.x, self.targets, self.on_get = x, targets, on_get
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, index):
-        if self.on_get is not None:
-            self.on_get(int(index))
-        target = self.targets[index]
-        return self.x[index], (int(target) if np.ndim(target) == 0 else np.asarray(target))
 
 
 def composite():
