@@ -40,6 +40,7 @@ SOURCE_GLOB = "[0-9][0-9]_*.py"
 FIGURE_DPI = 72  # dots per inch of the stored PNGs: a 8 x 3 inch figure is 576 x 216 pixels
 TIMEOUT = 600  # seconds per cell
 MAX_NOTEBOOK_BYTES = 1_000_000  # a stored notebook larger than this fails the build and the test
+MAX_PNG_WIDTH = 1200  # pixels: about 16 inches at FIGURE_DPI
 KERNEL_NAME = "python3"
 METADATA = {
     "kernelspec": {"display_name": "Python 3", "language": "python", "name": KERNEL_NAME},
@@ -87,12 +88,12 @@ def read_percent(text: str) -> List[Cell]:
             raise ValueError(f"the header that starts at line 1 with {_HEADER!r} has no closing {_HEADER!r}") from None
     cells: List[Cell] = []
     kind: Optional[str] = None
-    body: List[str] = []
+    body: List[Tuple[int, str]] = []  # (line number, line) of the open cell
 
     def close() -> None:
-        while body and body[-1].strip() == "":  # the blank lines between cells
+        while body and body[-1][1].strip() == "":  # the blank lines between cells
             body.pop()
-        cells.append((kind, "\n".join(body)))
+        cells.append((kind, "\n".join(_cell_line(kind, number, line) for number, line in body)))
         body.clear()
 
     for number, line in enumerate(lines[start:], start=start + 1):
@@ -105,20 +106,22 @@ def read_percent(text: str) -> List[Cell]:
         elif kind is None:
             if line.strip():
                 raise ValueError(f"line {number}: {line!r} comes before the first cell marker '# %%'")
-        elif kind == MARKDOWN and line.strip():
-            if line == "#":
-                body.append("")
-            elif line.startswith("# "):
-                body.append(line[2:])
-            else:
-                raise ValueError(f"line {number}: markdown lines must start with '# ' (or be '#'), got {line!r}")
-        elif kind == CODE and _MAGIC.match(line):
-            body.append(_uncomment(line))
         else:
-            body.append(line)
+            body.append((number, line))
     if kind is not None:
         close()
     return cells
+
+
+def _cell_line(kind: str, number: int, line: str) -> str:
+    """The cell source line of script line ``number``: markdown without its ``# ``, magics uncommented."""
+    if kind == MARKDOWN:
+        if line == "#" or line.strip() == "":  # a blank line inside a markdown cell reads as an empty line
+            return ""
+        if line.startswith("# "):
+            return line[2:]
+        raise ValueError(f"line {number}: markdown lines must start with '# ' (or be '#'), got {line!r}")
+    return _uncomment(line) if _MAGIC.match(line) else line
 
 
 def _uncomment(line: str) -> str:
@@ -332,7 +335,8 @@ def differences(source: Path) -> List[str]:
     """Why the stored notebook of ``source`` is not its executed build; empty when it is.
 
     Checks that the notebook exists and is valid, that its cells are the script's cells, that every code cell
-    was executed in order without an error output, and that the file is at most ``MAX_NOTEBOOK_BYTES``.
+    was executed in order without an error output, that the file is at most ``MAX_NOTEBOOK_BYTES`` and its PNGs
+    at most ``MAX_PNG_WIDTH`` wide.
     Outputs themselves are not compared (they differ between machines).
     """
     stored = notebook_path(source)
@@ -361,6 +365,9 @@ def differences(source: Path) -> List[str]:
     size = stored.stat().st_size
     if size > MAX_NOTEBOOK_BYTES:
         problems.append(f"{stored.name} has {size} bytes, more than {MAX_NOTEBOOK_BYTES}")
+    wide = [(index, width) for index, width, _ in png_sizes(notebook) if width > MAX_PNG_WIDTH]
+    if wide:
+        problems.append(f"{stored.name} has PNGs wider than {MAX_PNG_WIDTH} pixels (cell, width): {wide}")
     return problems
 
 
@@ -398,7 +405,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.to_script:
         log.info("wrote %s", to_script(args.to_script))
         return 0
-    chosen = sources(args.names)
+    try:
+        chosen = sources(args.names)
+    except ValueError as error:
+        parser.error(str(error))
     if args.check:
         problems = [problem for source in chosen for problem in differences(source)]
         problems += [f"{path.name} has no script {path.with_suffix('.py').name}" for path in orphans()]
