@@ -77,6 +77,11 @@ labels = labeler.label_cache(str(work / "activations.h5"), L=3, B=3, progress=Fa
 print(labels["conv3"].table(max_rows=8))
 
 # %% [markdown]
+# One row per channel: its best formula, the AUC with which the channel's activation separates the samples where
+# the formula holds from the others (1 is perfect, 0.5 is chance), the fraction of samples where it holds, and
+# its p-values.
+
+# %% [markdown]
 # ## Inspect an explanation and its p-values
 #
 # Each channel has up to `B` explanations, best first. `p_value` is the one-sided Mann-Whitney p-value of the
@@ -93,7 +98,9 @@ significant = sum(labels["conv3"].best(c).p_value_bh < 0.05 for c in range(len(l
 print(f"{significant} of {len(labels['conv3'])} conv3 channels have q < 0.05")
 
 # %% [markdown]
-# The explanation figure: the channel's activations on the samples where the formula holds against the rest.
+# The explanation figure: the distribution of the channel's activations on the samples where the formula holds
+# (inside) against the rest (outside). The AUC is the probability that a random sample inside activates the
+# channel more than a random sample outside; the less the two densities overlap, the closer it is to 1.
 
 # %%
 from crp_invert import ActivationCache
@@ -104,7 +111,8 @@ with ActivationCache(work / "activations.h5") as cache:
 plot_explanation(activations, concepts, labels["conv3"].best(channel), feature=channel)
 
 # %% [markdown]
-# CRP's reference samples of the same channel (the most activating samples), next to samples of its label:
+# CRP's reference samples of the same channel (the most activating samples, top row), next to samples where its
+# label holds (bottom row): the label names what the reference samples have in common.
 
 # %%
 import matplotlib.pyplot as plt
@@ -171,7 +179,7 @@ from crp_invert import LayerLabels
 labels["conv3"].to_json(work / "conv3.json")
 labels["conv3"].to_csv(work / "conv3.csv")
 assert LayerLabels.from_json(work / "conv3.json") == labels["conv3"]
-print((work / "conv3.csv").read_text().splitlines()[:3])
+print("\n".join((work / "conv3.csv").read_text().splitlines()[:3]))
 
 # %% [markdown]
 # The same from the command line: `crp-invert label activations.h5 concepts.npz --out labels/` and

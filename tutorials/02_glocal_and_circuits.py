@@ -60,7 +60,9 @@ labels = ConceptLabeler(concepts, device=device).label_cache(str(work / "activat
 # ## Decompose one prediction
 #
 # The conditional heatmaps of the `top_k` channels plus the rest add up to the class heatmap
-# (`completeness_error` is ~0).
+# (`completeness_error` is ~0). In the figure: the input, the heatmap of the class, then one heatmap per channel,
+# most relevant first, titled with the channel, its label, the label's AUC and the channel's share `R` of the
+# class relevance; the last panel is the rest (all other channels). Red is positive relevance, blue negative.
 
 # %%
 from crp_invert import decompose
@@ -91,6 +93,9 @@ for g in decompose_batch(attribution, images.to(device), targets.tolist(), "conv
 # * `circuit_by_relevance`: the channels with the largest mean relevance for a class over many samples;
 # * `concept_circuit`: CRP's `AttributionGraph` from one labeled channel down to the labeled sub-concepts of
 #   earlier layers.
+#
+# Each figure draws the labeled channels as boxes (layer:channel, label, AUC) and the connections as lines whose
+# width grows with the absolute weight or relevance (red positive, blue negative).
 
 # %%
 from crp_invert import circuit_by_weight
