@@ -160,7 +160,7 @@ for row in rows:
 # `circle AND large AND red` may win, because the logits are largest for large shapes).
 
 # %%
-from crp_invert.demo import class_formulas, planted_truth_score, explanation_accuracy
+from crp_invert.demo import class_formulas, explanation_accuracy, planted_truth_score
 
 logits = labeler.label_cache(str(work / "activations.h5"), layers=["linear2"], L=2, B=3, progress=False)["linear2"]
 print("planted-truth score:", planted_truth_score(logits, class_formulas(), dataset.class_names))

@@ -49,6 +49,7 @@ attribution = CondAttribution(model, device=device)
 layer_map = {name: ChannelConcept() for name in model.layer_names}
 
 from torch.utils.data import DataLoader
+
 from crp_invert import ConceptLabeler, record_activations
 
 record_activations(model, DataLoader(dataset, batch_size=120), layer_map, work / "activations.h5",

@@ -76,6 +76,7 @@ print("'warm thing' holds for", int(class_concepts.mask("warm thing").sum()), "o
 
 # %%
 from torch.utils.data import DataLoader
+
 from crp_invert import ConceptLabeler, FlatActivationWriter
 
 features = {}

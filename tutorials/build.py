@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SOURCE_GLOB = "[0-9][0-9]_*.py"
 FIGURE_DPI = 72  # dots per inch of the stored PNGs: a 8 x 3 inch figure is 576 x 216 pixels
-TIMEOUT = 600  # seconds per cell
+TIMEOUT = 300  # seconds a cell may run
 MAX_NOTEBOOK_BYTES = 1_000_000  # a stored notebook larger than this fails the build and the test
 MAX_PNG_WIDTH = 1200  # pixels: about 16 inches at FIGURE_DPI
 KERNEL_NAME = "python3"
@@ -401,7 +401,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--check", action="store_true", help="check the stored notebooks, execute nothing")
     parser.add_argument("--to-script", type=Path, metavar="NOTEBOOK", help="write NOTEBOOK's percent script")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.to_script:
         log.info("wrote %s", to_script(args.to_script))
         return 0
@@ -424,4 +423,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     sys.exit(main())
