@@ -3,6 +3,7 @@ row and column selections."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -135,20 +136,34 @@ def row_selection(rows, n_rows: int) -> tuple[slice | np.ndarray, int]:
 
 
 def open_h5(path: str | os.PathLike, mode: str, **kwargs) -> "h5py.File":
-    """Open an HDF5 file, turning h5py's OSError for unreadable files into clear errors."""
+    """Open an HDF5 file, turning h5py's OSError for unreadable files into clear one-line errors: missing
+    (FileNotFoundError), not HDF5, locked by another process
+    (:class:`~crp_invert.storage.lock.FileInUseError`), open in this process, damaged (ValueError)."""
+    from .lock import FileInUseError
+
     h5py = h5py_module()
     path = Path(path)
     if mode == "r" and not path.exists():
         raise FileNotFoundError(f"no such file: {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder, not an HDF5 file")
     try:
         return h5py.File(path, mode, **kwargs)
-    except OSError as err:
-        if path.exists() and not h5py.is_hdf5(path):
-            raise ValueError(f"{str(path)!r} is not an HDF5 file") from err
-        if "already open" in str(err):
+    except (OSError, ValueError, RuntimeError) as err:
+        text = " ".join(str(err).split())
+        if getattr(err, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in text:
+            raise FileInUseError(
+                f"{str(path)!r} is in use by another process (HDF5 could not lock it); wait for it to finish"
+            ) from None
+        if "already open" in text:
             raise ValueError(
                 f"cannot open {str(path)!r} with mode {mode!r}: it is already open elsewhere (close the "
-                f"other ActivationCache or h5py.File first): {err}"
-            ) from err
-        raise ValueError(f"cannot open {str(path)!r} as HDF5 (truncated or damaged file?): {err}") from err
-
+                f"other ActivationCache or h5py.File first): {text}"
+            ) from None
+        if isinstance(err, PermissionError) or "Permission denied" in text:
+            raise ValueError(f"cannot open {str(path)!r} with mode {mode!r}: permission denied") from None
+        if path.exists() and path.stat().st_size == 0:
+            raise ValueError(f"{str(path)!r} is empty (0 bytes), not an HDF5 file") from None
+        if path.exists() and not h5py.is_hdf5(path):
+            raise ValueError(f"{str(path)!r} is not an HDF5 file") from None
+        raise ValueError(f"cannot open {str(path)!r} as HDF5 (truncated or damaged file?): {text}") from None
