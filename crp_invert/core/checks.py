@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,8 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["check_int", "check_fraction", "check_name", "read_json", "exact_float_columns", "fits_in_memory"]
+__all__ = ["check_int", "check_fraction", "check_name", "read_json", "check_output", "exact_float_columns",
+           "fits_in_memory"]
 
 #: the largest integer magnitude below which every integer is a float64
 _EXACT_FLOAT64 = 2**53
@@ -84,6 +86,38 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise ValueError(f"{what} {str(path)!r} is not valid JSON: {error}") from None
     except RecursionError:
         raise ValueError(f"{what} {str(path)!r} is nested too deeply to be read") from None
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False, folder: bool = False,
+                 option: str = "--out") -> Path:
+    """Check, before any work, that an output can be written at ``path``.
+
+    A file: no folder there, and no existing file unless ``overwrite``. A folder: no file there. In both
+    cases the nearest existing folder must accept a new file (tried with a probe file, which also catches
+    read-only file systems). Errors are ValueError naming ``option`` and the path.
+    """
+    path = Path(path)
+    shown = f"{option} {str(path)!r}"
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{shown} is a file; expected a folder for several layers")
+    else:
+        if path.is_dir():
+            raise ValueError(f"{shown} is a folder; give a file name")
+        if path.exists() and not overwrite:
+            raise ValueError(f"{shown} exists; pass --overwrite to replace it")
+    ancestor = path if path.is_dir() else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{shown} cannot be written: {str(ancestor)!r} is a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".crp-invert-probe-", dir=ancestor)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"{shown} cannot be written: {str(ancestor)!r} is not writable ({error.strerror})") from None
+    return path
 
 
 def fits_in_memory(n_bytes: int, what: str) -> None:
