@@ -162,6 +162,8 @@ def open_h5(path: str | os.PathLike, mode: str, **kwargs) -> "h5py.File":
             ) from None
         if isinstance(err, PermissionError) or "Permission denied" in text:
             raise ValueError(f"cannot open {str(path)!r} with mode {mode!r}: permission denied") from None
+        if mode in ("w", "w-", "x"):
+            raise OSError(getattr(err, "errno", None) or errno.EIO, f"cannot create {str(path)!r}: {text}") from None
         if path.exists() and path.stat().st_size == 0:
             raise ValueError(f"{str(path)!r} is empty (0 bytes), not an HDF5 file") from None
         if path.exists() and not h5py.is_hdf5(path):
