@@ -117,8 +117,11 @@ class FileLock:
                 raise
             if _same_file(fd, self.lock_file):
                 if self.exclusive:
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+                    try:  # who holds it, for the message of the next one (best effort: a full disk is no reason)
+                        os.ftruncate(fd, 0)
+                        os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+                    except OSError:
+                        pass
                 return fd
             os.close(fd)  # the previous holder removed the file between our open and flock
             if not self.exclusive:
