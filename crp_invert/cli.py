@@ -71,14 +71,6 @@ def _load_concepts(paths: tuple[str, ...]):
     raise ValueError(f"LABELS: expected one .npz or a pair ONEHOT.pt DESCRIPTION.json, got {len(paths)} files")
 
 
-def _is_activation_cache(path: str) -> bool:
-    from .storage.cache import FORMAT, _format_of
-    from .storage.h5 import open_h5
-
-    with open_h5(path, "r") as file:
-        return _format_of(file) == FORMAT
-
-
 def _check_device(device: str) -> str:
     """The device, if this machine has it (ValueError naming the problem otherwise)."""
     import torch
@@ -224,8 +216,7 @@ def label_command(
     from .core.labels import write_text_atomically
     from .labeler import ConceptLabeler, label_cache, label_h5
     from .parallel.group import distributed_session, get_rank, local_device
-    from .storage.cache import open_for_labeling
-    from .storage.flat import open_flat_dataset
+    from .storage.cache import is_activation_cache, open_for_labeling
 
     out_path = Path(out) if out is not None else None
     # under torchrun (WORLD_SIZE set) the channels are split across the processes; rank 0 writes the output
@@ -239,7 +230,7 @@ def label_command(
                 check_output(out_path, overwrite=overwrite, folder=folder)
             concepts = _load_concepts(labels)
             labeler = ConceptLabeler(concepts, device=local_device(device))
-            if _is_activation_cache(cache):
+            if is_activation_cache(cache):
                 with open_for_labeling(cache, list(layers) or None, source, concepts.n_samples) as (opened, names):
                     planned = _out_files(out_path, names, overwrite) if rank == 0 else []
                     results = label_cache(labeler, opened, layers=names, source=source, **kwargs)
@@ -249,9 +240,8 @@ def label_command(
                         "--layer and --source apply to activation caches; "
                         f"{cache} is a plain HDF5 file (use --dataset)"
                     )
-                with open_flat_dataset(cache, dataset, concepts.n_samples):
-                    pass
                 planned = _out_files(out_path, [dataset], overwrite) if rank == 0 else []
+                # label_h5 checks the dataset (N, dtype, finite values) before the labeling starts
                 results = {dataset: label_h5(labeler, cache, dataset=dataset, **kwargs)}
         except (KeyError, ValueError, TypeError, OSError) as err:
             raise click.ClickException(_one_line(err)) from None

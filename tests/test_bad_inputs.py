@@ -436,6 +436,8 @@ ROWS = [
     Row("cache-in-use-overwrite", lambda t: while_locked(t, lambda path: ActivationCache(path, "a", overwrite=True)),
         FileInUseError, "in use by another process"),
     Row("flat-string-dataset", lambda t: label_flat(t, np.full((N, 3), b"x")), TypeError, "real numbers"),
+    Row("flat-nan", lambda t: label_flat(t, np.where(np.eye(N, 3) > 0, np.nan, 1.0).astype("f4")), ValueError,
+        "'Y' has NaN in column 0"),
     Row("flat-3d-dataset", lambda t: label_flat(t, np.zeros((N, 3, 1), "f4")), ValueError, "2-D"),
     # 4. labels that do not belong to the cache (report)
     Row("report-4-features-6-channels", lambda t: report_with(t, lambda: fake_labels(4, layer="a")), ValueError,
@@ -591,6 +593,14 @@ def nan_cache(t) -> Path:
     return t / "nan.h5"
 
 
+def flat_with_nan(t) -> Path:
+    values = np.ones((N, 3), dtype=np.float32)
+    values[7, 2] = np.nan
+    with h5py.File(t / "flat.h5", "w") as file:
+        file.create_dataset("Y", data=values)
+    return t / "flat.h5"
+
+
 def bad_csr_cli(t) -> Path:
     return csr(t, indices=(0, 7, 1, 0, 1), indptr=(0, 2, 3, 5) + (5,) * (N - 3), shape=(N, 3))
 
@@ -630,6 +640,7 @@ CLI_ROWS = [
      "damaged: layer 'b'"),
     ("cli-cache-nan-layer-b", cli_with(cache=nan_cache), "layer 'b' has NaN"),
     ("cli-cache-layer-unknown", cli_label("--layer", "conv9"), "conv9"),
+    ("cli-flat-nan", cli_with(cache=flat_with_nan), "has NaN in column 2"),
     ("cli-reference-bad-json", reference_cli, "not valid JSON"),
     ("cli-report-no-features", lambda t: report_args(t, json_file(t, labels_doc(features=None))), "no 'features'"),
     ("cli-report-out-exists", lambda t: report_args(put(t / "r.html", "keep").parent, write_labels_for(t, 3)),

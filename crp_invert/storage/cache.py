@@ -71,6 +71,7 @@ from .h5 import (
     FILE_CACHE_BYTES,
     MAX_WRITE_CACHE_BYTES,
     chunk_shape,
+    first_nonfinite,
     h5py_module,
     open_h5,
     read_columns,
@@ -83,7 +84,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import h5py
 
 __all__ = ["ActivationCache", "open_for_labeling", "write_root", "create_layer", "layer_meta", "FORMAT",
-           "FORMAT_VERSION", "SOURCES", "check_root"]
+           "FORMAT_VERSION", "SOURCES", "check_root", "is_activation_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +245,13 @@ def _format_of(file: "h5py.File") -> str | None:
         return _str_attr(file.attrs, "format") if "format" in file.attrs else None
     except (ValueError, KeyError, TypeError, OSError, RuntimeError, UnicodeDecodeError):
         return None
+
+
+def is_activation_cache(path: str | os.PathLike) -> bool:
+    """Whether the HDF5 file at ``path`` says it is an activation cache (False for other HDF5 files; the
+    errors of :func:`open_h5` for missing, locked or damaged files)."""
+    with open_h5(path, "r") as file:
+        return _format_of(file) == FORMAT
 
 
 def _one_line(error: BaseException) -> str:
@@ -814,25 +822,15 @@ class ActivationCache:
         key = (layer, source)
         if key in self._checked_values:
             return
-        from tqdm.auto import tqdm
-
-        dataset = self.dataset(layer, source)
-        n_rows, n_channels = dataset.shape
-        complete = self.complete(layer)
-        rows = dataset.chunks[0] if dataset.chunks else max(1, (32 << 20) // (4 * n_channels))
-        for start in tqdm(range(0, n_rows, rows), desc=f"checking {layer}", disable=not progress, leave=False):
-            block = dataset[start:start + rows]
-            bad = ~np.isfinite(block) & complete[start:start + rows, None]
-            if bad.any():
-                row, channel = (int(v) for v in np.argwhere(bad)[0])
-                kind = "NaN" if np.isnan(block[row, channel]) else "an infinite value"
-                n_bad = int(bad.any(axis=0).sum())
-                raise ValueError(
-                    f"cache {str(self.path)!r}: layer {layer!r} has {kind} in the {source}s of channel {channel} "
-                    f"(dataset sample {self.sample_range[0] + start + row}"
-                    + (f"; {n_bad} channels of this band are affected" if n_bad > 1 else "")
-                    + "); labels need finite values: record this layer again"
-                )
+        found = first_nonfinite(self.dataset(layer, source), self.complete(layer), f"checking {layer}", progress)
+        if found is not None:
+            row, channel, kind, n_bad = found
+            raise ValueError(
+                f"cache {str(self.path)!r}: layer {layer!r} has {kind} in the {source}s of channel {channel} "
+                f"(dataset sample {self.sample_range[0] + row}"
+                + (f"; {n_bad} channels of its band of rows are affected" if n_bad > 1 else "")
+                + "); labels need finite values: record this layer again"
+            )
         self._checked_values.add(key)
 
     # -- life cycle ------------------------------------------------------------------------------------------

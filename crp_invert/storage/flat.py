@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import torch
 
-from .h5 import FILE_CACHE_BYTES, MAX_WRITE_CACHE_BYTES, chunk_shape, h5py_module, open_h5
+from .h5 import FILE_CACHE_BYTES, MAX_WRITE_CACHE_BYTES, chunk_shape, first_nonfinite, h5py_module, open_h5
 from .lock import FileLock
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -142,12 +142,20 @@ class FlatActivationWriter:
 @contextlib.contextmanager
 def open_flat_dataset(path: str | os.PathLike, dataset: str, n_samples: int) -> Iterator["h5py.Dataset"]:
     """Open the ``[N, D]`` dataset of an INVERT-format HDF5 file for column reads, checking that it
-    exists, is 2-D, real numbers and has ``n_samples`` rows; the file closes on exit. A file that another
-    process is writing is refused ("in use by another process")."""
+    exists, is 2-D, real numbers, finite, and has ``n_samples`` rows; the file closes on exit. A file that
+    another process is writing is refused ("in use by another process")."""
     lock = FileLock(path, exclusive=False) if Path(path).exists() else None
     try:
         with open_h5(path, "r", rdcc_nbytes=FILE_CACHE_BYTES, rdcc_nslots=10007) as file:
-            yield _checked_flat_dataset(file, path, dataset, n_samples)
+            data = _checked_flat_dataset(file, path, dataset, n_samples)
+            found = first_nonfinite(data, desc=f"checking {dataset}")
+            if found is not None:
+                row, column, kind, _ = found
+                raise ValueError(
+                    f"{str(path)!r}: dataset {dataset!r} has {kind} in column {column} (row {row}); labels need "
+                    "finite values"
+                )
+            yield data
     finally:
         if lock is not None:
             lock.release()

@@ -19,7 +19,7 @@ FILE_CACHE_BYTES = 4 << 20
 MAX_WRITE_CACHE_BYTES = 64 << 20
 
 __all__ = ["FILE_CACHE_BYTES", "MAX_WRITE_CACHE_BYTES", "h5py_module", "open_h5", "chunk_shape", "read_columns",
-           "row_selection", "true_ranges"]
+           "row_selection", "true_ranges", "first_nonfinite"]
 
 
 def h5py_module():
@@ -117,6 +117,31 @@ def read_columns(dataset, columns) -> np.ndarray:
     if unique.size == 0:
         return np.empty((dataset.shape[0], 0), dtype=dataset.dtype)
     return dataset[:, unique][:, inverse]
+
+
+def first_nonfinite(dataset, rows: np.ndarray | None = None, desc: str = "checking",
+                    progress: bool = False) -> tuple[int, int, str, int] | None:
+    """The first NaN or infinite value of a 2-D dataset, read in bands of rows (its chunk height, or 32 MiB):
+    ``(row, column, "NaN" or "an infinite value", number of columns affected in that band)``, or None.
+
+    ``rows`` (bool [N]) limits the search to those rows (e.g. the complete ones).
+    """
+    from tqdm.auto import tqdm
+
+    n_rows, n_cols = dataset.shape
+    if dataset.dtype.kind != "f":
+        return None  # integers are finite
+    band = dataset.chunks[0] if dataset.chunks else max(1, (32 << 20) // (max(1, dataset.dtype.itemsize) * n_cols))
+    for start in tqdm(range(0, n_rows, band), desc=desc, disable=not progress, leave=False):
+        block = np.asarray(dataset[start:start + band])
+        bad = ~np.isfinite(block)
+        if rows is not None:
+            bad &= np.asarray(rows[start:start + band], dtype=bool)[:, None]
+        if bad.any():
+            row, column = (int(v) for v in np.argwhere(bad)[0])
+            kind = "NaN" if np.isnan(block[row, column]) else "an infinite value"
+            return start + row, column, kind, int(bad.any(axis=0).sum())
+    return None
 
 
 def row_selection(rows, n_rows: int) -> tuple[slice | np.ndarray, int]:
