@@ -26,7 +26,15 @@ import scipy.stats
 import torch
 from click.testing import CliRunner
 
-from crp_invert import ActivationCache, ConceptLabeler, ConceptLabels, Formula, LayerLabels, label_cache
+from crp_invert import (
+    ActivationCache,
+    ConceptLabeler,
+    ConceptLabels,
+    Formula,
+    FuzzyCircuit,
+    LayerLabels,
+    label_cache,
+)
 from crp_invert.cli import main
 from crp_invert.core.formula import MAX_DEPTH, FormulaParseError
 from crp_invert.core.labels import Explanation
@@ -448,6 +456,8 @@ ROWS = [
         "computed on 25 samples"),
     Row("report-unknown-concepts",
         lambda t: report_with(t, lambda: fake_labels(3, names=["zebra", *NAMES[1:]])), ValueError, "lack"),
+    Row("fuzzy-negative-neuron", lambda t: lambda: FuzzyCircuit("a OR b", names={"a": 0, "b": -1}), ValueError,
+        "column index >= 0"),
     # 6. names that no file can store faithfully
     Row("concept-name-nul", lambda t: lambda: ConceptLabels(np.eye(2, dtype=bool), ["a", "a\0"]), ValueError, "NUL"),
     Row("concept-name-blank", lambda t: lambda: ConceptLabels(np.eye(2, dtype=bool), ["a", " \n"]), ValueError,
