@@ -267,10 +267,19 @@ class ActivationCache:
         The HDF5 file.
     mode : {"r", "a"}
         ``"r"`` opens an existing cache read-only. ``"a"`` opens it for recording, creating the file if it
-        does not exist (its size is set by :meth:`initialize`).
+        does not exist (its size is set by :meth:`initialize`). A new file is built as ``PATH.partial`` and
+        appears at ``path`` with the first rows written (or at :meth:`flush` / :meth:`close`). A writer holds
+        ``PATH.lock`` until it closes.
     overwrite : bool
-        With ``mode="a"``: discard an existing file instead of continuing it. Without it an existing file is
-        never overwritten.
+        With ``mode="a"``: replace an existing file instead of continuing it (the old file stays until the new
+        one is renamed over it). Without it an existing file is never overwritten.
+
+    Raises
+    ------
+    FileInUseError
+        Another process writes the file (or, for ``mode="a"``, reads it).
+    ValueError
+        Not an activation cache, or a damaged one (the message says what is wrong).
 
     Examples
     --------
