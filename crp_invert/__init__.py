@@ -24,6 +24,7 @@ _EXPORTS = {
     # storage
     "ActivationCache": "storage.cache",
     "FlatActivationWriter": "storage.flat",
+    "FileInUseError": "storage.lock",
     # CRP integration
     "InvertFeatureVisualization": "integration.recording",
     "record_activations": "integration.recording",

@@ -58,11 +58,9 @@ def _load_concepts(paths: tuple[str, ...]):
     if len(paths) == 1:
         path = Path(paths[0])
         if path.suffix.lower() != ".npz":
-            raise click.BadParameter(
-                f"{path} is not an .npz; give an .npz with 'labels' (or CSR 'indices', 'indptr', 'shape') "
-                "and "
-                "'names', or the reference implementation's pair: ONEHOT.pt DESCRIPTION.json",
-                param_hint="LABELS",
+            raise ValueError(
+                f"LABELS {str(path)!r} is not an .npz; give an .npz with 'labels' (or CSR 'indices', 'indptr', "
+                "'shape') and 'names', or the reference implementation's pair: ONEHOT.pt DESCRIPTION.json"
             )
         return ConceptLabels.load(path)
     if len(paths) == 2:
@@ -70,17 +68,62 @@ def _load_concepts(paths: tuple[str, ...]):
         if tensor.suffix.lower() == ".json" and description.suffix.lower() != ".json":
             tensor, description = description, tensor
         return ConceptLabels.from_reference(tensor, description)
-    raise click.BadParameter(
-        f"expected one .npz or a pair ONEHOT.pt DESCRIPTION.json, got {len(paths)} files", param_hint="LABELS"
-    )
+    raise ValueError(f"LABELS: expected one .npz or a pair ONEHOT.pt DESCRIPTION.json, got {len(paths)} files")
 
 
-def _is_activation_cache(path: str) -> bool:
-    from .storage.cache import FORMAT
-    from .storage.h5 import open_h5
+def _check_device(device: str) -> str:
+    """The device, if this machine has it (ValueError naming the problem otherwise)."""
+    import torch
 
-    with open_h5(path, "r") as file:
-        return file.attrs.get("format") == FORMAT
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device; expected cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: no CUDA GPU is available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device!r}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type != "cpu":
+        raise ValueError(f"--device {device!r}: only cpu, cuda[:N] and mps are supported")
+    return device
+
+
+def _out_files(out: Path | None, names: list[str], overwrite: bool) -> list[tuple[str | None, Path]]:
+    """The files ``--out`` will be: ``(layer, file)`` (layer None for ``index.json``), each checked now,
+    before the labeling: existing files are kept unless ``--overwrite``."""
+    from .core.checks import check_output
+
+    if out is None:
+        return []
+    if len(names) == 1 and out.suffix.lower() == ".json":
+        check_output(out, overwrite=overwrite)
+        return [(names[0], out)]
+    check_output(out, folder=True)
+    planned: list[tuple[str | None, Path]] = []
+    used: set[str] = set()
+    for name in names:
+        stem = _safe_filename(name)
+        while stem in used or stem == "index":
+            stem += "_"
+        used.add(stem)
+        planned.append((name, out / f"{stem}.json"))
+    planned.append((None, out / "index.json"))
+    for _, path in planned:
+        check_output(path, overwrite=overwrite)
+    return planned
+
+
+def _one_line(error: BaseException) -> str:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(message).split())
+
+
+def _printable(name: str) -> str:
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in name)
 
 
 def search_options(command: Callable) -> Callable:
@@ -145,6 +188,7 @@ def _safe_filename(name: str) -> str:
     default=None,
     help="JSON file (one layer) or folder (several layers: one LAYER.json each).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace existing --out files.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the table of labels or progress bars.")
 def label_command(
     cache: str,
@@ -155,6 +199,7 @@ def label_command(
     params: SearchParams,
     device: str,
     out: str | None,
+    overwrite: bool,
     quiet: bool,
 ) -> None:
     """Label the channels of CACHE with formulas over the concepts in LABELS.
@@ -163,55 +208,59 @@ def label_command(
     an HDF5 file with one [N, D] dataset (--dataset, the INVERT release format). LABELS is an .npz with
     'names' and 'labels' (bool [N, K]) or CSR 'indices', 'indptr', 'shape'; or the reference implementation's
     pair of files ONEHOT.pt DESCRIPTION.json.
+
+    Everything is checked before the labeling starts (device, --out, the concepts, the cache and its values);
+    existing --out files are kept unless --overwrite is given.
     """
+    from .core.checks import check_output
+    from .core.labels import write_text_atomically
     from .labeler import ConceptLabeler, label_cache, label_h5
     from .parallel.group import distributed_session, get_rank, local_device
+    from .storage.cache import is_activation_cache, open_for_labeling
 
+    out_path = Path(out) if out is not None else None
     # under torchrun (WORLD_SIZE set) the channels are split across the processes; rank 0 writes the output
     with distributed_session():
         rank = get_rank()
         kwargs: dict[str, Any] = dict(asdict(params), progress=not quiet and rank == 0)
         try:
+            _check_device(device)
+            if out_path is not None:  # the quick checks first; the files once the layers are known
+                folder = out_path.is_dir() or out_path.suffix.lower() != ".json"
+                check_output(out_path, overwrite=overwrite, folder=folder)
             concepts = _load_concepts(labels)
             labeler = ConceptLabeler(concepts, device=local_device(device))
-            if _is_activation_cache(cache):
-                results = label_cache(labeler, cache, layers=list(layers) or None, source=source, **kwargs)
+            if is_activation_cache(cache):
+                with open_for_labeling(cache, list(layers) or None, source, concepts.n_samples) as (opened, names):
+                    planned = _out_files(out_path, names, overwrite) if rank == 0 else []
+                    results = label_cache(labeler, opened, layers=names, source=source, **kwargs)
             else:
                 if layers or source != "activation":
                     raise click.UsageError(
                         "--layer and --source apply to activation caches; "
                         f"{cache} is a plain HDF5 file (use --dataset)"
                     )
+                planned = _out_files(out_path, [dataset], overwrite) if rank == 0 else []
+                # label_h5 checks the dataset (N, dtype, finite values) before the labeling starts
                 results = {dataset: label_h5(labeler, cache, dataset=dataset, **kwargs)}
-        except (KeyError, ValueError, TypeError, FileNotFoundError) as err:
-            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-            raise click.ClickException(str(message)) from err
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            raise click.ClickException(_one_line(err)) from None
     if rank != 0:
         return
 
-    written = []
-    if out is not None:
-        out_path = Path(out)
-        if len(results) == 1 and out_path.suffix.lower() == ".json":
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            next(iter(results.values())).to_json(out_path)
-            written.append(out_path)
-        else:
-            out_path.mkdir(parents=True, exist_ok=True)
-            used: set[str] = set()
-            for name, result in results.items():
-                stem = _safe_filename(name)
-                while stem in used:
-                    stem += "_"
-                used.add(stem)
-                result.to_json(out_path / f"{stem}.json")
-                written.append(out_path / f"{stem}.json")
-            (out_path / "index.json").write_text(
-                json.dumps({name: path.name for name, path in zip(results, written, strict=True)}, indent=2)
-            )
+    try:
+        for name, path in planned:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if name is not None:
+                results[name].to_json(path)
+        if planned and planned[-1][0] is None:
+            index = {name: path.name for name, path in planned if name is not None}
+            write_text_atomically(planned[-1][1], json.dumps(index, indent=2))
+    except OSError as err:
+        raise click.ClickException(f"cannot write --out {out!r}: {_one_line(err)}") from None
     if not quiet:
         for name, result in results.items():
-            click.echo(f"## {name} ({source})")
+            click.echo(f"## {_printable(name)} ({source})")
             click.echo(result.table())
-        for path in written:
+        for _, path in planned:
             click.echo(f"wrote {path}", err=True)

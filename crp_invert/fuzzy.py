@@ -204,7 +204,10 @@ def _neuron_index(name: str, names: Optional[Mapping[str, int]]) -> int:
     if names is not None:
         if name not in names:
             raise KeyError(f"unknown neuron {name!r}; expected one of the {len(names)} given names")
-        return int(names[name])
+        index = names[name]
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+            raise ValueError(f"neuron {name!r} must map to a column index >= 0, got {index!r}")
+        return int(index)
     match = _NEURON.match(name)
     if match is None:
         raise KeyError(f"neuron {name!r} is not of the form 'n<index>' (e.g. 'n61'); "

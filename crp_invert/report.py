@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 import math
 import os
@@ -220,28 +219,42 @@ def select_channels(layer_labels: Any, max_channels: int = MAX_CHANNEL_FIGURES) 
 def load_labels(paths: Iterable[Union[str, os.PathLike]]) -> dict:
     """Read ``LayerLabels`` JSON files (or an ``index.json`` written by ``crp-invert label --out DIR``).
 
+    Every file is checked (see :meth:`LayerLabels.from_dict`); errors name the file.
+
     Returns
     -------
     dict of str to LayerLabels
         Layer name (the labels' ``layer``, else the file stem) -> labels, in the order given.
+
+    Raises
+    ------
+    ValueError
+        For unreadable or malformed files, and for two files with labels of the same layer.
     """
+    from .core.checks import read_json
     from .core.labels import LayerLabels
 
     result: dict = {}
+
+    def add(name: str, labels: Any, source: Path) -> None:
+        if name in result:
+            raise ValueError(f"{source} holds labels of layer {name!r}, which an earlier file already gave")
+        result[name] = labels
+
     for path in paths:
         path = Path(path)
-        with open(path, encoding="utf-8") as handle:
-            try:
-                data = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not valid JSON: {error}") from error
+        data = read_json(path, "labels file")
         if isinstance(data, dict) and data.get("format") == "crp-invert.LayerLabels":
-            labels = LayerLabels.from_dict(data)
-            result[labels.layer or path.stem] = labels
-        elif isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
+            try:
+                labels = LayerLabels.from_dict(data)
+            except (ValueError, TypeError, KeyError) as error:
+                message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+                raise type(error)(f"labels file {str(path)!r}: {message}") from None
+            add(labels.layer or path.stem, labels, path)
+        elif isinstance(data, dict) and data and all(isinstance(v, str) for v in data.values()):
             for name, file_name in data.items():  # index.json: layer -> file next to it
                 labels = LayerLabels.from_json(path.parent / file_name)
-                result[labels.layer or name] = labels
+                add(labels.layer or name, labels, path.parent / file_name)
         else:
             raise ValueError(f"{path} is neither a LayerLabels JSON file nor an index.json of them")
     return result
@@ -265,6 +278,8 @@ _COLUMNS = (
 
 
 def _channel_table(layer: str, layer_labels: Any) -> str:
+    from .core.labels import format_p_value
+
     head = "".join(f'<th data-type="{kind}">{_e(name)}</th>' for name, kind in _COLUMNS)
     rows = []
     for channel in range(len(layer_labels)):
@@ -278,14 +293,14 @@ def _channel_table(layer: str, layer_labels: Any) -> str:
             cells.append(f"<td>{_e(best.formula)}</td>")
             for value, spec in (
                 (best.auc, ".4f"),
-                (best.p_value, ".2e"),
-                (best.p_value_bonferroni, ".2e"),
-                (best.p_value_bh, ".2e"),
+                (best.p_value, "p"),
+                (best.p_value_bonferroni, "p"),
+                (best.p_value_bh, "p"),
                 (best.fraction, ".3f"),
             ):
-                text = _fmt(value, spec)
+                text = format_p_value(value) if spec == "p" else _fmt(value, spec)
                 cells.append(
-                    f'<td class="num" data-value="{_e(repr(float(value)) if text else "")}">{text}</td>'
+                    f'<td class="num" data-value="{_e(repr(float(value)) if text else "")}">{_e(text)}</td>'
                 )
             cells.append(f'<td class="num" data-value="{best.length}">{best.length}</td>')
         cells.append(f'<td class="num" data-value="{len(beam)}">{len(beam)}</td>')
@@ -297,8 +312,18 @@ def _channel_table(layer: str, layer_labels: Any) -> str:
 
 
 def _anchor(layer: str, channel: Optional[int] = None) -> str:
-    safe = "".join(ch if ch.isalnum() else "-" for ch in layer)
+    """A unique HTML id per layer (and channel): ASCII letters and digits stay, every other character
+    becomes ``_<hex code>_``, so ``features.0``, ``features/0`` and ``features_0`` get different ids."""
+    safe = "".join(ch if ch.isascii() and ch.isalnum() else f"_{ord(ch):x}_" for ch in layer)
     return f"layer-{safe}" + ("" if channel is None else f"-ch{channel}")
+
+
+def _plain_text():
+    """matplotlib settings under which text is drawn as it is: names with ``$``, ``_`` or ``^`` are not
+    parsed as mathtext (which fails on unbalanced ``$``)."""
+    import matplotlib
+
+    return matplotlib.rc_context({"text.parse_math": False, "text.usetex": False})
 
 
 def _img(png: bytes, alt: str, zoom: int = 1) -> str:
@@ -349,6 +374,7 @@ def _channel_card(
     n_reference: int,
     dpi: int,
 ) -> str:
+    from .core.labels import format_p_value
     from .plot import plot_explanation
 
     best = layer_labels.best(channel)
@@ -359,17 +385,17 @@ def _channel_card(
         return "".join(parts)
     parts.append(
         f"<p><code>{_e(best.formula)}</code> &middot; AUC {best.auc:.3f} &middot; "
-        f"p {_fmt(best.p_value, '.2e')} &middot; q (BH) {_fmt(best.p_value_bh, '.2e')}</p>"
+        f"p {_e(format_p_value(best.p_value))} &middot; q (BH) {_e(format_p_value(best.p_value_bh))}</p>"
     )
     mask = None
     if concepts is not None:
         mask = best.formula.evaluate(concepts)
         mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask, dtype=bool)
     if activations is not None and concepts is not None:
-        figure = plot_explanation(activations[:, channel], concepts, best, title=f"{layer}:{channel}")
-        parts.append(
-            f'<div class="figure">{_img(_figure_png(figure, dpi), f"density {layer} {channel}")}</div>'
-        )
+        with _plain_text():
+            figure = plot_explanation(activations[:, channel], concepts, best, title=f"{layer}:{channel}")
+            png = _figure_png(figure, dpi)
+        parts.append(f'<div class="figure">{_img(png, f"density {layer} {channel}")}</div>')
     row = []
     if feature_visualization is not None:
         for mode, name in (("activation", "ActMax"), ("relevance", "RelMax")):
@@ -493,6 +519,7 @@ def write_report(
     """
     from tqdm.auto import tqdm
 
+    from .core.labels import write_text_atomically
     from .storage.cache import ActivationCache
 
     if source not in ("activation", "relevance"):
@@ -510,6 +537,7 @@ def write_report(
                 f"the cache has {store.n_samples} samples but the concepts {concepts.n_samples}; "
                 "they must describe the same samples"
             )
+        _check_labels_match(labels, store, concepts)
         page = [
             f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f"<style>{_STYLE}</style></head><body><h1>{_e(title)}</h1>"
@@ -584,25 +612,54 @@ def write_report(
             for i, glocal in enumerate(glocals):
                 image = glocal_images[i] if glocal_images is not None else None
                 name = class_names[glocal.target] if class_names is not None else None
-                figure = plot_glocal(glocal, image=image, class_name=name)
+                with _plain_text():
+                    png = _figure_png(plot_glocal(glocal, image=image, class_name=name), dpi)
                 shown = name if name is not None else glocal.target
                 caption = f"prediction {i}: class {shown}, layer {glocal.layer}"
-                page.append(
-                    f'<div class="figure">{_img(_figure_png(figure, dpi), caption)}<p>{_e(caption)}</p></div>'
-                )
+                page.append(f'<div class="figure">{_img(png, caption)}<p>{_e(caption)}</p></div>')
         if circuits:
             from .plot import plot_circuit
 
             page.append("<h2>Circuits</h2>")
             for circuit in circuits:
-                figure = plot_circuit(circuit)
-                page.append(f'<div class="figure">{_img(_figure_png(figure, dpi), "circuit")}</div>')
+                with _plain_text():
+                    png = _figure_png(plot_circuit(circuit), dpi)
+                page.append(f'<div class="figure">{_img(png, "circuit")}</div>')
         page.append(f"<script>{_SCRIPT}</script></body></html>")
     finally:
         if own_cache:
             store.close()
-    path.write_text("".join(page), encoding="utf-8")
+    write_text_atomically(path, "".join(page))
     return path
+
+
+def _check_labels_match(labels: Mapping[str, Any], store: Any, concepts: Any) -> None:
+    """Refuse labels that do not belong to the cache or the concepts: a layer the cache lacks, another number
+    of channels or samples, formulas over concepts that are not given."""
+    for layer, layer_labels in labels.items():
+        if store is not None:
+            if layer not in store:
+                raise KeyError(
+                    f"the labels of layer {layer!r} have no layer in the cache {str(store.path)!r} (its layers: "
+                    f"{store.layers[:10]})"
+                )
+            if store.n_channels(layer) != len(layer_labels):
+                raise ValueError(
+                    f"the labels of layer {layer!r} have {len(layer_labels)} features but the cache's layer has "
+                    f"{store.n_channels(layer)} channels; they belong to different layers or recordings"
+                )
+            n_labeled = (getattr(layer_labels, "parameters", None) or {}).get("n_samples")
+            if isinstance(n_labeled, int) and not isinstance(n_labeled, bool) and n_labeled != store.n_samples:
+                raise ValueError(
+                    f"the labels of layer {layer!r} were computed on {n_labeled} samples but the cache has "
+                    f"{store.n_samples}; they belong to another recording"
+                )
+        if concepts is not None:
+            missing = sorted(set(getattr(layer_labels, "concept_names", ())) - set(concepts.names))
+            if missing:
+                raise ValueError(
+                    f"the labels of layer {layer!r} use concepts that the given concepts lack: {missing[:5]}"
+                )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -639,6 +696,7 @@ def write_report(
     "--source", type=click.Choice(["activation", "relevance"]), default="activation", show_default=True
 )
 @click.option("--title", default="crp-invert report", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def report_command(
     cache: str,
@@ -648,15 +706,19 @@ def report_command(
     max_channels: int,
     source: str,
     title: str,
+    overwrite: bool,
     quiet: bool,
 ) -> None:
     """Write an HTML report of the labels in LABELS (LayerLabels JSON files or an index.json) for CACHE.
 
-    Made from files alone, without a model: CRP's reference samples are not shown.
+    Made from files alone, without a model: CRP's reference samples are not shown. An existing --out file
+    is kept unless --overwrite is given.
     """
+    from .core.checks import check_output
     from .core.concepts import ConceptLabels
 
     try:
+        check_output(out, overwrite=overwrite)
         layer_labels = load_labels(labels)
         concepts = ConceptLabels.load(concepts_path) if concepts_path else None
         written = write_report(
@@ -669,7 +731,7 @@ def report_command(
             max_channels=max_channels,
             progress=not quiet,
         )
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as error:
+    except (KeyError, ValueError, TypeError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        raise click.ClickException(str(message)) from error
+        raise click.ClickException(" ".join(str(message).split())) from None
     click.echo(f"wrote {written}", err=True)

@@ -1,6 +1,9 @@
 """ActivationCache, FlatActivationWriter, and labeling straight from HDF5 (label_cache, label_h5)."""
 
 import json
+import os
+import resource
+import signal
 
 import h5py
 import numpy as np
@@ -300,3 +303,254 @@ def test_cache_is_json_free_of_paths(tmp_path):
         assert index == {"features.40": "0", "layer4.1.conv2": "1"}
         group = file["layers"]["0"]
         assert group["activations"].chunks is not None and group["complete"].dtype == np.uint8
+
+
+# -- faults: kills at every step of creating a cache, full disks, two writers (issue 11) ----------------------
+
+KILL_N = 40
+KILL_LAYERS = (("a", 3, True), ("b", 5, False))
+# every call that changes the file or its name: the child is killed right before the k-th of them
+KILL_POINTS = [
+    (h5py.File, "__init__"), (h5py.File, "flush"), (h5py.Group, "create_group"), (h5py.Group, "create_dataset"),
+    (h5py.AttributeManager, "__setitem__"), (h5py.Dataset, "__setitem__"), (os, "replace"), (os, "posix_fallocate"),
+    (os, "truncate"), (os, "fsync"),
+]
+
+
+WIDE = (("wide", 300, True),)
+
+
+def kill_data(name):
+    channels = {n: c for n, c, _ in KILL_LAYERS + WIDE}[name]
+    values = np.arange(KILL_N * channels, dtype=np.float32).reshape(KILL_N, channels) / 7 + len(name)
+    return values, -values
+
+
+def record(path, layers=KILL_LAYERS):
+    """What a recording does to its cache: create or continue it, add the layers, write, mark complete."""
+    with ActivationCache(path, mode="a") as cache:
+        cache.initialize((0, KILL_N))
+        for name, channels, relevances in layers:
+            cache.add_layer(name, channels, relevances=relevances, pooling="mean", fingerprint=f"fp-{name}")
+        for name, _, relevances in layers:
+            acts, rels = kill_data(name)
+            cache.write(name, (0, KILL_N // 2), acts[: KILL_N // 2], rels[: KILL_N // 2] if relevances else None)
+            cache.mark_complete((0, KILL_N // 2), [name])
+            cache.write(name, (KILL_N // 2, KILL_N), acts[KILL_N // 2:], rels[KILL_N // 2:] if relevances else None)
+            cache.mark_complete((KILL_N // 2, KILL_N), [name])
+
+
+def assert_recorded(path, layers=KILL_LAYERS):
+    with ActivationCache(path) as cache:
+        assert cache.layers == [name for name, _, _ in layers]
+        assert cache.is_complete()
+        for name, _, relevances in layers:
+            acts, rels = kill_data(name)
+            np.testing.assert_array_equal(cache.activations(name).numpy(), acts)
+            if relevances:
+                np.testing.assert_array_equal(cache.relevances(name).numpy(), rels)
+            assert cache.info(name)["fingerprint"] == f"fp-{name}"
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no .partial, no .lock left
+
+
+def in_child(body, kill_at=0, fsize=None, counter=None):
+    """Run ``body`` in a forked child, killed with SIGKILL right before the ``kill_at``-th call of KILL_POINTS
+    (0: never), under an optional RLIMIT_FSIZE. Returns the wait status; ``counter`` receives the number of
+    calls."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            count = [0]
+
+            def counted(real):
+                def wrapped(*args, **kwargs):
+                    count[0] += 1
+                    if count[0] == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return real(*args, **kwargs)
+                return wrapped
+
+            for owner, name in KILL_POINTS:
+                setattr(owner, name, counted(getattr(owner, name)))
+            if fsize is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+            try:
+                body()
+            except (OSError, ValueError) as error:
+                code = 3 if "space" in str(error) or "too large" in str(error).lower() or fsize is not None else 4
+            if counter is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+                counter.write_text(str(count[0]))
+        except BaseException:
+            code = 5
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+def killed(status):
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def test_kill_at_every_step_of_creating_a_cache(tmp_path):
+    counter = tmp_path / "count"
+    (tmp_path / "dry").mkdir()
+    assert in_child(lambda: record(tmp_path / "dry" / "cache.h5"), counter=counter) == 0
+    n_calls = int(counter.read_text())
+    assert n_calls > 20
+    for k in range(1, n_calls + 1):
+        folder = tmp_path / f"k{k}"
+        folder.mkdir()
+        path = folder / "cache.h5"
+        assert killed(in_child(lambda path=path: record(path), kill_at=k)), k
+        if path.exists():  # renamed into place: it must open, with trustworthy complete rows
+            with ActivationCache(path) as cache:
+                for name in cache.layers:
+                    done = cache.complete(name)
+                    np.testing.assert_array_equal(cache.activations(name).numpy()[done], kill_data(name)[0][done])
+        record(path)  # the rerun completes
+        assert_recorded(path)
+
+
+def test_kill_while_adding_a_layer_keeps_complete_rows(tmp_path):
+    first, second = KILL_LAYERS[:1], KILL_LAYERS
+    counter = tmp_path / "count"
+    (tmp_path / "dry").mkdir()
+    record(tmp_path / "dry" / "cache.h5", first)
+    assert in_child(lambda: record(tmp_path / "dry" / "cache.h5", second), counter=counter) == 0
+    n_calls = int(counter.read_text())
+    for k in range(1, n_calls + 1):
+        folder = tmp_path / f"k{k}"
+        folder.mkdir()
+        path = folder / "cache.h5"
+        record(path, first)
+        assert killed(in_child(lambda path=path: record(path, second), kill_at=k)), k
+        with ActivationCache(path) as cache:  # layer a: untouched
+            assert cache.is_complete("a")
+            np.testing.assert_array_equal(cache.activations("a").numpy(), kill_data("a")[0])
+        record(path, second)
+        assert_recorded(path, second)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.01, 0.2, 0.5, 0.9])
+def test_file_size_limit_while_creating_then_rerun(tmp_path, fraction):
+    (tmp_path / "full").mkdir()
+    record(tmp_path / "full" / "cache.h5")
+    size = (tmp_path / "full" / "cache.h5").stat().st_size
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "run" / "cache.h5"
+    status = in_child(lambda: record(path), fsize=int(fraction * size))
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3, status
+    if path.exists():
+        ActivationCache(path).close()  # whatever is there opens
+    record(path)  # a rerun with space continues
+    assert_recorded(path)
+
+
+@pytest.mark.parametrize("room", [512, 8000, 30000, 90000])
+def test_file_size_limit_while_adding_a_layer_keeps_the_cache(tmp_path, room):
+    path = tmp_path / "cache.h5"
+    first, second = KILL_LAYERS[:1], KILL_LAYERS[:1] + WIDE  # the wide layer needs about 100 kB
+    record(path, first)
+    status = in_child(lambda: record(path, second), fsize=path.stat().st_size + room)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3, status
+    with ActivationCache(path) as cache:  # without reserving the space first, HDF5 left a truncated file
+        assert cache.layers == ["a"] and cache.is_complete()
+        np.testing.assert_array_equal(cache.activations("a").numpy(), kill_data("a")[0])
+    record(path, second)
+    assert_recorded(path, second)
+
+
+def test_two_writers_one_refused_file_intact(tmp_path):
+    from crp_invert.storage.lock import FileInUseError
+
+    for trial in range(5):
+        path = tmp_path / f"cache{trial}.h5"
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the first writer: records half, waits, records the rest
+            code = 1
+            try:
+                with ActivationCache(path, mode="a") as cache:
+                    cache.initialize((0, KILL_N))
+                    for name, channels, relevances in KILL_LAYERS:
+                        cache.add_layer(name, channels, relevances=relevances, pooling="mean",
+                                        fingerprint=f"fp-{name}")
+                    for name, _, relevances in KILL_LAYERS:
+                        acts, rels = kill_data(name)
+                        cache.write(name, (0, KILL_N // 2), acts[: KILL_N // 2],
+                                    rels[: KILL_N // 2] if relevances else None)
+                    cache.mark_complete((0, KILL_N // 2))
+                    os.write(ready_w, b"1")
+                    os.read(go_r, 1)
+                    for name, _, relevances in KILL_LAYERS:
+                        acts, rels = kill_data(name)
+                        cache.write(name, (KILL_N // 2, KILL_N), acts[KILL_N // 2:],
+                                    rels[KILL_N // 2:] if relevances else None)
+                    cache.mark_complete((KILL_N // 2, KILL_N))
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.read(ready_r, 1) == b"1"
+        refused = []
+        attempts = (lambda path=path: ActivationCache(path, mode="a"),
+                    lambda path=path: ActivationCache(path, "a", overwrite=True),
+                    lambda path=path: ActivationCache(path), lambda path=path: record(path))
+        for attempt in attempts:
+            with pytest.raises(FileInUseError, match="in use by another process") as caught:
+                attempt()
+            assert "damaged" not in str(caught.value)
+            refused.append(caught.value)
+        os.write(go_w, b"1")
+        _, status = os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert len(refused) == 4
+        moved = tmp_path / f"alone{trial}" / "cache.h5"
+        moved.parent.mkdir()
+        os.replace(path, moved)
+        assert_recorded(moved)
+
+
+def test_a_file_locked_by_hdf5_alone_is_in_use_not_damaged(tmp_path):
+    from crp_invert.storage.lock import FileInUseError
+
+    path = tmp_path / "cache.h5"
+    record(path)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - a plain h5py writer (no lock file of ours)
+        try:
+            with h5py.File(path, "r+"):
+                os.write(ready_w, b"1")
+                os.read(go_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        with pytest.raises(FileInUseError, match="in use by another process"):
+            ActivationCache(path)
+    finally:
+        os.write(go_w, b"1")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
+    assert_recorded(path)
+
+
+def test_half_initialized_file_of_older_versions_is_recreated(tmp_path):
+    path = tmp_path / "cache.h5"
+    with h5py.File(path, "w") as file:  # what a kill inside write_root left behind: no layer_index
+        file.attrs["format"] = "crp-invert-activation-cache"
+        file.attrs["n_samples"] = 3
+    record(path)
+    assert_recorded(path)
+    with h5py.File(path, "w") as file:  # an empty HDF5 file
+        pass
+    record(path)
+    assert_recorded(path)

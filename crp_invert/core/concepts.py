@@ -14,9 +14,10 @@ Examples
 """
 from __future__ import annotations
 
-import json
 import logging
 import warnings
+import zipfile
+import zlib
 from os import PathLike
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -25,6 +26,8 @@ import numpy as np
 import scipy.sparse
 import torch
 
+from .checks import check_name, fits_in_memory, read_json
+
 __all__ = ["ConceptLabels"]
 
 logger = logging.getLogger(__name__)
@@ -32,46 +35,159 @@ logger = logging.getLogger(__name__)
 ArrayLike = Union[np.ndarray, torch.Tensor, "scipy.sparse.spmatrix", Sequence]
 
 
+def _check_csr(indptr: np.ndarray, indices: np.ndarray, shape: tuple, where: str) -> tuple:
+    """Validate CSR arrays before any kernel sees them: integer 1-d arrays, ``indptr`` of ``n_rows + 1``
+    entries from 0 to ``len(indices)`` without decreasing, every index in ``[0, n_cols)``.
+
+    Returns ``(indptr, indices)`` as int64. ``where`` names the source in errors.
+    """
+    n_rows, n_cols = shape
+    for name, array in (("indptr", indptr), ("indices", indices)):
+        if array.ndim != 1:
+            raise ValueError(f"{where}: CSR {name!r} must be 1-d, got shape {array.shape}")
+        if array.dtype.kind not in "iu":
+            raise TypeError(f"{where}: CSR {name!r} must hold integers, got dtype {array.dtype}")
+    if len(indptr) != n_rows + 1:
+        raise ValueError(
+            f"{where}: CSR 'indptr' has {len(indptr)} entries, expected n_rows + 1 = {n_rows + 1} for shape "
+            f"{shape}"
+        )
+    if int(indptr[0]) != 0:
+        raise ValueError(f"{where}: CSR 'indptr' must start at 0, got {int(indptr[0])}")
+    if int(indptr[-1]) != len(indices):
+        raise ValueError(
+            f"{where}: CSR 'indptr' ends at {int(indptr[-1])} but there are {len(indices)} column indices"
+        )
+    if len(indptr) > 1:
+        falling = np.flatnonzero(indptr[1:] < indptr[:-1])
+        if falling.size:
+            row = int(falling[0])
+            raise ValueError(
+                f"{where}: CSR 'indptr' decreases at row {row} ({int(indptr[row])} -> {int(indptr[row + 1])})"
+            )
+    if len(indices):
+        low, high = indices.min(), indices.max()
+        if int(low) < 0 or int(high) >= n_cols:
+            bad = int(low) if int(low) < 0 else int(high)
+            raise ValueError(f"{where}: CSR column index {bad} is out of range for {n_cols} columns")
+    return indptr.astype(np.int64), indices.astype(np.int64)
+
+
+def _check_shape(shape: Any, where: str) -> tuple:
+    shape = tuple(shape)
+    if len(shape) != 2:
+        raise ValueError(f"{where} must be a 2-d [N, K] matrix, got shape {shape}")
+    for size in shape:
+        if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)):
+            raise TypeError(f"{where}: the shape must hold integers, got {shape}")
+        if not 0 <= int(size) < 2**62:
+            raise ValueError(f"{where}: shape {shape} has an entry out of range [0, 2**62)")
+    return int(shape[0]), int(shape[1])
+
+
+def _checked_values(data: np.ndarray, where: str) -> np.ndarray:
+    """Boolean values from bool or real 0/1 ``data`` (ValueError naming the first other value)."""
+    if data.dtype == np.bool_:
+        return data
+    if data.dtype.kind not in "iuf":
+        raise TypeError(f"{where} must be boolean or real 0/1, got dtype {data.dtype}")
+    bad = (data != 0) & (data != 1)
+    if np.any(bad):
+        raise ValueError(f"{where} must be boolean or 0/1, found value {data[bad][0]!r}")
+    return data != 0
+
+
+def _csr(data: Any, indptr: np.ndarray, indices: np.ndarray, shape: tuple, where: str) -> scipy.sparse.csr_matrix:
+    """A canonical boolean CSR matrix (sorted, no duplicates, no explicit zeros) from arrays that are checked
+    first: nothing unchecked reaches scipy's kernels."""
+    shape = _check_shape(shape, where)
+    indptr, indices = _check_csr(np.asarray(indptr), np.asarray(indices), shape, where)
+    if data is None:
+        data = np.ones(len(indices), dtype=np.bool_)
+    else:
+        data = np.asarray(data)
+        if data.shape != indices.shape:
+            raise ValueError(f"{where}: CSR 'data' has shape {data.shape} but 'indices' {indices.shape}")
+        data = _checked_values(data, where)
+    matrix = scipy.sparse.csr_matrix((data.astype(np.int64), indices, indptr), shape=shape)
+    matrix.sum_duplicates()  # sorts the indices; duplicates of 1 add up to > 0, still True
+    matrix = scipy.sparse.csr_matrix(
+        (matrix.data != 0, matrix.indices, matrix.indptr), shape=shape, dtype=np.bool_
+    )
+    matrix.eliminate_zeros()
+    return matrix
+
+
+def _transposed(matrix: scipy.sparse.csr_matrix) -> scipy.sparse.csr_matrix:
+    """The transpose of a checked CSR matrix, again as canonical CSR."""
+    transposed = matrix.T.tocsr()
+    transposed.sort_indices()
+    return transposed
+
+
+def _coo(data: Any, rows: np.ndarray, cols: np.ndarray, shape: tuple, where: str) -> scipy.sparse.csr_matrix:
+    """As :func:`_csr` from coordinates (checked, then sorted into CSR in numpy)."""
+    shape = _check_shape(shape, where)
+    rows, cols = np.asarray(rows).reshape(-1), np.asarray(cols).reshape(-1)
+    for name, array, size in (("row", rows, shape[0]), ("column", cols, shape[1])):
+        if array.dtype.kind not in "iu":
+            raise TypeError(f"{where}: {name} indices must be integers, got dtype {array.dtype}")
+        if array.size and (int(array.min()) < 0 or int(array.max()) >= size):
+            raise ValueError(f"{where}: a {name} index is out of range for shape {shape}")
+    if rows.shape != cols.shape:
+        raise ValueError(f"{where}: {rows.size} row indices but {cols.size} column indices")
+    rows, cols = rows.astype(np.int64), cols.astype(np.int64)
+    order = np.lexsort((cols, rows))
+    indptr = np.zeros(shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
+    values = None if data is None else np.asarray(data).reshape(-1)[order]
+    return _csr(values, indptr, cols[order], shape, where)
+
+
 def _to_csr(labels: Any) -> scipy.sparse.csr_matrix:
-    """Boolean CSR matrix from dense or sparse numpy / torch / scipy input; checks the values."""
+    """Boolean CSR matrix from dense or sparse numpy / torch / scipy input; checks the values and, for sparse
+    input, every index before a kernel sees it (invalid sparse arrays crash torch and scipy)."""
+    where = "labels"
     if isinstance(labels, torch.Tensor):
-        if labels.layout != torch.strided:
-            labels = labels.to_sparse_coo().coalesce()
-            indices = labels.indices().cpu().numpy()
-            values = labels.values().cpu().numpy()
+        layout = labels.layout
+        if layout == torch.sparse_coo:
+            if labels.ndim != 2 or labels.dense_dim() != 0:
+                raise ValueError(f"labels must be a 2-d [N, K] matrix, got shape {tuple(labels.shape)}")
+            indices = labels._indices().detach().cpu().numpy()
+            return _coo(labels._values().detach().cpu().numpy(), indices[0], indices[1], tuple(labels.shape), where)
+        if layout in (torch.sparse_csr, torch.sparse_csc):
             if labels.ndim != 2:
                 raise ValueError(f"labels must be a 2-d [N, K] matrix, got shape {tuple(labels.shape)}")
-            matrix = scipy.sparse.coo_matrix((values, (indices[0], indices[1])), shape=tuple(labels.shape))
-            return _to_csr(matrix.tocsr())
+            values = labels.values().detach().cpu().numpy()
+            if layout == torch.sparse_csr:
+                crow = labels.crow_indices().detach().cpu().numpy()
+                return _csr(values, crow, labels.col_indices().detach().cpu().numpy(), tuple(labels.shape), where)
+            ccol = labels.ccol_indices().detach().cpu().numpy()
+            n_rows, n_cols = labels.shape
+            return _transposed(_csr(values, ccol, labels.row_indices().detach().cpu().numpy(), (n_cols, n_rows), where))
+        if layout != torch.strided:
+            raise TypeError(f"labels with torch layout {layout} are not supported; use a dense, COO or CSR tensor")
         labels = labels.detach().cpu().numpy()
     if scipy.sparse.issparse(labels):
-        matrix = scipy.sparse.csr_matrix(labels)
-        if matrix.ndim != 2:
-            raise ValueError(f"labels must be a 2-d [N, K] matrix, got shape {matrix.shape}")
-        matrix.sum_duplicates()
-        data = matrix.data
-        if data.dtype != np.bool_:
-            bad = (data != 0) & (data != 1)
-            if np.any(bad):
-                raise ValueError(
-                    f"labels must be boolean or 0/1, found value {data[bad][0]!r} in sparse labels"
-                )
-        matrix = scipy.sparse.csr_matrix(
-            (data != 0, matrix.indices, matrix.indptr), shape=matrix.shape, dtype=np.bool_
-        )
-        matrix.eliminate_zeros()
-        matrix.sort_indices()
-        return matrix
+        if labels.ndim != 2:
+            raise ValueError(f"labels must be a 2-d [N, K] matrix, got shape {labels.shape}")
+        form = labels.format
+        if form == "csr":
+            return _csr(labels.data, labels.indptr, labels.indices, labels.shape, where)
+        if form == "csc":
+            n_rows, n_cols = labels.shape
+            return _transposed(_csr(labels.data, labels.indptr, labels.indices, (n_cols, n_rows), where))
+        if form == "bsr":
+            labels.check_format(full_check=True)
+        if form != "coo":
+            labels = labels.tocoo()  # lil, dok and dia keep indices in Python structures or compute them
+        return _coo(labels.data, labels.row, labels.col, labels.shape, where)
     array = np.asarray(labels)
     if array.ndim != 2:
         raise ValueError(f"labels must be a 2-d [N, K] matrix, got shape {array.shape}")
-    if array.dtype != np.bool_:
-        if not (np.issubdtype(array.dtype, np.number)):
-            raise TypeError(f"labels must be boolean or numeric 0/1, got dtype {array.dtype}")
-        bad = (array != 0) & (array != 1)
-        if np.any(bad):
-            raise ValueError(f"labels must be boolean or 0/1, found value {array[bad][0]!r}")
-    matrix = scipy.sparse.csr_matrix(array != 0, dtype=np.bool_)
+    if array.dtype != np.bool_ and array.dtype.kind not in "iuf":
+        raise TypeError(f"labels must be boolean or real numeric 0/1, got dtype {array.dtype}")
+    matrix = scipy.sparse.csr_matrix(_checked_values(array, where), dtype=np.bool_)
     matrix.sort_indices()
     return matrix
 
@@ -79,12 +195,7 @@ def _to_csr(labels: Any) -> scipy.sparse.csr_matrix:
 def _check_names(names: Any) -> List[str]:
     if isinstance(names, str) or not isinstance(names, Iterable):
         raise TypeError(f"names must be a sequence of str, got {type(names).__name__}")
-    names = [name.item() if isinstance(name, np.generic) else name for name in names]
-    for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"concept names must be str, got {type(name).__name__}: {name!r}")
-        if not name.strip():
-            raise ValueError(f"concept names must not be empty, got {name!r}")
+    names = [check_name(name, "a concept name") for name in names]
     seen, duplicates = set(), []
     for name in names:
         if name in seen and name not in duplicates:
@@ -404,38 +515,52 @@ class ConceptLabels:
     @classmethod
     def load(cls, path: Union[str, PathLike]) -> "ConceptLabels":
         """Load an ``.npz`` with ``names`` and either a dense ``labels`` [N, K] or CSR arrays
-        ``indices``, ``indptr``, ``shape`` (as written by :meth:`save`)."""
+        ``indices``, ``indptr``, ``shape`` (and optionally ``data``; as written by :meth:`save`).
+
+        Every array is checked before it is used: the file must be a zip of plain ``.npy`` arrays
+        (pickles and object arrays are refused), of the expected dtype and shape, and the CSR arrays must be
+        consistent (monotone ``indptr`` from 0 to ``len(indices)``, indices in range).
+
+        Raises
+        ------
+        FileNotFoundError
+            If there is no such file.
+        ValueError, TypeError, KeyError
+            For an unreadable, empty, truncated or inconsistent file; the message names the file and the array.
+        """
         path = Path(path)
+        arrays = _read_npz(path, ("names", "descriptions", "labels", "indices", "indptr", "shape", "data"))
+        where = f"{str(path)!r}"
+        if "names" not in arrays:
+            raise KeyError(f"{where} has no 'names' array; it has {sorted(arrays['_all'])}")
+        names = _string_array(arrays["names"], f"{where} 'names'")
+        descriptions = None
+        if "descriptions" in arrays:
+            descriptions = _string_array(arrays["descriptions"], f"{where} 'descriptions'")
+        if "labels" in arrays:
+            labels: Any = arrays["labels"]
+            if labels.ndim != 2:
+                raise ValueError(f"{where} 'labels' must be a 2-d [N, K] matrix, got shape {labels.shape}")
+            if labels.shape[1] != len(names):
+                raise ValueError(f"{where} has {len(names)} names for {labels.shape[1]} label columns")
+            labels = scipy.sparse.csr_matrix(_checked_values(labels, f"{where} 'labels'"), dtype=np.bool_)
+        elif {"indices", "indptr", "shape"} <= set(arrays):
+            shape = arrays["shape"]
+            if shape.ndim != 1 or shape.dtype.kind not in "iu":
+                raise ValueError(f"{where} 'shape' must be two integers, got {shape.dtype} {shape.shape}")
+            shape = _check_shape([int(size) for size in shape], f"{where} labels")
+            if shape[1] != len(names):
+                raise ValueError(f"{where} has {len(names)} names for {shape[1]} label columns")
+            labels = _csr(arrays.get("data"), arrays["indptr"], arrays["indices"], shape, f"{where} labels")
+        else:
+            raise KeyError(
+                f"{where} needs a dense 'labels' array or CSR arrays 'indices', 'indptr', 'shape'; "
+                f"it has {sorted(arrays['_all'])}"
+            )
         try:
-            archive = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{path} is not a readable .npz file: {error}") from error
-        with archive:
-            keys = set(archive.files)
-            if "names" not in keys:
-                raise KeyError(f"{path} has no 'names' array; it has {sorted(keys)}")
-            names = [str(name) for name in archive["names"]]
-            descriptions = None
-            if "descriptions" in keys:
-                descriptions = [str(text) for text in archive["descriptions"]]
-            if "labels" in keys:
-                labels: Any = archive["labels"]
-            elif {"indices", "indptr", "shape"} <= keys:
-                shape = tuple(int(s) for s in archive["shape"])
-                if len(shape) != 2:
-                    raise ValueError(f"{path}: 'shape' must have two entries, got {shape}")
-                indices, indptr = archive["indices"], archive["indptr"]
-                if len(indptr) != shape[0] + 1 or (len(indices) and indices.max() >= shape[1]):
-                    raise ValueError(f"{path}: CSR arrays do not match shape {shape}")
-                labels = scipy.sparse.csr_matrix(
-                    (np.ones(len(indices), dtype=np.bool_), indices, indptr), shape=shape
-                )
-            else:
-                raise KeyError(
-                    f"{path} needs a dense 'labels' array or CSR arrays 'indices', 'indptr', 'shape'; "
-                    f"it has {sorted(keys)}"
-                )
-        return cls(labels, names, descriptions)
+            return cls(labels, names, descriptions)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{where}: {error}") from None
 
     @classmethod
     def from_reference(
@@ -452,20 +577,46 @@ class ConceptLabels:
             ``key -> {"name": ..., "offset": ..., "description": ...}`` or a list of such objects.
             Names that occur twice (ImageNet has two "crane") get their offset or key appended.
         """
-        labels = torch.load(labels_path, map_location="cpu", weights_only=True)
+        labels_path = Path(labels_path)
+        where = f"{str(labels_path)!r}"
+        if not labels_path.is_file():
+            raise FileNotFoundError(f"no such labels file {where}")
+        try:
+            labels = torch.load(labels_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # an untrusted file: every failure of the loader is the file's
+            text = " ".join(str(error).split())[:300]
+            raise ValueError(
+                f"{where} is not a tensor file that torch.load can read safely ({type(error).__name__}: {text})"
+            ) from None
         if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"{labels_path} must hold a tensor, got {type(labels).__name__}")
-        with open(description_path, encoding="utf-8") as handle:
-            description = json.load(handle)
-        entries = list(description.items()) if isinstance(description, Mapping) else list(enumerate(description))
+            raise TypeError(f"{where} must hold a tensor, got {type(labels).__name__}")
+        if labels.layout == torch.strided:
+            if labels.ndim != 2:
+                raise ValueError(f"{where} must hold a 2-d [N, K] tensor, got shape {tuple(labels.shape)}")
+            fits_in_memory(labels.numel(), f"the labels of {where}")
+        description = read_json(description_path, "concept description")
+        if isinstance(description, Mapping):
+            entries = list(description.items())
+        elif isinstance(description, list):
+            entries = list(enumerate(description))
+        else:
+            raise ValueError(
+                f"concept description {str(description_path)!r} must be a JSON list or object, "
+                f"got {type(description).__name__}"
+            )
         names, texts = [], []
         for key, entry in entries:
             if isinstance(entry, Mapping):
-                names.append(str(entry.get("name", key)))
-                texts.append(str(entry.get("description", "")))
+                name, text = entry.get("name", key), entry.get("description", "")
             else:
-                names.append(str(entry))
-                texts.append("")
+                name, text = entry, ""
+            if isinstance(name, (dict, list)) or isinstance(text, (dict, list)):
+                raise ValueError(
+                    f"concept description {str(description_path)!r}: entry {key!r} must have a plain name and "
+                    "description"
+                )
+            names.append(str(name))
+            texts.append("" if text is None else str(text))
         counts: Dict[str, int] = {}
         for name in names:
             counts[name] = counts.get(name, 0) + 1
@@ -474,4 +625,97 @@ class ConceptLabels:
                 suffix = entry.get("offset", key) if isinstance(entry, Mapping) else key
                 logger.warning("concept name %r occurs more than once; using %r", names[i], f"{names[i]} ({suffix})")
                 names[i] = f"{names[i]} ({suffix})"
-        return cls(labels, names, texts)
+        try:
+            return cls(labels, names, texts)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{where} with {str(description_path)!r}: {error}") from None
+
+
+# reading .npz files without numpy's pickle-capable loader -------------------------------------------------
+_NPY_KINDS = "biufUS"
+
+
+def _read_npz(path: Path, wanted: Sequence[str]) -> Dict[str, Any]:
+    """The arrays ``wanted`` (those present) of the ``.npz`` at ``path``, read member by member: each header
+    is checked (plain dtype, no objects, data size within the member) before its data are read.
+
+    The result also has ``"_all"``: the names of every array in the archive.
+    """
+    where = f"{str(path)!r}"
+    if not path.exists():
+        raise FileNotFoundError(f"no such concepts file {where}")
+    if path.is_dir():
+        raise ValueError(f"concepts file {where} is a folder")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if not head:
+        raise ValueError(f"concepts file {where} is empty (0 bytes); expected an .npz archive")
+    if not zipfile.is_zipfile(path):
+        if head.startswith(b"\x93NUMPY"):
+            kind = "a single .npy array"
+        elif head[:1] == b"\x80":
+            kind = "a Python pickle (refused: loading pickles runs code)"
+        else:
+            kind = "not a zip archive"
+        raise ValueError(f"concepts file {where} is not an .npz archive: it is {kind}")
+    result: Dict[str, Any] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
+            result["_all"] = sorted(members)
+            for name in wanted:
+                if name in members:
+                    result[name] = _read_member(archive, members[name], f"{where} array {name!r}")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error, NotImplementedError,
+            RuntimeError) as error:
+        raise ValueError(f"concepts file {where} is a damaged .npz archive: {error}") from None
+    return result
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> np.ndarray:
+    with archive.open(info) as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+        except (ValueError, SyntaxError, TypeError, EOFError) as error:
+            raise ValueError(f"{where} is not a plain .npy array: {error}") from None
+        if dtype.hasobject:
+            raise ValueError(f"{where} holds Python objects (loading them needs pickle, which is refused)")
+        if dtype.kind not in _NPY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+            raise TypeError(f"{where} has dtype {dtype}; expected bool, integers, floats or strings")
+        if dtype.itemsize == 0:
+            raise TypeError(f"{where} has the empty dtype {dtype}")
+        count = 1
+        for size in shape:
+            count *= int(size)
+        n_bytes = count * dtype.itemsize
+        if n_bytes > info.file_size:
+            raise ValueError(
+                f"{where} declares shape {shape} ({n_bytes} bytes) but the archive holds {info.file_size} bytes "
+                "(truncated or forged header)"
+            )
+        fits_in_memory(n_bytes, where)
+        data = handle.read(n_bytes)
+    if len(data) != n_bytes:
+        raise ValueError(f"{where} is truncated: {len(data)} of {n_bytes} bytes")
+    array = np.frombuffer(data, dtype=dtype, count=count)
+    return array.reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _string_array(array: np.ndarray, where: str) -> List[str]:
+    """A 1-d array of unicode (or UTF-8 bytes) strings as a list of str."""
+    if array.ndim != 1:
+        raise ValueError(f"{where} must be a 1-d array of strings, got shape {array.shape}")
+    if array.dtype.kind == "S":
+        try:
+            return [bytes(item).decode("utf-8") for item in array]
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{where} holds bytes that are not UTF-8: {error}") from None
+    if array.dtype.kind != "U":
+        raise TypeError(f"{where} must hold strings, got dtype {array.dtype}")
+    return [str(item) for item in array]

@@ -1,12 +1,15 @@
-"""Immutable logical formulas over named concepts: atoms, NOT, AND, OR.
+r"""Immutable logical formulas over named concepts: atoms, NOT, AND, OR.
 
 A :class:`Formula` is canonical: AND and OR are flattened (associativity), their operands form a
 set (commutativity, idempotence) and ``NOT NOT x`` is ``x``. Two formulas built in different orders
 are therefore equal and hash alike, which the beam search relies on to keep each formula once.
 
 Text form: concept names joined by ``AND``, ``OR``, ``NOT`` with parentheses around every compound
-operand of AND and OR; names that are not plain words (spaces, parentheses, quotes, keywords) are
-double-quoted with backslash escapes. :meth:`Formula.parse` reads it back.
+operand of AND and OR; names that are not plain words (spaces, parentheses, quotes, keywords, control
+characters) are double-quoted with backslash escapes (``\\``, ``\"``, and ``\uXXXX`` for control
+characters, so that the text is one line). :meth:`Formula.parse` reads it back, without recursion: any
+number of parentheses or NOTs parse. A formula nests at most :data:`MAX_DEPTH` operators deep (INVERT's
+formulas have a handful); deeper ones are refused with a ValueError.
 
 Examples
 --------
@@ -25,12 +28,17 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
-__all__ = ["Formula", "FormulaParseError"]
+__all__ = ["Formula", "FormulaParseError", "MAX_DEPTH"]
 
 CONCEPT, NOT, AND, OR = "concept", "not", "and", "or"
 _KIND_ORDER = {CONCEPT: 0, NOT: 1, AND: 2, OR: 3}
 _KEYWORDS = ("AND", "OR", "NOT")
 _BARE_NAME = re.compile(r'[^\s()"\\]+')
+# characters written as \uXXXX inside quotes: C0 and C1 controls, line and paragraph separators
+_ESCAPED = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+#: the deepest nesting of operators a formula may have (its methods recurse once per level)
+MAX_DEPTH = 64
 
 
 class FormulaParseError(ValueError):
@@ -53,9 +61,12 @@ class Formula:
         Operands in canonical order (empty for atoms).
     """
 
-    __slots__ = ("kind", "name", "children", "_key", "_hash")
+    __slots__ = ("kind", "name", "children", "_key", "_hash", "_depth")
 
     def __init__(self, kind: str, name: Optional[str], children: tuple) -> None:
+        depth = 1 + max((child._depth for child in children), default=-1)
+        if depth > MAX_DEPTH:
+            raise ValueError(f"formula nests deeper than MAX_DEPTH = {MAX_DEPTH} levels of operators")
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "children", children)
@@ -65,6 +76,7 @@ class Formula:
             key = (_KIND_ORDER[kind], tuple(child._key for child in children))
         object.__setattr__(self, "_key", key)
         object.__setattr__(self, "_hash", hash(key))
+        object.__setattr__(self, "_depth", depth)
 
     def __setattr__(self, attribute: str, value: Any) -> None:
         raise AttributeError("Formula is immutable")
@@ -140,6 +152,11 @@ class Formula:
         if self.kind == CONCEPT:
             return 1
         return sum(child.length for child in self.children)
+
+    @property
+    def depth(self) -> int:
+        """Nesting depth of the operators: 0 for an atom, 1 for ``NOT a`` or ``a AND b``, ..."""
+        return self._depth
 
     @property
     def concepts(self) -> frozenset:
@@ -222,7 +239,7 @@ class Formula:
         Raises
         ------
         FormulaParseError
-            If the text is not a well-formed formula.
+            If the text is not a well-formed formula, or its formula nests deeper than :data:`MAX_DEPTH`.
         KeyError
             If ``names`` is given and the formula uses a name not in it.
         """
@@ -231,8 +248,7 @@ class Formula:
         known = None
         if names is not None:
             known = set(names.names if hasattr(names, "names") else names)
-        parser = _Parser(_tokenize(text), text)
-        formula = parser.parse()
+        formula = _parse(_tokenize(text), text)
         if known is not None:
             unknown = sorted(formula.concepts - known)
             if unknown:
@@ -253,21 +269,45 @@ class Formula:
 
     @classmethod
     def from_json(cls, data: Any) -> "Formula":
-        """Rebuild a formula from :meth:`to_json` output (a plain string is parsed as text)."""
+        """Rebuild a formula from :meth:`to_json` output (a plain string is parsed as text).
+
+        Chains of ``{"not": ...}`` of any length are read without recursion; AND / OR nesting deeper
+        than :data:`MAX_DEPTH` is refused with a ValueError.
+        """
+        return cls._from_json(data, 0)
+
+    @classmethod
+    def _from_json(cls, data: Any, depth: int) -> "Formula":
+        negations = 0
+        while isinstance(data, Mapping) and len(data) == 1 and NOT in data:
+            data = data[NOT]
+            negations += 1
         if isinstance(data, str):
-            return cls.parse(data)
-        if not isinstance(data, Mapping) or len(data) != 1:
-            raise ValueError(f"not a formula JSON object: {data!r}")
-        (kind, value), = data.items()
-        if kind == CONCEPT:
-            return cls.concept(value)
-        if kind == NOT:
-            return cls.not_(cls.from_json(value))
-        if kind in (AND, OR):
-            if not isinstance(value, list) or not value:
-                raise ValueError(f"{kind!r} needs a non-empty list of operands, got {value!r}")
-            return cls._junction(kind, [cls.from_json(item) for item in value])
-        raise ValueError(f"unknown formula node {kind!r}; expected one of concept, not, and, or")
+            formula = cls.parse(data)
+        else:
+            if not isinstance(data, Mapping) or len(data) != 1:
+                raise ValueError(f"not a formula JSON object: {_preview(data)}")
+            (kind, value), = data.items()
+            if kind == CONCEPT:
+                formula = cls.concept(value)
+            elif kind in (AND, OR):
+                if not isinstance(value, list) or not value:
+                    raise ValueError(f"{kind!r} needs a non-empty list of operands, got {_preview(value)}")
+                if depth + negations % 2 >= MAX_DEPTH:
+                    raise ValueError(f"formula JSON nests deeper than MAX_DEPTH = {MAX_DEPTH} levels of operators")
+                inner = depth + 1 + negations % 2
+                formula = cls._junction(kind, [cls._from_json(item, inner) for item in value])
+            else:
+                raise ValueError(f"unknown formula node {_preview(kind)}; expected one of concept, not, and, or")
+        return cls.not_(formula) if negations % 2 else formula
+
+
+def _preview(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (without walking a deeply nested value)."""
+    if isinstance(value, (Mapping, list)):
+        return f"a JSON {'object' if isinstance(value, Mapping) else 'list'} of {len(value)} entries"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_formula(value: Any) -> None:
@@ -276,14 +316,24 @@ def _check_formula(value: Any) -> None:
 
 
 def quote_name(name: str) -> str:
-    """The name as it appears in formula text: bare if it is a plain word, else double-quoted."""
-    if _BARE_NAME.fullmatch(name) and name.upper() not in _KEYWORDS:
+    """The name as it appears in formula text: bare if it is a plain word, else double-quoted, with control
+    characters as ``\\uXXXX`` (the text stays on one line)."""
+    if _BARE_NAME.fullmatch(name) and name.upper() not in _KEYWORDS and not _ESCAPED.search(name):
         return name
     escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = _ESCAPED.sub(lambda match: f"\\u{ord(match.group()):04x}", escaped)
     return f'"{escaped}"'
 
 
-_TOKEN = re.compile(r'\s+|(?P<lpar>\()|(?P<rpar>\))|"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<word>[^\s()"\\]+)')
+def _unescape(match: "re.Match") -> str:
+    escape = match.group(1)
+    return chr(int(escape[1:], 16)) if len(escape) == 5 else escape
+
+
+_TOKEN = re.compile(
+    r'\s+|(?P<lpar>\()|(?P<rpar>\))|"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<word>[^\s()"\\]+)', re.DOTALL
+)
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|.)", re.DOTALL)
 
 
 def _tokenize(text: str) -> list:
@@ -298,67 +348,79 @@ def _tokenize(text: str) -> list:
         elif match.group("rpar"):
             tokens.append((")", None))
         elif match.group("quoted") is not None:
-            tokens.append(("name", re.sub(r"\\(.)", r"\1", match.group("quoted"))))
+            tokens.append(("name", _ESCAPE.sub(_unescape, match.group("quoted"))))
         elif match.group("word"):
             word = match.group("word")
             tokens.append((word, None) if word in _KEYWORDS else ("name", word))
     return tokens
 
 
-class _Parser:
-    """Recursive descent: or := and (OR and)*; and := not (AND not)*; not := NOT not | atom."""
+_PRECEDENCE = {"OR": 1, "AND": 2, "NOT": 3}
 
-    def __init__(self, tokens: list, text: str) -> None:
-        self.tokens, self.text, self.index = tokens, text, 0
 
-    def parse(self) -> Formula:
-        if not self.tokens:
-            raise FormulaParseError("empty formula")
-        formula = self._or()
-        if self.index != len(self.tokens):
-            raise FormulaParseError(f"unexpected {self._describe()} in {self.text!r}")
-        return formula
+def _parse(tokens: list, text: str) -> Formula:
+    """Operator precedence parsing with explicit stacks (no recursion): NOT binds tighter than AND, which
+    binds tighter than OR; parentheses group. Runs of one operator are collected and built once."""
+    if not tokens:
+        raise FormulaParseError("empty formula")
+    shown = text if len(text) <= 200 else text[:197] + "..."
+    operands: list = []  # Formula, or [kind, operands...] for a run of AND / OR not yet built
+    operators: list = []  # "(", "NOT", "AND", "OR"
 
-    def _peek(self) -> Optional[str]:
-        return self.tokens[self.index][0] if self.index < len(self.tokens) else None
+    def built(item: Any) -> Formula:
+        if isinstance(item, Formula):
+            return item
+        return Formula.and_(*item[1:]) if item[0] == AND else Formula.or_(*item[1:])
 
-    def _describe(self) -> str:
-        kind, value = self.tokens[self.index]
-        return f"name {value!r}" if kind == "name" else f"{kind!r}"
+    def apply(operator: str) -> None:
+        if operator == "NOT":
+            operands.append(Formula.not_(built(operands.pop())))
+            return
+        kind = AND if operator == "AND" else OR
+        right, left = built(operands.pop()), operands.pop()
+        if isinstance(left, list) and left[0] == kind:
+            left.append(right)
+            operands.append(left)
+        else:
+            operands.append([kind, built(left), right])
 
-    def _or(self) -> Formula:
-        operands = [self._and()]
-        while self._peek() == "OR":
-            self.index += 1
-            operands.append(self._and())
-        return Formula.or_(*operands)
+    def describe(token: tuple) -> str:
+        return f"name {token[1]!r}" if token[0] == "name" else repr(token[0])
 
-    def _and(self) -> Formula:
-        operands = [self._not()]
-        while self._peek() == "AND":
-            self.index += 1
-            operands.append(self._not())
-        return Formula.and_(*operands)
-
-    def _not(self) -> Formula:
-        if self._peek() == "NOT":
-            self.index += 1
-            return Formula.not_(self._not())
-        return self._atom()
-
-    def _atom(self) -> Formula:
-        kind = self._peek()
-        if kind is None:
-            raise FormulaParseError(f"formula {self.text!r} ends too early")
-        if kind == "(":
-            self.index += 1
-            formula = self._or()
-            if self._peek() != ")":
-                raise FormulaParseError(f"missing ')' in {self.text!r}")
-            self.index += 1
-            return formula
-        if kind == "name":
-            name = self.tokens[self.index][1]
-            self.index += 1
-            return Formula.concept(name)
-        raise FormulaParseError(f"unexpected {self._describe()} in {self.text!r}")
+    try:
+        expect_operand = True
+        for token in tokens:
+            kind = token[0]
+            if expect_operand:
+                if kind in ("NOT", "("):
+                    operators.append(kind)
+                elif kind == "name":
+                    operands.append(Formula.concept(token[1]))
+                    expect_operand = False
+                else:
+                    raise FormulaParseError(f"unexpected {describe(token)} in {shown!r}")
+            elif kind in ("AND", "OR"):
+                while operators and operators[-1] != "(" and _PRECEDENCE[operators[-1]] >= _PRECEDENCE[kind]:
+                    apply(operators.pop())
+                operators.append(kind)
+                expect_operand = True
+            elif kind == ")":
+                while operators and operators[-1] != "(":
+                    apply(operators.pop())
+                if not operators:
+                    raise FormulaParseError(f"unexpected ')' in {shown!r}")
+                operators.pop()
+            else:
+                raise FormulaParseError(f"unexpected {describe(token)} in {shown!r}")
+        if expect_operand:
+            raise FormulaParseError(f"formula {shown!r} ends too early")
+        while operators:
+            operator = operators.pop()
+            if operator == "(":
+                raise FormulaParseError(f"missing ')' in {shown!r}")
+            apply(operator)
+    except FormulaParseError:
+        raise
+    except ValueError as error:  # e.g. deeper than MAX_DEPTH
+        raise FormulaParseError(f"{error} in {shown!r}") from None
+    return built(operands[0])

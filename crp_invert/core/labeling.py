@@ -178,14 +178,10 @@ def _shape_of(activations: Any) -> tuple:
 
 
 def _read_columns(activations: Any, start: int, stop: int, device: torch.device) -> torch.Tensor:
-    block = activations[:, start:stop]
-    if not isinstance(block, torch.Tensor):
-        block = torch.from_numpy(np.ascontiguousarray(block))
-    if block.dtype == torch.bool or block.is_complex():
-        raise TypeError(f"activations must be real numbers, got dtype {block.dtype}")
-    if not block.is_floating_point():
-        block = block.double()
-    return block.detach().to(device)
+    # integers beyond 2**53 (e.g. int64 near 2**60) would tie as float64: they become exact dense ranks
+    from .checks import exact_float_columns
+
+    return exact_float_columns(activations[:, start:stop]).detach().to(device)
 
 
 def _check_finite(block: torch.Tensor, offset: int) -> None:

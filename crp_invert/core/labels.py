@@ -3,24 +3,71 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+import os
+import tempfile
+from dataclasses import asdict, dataclass, replace
 from os import PathLike
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from .checks import read_json
 from .formula import Formula
 from .metrics import benjamini_hochberg
 
-__all__ = ["Explanation", "LayerLabels", "correct_p_values"]
-
-
-
+__all__ = ["Explanation", "LayerLabels", "correct_p_values", "format_p_value", "write_text_atomically"]
 
 _FORMAT_VERSION = 1
+
+#: p-values below this are shown as "< 1e-300" (they may have underflowed to 0)
+P_VALUE_FLOOR = 1e-300
+
+
+def format_p_value(value: Optional[float]) -> str:
+    """A p-value for tables: ``"1.23e-05"``; ``"< 1e-300"`` below :data:`P_VALUE_FLOOR` (an underflowed 0
+    included: never ``0``); ``""`` for None or NaN."""
+    if value is None or math.isnan(value):
+        return ""
+    if value < P_VALUE_FLOOR:
+        return "< 1e-300"
+    return f"{value:.2e}"
+
+
+def write_text_atomically(path: Union[str, PathLike], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and a rename: a
+    process killed while writing leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# checks of labels read from files ------------------------------------------------------------------------
+def _number(value: Any, key: str, optional: bool) -> Optional[float]:
+    if value is None:
+        return None if optional else math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{key!r} must be a number, got {type(value).__name__}: {value!r:.80}")
+    return float(value)
+
+
+def _count(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key!r} must be an int >= {minimum}, got {value!r:.80}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -72,12 +119,21 @@ class Explanation:
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "Explanation":
-        known = {f.name for f in fields(cls)}
-        values = {key: value for key, value in data.items() if key in known}
-        values["formula"] = Formula.from_json(data["formula"])
-        for key, value in list(values.items()):
-            if value is None and key in ("p_value", "p_value_bonferroni", "p_value_bh"):
-                values[key] = math.nan
+        """Rebuild from :meth:`to_json` output, checking every field (ValueError / TypeError / KeyError
+        naming it)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"an explanation must be a JSON object, got {type(data).__name__}")
+        for key in ("formula", "auc", "fraction", "length", "p_value"):
+            if key not in data:
+                raise KeyError(f"an explanation has no {key!r} (it has {sorted(data)[:12]})")
+        formula = Formula.from_json(data["formula"])
+        values: Dict[str, Any] = {"formula": formula}
+        for key in ("auc", "fraction", "p_value", "p_value_bonferroni", "p_value_bh"):
+            values[key] = _number(data.get(key), key, optional=False)
+        for key in ("validation_auc", "validation_p_value", "validation_fraction"):
+            values[key] = _number(data.get(key), key, optional=True)
+        values["length"] = _count(data["length"], "length", 1)
+        values["n_candidates"] = _count(data.get("n_candidates", 0), "n_candidates", 0)
         return cls(**values)
 
 
@@ -208,7 +264,7 @@ class LayerLabels:
                 formula = formula[: max_width - 3] + "..."
             line = [
                 str(row["feature"]), formula, f"{row['auc']:.4f}", f"{row['fraction']:.3f}",
-                f"{row['p_value_bonferroni']:.2e}", f"{row['p_value_bh']:.2e}",
+                format_p_value(row["p_value_bonferroni"]), format_p_value(row["p_value_bh"]),
             ]
             if has_validation:
                 auc = row["validation_auc"]
@@ -239,30 +295,61 @@ class LayerLabels:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "LayerLabels":
+        """Rebuild from :meth:`to_dict` output, checking the structure and every explanation: formulas over
+        the stored concept names only, lengths that match the formulas, numbers where numbers belong.
+
+        Raises
+        ------
+        ValueError, TypeError, KeyError
+            Naming the part of the document that is wrong (e.g. ``feature 3, explanation 0: ...``).
+        """
         if not isinstance(data, dict) or data.get("format") != "crp-invert.LayerLabels":
             raise ValueError("not a crp-invert LayerLabels JSON document (missing format tag)")
-        if data.get("version", 0) > _FORMAT_VERSION:
-            raise ValueError(f"LayerLabels format version {data['version']} is newer than this crp-invert")
-        explanations = [[Explanation.from_json(e) for e in beam] for beam in data["features"]]
+        version = data.get("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"LayerLabels 'version' must be an int, got {version!r:.80}")
+        if version > _FORMAT_VERSION:
+            raise ValueError(f"LayerLabels format version {version} is newer than this crp-invert")
+        if "features" not in data:
+            raise ValueError("the LayerLabels document has no 'features' (the explanations of every feature)")
+        names = data.get("concept_names")
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ValueError("the LayerLabels document needs 'concept_names', a list of strings")
+        layer = data.get("layer")
+        if layer is not None and not isinstance(layer, str):
+            raise TypeError(f"'layer' must be a string or null, got {type(layer).__name__}")
+        parameters = data.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise TypeError(f"'parameters' must be an object or null, got {type(parameters).__name__}")
+        known = set(names)
+        explanations = _read_beams(data["features"], known, "'features'")
         states = None
         if data.get("states") is not None:
-            states = [[[Explanation.from_json(e) for e in beam] for beam in step] for step in data["states"]]
-        return cls(explanations, data["concept_names"], data.get("layer"), data.get("parameters"), states)
+            steps = data["states"]
+            if not isinstance(steps, list):
+                raise TypeError(f"'states' must be a list, got {type(steps).__name__}")
+            states = [_read_beams(step, known, f"'states' step {i + 1}") for i, step in enumerate(steps)]
+            for i, step in enumerate(states):
+                if len(step) != len(explanations):
+                    raise ValueError(
+                        f"'states' step {i + 1} has {len(step)} features, 'features' {len(explanations)}"
+                    )
+        return cls(explanations, names, layer, parameters, states)
 
     def to_json(self, path: Union[str, PathLike]) -> None:
-        """Write all explanations losslessly (floats round-trip exactly) as JSON."""
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle)
+        """Write all explanations losslessly (floats round-trip exactly) as JSON (atomically: a killed
+        process leaves the old file or the new one)."""
+        write_text_atomically(path, json.dumps(self.to_dict()))
 
     @classmethod
     def from_json(cls, path: Union[str, PathLike]) -> "LayerLabels":
-        """Read labels written by :meth:`to_json`."""
-        with open(path, encoding="utf-8") as handle:
-            try:
-                data = json.load(handle)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not valid JSON: {error}") from error
-        return cls.from_dict(data)
+        """Read labels written by :meth:`to_json`; errors name the file."""
+        data = read_json(path, "labels file")
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError, KeyError) as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+            raise type(error)(f"labels file {str(path)!r}: {message}") from None
 
     def to_csv(self, path: Union[str, PathLike], style: str = "full") -> None:
         """Write one row per feature with its best explanation.
@@ -296,11 +383,35 @@ class LayerLabels:
                 })
         else:
             raise ValueError(f"style must be 'full' or 'benchmark', got {style!r}")
-        with open(path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({key: ("" if row.get(key) is None else row.get(key, "")) for key in columns})
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: ("" if row.get(key) is None else row.get(key, "")) for key in columns})
+        write_text_atomically(path, buffer.getvalue())
+
+
+def _read_beams(beams: Any, known: set, where: str) -> List[List[Explanation]]:
+    """The explanations of every feature from JSON, each checked (errors name the feature and position)."""
+    if not isinstance(beams, list):
+        raise TypeError(f"{where} must be a list (one list of explanations per feature), got {type(beams).__name__}")
+    result = []
+    for feature, beam in enumerate(beams):
+        if not isinstance(beam, list):
+            raise TypeError(f"{where}, feature {feature}: expected a list of explanations, got {type(beam).__name__}")
+        explanations = []
+        for position, item in enumerate(beam):
+            try:
+                explanation = Explanation.from_json(item)
+                unknown = sorted(explanation.formula.concepts - known)
+                if unknown:
+                    raise ValueError(f"formula uses concepts that are not in 'concept_names': {unknown[:5]}")
+            except (ValueError, TypeError, KeyError) as error:
+                message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+                raise type(error)(f"{where}, feature {feature}, explanation {position}: {message}") from None
+            explanations.append(explanation)
+        result.append(explanations)
+    return result
 
 
 def _formula_ids(formula: Formula, index: Dict[str, int]) -> str:

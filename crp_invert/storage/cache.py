@@ -30,10 +30,23 @@ against each other and stitched together row-wise (e.g. with h5py virtual datase
 Layer names are used as given (``features.40``, ``layer4.1.conv2``) but never as HDF5 paths: groups are
 numbered and the name lives in an attribute, so a name cannot create nested groups or escape ``layers/``.
 
-Crash safety: datasets have a fixed shape and are allocated when the layer is created, so writing rows
-never changes HDF5 metadata. Rows are marked in ``complete`` only after their data were flushed to disk,
-so a process stopped at any point (exception, Ctrl-C, ``kill -9``) leaves a file that opens and whose
-``complete`` rows are trustworthy; the rest is recorded again by a resumed run.
+Crash safety: a new cache is built under a temporary name (``FILE.partial``) and renamed into place once
+its root and first layers are on disk (at the first row written, flush or close), so a process stopped
+while creating it leaves no file at ``FILE`` and a rerun starts afresh. Datasets have a fixed shape and are
+allocated when the layer is created (the space is reserved first: a full disk or a file-size limit refuses
+the layer before any metadata changes), so writing rows never changes HDF5 metadata. A layer enters the
+root's ``layer_index`` last: a layer group the index does not name was interrupted and is ignored. Rows are
+marked in ``complete`` only after their data were flushed to disk, so a process stopped at any point
+(exception, Ctrl-C, ``kill -9``) leaves a file that opens and whose ``complete`` rows are trustworthy; the
+rest is recorded again by a resumed run. A file whose root was never finished (by an older version) and
+that has no complete row is re-created.
+
+Concurrency: a writer holds ``FILE.lock`` (see :mod:`crp_invert.storage.lock`); a second writer, or a reader
+while a writer is at work, gets :class:`~crp_invert.storage.lock.FileInUseError` ("in use by another
+process"), never a report of a damaged file.
+
+Everything read back is checked before use: root attributes (integers, a consistent sample range, a layer
+index naming existing groups) and each layer's datasets (shapes, dtypes) against its attributes.
 
 Chunking: chunks are blocks of ``rows x columns`` (about 1 MiB, see :func:`chunk_shape`), so that
 appending a batch of rows touches one band of chunks, and reading a batch of columns (as the labeler
@@ -43,6 +56,7 @@ does) reads whole chunks sequentially without loading the layer.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -52,22 +66,25 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..core.checks import check_name
 from .h5 import (
     FILE_CACHE_BYTES,
     MAX_WRITE_CACHE_BYTES,
     chunk_shape,
+    first_nonfinite,
     h5py_module,
     open_h5,
     read_columns,
     row_selection,
     true_ranges,
 )
+from .lock import FileLock
 
 if TYPE_CHECKING:  # pragma: no cover
     import h5py
 
 __all__ = ["ActivationCache", "open_for_labeling", "write_root", "create_layer", "layer_meta", "FORMAT",
-           "FORMAT_VERSION", "SOURCES"]
+           "FORMAT_VERSION", "SOURCES", "check_root", "is_activation_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +158,106 @@ def layer_meta(info: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in info.items() if key not in derived}
 
 
+def _int_attr(attrs: Any, key: str) -> int:
+    value = attrs[key]
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"attribute {key!r} must be an integer, got {type(value).__name__} {value!r:.60}")
+    return int(value)
+
+
+def _str_attr(attrs: Any, key: str) -> str:
+    value = attrs[key]
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if not isinstance(value, str):
+        raise ValueError(f"attribute {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def check_root(file: "h5py.File") -> dict[str, Any]:
+    """The checked root of a cache: ``n_samples``, ``sample_start``, ``sample_end``, ``dataset_length`` as
+    ints and ``index`` (layer name -> group key), or ValueError naming what is wrong (a damaged cache).
+
+    Checked: the format and its version, integer attributes with ``0 <= start < end <= dataset_length`` and
+    ``n_samples = end - start``, a ``layers`` group, and a layer index that is a JSON object of names to
+    groups that exist.
+    """
+    h5py = h5py_module()
+    try:
+        attrs = file.attrs
+        version = _int_attr(attrs, "format_version") if "format_version" in attrs else -1
+        if version > FORMAT_VERSION:
+            raise ValueError(f"it has cache format version {version}, this code reads <= {FORMAT_VERSION}")
+        for key in ("n_samples", "sample_start", "sample_end", "dataset_length", "layer_index"):
+            if key not in attrs:
+                raise ValueError(f"it is missing the root attribute {key!r}")
+        root = {key: _int_attr(attrs, key) for key in ("n_samples", "sample_start", "sample_end", "dataset_length")}
+        start, end, length = root["sample_start"], root["sample_end"], root["dataset_length"]
+        if not 0 <= start < end <= length or root["n_samples"] != end - start:
+            raise ValueError(
+                f"its sample range is inconsistent (n_samples={root['n_samples']}, [{start}, {end}) of "
+                f"{length})"
+            )
+        text = _str_attr(attrs, "layer_index")
+        try:
+            index = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            raise ValueError("its layer index is not JSON") from None
+        if not isinstance(index, dict) or not all(
+            isinstance(name, str) and name and isinstance(key, str) for name, key in index.items()
+        ):
+            raise ValueError("its layer index is not an object of layer names to group keys")
+        layers = file.get("layers")
+        if not isinstance(layers, h5py.Group):
+            raise ValueError("it has no 'layers' group")
+        for name, key in index.items():
+            if "/" in key or key in (".", "..") or not isinstance(layers.get(key), h5py.Group):
+                raise ValueError(f"the group {key!r} of layer {name!r} is missing")
+    except (KeyError, TypeError, OSError, RuntimeError, UnicodeDecodeError) as error:
+        raise ValueError(f"its root attributes cannot be read ({type(error).__name__}: {error})") from None
+    root["index"] = index
+    return root
+
+
+def _has_complete_rows(file: "h5py.File") -> bool:
+    """Whether any layer group of ``file`` marks a row complete (unreadable groups count as yes)."""
+    h5py = h5py_module()
+    layers = file.get("layers")
+    if not isinstance(layers, h5py.Group):
+        return False
+    for key in layers:
+        try:
+            complete = layers[key]["complete"]
+            if any(complete[a:a + (1 << 20)].any() for a in range(0, complete.shape[0], 1 << 20)):
+                return True
+        except (KeyError, TypeError, OSError, ValueError, RuntimeError):
+            return True
+    return False
+
+
+def _format_of(file: "h5py.File") -> str | None:
+    """The ``format`` root attribute as a str, or None (missing, unreadable or not a string)."""
+    try:
+        return _str_attr(file.attrs, "format") if "format" in file.attrs else None
+    except (ValueError, KeyError, TypeError, OSError, RuntimeError, UnicodeDecodeError):
+        return None
+
+
+def is_activation_cache(path: str | os.PathLike) -> bool:
+    """Whether the HDF5 file at ``path`` says it is an activation cache (False for other HDF5 files; the
+    errors of :func:`open_h5` for missing, locked or damaged files)."""
+    with open_h5(path, "r") as file:
+        return _format_of(file) == FORMAT
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 class ActivationCache:
     """Per-sample pooled activations (and relevances) of the concepts of several layers, in one HDF5 file.
 
@@ -150,10 +267,19 @@ class ActivationCache:
         The HDF5 file.
     mode : {"r", "a"}
         ``"r"`` opens an existing cache read-only. ``"a"`` opens it for recording, creating the file if it
-        does not exist (its size is set by :meth:`initialize`).
+        does not exist (its size is set by :meth:`initialize`). A new file is built as ``PATH.partial`` and
+        appears at ``path`` with the first rows written (or at :meth:`flush` / :meth:`close`). A writer holds
+        ``PATH.lock`` until it closes.
     overwrite : bool
-        With ``mode="a"``: discard an existing file instead of continuing it. Without it an existing file is
-        never overwritten.
+        With ``mode="a"``: replace an existing file instead of continuing it (the old file stays until the new
+        one is renamed over it). Without it an existing file is never overwritten.
+
+    Raises
+    ------
+    FileInUseError
+        Another process writes the file (or, for ``mode="a"``, reads it).
+    ValueError
+        Not an activation cache, or a damaged one (the message says what is wrong).
 
     Examples
     --------
@@ -179,38 +305,103 @@ class ActivationCache:
         self._groups: dict[str, Any] = {}
         self._index_memo: dict[str, str] | None = None
         self._root: dict[str, Any] | None = None
-        if mode == "a":
-            exists = self.path.exists() and self.path.stat().st_size > 0
-            h5mode = "w" if (overwrite or not exists) else "r+"
-            self._file = open_h5(self.path, h5mode, rdcc_nbytes=FILE_CACHE_BYTES, rdcc_nslots=10007)
-        else:
-            self._file = open_h5(self.path, "r", rdcc_nbytes=FILE_CACHE_BYTES, rdcc_nslots=10007)
+        self._checked_values: set[tuple[str, str]] = set()
+        self._pending: Path | None = None  # the temporary file of a cache not yet renamed into place
+        self._file = None
+        if mode == "r" and not self.path.exists():
+            raise FileNotFoundError(f"no such file: {str(self.path)!r}")
+        self._lock = FileLock(self.path, exclusive=mode == "a")
         try:
-            if len(self._file.attrs) or len(self._file):
-                self._check_format()
+            if mode == "a":
+                self._open_for_writing(overwrite)
+            else:
+                self._file = open_h5(self.path, "r", rdcc_nbytes=FILE_CACHE_BYTES, rdcc_nslots=10007)
+                if len(self._file.attrs) or len(self._file):
+                    self._check_format()
         except BaseException:
+            if self._file is not None and self._file.id.valid:
+                self._file.close()
+            self._lock.release()
+            raise
+
+    def _open_for_writing(self, overwrite: bool) -> None:
+        """Open an existing cache to continue it, or start a new one under a temporary name."""
+        exists = self.path.exists() and self.path.stat().st_size > 0
+        if exists and not overwrite:
+            self._file = open_h5(self.path, "r+", rdcc_nbytes=FILE_CACHE_BYTES, rdcc_nslots=10007)
+            if not len(self._file.attrs) and not len(self._file):
+                logger.info("%s is an empty HDF5 file; creating the cache anew", self.path)
+            elif _format_of(self._file) == FORMAT and "layer_index" not in self._file.attrs \
+                    and not _has_complete_rows(self._file):
+                logger.warning("%s was interrupted while being created (no complete row); creating it anew",
+                               self.path)
+            else:
+                self._check_format()
+                return
             self._file.close()
+        # a new cache: built as FILE.partial (ours while we hold the lock), renamed into place by _commit
+        self._pending = self.path.with_name(self.path.name + ".partial")
+        self._file = open_h5(self._pending, "w", rdcc_nbytes=FILE_CACHE_BYTES, rdcc_nslots=10007)
+
+    def _commit(self) -> None:
+        """Rename a new cache into place once its root (and the layers added so far) are on disk."""
+        if self._pending is None:
+            return
+        self._file.flush()
+        descriptor = os.open(self._pending, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(self._pending, self.path)
+        self._pending = None
+
+    def _abandon(self) -> None:
+        """After a failed change of a new cache: drop its temporary file (nothing at ``path`` changed)."""
+        pending, self._pending = self._pending, None
+        self._writers.clear()
+        self._groups.clear()
+        try:
+            if self._file is not None and self._file.id.valid:
+                self._file.close()
+        except Exception:  # the failure (a full disk) may repeat while closing; the file is dropped anyway
+            pass
+        with contextlib.suppress(OSError):
+            os.unlink(pending)
+        self._lock.release()
+
+    @contextlib.contextmanager
+    def _changing(self, what: str) -> Iterator[None]:
+        """Run HDF5 changes; on failure a new cache is abandoned, and the error says what failed."""
+        try:
+            yield
+        except BaseException as error:
+            if self._pending is not None:
+                self._abandon()
+                if isinstance(error, (OSError, ValueError, RuntimeError)) and not isinstance(error, FileExistsError):
+                    raise OSError(
+                        getattr(error, "errno", None) or errno.EIO,
+                        f"cannot {what} in {str(self.path)!r} ({_one_line(error)}); nothing was written, run "
+                        "again when the problem (e.g. a full disk) is solved",
+                    ) from error
             raise
 
     # -- file-level ------------------------------------------------------------------------------------------
 
     def _check_format(self) -> None:
-        attrs = self._file.attrs
-        if attrs.get("format") != FORMAT:
+        if _format_of(self._file) != FORMAT:
             raise ValueError(
                 f"{str(self.path)!r} is an HDF5 file but not a crp-invert activation cache (no format "
-                f"attribute {FORMAT!r}; objects at the root: {sorted(self._file.keys())}); for a single "
+                f"attribute {FORMAT!r}; objects at the root: {sorted(self._file.keys())[:10]}); for a single "
                 "dataset such as "
                 "'Y' of the INVERT release use label_h5"
             )
-        version = int(attrs.get("format_version", -1))
-        if version > FORMAT_VERSION:
-            raise ValueError(
-                f"{str(self.path)!r} has cache format version {version}, this code reads <= {FORMAT_VERSION}"
-            )
-        for key in ("n_samples", "sample_start", "sample_end", "dataset_length", "layer_index"):
-            if key not in attrs:
-                raise ValueError(f"{str(self.path)!r} is missing the root attribute {key!r} (damaged cache?)")
+        try:
+            root = check_root(self._file)
+        except ValueError as error:
+            raise ValueError(f"{str(self.path)!r} is a damaged activation cache: {error}") from None
+        self._root = {key: root[key] for key in ("n_samples", "sample_start", "sample_end", "dataset_length")}
+        self._index_memo = root["index"]
 
     @property
     def initialized(self) -> bool:
@@ -218,12 +409,9 @@ class ActivationCache:
         return self._root_attrs() is not None
 
     def _root_attrs(self) -> dict[str, Any] | None:
-        # root attributes are written once (initialize); read them once
-        if self._root is None and self._file.attrs.get("format") == FORMAT:
-            self._root = {
-                key: int(self._file.attrs[key])
-                for key in ("n_samples", "sample_start", "sample_end", "dataset_length")
-            }
+        # root attributes are written once (initialize) and checked when read
+        if self._root is None and _format_of(self._file) == FORMAT:
+            self._check_format()
         return self._root
 
     def initialize(self, sample_range: tuple[int, int], dataset_length: int | None = None) -> None:
@@ -253,12 +441,15 @@ class ActivationCache:
                 )
             return
         self._writable()
-        write_root(self._file, start, end, dataset_length)
-        self._file.flush()
+        with self._changing("initialize the cache"):
+            write_root(self._file, start, end, dataset_length)
+            self._file.flush()
 
     def _writable(self) -> None:
         if self.mode != "a":
             raise ValueError(f"cache {str(self.path)!r} is open read-only; open it with mode='a' to record")
+        if self.closed:
+            raise ValueError(f"cache {str(self.path)!r} is closed")
 
     def _need_init(self) -> None:
         if not self.initialized:
@@ -286,7 +477,7 @@ class ActivationCache:
     def _index(self) -> dict[str, str]:
         # the layer index only changes through add_layer, which resets this memo
         if self._index_memo is None:
-            self._index_memo = json.loads(self._file.attrs["layer_index"]) if self.initialized else {}
+            self._index_memo = check_root(self._file)["index"] if self.initialized else {}
         return dict(self._index_memo)
 
     @property
@@ -310,13 +501,39 @@ class ActivationCache:
         group = self._groups.get(layer)
         if group is None:
             group = self._file["layers"][index[layer]]
-            if group.attrs.get("name") != layer:
+            try:
+                self._check_group(layer, group)
+            except (KeyError, TypeError, OSError, RuntimeError, UnicodeDecodeError) as error:
                 raise ValueError(
-                    f"cache {str(self.path)!r} is damaged: group of layer {layer!r} is named "
-                    f"{group.attrs.get('name')!r}"
-                )
+                    f"cache {str(self.path)!r} is damaged: layer {layer!r} cannot be read ({_one_line(error)})"
+                ) from None
             self._groups[layer] = group
         return group
+
+    def _check_group(self, layer: str, group: "h5py.Group") -> None:
+        """Check a layer's attributes and datasets against the root before any of them is read."""
+        h5py = h5py_module()
+        damaged = f"cache {str(self.path)!r} is damaged: layer {layer!r}"
+        name = _str_attr(group.attrs, "name") if "name" in group.attrs else None
+        if name != layer:
+            raise ValueError(f"{damaged}: its group is named {name!r}")
+        n_rows = self.n_samples
+        n_channels = _int_attr(group.attrs, "n_channels")
+        if n_channels < 1:
+            raise ValueError(f"{damaged}: n_channels is {n_channels}")
+        for dataset, shape, kinds in (("activations", (n_rows, n_channels), "f"),
+                                      ("relevances", (n_rows, n_channels), "f"),
+                                      ("complete", (n_rows,), "biu")):
+            item = group.get(dataset)
+            if item is None and dataset == "relevances":
+                continue
+            if not isinstance(item, h5py.Dataset):
+                raise ValueError(f"{damaged}: it has no {dataset} dataset")
+            if item.shape != shape or item.dtype.kind not in kinds:
+                raise ValueError(
+                    f"{damaged}: {dataset} has shape {item.shape} and dtype {item.dtype}, expected {shape} "
+                    f"({'float' if kinds == 'f' else 'integer'})"
+                )
 
     # -- layers ----------------------------------------------------------------------------------------------
 
@@ -350,9 +567,18 @@ class ActivationCache:
         self._need_init()
         if not isinstance(layer, str) or not layer:
             raise ValueError(f"layer must be a non-empty str, got {layer!r}")
+        check_name(layer, "a layer name")
+        if isinstance(n_channels, bool) or not isinstance(n_channels, (int, np.integer)):
+            raise TypeError(f"layer {layer!r}: n_channels must be an int, got {n_channels!r}")
         n_channels = int(n_channels)
         if n_channels < 1:
             raise ValueError(f"layer {layer!r}: n_channels must be >= 1, got {n_channels}")
+        for key, value in meta.items():
+            if isinstance(value, str):
+                if "\0" in value:
+                    raise ValueError(f"layer {layer!r}: attribute {key!r} contains a NUL character")
+            elif value is not None and not isinstance(value, (int, float, bool, np.generic)):
+                raise TypeError(f"layer {layer!r}: attribute {key!r} must be a str or a number, got {value!r:.80}")
         index = self._index()
         if layer in index:
             group = self._group(layer)
@@ -364,8 +590,12 @@ class ActivationCache:
             for key, value in meta.items():
                 stored = group.attrs.get(key)
                 stored = stored.item() if isinstance(stored, np.generic) else stored
-                if stored != value:
-                    diffs.append(f"{key}: stored {stored!r}, now {value!r}")
+                try:
+                    same = bool(stored == value)
+                except (ValueError, TypeError):  # an array stored where a scalar is given
+                    same = False
+                if not same:
+                    diffs.append(f"{key}: stored {stored!r:.80}, now {value!r:.80}")
             if diffs:
                 raise ValueError(
                     f"cache {str(self.path)!r} layer {layer!r} was recorded differently; refusing to mix "
@@ -375,6 +605,11 @@ class ActivationCache:
             return
         n_rows = self.n_samples
         chunks = chunk_shape(n_rows, n_channels) if chunks is None else tuple(int(c) for c in chunks)
+        if len(chunks) != 2 or not all(0 < c <= size for c, size in zip(chunks, (n_rows, n_channels))):
+            raise ValueError(f"layer {layer!r}: chunks must be 2 sizes within {(n_rows, n_channels)}, got {chunks}")
+        n_chunks = -(-n_rows // chunks[0]) * -(-n_channels // chunks[1])
+        data_bytes = n_rows * n_channels * 4 * (2 if relevances else 1) + n_rows
+        self._reserve(data_bytes + 64 * n_chunks * 2 + (256 << 10) + data_bytes // 100, f"add layer {layer!r}")
 
         def allocated(group: "h5py.Group", name: str, shape: tuple, dtype: str, fill: float) -> None:
             # allocated at creation: writing rows later never changes HDF5 metadata (crash safety)
@@ -384,9 +619,42 @@ class ActivationCache:
             group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks if len(shape) == 2 else None,
                                  fillvalue=fill, dcpl=dcpl)
 
-        create_layer(self._file, layer, n_channels, relevances, meta, allocated)
-        self._index_memo = None
-        self._file.flush()
+        with self._changing(f"add layer {layer!r}"):
+            create_layer(self._file, layer, n_channels, relevances, meta, allocated)
+            self._index_memo = None
+            self._file.flush()
+            self._trim()
+
+    def _trim(self) -> None:
+        """Cut the space :meth:`_reserve` set aside and HDF5 did not use (after a flush)."""
+        target = self._pending if self._pending is not None else self.path
+        used = int(self._file.id.get_filesize())
+        if os.stat(target).st_size > used:
+            os.truncate(target, used)
+
+    def _reserve(self, n_bytes: int, what: str) -> None:
+        """Allocate ``n_bytes`` at the end of the file before HDF5 writes there: a full disk or a file-size
+        limit (``RLIMIT_FSIZE``) then refuses the change before any HDF5 metadata changed."""
+        target = self._pending if self._pending is not None else self.path
+        descriptor = os.open(target, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            # from HDF5's end of the file, where it allocates; _trim gives back what it did not use
+            os.posix_fallocate(descriptor, int(self._file.id.get_filesize()), int(n_bytes))
+        except OSError as error:
+            if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return  # a file system that cannot reserve space: HDF5 finds out while writing
+            if self._pending is not None:
+                os.close(descriptor)
+                descriptor = -1
+                self._abandon()
+            raise OSError(
+                error.errno,
+                f"not enough space to {what} in {str(self.path)!r} ({n_bytes} bytes: {error.strerror}); nothing "
+                "was changed: free space (or raise the file-size limit) and run again",
+            ) from None
+        finally:
+            if descriptor >= 0:
+                os.close(descriptor)
 
     def info(self, layer: str) -> dict[str, Any]:
         """All attributes of a layer (pooling, concept, fingerprint, ...) as a dict of Python values."""
@@ -427,6 +695,7 @@ class ActivationCache:
         group = self._group(layer)
         n_channels = int(group.attrs["n_channels"])
         selection, count = row_selection(rows, self.n_samples)
+        self._commit()
         for name, values in (("activations", activations), ("relevances", relevances)):
             if values is None:
                 continue
@@ -454,6 +723,7 @@ class ActivationCache:
         selection, count = row_selection(rows, self.n_samples)
         layers = self.layers if layers is None else list(layers)
         groups = [self._group(layer) for layer in layers]
+        self._commit()
         self._file.flush()
         if count:
             for group in groups:
@@ -547,22 +817,56 @@ class ActivationCache:
             np.ascontiguousarray(read_columns(self.dataset(layer, "relevance"), columns))
         )
 
+    def check_values(self, layer: str, source: str = "activation", progress: bool = False) -> None:
+        """Refuse (ValueError naming the layer, channel and sample) NaN or infinite values in a layer's
+        complete rows; read in bands of rows, once per open cache and layer.
+
+        Parameters
+        ----------
+        layer : str
+        source : {"activation", "relevance"}
+        progress : bool
+            Show a progress bar over the bands.
+        """
+        key = (layer, source)
+        if key in self._checked_values:
+            return
+        found = first_nonfinite(self.dataset(layer, source), self.complete(layer), f"checking {layer}", progress)
+        if found is not None:
+            row, channel, kind, n_bad = found
+            raise ValueError(
+                f"cache {str(self.path)!r}: layer {layer!r} has {kind} in the {source}s of channel {channel} "
+                f"(dataset sample {self.sample_range[0] + row}"
+                + (f"; {n_bad} channels of its band of rows are affected" if n_bad > 1 else "")
+                + "); labels need finite values: record this layer again"
+            )
+        self._checked_values.add(key)
+
     # -- life cycle ------------------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Flush buffered writes to disk."""
+        """Flush buffered writes to disk (a new cache is renamed into place first)."""
         if self._file.id.valid and self.mode == "a":
+            self._commit()
             self._file.flush()
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
+        """Close the file and release its lock (idempotent). A new cache is renamed into place first."""
         self._writers.clear()
-        if self._file.id.valid:
-            self._file.close()
+        self._groups.clear()
+        try:
+            if self._file is not None and self._file.id.valid:
+                try:
+                    self._commit()
+                finally:
+                    self._file.close()
+        finally:
+            if getattr(self, "_lock", None) is not None:
+                self._lock.release()
 
     @property
     def closed(self) -> bool:
-        return not self._file.id.valid
+        return self._file is None or not self._file.id.valid
 
     def __enter__(self) -> "ActivationCache":
         return self
@@ -593,8 +897,9 @@ def open_for_labeling(
     cache: "ActivationCache | str | os.PathLike", layers: str | Sequence[str] | None, source: str, n_samples: int,
 ) -> Iterator[tuple["ActivationCache", list]]:
     """Open ``cache`` (a path or an open cache) and check it before any labeling: the source, the
-    layers (KeyError listing them), N against the concepts' ``n_samples``, complete rows. Yields the
-    cache and the layer names; a cache opened here is closed on exit."""
+    layers (KeyError listing them), N against the concepts' ``n_samples``, complete rows, finite values
+    (a NaN is named with its layer before any layer is labeled). Yields the cache and the layer names; a
+    cache opened here is closed on exit."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     own = not isinstance(cache, ActivationCache)
@@ -615,6 +920,8 @@ def open_for_labeling(
         for name in names:
             cache.require_complete(name)
             cache.dataset(name, source)  # KeyError if relevances were not recorded
+        for name in names:
+            cache.check_values(name, source)
         yield cache, names
     finally:
         if own:

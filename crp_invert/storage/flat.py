@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import torch
 
-from .h5 import FILE_CACHE_BYTES, MAX_WRITE_CACHE_BYTES, chunk_shape, h5py_module, open_h5
+from .h5 import FILE_CACHE_BYTES, MAX_WRITE_CACHE_BYTES, chunk_shape, first_nonfinite, h5py_module, open_h5
+from .lock import FileLock
 
 if TYPE_CHECKING:  # pragma: no cover
     import h5py
@@ -58,18 +59,28 @@ class FlatActivationWriter:
         self.dataset_name = dataset
         self._chunks = chunks
         exists = self.path.exists() and self.path.stat().st_size > 0
-        self._file = open_h5(
-            self.path,
-            "w" if (overwrite or not exists) else "r+",
-            rdcc_nbytes=MAX_WRITE_CACHE_BYTES,
-            rdcc_nslots=10007,
-        )
+        self._lock = FileLock(self.path, exclusive=True)  # a second writer is refused, not interleaved
+        try:
+            self._file = open_h5(
+                self.path,
+                "w" if (overwrite or not exists) else "r+",
+                rdcc_nbytes=MAX_WRITE_CACHE_BYTES,
+                rdcc_nslots=10007,
+            )
+        except BaseException:
+            self._lock.release()
+            raise
+        h5py = h5py_module()
         self._dataset = self._file.get(dataset)
-        if self._dataset is not None and (self._dataset.ndim != 2 or self._dataset.maxshape[0] is not None):
-            self._file.close()
+        if self._dataset is not None and (
+            not isinstance(self._dataset, h5py.Dataset) or self._dataset.ndim != 2
+            or self._dataset.maxshape[0] is not None or self._dataset.dtype.kind != "f"
+        ):
+            found = self._dataset
+            self.close()
             raise ValueError(
-                f"{str(self.path)!r}: existing dataset {dataset!r} is not an appendable [N, D] dataset "
-                f"(shape {self._dataset.shape}, maxshape {self._dataset.maxshape})"
+                f"{str(self.path)!r}: existing {dataset!r} is not an appendable [N, D] float dataset "
+                f"({found!r})"
             )
 
     @property
@@ -113,9 +124,12 @@ class FlatActivationWriter:
         self._file.flush()
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
-        if self._file.id.valid:
-            self._file.close()
+        """Close the file and release its lock (idempotent)."""
+        try:
+            if self._file.id.valid:
+                self._file.close()
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> "FlatActivationWriter":
         return self
@@ -128,18 +142,43 @@ class FlatActivationWriter:
 @contextlib.contextmanager
 def open_flat_dataset(path: str | os.PathLike, dataset: str, n_samples: int) -> Iterator["h5py.Dataset"]:
     """Open the ``[N, D]`` dataset of an INVERT-format HDF5 file for column reads, checking that it
-    exists, is 2-D and has ``n_samples`` rows; the file closes on exit."""
-    with open_h5(path, "r", rdcc_nbytes=FILE_CACHE_BYTES, rdcc_nslots=10007) as file:
-        h5py = h5py_module()
-        if dataset not in file or not isinstance(file[dataset], h5py.Dataset):
-            found = [k for k, v in file.items() if isinstance(v, h5py.Dataset)]
-            raise KeyError(f"{str(path)!r} has no dataset {dataset!r}; datasets at the root: {found}")
-        data = file[dataset]
-        if data.ndim != 2:
-            raise ValueError(f"{str(path)!r}: dataset {dataset!r} must be 2-D [N, D], got shape {data.shape}")
-        if data.shape[0] != n_samples:
-            raise ValueError(
-                f"{str(path)!r}: dataset {dataset!r} has N={data.shape[0]} rows but the labeler's "
-                f"concepts have N={n_samples} samples"
-            )
-        yield data
+    exists, is 2-D, real numbers, finite, and has ``n_samples`` rows; the file closes on exit. A file that
+    another process is writing is refused ("in use by another process")."""
+    lock = FileLock(path, exclusive=False) if Path(path).exists() else None
+    try:
+        with open_h5(path, "r", rdcc_nbytes=FILE_CACHE_BYTES, rdcc_nslots=10007) as file:
+            data = _checked_flat_dataset(file, path, dataset, n_samples)
+            found = first_nonfinite(data, desc=f"checking {dataset}")
+            if found is not None:
+                row, column, kind, _ = found
+                raise ValueError(
+                    f"{str(path)!r}: dataset {dataset!r} has {kind} in column {column} (row {row}); labels need "
+                    "finite values"
+                )
+            yield data
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _checked_flat_dataset(file: "h5py.File", path: str | os.PathLike, dataset: str, n_samples: int) -> "h5py.Dataset":
+    h5py = h5py_module()
+    if not isinstance(dataset, str) or not dataset:
+        raise ValueError(f"dataset must be a non-empty name, got {dataset!r}")
+    try:
+        data = file.get(dataset)
+    except (KeyError, ValueError, OSError, RuntimeError, TypeError):
+        data = None
+    if not isinstance(data, h5py.Dataset):
+        found = [k for k, v in file.items() if isinstance(v, h5py.Dataset)]
+        raise KeyError(f"{str(path)!r} has no dataset {dataset!r}; datasets at the root: {found}")
+    if data.ndim != 2:
+        raise ValueError(f"{str(path)!r}: dataset {dataset!r} must be 2-D [N, D], got shape {data.shape}")
+    if data.dtype.kind not in "fiu":
+        raise TypeError(f"{str(path)!r}: dataset {dataset!r} must hold real numbers, got dtype {data.dtype}")
+    if data.shape[0] != n_samples:
+        raise ValueError(
+            f"{str(path)!r}: dataset {dataset!r} has N={data.shape[0]} rows but the labeler's "
+            f"concepts have N={n_samples} samples"
+        )
+    return data

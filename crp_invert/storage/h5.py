@@ -3,6 +3,7 @@ row and column selections."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ FILE_CACHE_BYTES = 4 << 20
 MAX_WRITE_CACHE_BYTES = 64 << 20
 
 __all__ = ["FILE_CACHE_BYTES", "MAX_WRITE_CACHE_BYTES", "h5py_module", "open_h5", "chunk_shape", "read_columns",
-           "row_selection", "true_ranges"]
+           "row_selection", "true_ranges", "first_nonfinite"]
 
 
 def h5py_module():
@@ -118,6 +119,31 @@ def read_columns(dataset, columns) -> np.ndarray:
     return dataset[:, unique][:, inverse]
 
 
+def first_nonfinite(dataset, rows: np.ndarray | None = None, desc: str = "checking",
+                    progress: bool = False) -> tuple[int, int, str, int] | None:
+    """The first NaN or infinite value of a 2-D dataset, read in bands of rows (its chunk height, or 32 MiB):
+    ``(row, column, "NaN" or "an infinite value", number of columns affected in that band)``, or None.
+
+    ``rows`` (bool [N]) limits the search to those rows (e.g. the complete ones).
+    """
+    from tqdm.auto import tqdm
+
+    n_rows, n_cols = dataset.shape
+    if dataset.dtype.kind != "f":
+        return None  # integers are finite
+    band = dataset.chunks[0] if dataset.chunks else max(1, (32 << 20) // (max(1, dataset.dtype.itemsize) * n_cols))
+    for start in tqdm(range(0, n_rows, band), desc=desc, disable=not progress, leave=False):
+        block = np.asarray(dataset[start:start + band])
+        bad = ~np.isfinite(block)
+        if rows is not None:
+            bad &= np.asarray(rows[start:start + band], dtype=bool)[:, None]
+        if bad.any():
+            row, column = (int(v) for v in np.argwhere(bad)[0])
+            kind = "NaN" if np.isnan(block[row, column]) else "an infinite value"
+            return start + row, column, kind, int(bad.any(axis=0).sum())
+    return None
+
+
 def row_selection(rows, n_rows: int) -> tuple[slice | np.ndarray, int]:
     """Rows (slice, ``(start, end)`` or increasing int array) as a slice or index array, and their count."""
     if isinstance(rows, slice) or (isinstance(rows, tuple) and len(rows) == 2):
@@ -135,20 +161,36 @@ def row_selection(rows, n_rows: int) -> tuple[slice | np.ndarray, int]:
 
 
 def open_h5(path: str | os.PathLike, mode: str, **kwargs) -> "h5py.File":
-    """Open an HDF5 file, turning h5py's OSError for unreadable files into clear errors."""
+    """Open an HDF5 file, turning h5py's OSError for unreadable files into clear one-line errors: missing
+    (FileNotFoundError), not HDF5, locked by another process
+    (:class:`~crp_invert.storage.lock.FileInUseError`), open in this process, damaged (ValueError)."""
+    from .lock import FileInUseError
+
     h5py = h5py_module()
     path = Path(path)
     if mode == "r" and not path.exists():
         raise FileNotFoundError(f"no such file: {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder, not an HDF5 file")
     try:
         return h5py.File(path, mode, **kwargs)
-    except OSError as err:
-        if path.exists() and not h5py.is_hdf5(path):
-            raise ValueError(f"{str(path)!r} is not an HDF5 file") from err
-        if "already open" in str(err):
+    except (OSError, ValueError, RuntimeError) as err:
+        text = " ".join(str(err).split())
+        if getattr(err, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in text:
+            raise FileInUseError(
+                f"{str(path)!r} is in use by another process (HDF5 could not lock it); wait for it to finish"
+            ) from None
+        if "already open" in text:
             raise ValueError(
                 f"cannot open {str(path)!r} with mode {mode!r}: it is already open elsewhere (close the "
-                f"other ActivationCache or h5py.File first): {err}"
-            ) from err
-        raise ValueError(f"cannot open {str(path)!r} as HDF5 (truncated or damaged file?): {err}") from err
-
+                f"other ActivationCache or h5py.File first): {text}"
+            ) from None
+        if isinstance(err, PermissionError) or "Permission denied" in text:
+            raise ValueError(f"cannot open {str(path)!r} with mode {mode!r}: permission denied") from None
+        if mode in ("w", "w-", "x"):
+            raise OSError(getattr(err, "errno", None) or errno.EIO, f"cannot create {str(path)!r}: {text}") from None
+        if path.exists() and path.stat().st_size == 0:
+            raise ValueError(f"{str(path)!r} is empty (0 bytes), not an HDF5 file") from None
+        if path.exists() and not h5py.is_hdf5(path):
+            raise ValueError(f"{str(path)!r} is not an HDF5 file") from None
+        raise ValueError(f"cannot open {str(path)!r} as HDF5 (truncated or damaged file?): {text}") from None
