@@ -1,6 +1,13 @@
 """Labeled circuits: the channels that matter most for a class logit (by direct weight, by mean relevance
 over a dataset) or below one labeled concept (CRP's :py:class:`crp.attribution.AttributionGraph`), each
-channel named by its INVERT label (paper figure 7 and appendix A.8)."""
+channel named by its INVERT label (paper figure 7 and appendix A.8).
+
+Layer names are module names as for recording: leaves, containers (``"layer4"``) and modules called
+several times per forward pass. CRP's ``trace_model_graph`` knows only the leaf operations of the traced
+model; :py:func:`concept_circuit` maps each requested name to the traced operation that produces its
+output (for a container the last operation of the block, for a module called twice its last call) and
+answers AttributionGraph's one question, which requested layers feed a layer, from that.
+"""
 import json
 import logging
 import warnings
@@ -12,11 +19,13 @@ import torch
 
 from .glocal import (
     _best_label,
+    _channel_count,
     _check_rank_by,
     _check_top_k,
     _get_module,
+    _guard_model,
+    _LastCall,
     _layer_labels,
-    _no_leaked_hooks,
     _prepare,
     _probe,
     _rank,
@@ -25,7 +34,6 @@ from .glocal import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["CircuitNode", "CircuitEdge", "Circuit", "circuit_by_weight", "circuit_by_relevance", "concept_circuit"]
-
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,13 @@ def _check_target(target, n_outputs: int) -> int:
     return int(target)
 
 
+def _sequential_output(module: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output a (nested) Sequential returns: its last child, recursively."""
+    while isinstance(module, torch.nn.Sequential) and len(module):
+        module = module[-1]
+    return module
+
+
 def circuit_by_weight(linear: Union[torch.nn.Module, str], target: int, k: int = 8, labels=None, *,
                       model: Optional[torch.nn.Module] = None, source_layer: Optional[str] = None,
                       target_name: Optional[str] = None, rank_by: str = "signed") -> Circuit:
@@ -151,7 +166,8 @@ def circuit_by_weight(linear: Union[torch.nn.Module, str], target: int, k: int =
     Parameters
     ----------
     linear : torch.nn.Module or str
-        A module with a 2-D ``weight`` [outputs, inputs] (``torch.nn.Linear``), or its name in ``model``.
+        A module with a 2-D ``weight`` [outputs, inputs] (``torch.nn.Linear``), or its name in ``model``;
+        a Sequential container (``"classifier"``) stands for the last module in it, whose output it is.
     target : int
         The output (row of the weight).
     k : int
@@ -184,10 +200,10 @@ def circuit_by_weight(linear: Union[torch.nn.Module, str], target: int, k: int =
             name = next((n for n, m in model.named_modules() if m is module), name)
     else:
         raise TypeError(f"linear must be a torch.nn.Module or a layer name, got {type(linear).__name__}")
-    weight = getattr(module, "weight", None)
+    weight = getattr(_sequential_output(module), "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"layer {name!r} has no 2-D weight [outputs, inputs] "
-                         f"(a torch.nn.Linear is expected)")
+                         f"(a torch.nn.Linear, or a Sequential ending with one, is expected)")
     target = _check_target(target, weight.shape[0])
     n_inputs = weight.shape[1]
     k = _check_top_k(k, n_inputs, f"{name} (inputs)")
@@ -290,6 +306,180 @@ def _channel_of_concept(text: str, labels, layer: str) -> int:
     return max(matches, key=lambda match: (match[1], -match[0]))[0]
 
 
+class _Operation:
+    """One traced operation: the modules it runs in (outermost first), whether it computes (an ``aten``
+    operation) and its neighbours in the data flow."""
+
+    __slots__ = ("modules", "computes", "input_nodes", "output_nodes")
+
+    def __init__(self, scope: str, computes: bool) -> None:
+        prefix = "__module."
+        self.modules = tuple(part[len(prefix):] for part in str(scope).split("/") if part.startswith(prefix))
+        self.computes = computes
+        self.input_nodes: List["_Operation"] = []
+        self.output_nodes: List["_Operation"] = []
+
+
+def _trace_operations(model: torch.nn.Module, data: torch.Tensor) -> List["_Operation"]:
+    """The operations of one traced forward pass that depend on the input, linked by the tensors they pass.
+
+    ``torch.jit.trace`` as CRP's ``trace_model_graph`` uses it, read in one pass over the graph (CRP's
+    reading searches all nodes for the users of each node: minutes on DenseNet121).
+    """
+    with warnings.catch_warnings():
+        # torch.jit.trace is deprecated in torch 2.x; nothing a user can act on
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, (data,), check_trace=False)
+    graph = traced.inlined_graph
+    produced_by: Dict[int, _Operation] = {}
+    reached = {value.unique() for value in list(graph.inputs())[1:]}  # the data, not the module itself
+    operations = []
+    for node in graph.nodes():
+        sources = [value.unique() for value in node.inputs()]
+        if not any(source in reached for source in sources):
+            continue
+        operation = _Operation(node.scopeName(), "aten" in node.kind())
+        for source in sources:
+            producer = produced_by.get(source)
+            if producer is not None and producer not in operation.input_nodes:
+                operation.input_nodes.append(producer)
+                producer.output_nodes.append(operation)
+        for value in node.outputs():
+            reached.add(value.unique())
+            produced_by[value.unique()] = operation
+        operations.append(operation)
+    return operations
+
+
+def _operations_of(model_graph) -> List["_Operation"]:
+    """The operations of a graph from CRP's ``trace_model_graph``."""
+    operations = {id(node): _Operation(node.scopeName, bool(node.is_layer))
+                  for node in model_graph.id_node_map.values()}
+    for node in model_graph.id_node_map.values():
+        operation = operations[id(node)]
+        operation.input_nodes = [operations[id(other)] for other in node.input_nodes]
+        operation.output_nodes = [operations[id(other)] for other in node.output_nodes]
+    return list(operations.values())
+
+
+def _downstream(node: _Operation, targets: set) -> bool:
+    """Whether any operation in ``targets`` (ids) is reachable from ``node`` along the data flow."""
+    seen, stack = {id(node)}, list(node.output_nodes)
+    while stack:
+        current = stack.pop()
+        if id(current) in targets:
+            return True
+        if id(current) not in seen:
+            seen.add(id(current))
+            stack.extend(current.output_nodes)
+    return False
+
+
+def _output_node(operations: Sequence[_Operation], name: str) -> _Operation:
+    """The traced operation that produces the output of module ``name``.
+
+    The operations of the module (its scope and the scopes inside it) that feed something outside it
+    are its exits; the output is the exit that no other exit leads to: for a container the last operation
+    of the block, for a module called several times its last call.
+    """
+    inside = [node for node in operations if name in node.modules]
+    if not inside:
+        raise KeyError(f"layer {name!r} runs no operation in the traced graph of the model")
+    members = {id(node) for node in inside}
+    exits = [node for node in inside
+             if not node.output_nodes or any(id(out) not in members for out in node.output_nodes)]
+    last = [node for node in exits if not _downstream(node, {id(other) for other in exits if other is not node})]
+    if len(last) != 1 or not last[0].computes:
+        raise ValueError(f"layer {name!r} has {len(last)} parallel outputs in the traced graph; a circuit "
+                         f"needs a module with one output tensor")
+    return last[0]
+
+
+class _LayerGraph:
+    """Which requested layers feed each requested layer: the one question CRP's ``AttributionGraph`` asks its
+    graph (``find_input_layers``), answered from the traced operations of the model.
+
+    CRP names every traced operation by the module it runs in, so a container has no node of its own (or only
+    its own operations, such as BasicBlock's residual sum) and a module called twice has one node per call.
+    Here each requested module is the operation that produces its output (:func:`_output_node`), and the
+    walk from it against the data flow stops at the outputs of the other requested modules, visiting each
+    operation once. CRP's own walk follows every path, which lists an input layer once per path (ResNet:
+    main path and shortcut; AttributionGraph then repeats its nodes and edges) and takes exponential time
+    on DenseNet's dense connections. The order of the input layers is CRP's (first occurrence).
+    """
+
+    def __init__(self, operations: Sequence[_Operation], names: Sequence[str]) -> None:
+        outputs = {name: _output_node(operations, name) for name in names}
+        owner: Dict[int, str] = {}
+        for name, node in outputs.items():
+            if id(node) in owner:
+                raise ValueError(f"layers {owner[id(node)]!r} and {name!r} are the same tensor (one is the output "
+                                 f"of the other); keep one of them in layers")
+            owner[id(node)] = name
+        self.inputs = {name: _input_layers(node, owner) for name, node in outputs.items()}
+
+    def find_input_layers(self, layer_name: str) -> List[str]:
+        if layer_name not in self.inputs:
+            raise KeyError(f"layer {layer_name!r} is not one of the circuit's layers {list(self.inputs)}")
+        return list(self.inputs[layer_name])
+
+
+def _input_layers(start, owner: Mapping[int, str]) -> List[str]:
+    """Requested layers whose output reaches ``start`` without passing another requested output (DFS preorder)."""
+    found: List[str] = []
+    seen = set()
+    stack = list(reversed(start.input_nodes))
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in owner:
+            if owner[id(node)] not in found:
+                found.append(owner[id(node)])
+            continue
+        stack.extend(reversed(node.input_nodes))
+    return found
+
+
+class _ClosingAttribution:
+    """A CondAttribution seen through a proxy that closes, on :meth:`close`, the generators its ``generate``
+    made: ``AttributionGraph`` interrupted by an error leaves CRP's generator suspended inside the composite
+    context (canonizers applied) until garbage collection."""
+
+    def __init__(self, attribution) -> None:
+        self._attribution = attribution
+        self._generators: List[Any] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._attribution, name)
+
+    def generate(self, *args, **kwargs):
+        generator = self._attribution.generate(*args, **kwargs)
+        self._generators.append(generator)
+        return generator
+
+    def close(self) -> None:
+        for generator in self._generators:
+            generator.close()
+        self._generators.clear()
+
+
+class _LastCallConcept:
+    """CRP's ChannelConcept whose mask acts on the last call of a module called several times (see
+    :py:class:`crp_invert.integration.glocal._LastCall`); relevances are read as ChannelConcept reads them."""
+
+    def __init__(self, last_call: _LastCall) -> None:
+        from crp.concepts import ChannelConcept
+
+        self._channel = ChannelConcept()
+        self.mask = last_call.mask
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+
 def concept_circuit(attribution, sample: torch.Tensor, composite, layer: str, channel: int,
                     layers: Sequence[str], labels: Optional[Mapping[str, Any]] = None,
                     width: Sequence[int] = (4, 2),
@@ -310,7 +500,10 @@ def concept_circuit(attribution, sample: torch.Tensor, composite, layer: str, ch
         channel whose best label is that formula, with the highest AUC among them (needs ``labels[layer]``).
     layers : sequence of str
         The layers the graph may pass through (CRP's ``layer_names`` of ``trace_model_graph``; must include
-        ``layer``). Each gets a ``ChannelConcept``.
+        ``layer``). Each gets a ``ChannelConcept``. Any module names: leaves, containers (``["layer3",
+        "layer4"]``: the blocks' outputs) and modules called several times per forward pass (their last
+        call, as in :py:func:`crp_invert.decompose`); two names for the same tensor (``"layer4"`` and
+        ``"layer4.1"``) are refused.
     labels : mapping of layer name to LayerLabels, optional
         Labels per layer; nodes of layers without labels stay unlabeled.
     width : sequence of int
@@ -322,7 +515,9 @@ def concept_circuit(attribution, sample: torch.Tensor, composite, layer: str, ch
     batch_size : int
         Maximal conditions per pass.
     graph : crp.graph.ModelGraph, optional
-        A graph from ``crp.graph.trace_model_graph`` (traced when not given).
+        A graph from ``crp.graph.trace_model_graph`` of this model (any layer names; it is read, not
+        modified). Default: the model is traced with ``torch.jit.trace`` as CRP traces it, read in linear
+        time (CRP's reading takes a minute on DenseNet121).
     device : torch.device or str, optional
 
     Returns
@@ -332,10 +527,9 @@ def concept_circuit(attribution, sample: torch.Tensor, composite, layer: str, ch
     """
     from crp.attribution import AttributionGraph
     from crp.concepts import ChannelConcept
-    from crp.graph import trace_model_graph
 
     model = attribution.model
-    layers = list(layers)
+    layers = list(dict.fromkeys(layers))
     for name in layers + [layer]:
         _get_module(model, name)
     if layer not in layers:
@@ -346,16 +540,13 @@ def concept_circuit(attribution, sample: torch.Tensor, composite, layer: str, ch
     data = _prepare(sample, device)
     if data.shape[0] != 1:
         raise ValueError(f"concept_circuit explains one sample [1, ...], got a batch of {data.shape[0]}")
-    prediction, layer_shape = _probe(model, data, layer)
-    n_channels = layer_shape[1]
+    probe = _probe(model, data, layers)
+    n_channels = _channel_count(probe.shapes, layer)
     if target is not None:
-        target = _check_target(target, prediction.shape[1])
+        target = _check_target(target, probe.prediction.shape[1])
     labels = dict(labels or {})
-    checked = {}
-    for name in layers:
-        if name in labels:
-            _, shape = _probe(model, data, name)
-            checked[name] = _layer_labels(labels[name], name, shape[1])
+    checked = {name: _layer_labels(labels[name], name, _channel_count(probe.shapes, name))
+               for name in layers if name in labels}
     if isinstance(channel, str):
         channel = _channel_of_concept(channel, checked.get(layer), layer)
     if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)):
@@ -363,16 +554,21 @@ def concept_circuit(attribution, sample: torch.Tensor, composite, layer: str, ch
     if not 0 <= channel < n_channels:
         raise ValueError(f"channel {channel} is out of range: layer {layer!r} has {n_channels} channels")
 
-    with _no_leaked_hooks(model):
-        if graph is None:
-            with warnings.catch_warnings():
-                # CRP traces with torch.jit.trace, deprecated in torch 2.x; nothing a user can act on
-                warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-                graph = trace_model_graph(model, data, layers)
-        attribution_graph = AttributionGraph(attribution, graph, {name: ChannelConcept() for name in layers})
-        nodes, connections = attribution_graph(
-            data.clone().requires_grad_(True), composite, int(channel), layer, target=target,
-            width=list(width), abs_norm=abs_norm, batch_size=batch_size, verbose=False)
+    with _guard_model(model):
+        operations = _trace_operations(model, data) if graph is None else _operations_of(graph)
+    layer_graph = _LayerGraph(operations, layers)
+    last_call = _LastCall(model, [name for name in layers if probe.calls[name] > 1])
+    concepts = {name: _LastCallConcept(last_call) if name in last_call.calls else ChannelConcept()
+                for name in layers}
+    closing = _ClosingAttribution(attribution)
+    with _guard_model(model), last_call.attached():
+        try:
+            attribution_graph = AttributionGraph(closing, layer_graph, concepts)
+            nodes, connections = attribution_graph(
+                data.clone().requires_grad_(True), composite, int(channel), layer, target=target,
+                width=list(width), abs_norm=abs_norm, batch_size=batch_size, verbose=False)
+        finally:
+            closing.close()
 
     circuit_nodes = {}
     for node_layer, node_channel in nodes:
