@@ -32,6 +32,8 @@ _EXPORTS = {
     "GlocalExplanation": "integration.glocal",
     "decompose_batch": "integration.glocal",
     "channel_relevances": "integration.glocal",
+    "Evidence": "integration.glocal",
+    "ChannelEvidence": "integration.glocal",
     "circuit_by_weight": "integration.circuits",
     "circuit_by_relevance": "integration.circuits",
     "concept_circuit": "integration.circuits",

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["heatmap_image", "plot_glocal", "plot_explanation", "plot_circuit"]
+__all__ = ["heatmap_image", "plot_glocal", "evidence_line", "plot_explanation", "plot_circuit"]
 
 
 def _figure(figsize):
@@ -88,12 +88,22 @@ def _input_image(image) -> np.ndarray:
                      f"got {values.shape}")
 
 
+UNEXPLAINED_COLOR = "tab:red"
+
+
 def _channel_title(channel: int, label, share: float, relevance: float) -> str:
     if label is None:
         name, auc = "(no label)", ""
     else:
         name, auc = str(label.formula), f"AUC {label.auc:.2f} | "
     return f"ch {channel}: {name}\n{auc}R {share:+.0%}"
+
+
+def evidence_line(part) -> str:
+    """The evidence line of a channel panel: ``"act p<percentile> | label holds|fails|?"``, ending in ``" !"``
+    for an unexplained part (label fails, activation below its ``low_percentile``)."""
+    state = {True: "holds", False: "fails", None: "?"}[part.label_holds]
+    return f"act p{part.percentile:.0f} | label {state}" + (" !" if part.unexplained else "")
 
 
 def plot_glocal(glocal, image=None, class_name: Optional[str] = None, show_rest: bool = True,
@@ -127,7 +137,11 @@ def plot_glocal(glocal, image=None, class_name: Optional[str] = None, show_rest:
     -------
     matplotlib.figure.Figure
         Axes titles: ``"input"``, ``"class <name>"``, one ``"ch <c>: <label>\\nAUC <auc> | R <share>"`` per
-        channel and ``"rest"``.
+        channel and ``"rest"``. With evidence (``decompose(..., evidence=...)``) each channel title gets a
+        third line ``"act p<percentile> | label holds|fails|?"`` (:func:`evidence_line`); an unexplained part
+        (its label does not hold for the sample and its activation is below the evidence's
+        ``low_percentile``, by default the channel's median on the labeling data) gets a red title ending in
+        ``" !"`` and a red frame: its heatmap is not explained by the label.
     """
     heatmap = _numpy(glocal.heatmap)
     if heatmap.ndim != 2:
@@ -135,29 +149,41 @@ def plot_glocal(glocal, image=None, class_name: Optional[str] = None, show_rest:
     scale = float(np.abs(heatmap).max()) if shared_scale else None
     panels = []
     if image is not None:
-        panels.append(("input", _input_image(image)))
+        panels.append(("input", _input_image(image), False))
     target = class_name if class_name is not None else str(glocal.target)
     class_title = f"class {target}\n{glocal.layer}: top {glocal.top_k}"
-    panels.append((class_title, heatmap_image(heatmap, cmap, scale)))
+    panels.append((class_title, heatmap_image(heatmap, cmap, scale), False))
+    evidence = getattr(glocal, "evidence", None)
     for i, channel in enumerate(glocal.channels.tolist()):
         label = glocal.labels[i] if glocal.labels else None
         title = _channel_title(channel, label, float(glocal.share[i]), float(glocal.relevance[i]))
         first, _, rest = title.partition("\n")
         if len(first) > max_label_chars:
             first = first[:max_label_chars - 1] + "\u2026"
-        panels.append((f"{first}\n{rest}", heatmap_image(glocal.channel_heatmaps[i], cmap, scale)))
+        title = f"{first}\n{rest}"
+        unexplained = False
+        if evidence is not None:
+            title += "\n" + evidence_line(evidence[i])
+            unexplained = evidence[i].unexplained
+        panels.append((title, heatmap_image(glocal.channel_heatmaps[i], cmap, scale), unexplained))
     if show_rest:
-        panels.append(("rest", heatmap_image(glocal.rest_heatmap, cmap, scale)))
+        panels.append(("rest", heatmap_image(glocal.rest_heatmap, cmap, scale), False))
 
     ncols = min(len(panels), 6) if ncols is None else max(1, int(ncols))
     nrows = math.ceil(len(panels) / ncols)
-    figure = _figure((panel_size * ncols, (panel_size + 0.5) * nrows))
+    title_space = 0.65 if evidence is not None else 0.5
+    figure = _figure((panel_size * ncols, (panel_size + title_space) * nrows))
     axes = figure.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (title, picture) in zip(axes.flat, panels):
+    for ax, (title, picture, unexplained) in zip(axes.flat, panels):
         ax.imshow(picture, interpolation="nearest")
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=8, **({"color": UNEXPLAINED_COLOR} if unexplained else {}))
+        if unexplained:
+            from matplotlib.patches import Rectangle
+
+            ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, clip_on=False,
+                                   edgecolor=UNEXPLAINED_COLOR, linewidth=3, gid="unexplained"))
     return figure
 
 

@@ -423,6 +423,26 @@ def _channel_card(
     return "".join(parts)
 
 
+def _evidence_html(glocal: Any) -> str:
+    """The evidence of each channel part of a glocal explanation as a table ("" when it has none); an
+    unexplained part (label fails, low activation) is marked in red."""
+    if getattr(glocal, "evidence", None) is None:
+        return ""
+    rows = []
+    for part, label in zip(glocal.evidence, glocal.labels):
+        holds = {True: "holds", False: "fails", None: "unknown"}[part.label_holds]
+        style = ' class="unexplained" style="color:#c00;font-weight:bold"' if part.unexplained else ""
+        note = "not explained by the label" if part.unexplained else ""
+        rows.append(
+            f"<tr{style}><td>{part.channel}</td><td>{_e(label.formula) if label is not None else ''}</td>"
+            f"<td>{part.activation:.4g}</td><td>{part.percentile:.0f}</td><td>{holds}</td><td>{note}</td></tr>"
+        )
+    return (
+        '<table class="evidence"><tr><th>channel</th><th>label</th><th>activation</th><th>percentile</th>'
+        "<th>label on this sample</th><th></th></tr>" + "".join(rows) + "</table>"
+    )
+
+
 def _summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
     if not rows:
         return ""
@@ -616,7 +636,9 @@ def write_report(
                     png = _figure_png(plot_glocal(glocal, image=image, class_name=name), dpi)
                 shown = name if name is not None else glocal.target
                 caption = f"prediction {i}: class {shown}, layer {glocal.layer}"
-                page.append(f'<div class="figure">{_img(png, caption)}<p>{_e(caption)}</p></div>')
+                page.append(
+                    f'<div class="figure">{_img(png, caption)}<p>{_e(caption)}</p>{_evidence_html(glocal)}</div>'
+                )
         if circuits:
             from .plot import plot_circuit
 

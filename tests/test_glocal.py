@@ -423,3 +423,175 @@ def test_circuit_by_relevance_reads_a_real_activation_cache(tmp_path):
     assert from_cache.to_dict() == from_tensor.to_dict()
     expected = torch.argsort(relevances[sample_targets == 1].mean(0), descending=True)[:3].tolist()
     assert [node.channel for node in from_cache.nodes if node.layer == "features.4"] == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# evidence: the sample's activation percentile and whether each channel's label holds for it
+# ------------------------------------------------------------------------------------------------
+
+N_REFERENCE = 40
+
+
+@pytest.fixture
+def labeled_reference(setup, tmp_path):
+    """A labeled dataset for conv2: its pooled activations as CRP records them (canonized), random concepts,
+    labels from the labeler, and an ActivationCache file holding the activations."""
+    from crp_invert import ActivationCache, ConceptLabeler, ConceptLabels
+
+    _, model, attribution, composite, data = setup
+    generator = torch.Generator().manual_seed(11)
+    inputs = torch.randn(N_REFERENCE, *data.shape[1:], generator=generator)
+    recorded = attribution(inputs.clone().requires_grad_(True), [{"y": [0]}] * N_REFERENCE, composite,
+                           record_layer=["conv2"]).activations["conv2"]
+    reference = recorded.flatten(2).mean(-1)
+    concepts = ConceptLabels(torch.rand(N_REFERENCE, 4, generator=generator) > 0.5, ["red", "round", "furry", "metal"])
+    labels = ConceptLabeler(concepts).label(reference, L=2, B=2, layer="conv2", progress=False)
+    path = tmp_path / "acts.h5"
+    with ActivationCache(path, mode="a") as cache:
+        cache.initialize((0, N_REFERENCE))
+        cache.add_layer("conv2", reference.shape[1], pooling="mean")
+        cache.write("conv2", (0, N_REFERENCE), reference)
+        cache.mark_complete((0, N_REFERENCE))
+    return inputs, reference, concepts, labels, path
+
+
+def _direct_pooled(attribution, composite, sample, target, layer="conv2"):
+    activation = attribution(sample.clone().requires_grad_(True), [{"y": [target]}], composite,
+                             record_layer=[layer]).activations[layer]
+    return activation.flatten(2).mean(-1)[0].double()
+
+
+def test_evidence_matches_the_cache_and_formula_evaluate(setup, labeled_reference):
+    from scipy.stats import percentileofscore
+
+    from crp_invert import ActivationCache, Evidence
+
+    _, model, attribution, composite, _ = setup
+    inputs, reference, concepts, labels, path = labeled_reference
+    hooks = hooks_of(model)
+    holds_seen = set()
+    with ActivationCache(path) as cache:
+        for index in (3, 17, 29):
+            sample = inputs[index:index + 1]
+            g = decompose(attribution, sample, 1, "conv2", composite, labels=labels, top_k=4,
+                          evidence=Evidence(cache, concepts=concepts, sample_index=index))
+            pooled = _direct_pooled(attribution, composite, sample, 1)
+            assert [part.channel for part in g.evidence] == g.channels.tolist()
+            for part, label in zip(g.evidence, g.labels):
+                column = reference[:, part.channel].double().numpy()
+                assert part.activation == pytest.approx(float(pooled[part.channel]), rel=1e-5, abs=1e-7)
+                assert part.activation == pytest.approx(float(column[index]), rel=1e-5, abs=1e-7)
+                assert part.percentile == pytest.approx(percentileofscore(column, part.activation, kind="mean"))
+                assert part.n_reference == N_REFERENCE
+                expected = bool(label.formula.evaluate(concepts)[index])
+                assert part.label_holds is expected
+                assert part.unexplained == (not expected and part.percentile < 50)
+                holds_seen.add(expected)
+            assert g.unexplained() == [part.channel for part in g.evidence if part.unexplained]
+            # the same from an [N, C] tensor and the sample's concepts as a mapping
+            row = {name: bool(concepts.mask(name)[index]) for name in concepts.names}
+            from_tensor = decompose(attribution, sample, 1, "conv2", composite, labels=labels, top_k=4,
+                                    evidence=Evidence(reference, concept_row=row))
+            assert from_tensor.evidence == g.evidence
+    assert holds_seen == {True, False}  # both outcomes were checked
+    assert hooks_of(model) == hooks
+
+
+def test_evidence_of_a_batch_equals_single_samples(setup, labeled_reference):
+    from scipy.stats import percentileofscore
+
+    from crp_invert import Evidence
+
+    _, model, attribution, composite, _ = setup
+    inputs, reference, concepts, labels, _ = labeled_reference
+    indices = [5, 12]
+    dense = concepts.dense().numpy()
+    batch = decompose_batch(attribution, inputs[indices], [0, 2], "conv2", composite, labels=labels, top_k=3,
+                            evidence=Evidence(reference, concepts=concepts, sample_index=indices,
+                                              low_percentile=30))
+    as_matrix = decompose_batch(attribution, inputs[indices], [0, 2], "conv2", composite, labels=labels, top_k=3,
+                                evidence=Evidence(reference, concepts=concepts, concept_row=dense[indices]))
+    as_labels = decompose_batch(attribution, inputs[indices], [0, 2], "conv2", composite, labels=labels, top_k=3,
+                                evidence=Evidence(reference, concept_row=concepts.subset(indices)))
+    for g, h, k in zip(batch, as_matrix, as_labels):
+        assert [p.label_holds for p in g.evidence] == [p.label_holds for p in h.evidence] == \
+            [p.label_holds for p in k.evidence]
+    for g, index, target in zip(batch, indices, [0, 2]):
+        single = decompose(attribution, inputs[index:index + 1], target, "conv2", composite, labels=labels,
+                           top_k=3, evidence=Evidence(reference.numpy(), concept_row=dense[index],
+                                                      concepts=concepts, low_percentile=30))
+        assert g.channels.tolist() == single.channels.tolist()
+        for part, other in zip(g.evidence, single.evidence):
+            assert part.channel == other.channel and part.label_holds == other.label_holds
+            # batched and single passes round differently: each percentile is that of its own activation
+            assert part.activation == pytest.approx(other.activation, rel=1e-5, abs=1e-7)
+            column = reference[:, part.channel].double().numpy()
+            for result in (part, other):
+                assert result.percentile == pytest.approx(percentileofscore(column, result.activation, kind="mean"))
+            assert part.low_percentile == 30
+            assert part.unexplained == (part.label_holds is False and part.percentile < 30)
+
+
+def test_glocal_json_roundtrip(setup, labeled_reference, tmp_path):
+    from crp_invert import Evidence
+
+    _, model, attribution, composite, _ = setup
+    inputs, reference, concepts, labels, _ = labeled_reference
+    g = decompose(attribution, inputs[7:8], None, "conv2", composite, labels=labels, top_k=3,
+                  evidence=Evidence(reference, concepts=concepts, sample_index=7))
+    for original in (g, decompose(attribution, inputs[7:8], None, "conv2", composite, top_k=2)):
+        text = original.to_json(tmp_path / "glocal.json")
+        for restored in (GlocalExplanation.from_json(text), GlocalExplanation.from_json(tmp_path / "glocal.json")):
+            for name in ("layer", "target", "rank_by", "labels", "evidence"):
+                assert getattr(restored, name) == getattr(original, name), name
+            for name in ("heatmap", "channels", "channel_heatmaps", "relevance", "share", "rest_heatmap",
+                         "channel_relevance", "prediction"):
+                value, reference_value = getattr(restored, name), getattr(original, name)
+                assert value.dtype == reference_value.dtype and torch.equal(value, reference_value.cpu()), name
+    data = json.loads(g.to_json())
+    assert data["evidence"][0]["unexplained"] == g.evidence[0].unexplained
+    assert json.loads(decompose(attribution, inputs[7:8], None, "conv2", composite, top_k=2).to_json())[
+        "evidence"] is None
+
+
+def test_evidence_bad_input(setup, labeled_reference, caplog):
+    from crp_invert import ActivationCache, ChannelEvidence, Evidence
+
+    _, model, attribution, composite, _ = setup
+    inputs, reference, concepts, labels, path = labeled_reference
+    sample = inputs[:1]
+
+    def run(evidence):
+        return decompose(attribution, sample, 0, "conv2", composite, labels=labels, top_k=2, evidence=evidence)
+
+    with pytest.raises(ValueError, match="channels but the decomposed layer has"):
+        run(Evidence(reference[:, :3]))
+    with pytest.raises(ValueError, match="needs the concept names"):
+        run(Evidence(reference, concept_row=concepts.dense()[0]))
+    with pytest.raises(ValueError, match="2 entries for 1 samples"):
+        run(Evidence(reference, sample_index=[0, 1], concepts=concepts))
+    with pytest.raises(ValueError, match="out of range"):
+        run(Evidence(reference, sample_index=N_REFERENCE, concepts=concepts))
+    with pytest.raises(TypeError, match="reference must be"):
+        Evidence([[0.0]])
+    with pytest.raises(ValueError, match="low_percentile"):
+        Evidence(reference, low_percentile=120)
+    with pytest.raises(TypeError, match="evidence must be an Evidence"):
+        run(reference)
+    with ActivationCache(path) as cache:
+        with pytest.raises(ValueError, match="recorded with pooling 'mean'"):
+            run(Evidence(cache, pooling="max"))
+        with pytest.raises(KeyError):
+            run(Evidence(cache, layer="conv1"))
+    # the sample's stored row differs from its activation: recorded another way -> a warning
+    shifted = reference.clone()
+    shifted[0] += 1.0
+    with caplog.at_level("WARNING", logger="crp_invert.integration.glocal"):
+        run(Evidence(shifted, sample_index=0))
+    assert "recorded with another composite or pooling" in caplog.text
+    # the mark: label fails and the activation is below the threshold
+    assert ChannelEvidence(0, 0.1, 10.0, 40, label_holds=False).unexplained
+    assert not ChannelEvidence(0, 0.1, 10.0, 40, label_holds=True).unexplained
+    assert not ChannelEvidence(0, 0.1, 10.0, 40, label_holds=None).unexplained
+    assert not ChannelEvidence(0, 2.0, 90.0, 40, label_holds=False).unexplained
+    assert ChannelEvidence(0, 2.0, 60.0, 40, label_holds=False, low_percentile=75).unexplained

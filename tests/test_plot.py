@@ -71,6 +71,57 @@ def test_glocal_figure_titles(labeled):
     assert titles == ["class 2\nconv2: top 2", "ch 0: (no label)\nR +56%", "ch 1: (no label)\nR +33%"]
 
 
+def test_glocal_figure_shows_the_evidence(labeled):
+    import dataclasses
+
+    from matplotlib.colors import to_rgba
+
+    from crp_invert import ChannelEvidence
+    from crp_invert.plot import UNEXPLAINED_COLOR
+
+    _, _, labels = labeled
+    g = _glocal(labels)
+    parts = (ChannelEvidence(0, 1.5, 91.2, 80, label_holds=True),
+             ChannelEvidence(1, 0.1, 12.4, 80, label_holds=False),  # unexplained: fails and below the median
+             ChannelEvidence(3, 2.0, 77.0, 80, label_holds=None))
+    titles = _render(plot_glocal(dataclasses.replace(g, evidence=parts)))
+    head = [_render(plot_glocal(g))[i + 1] for i in range(3)]  # the titles without evidence
+    assert titles[1:4] == [head[0] + "\nact p91 | label holds", head[1] + "\nact p12 | label fails !",
+                           head[2] + "\nact p77 | label ?"]
+    figure = plot_glocal(dataclasses.replace(g, evidence=parts))
+    _render(figure)
+    marked = [ax for ax in figure.axes if any(patch.get_gid() == "unexplained" for patch in ax.patches)]
+    assert [ax.get_title() for ax in marked] == [titles[2]]
+    assert marked[0].title.get_color() == UNEXPLAINED_COLOR
+    others = [ax for ax in figure.axes if ax.get_title() and ax not in marked]
+    assert all(to_rgba(ax.title.get_color()) != to_rgba(UNEXPLAINED_COLOR) for ax in others)
+    # the same mark in the report's evidence table
+    from html.parser import HTMLParser
+
+    from crp_invert.report import _evidence_html
+
+    class Rows(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.classes = [], []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+                self.classes.append(dict(attrs).get("class"))
+
+        def handle_data(self, data):
+            if self.rows:
+                self.rows[-1].append(data)
+
+    parser = Rows()
+    parser.feed(_evidence_html(dataclasses.replace(g, evidence=parts)))
+    assert parser.rows[1][:1] == ["0"] and parser.rows[1][-1] == "holds"
+    assert parser.rows[2][-2:] == ["fails", "not explained by the label"]
+    assert parser.classes == [None, None, "unexplained", None]
+    assert _evidence_html(g) == ""
+
+
 def test_heatmap_image_uses_zennit_colormap():
     from zennit.image import imgify, palette
 

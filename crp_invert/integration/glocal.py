@@ -427,7 +427,7 @@ class Evidence:
     concept_row : mapping or boolean vector, or a sequence of them, optional
         The sample's concepts when it is not in the labeled dataset: ``{"stripes": True, ...}``, a
         one-row :py:class:`ConceptLabels`, or a boolean vector [K] in the order of ``concepts.names``
-        (one per sample for :py:func:`decompose_batch`).
+        (for :py:func:`decompose_batch` one per sample, a [B, K] matrix or a B-row ConceptLabels).
     layer : str, optional
         The layer's name in ``reference`` (default: the decomposed layer).
     pooling : {"mean", "max", "sum"} or callable, optional
@@ -513,19 +513,27 @@ def _sample_concepts(evidence: Evidence, n_samples: int) -> Tuple[List[Any], Lis
     def is_index(value):
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
-    indices = _per_sample(evidence.sample_index, n_samples, "sample_index", is_index)
+    sample_index = evidence.sample_index
+    if isinstance(sample_index, (torch.Tensor, np.ndarray)):
+        sample_index = sample_index.tolist()
+    indices = _per_sample(sample_index, n_samples, "sample_index", is_index)
     for index in indices:
         if index is not None and not is_index(index):
             raise TypeError(f"sample_index must be an int or a sequence of ints, got {index!r}")
     names = getattr(evidence.concepts, "names", None)
-    if evidence.concept_row is not None:
+    row_labels = evidence.concept_row
+    if callable(getattr(row_labels, "subset", None)) and n_samples > 1 and row_labels.n_samples == n_samples:
+        row_labels = [row_labels.subset([i]) for i in range(n_samples)]  # ConceptLabels, one row per sample
+    if row_labels is not None:
         def one_row(value):
             if isinstance(value, Mapping) or callable(getattr(value, "mask", None)):
                 return True
-            return np.ndim(value.detach().cpu() if isinstance(value, torch.Tensor) else value) == 1
+            if isinstance(value, (torch.Tensor, np.ndarray)):
+                return value.ndim == 1
+            return all(isinstance(entry, (bool, int, float, np.bool_, np.number)) for entry in value)
 
         rows = [_row_mapping(row, names) for row in
-                _per_sample(evidence.concept_row, n_samples, "concept_row", one_row)]
+                _per_sample(row_labels, n_samples, "concept_row", one_row)]
     elif evidence.concepts is not None and evidence.sample_index is not None:
         if not callable(getattr(evidence.concepts, "subset", None)):
             raise TypeError(f"concepts must be a ConceptLabels, got {type(evidence.concepts).__name__}")
@@ -563,24 +571,23 @@ def _evidence_pooling(evidence: Evidence, reference_layer: str):
 
 
 def _reference_columns(evidence: Evidence, reference_layer: str, n_channels: int, columns: List[int]):
-    """The reference activations [N, len(columns)] (float64 numpy) and the first dataset sample of row 0."""
+    """The reference activations [N, len(columns)] (float64 numpy) and the dataset index of row 0."""
     reference = evidence.reference
-    if _is_cache(reference):
-        stored = reference.n_channels(reference_layer)
-        start = int(reference.sample_range[0]) if hasattr(reference, "sample_range") else 0
-        values = reference.activations(reference_layer, columns=columns)
-    else:
-        stored = reference.shape[1] if reference.ndim == 2 else None
-        start = 0
-        if reference.ndim != 2:
-            raise ValueError(f"reference must be an [N, C] matrix, got shape {tuple(reference.shape)}")
-        values = reference[:, columns]
+    cache = _is_cache(reference)
+    if not cache and reference.ndim != 2:
+        raise ValueError(f"reference must be an [N, C] matrix, got shape {tuple(reference.shape)}")
+    stored = reference.n_channels(reference_layer) if cache else reference.shape[1]
     if stored != n_channels:
         raise ValueError(f"the reference of layer {reference_layer!r} has {stored} channels but the decomposed "
                          f"layer has {n_channels}: a reference of another layer?")
-    values = values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor) else \
-        np.asarray(values, dtype=np.float64)
-    return values, start
+    if cache:
+        start = int(reference.sample_range[0]) if hasattr(reference, "sample_range") else 0
+        values = reference.activations(reference_layer, columns=columns)
+    else:
+        start, values = 0, reference[:, columns]
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().double().numpy(), start
+    return np.asarray(values, dtype=np.float64), start
 
 
 def _percentile(reference: np.ndarray, value: float) -> Tuple[float, int]:
