@@ -36,6 +36,24 @@ import torch
 from fashion_mnist import CLASSES, HIERARCHY, data_dir, load
 
 
+def label_layer(model, images, targets, layer, device):
+    """Label ``layer`` with the classes (and their parent groups) as concepts, on the activations of all val
+    images: (activations [N, C], concepts, LayerLabels)."""
+    from crp_invert import ConceptLabeler, ConceptLabels
+
+    acts = {}
+    handle = dict(model.named_modules())[layer].register_forward_hook(
+        lambda mod, inp, out: acts.__setitem__("a", out.detach()))
+    try:
+        with torch.no_grad():
+            model(images.to(device))
+    finally:
+        handle.remove()
+    concepts = ConceptLabels.from_targets(targets.numpy(), CLASSES, hierarchy=HIERARCHY)
+    labels = ConceptLabeler(concepts).label(acts["a"].cpu(), L=2, B=1, layer=layer, progress=False)
+    return acts["a"].cpu(), concepts, labels
+
+
 def timed(fn, repeat=1):
     best = float("inf")
     result = None
@@ -178,18 +196,10 @@ def main():
     rows.append(("decompose, one sample per call", seconds / n, max(g.completeness_error() for g in results)))
 
     # evidence: percentile among the val activations of linear1 and the class labels' formulas
-    from crp_invert import ConceptLabeler, ConceptLabels, Evidence
+    from crp_invert import Evidence
 
-    reference = {}
-    handle = model.linear1.register_forward_hook(lambda mod, inp, out: reference.__setitem__("a", out.detach()))
-    try:
-        with torch.no_grad():
-            model(images.to(device))
-    finally:
-        handle.remove()
-    concepts = ConceptLabels.from_targets(targets.numpy(), CLASSES, hierarchy=HIERARCHY)
-    class_labels = ConceptLabeler(concepts).label(reference["a"].cpu(), L=2, B=1, layer=layer, progress=False)
-    evidence = Evidence(reference["a"].cpu(), concepts=concepts, sample_index=list(range(n)))
+    reference, concepts, class_labels = label_layer(model, images, targets, layer, device)
+    evidence = Evidence(reference, concepts=concepts, sample_index=list(range(n)))
     plain, _ = timed(lambda: decompose_batch(attribution, x, y, layer, composite, labels=class_labels, top_k=top_k,
                                              batch_size=64), args.repeat)
     seconds, with_evidence = timed(lambda: decompose_batch(attribution, x, y, layer, composite, labels=class_labels,
@@ -217,8 +227,8 @@ def main():
                                                   batch_size=128), args.repeat)
     all_errors = []
     for g in full:
-        reference = g.heatmap.double()
-        all_errors.append(float((g.channel_heatmaps.double().sum(0) - reference).norm() / reference.norm()))
+        heatmap = g.heatmap.double()
+        all_errors.append(float((g.channel_heatmaps.double().sum(0) - heatmap).norm() / heatmap.norm()))
     rows.append((f"decompose_batch, top_k=120 (all channels), {m} samples", seconds / m, max(all_errors)))
 
     print(f"FashionMNIST model (accuracy {accuracy:.1%} on {len(images)} val images), layer {layer}, "
@@ -241,21 +251,10 @@ def main():
         import matplotlib
 
         matplotlib.use("Agg")
-        from crp_invert import ConceptLabeler, ConceptLabels
         from crp_invert.plot import plot_glocal
 
-        # label linear1 with the classes as concepts, on the pooled activations of all val images
-        acts = {}
-        handle = model.linear1.register_forward_hook(
-            lambda mod, inp, out: acts.__setitem__("a", out.detach()))
-        try:
-            with torch.no_grad():
-                model(images.to(device))
-        finally:
-            handle.remove()
-        concepts = ConceptLabels.from_targets(targets.numpy(), CLASSES, hierarchy=HIERARCHY)
-        labels = ConceptLabeler(concepts).label(acts["a"].cpu(), L=2, B=1, layer=layer, progress=False)
-        g = decompose(attribution, x[:1], y[0], layer, composite, labels=labels, top_k=top_k)
+        g = decompose(attribution, x[:1], y[0], layer, composite, labels=class_labels, top_k=top_k,
+                      evidence=Evidence(reference, concepts=concepts, sample_index=0))
         figure = plot_glocal(g, image=x[:1], class_name=CLASSES[y[0]], ncols=5, shared_scale=True)
         figure.savefig(args.figure, dpi=110)
         print(f"figure written to {args.figure}")

@@ -8,7 +8,6 @@ model; :py:func:`concept_circuit` maps each requested name to the traced operati
 output (for a container the last operation of the block, for a module called twice its last call) and
 answers AttributionGraph's one question, which requested layers feed a layer, from that.
 """
-import json
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from .glocal import (
     _prepare,
     _probe,
     _rank,
+    _read_json,
+    _write_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -103,11 +104,7 @@ class Circuit:
 
     def to_json(self, path=None, indent: int = 2) -> str:
         """The circuit as JSON text; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(text)
-        return text
+        return _write_json(self.to_dict(), path, indent)
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> "Circuit":
@@ -121,11 +118,7 @@ class Circuit:
     @classmethod
     def from_json(cls, text_or_path) -> "Circuit":
         """Read a circuit from JSON text or from a file path."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            with open(text_or_path, encoding="utf-8") as handle:
-                text = handle.read()
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(_read_json(text_or_path))
 
 
 def _label_node(layer: str, channel: int, labels, value=None) -> CircuitNode:

@@ -640,6 +640,24 @@ def _collect_evidence(evidence: Evidence, layer: str, activation: torch.Tensor, 
 # decomposition
 # ------------------------------------------------------------------------------------------------
 
+def _write_json(data: Any, path=None, indent: Optional[int] = None) -> str:
+    """``data`` as JSON text, also written to ``path`` when given."""
+    text = json.dumps(data, indent=indent)
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    return text
+
+
+def _read_json(text_or_path) -> Any:
+    """Parse JSON text (starting with ``{``) or the JSON file at a path."""
+    text = str(text_or_path)
+    if not text.lstrip().startswith("{"):
+        with open(text_or_path, encoding="utf-8") as handle:
+            text = handle.read()
+    return json.loads(text)
+
+
 _TENSOR_FIELDS = ("heatmap", "channels", "channel_heatmaps", "relevance", "share", "rest_heatmap",
                   "channel_relevance", "prediction")
 
@@ -765,20 +783,12 @@ class GlocalExplanation:
 
     def to_json(self, path=None) -> str:
         """The explanation as JSON text; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict())
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(text)
-        return text
+        return _write_json(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, text_or_path) -> "GlocalExplanation":
         """Read an explanation from JSON text or from a file path."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            with open(text_or_path, encoding="utf-8") as handle:
-                text = handle.read()
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(_read_json(text_or_path))
 
 
 def decompose_batch(attribution, samples: torch.Tensor, target, layer: str, composite, labels=None,
