@@ -19,7 +19,7 @@ from zennit.canonizers import NamedMergeBatchNorm
 from zennit.composites import EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer, SequentialMergeBatchNorm, VGGCanonizer
 
-from crp_invert.integration.circuits import concept_circuit
+from crp_invert.integration.circuits import circuit_by_weight, concept_circuit
 from crp_invert.integration.glocal import channel_relevances, decompose
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
@@ -227,6 +227,16 @@ def test_vgg_container_circuit_equals_crp_attribution_graph_on_the_leaf():
                       for (upper, uc), children in connections.items() for lower, lc, rel in children)
     assert sorted((e.source, e.target, round(e.value, 5)) for e in ours.edges) == expected
     assert [(n.layer, n.channel) for n in ours.nodes] == [(rename[name], int(c)) for name, c in nodes]
+    # a graph the user traced with CRP (any layer names) gives the same circuit
+    given = concept_circuit(attribution, sample, composite, "features", channel, ["features.18", "features"],
+                            width=(3,), target=TARGET, graph=graph)
+    assert given.to_dict() == ours.to_dict()
+    # the weight circuit of a Sequential container is that of its last module
+    by_container = circuit_by_weight("classifier", TARGET, k=5, model=model)
+    by_leaf = circuit_by_weight("classifier.6", TARGET, k=5, model=model)
+    assert [(n.channel, n.value) for n in by_container.nodes] == [(n.channel, n.value) for n in by_leaf.nodes]
+    with pytest.raises(ValueError, match="2-D weight"):
+        circuit_by_weight("features", TARGET, model=model)
 
 
 # ------------------------------------------------------------------------------------------------
