@@ -25,6 +25,8 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .core.checks import is_int
+
 __all__ = [
     "LOGICS",
     "standardize_params",
@@ -205,7 +207,7 @@ def _neuron_index(name: str, names: Optional[Mapping[str, int]]) -> int:
         if name not in names:
             raise KeyError(f"unknown neuron {name!r}; expected one of the {len(names)} given names")
         index = names[name]
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        if not is_int(index) or index < 0:
             raise ValueError(f"neuron {name!r} must map to a column index >= 0, got {index!r}")
         return int(index)
     match = _NEURON.match(name)

@@ -20,9 +20,14 @@ __all__ = ["check_int", "check_fraction", "check_name", "read_json", "check_outp
 _EXACT_FLOAT64 = 2**53
 
 
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is a Python or numpy integer and not a bool (``True`` is an int to Python, not to us)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_int(value: Any, name: str, minimum: int | None = 1) -> int:
     """``value`` as an int, refusing bools, floats and values below ``minimum`` (TypeError / ValueError)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value}")

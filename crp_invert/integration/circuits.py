@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..core.checks import is_int
 from .glocal import (
     _best_label,
     _channel_count,
@@ -134,7 +135,7 @@ def _top_channels(values: torch.Tensor, k: int, rank_by: str) -> List[int]:
 
 
 def _check_target(target, n_outputs: int) -> int:
-    if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+    if not is_int(target):
         raise TypeError(f"target must be an int, got {type(target).__name__}")
     if not 0 <= target < n_outputs:
         raise ValueError(f"target {target} is out of range (expected 0 <= target < {n_outputs})")
@@ -255,7 +256,7 @@ def circuit_by_relevance(relevances, target: int, k: int = 8, labels=None, *, la
     matrix = torch.as_tensor(relevances)
     if matrix.dim() != 2:
         raise ValueError(f"relevances must have shape [N, C], got {tuple(matrix.shape)}")
-    if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+    if not is_int(target):
         raise TypeError(f"target must be an int, got {type(target).__name__}")
     if n_outputs is not None:
         _check_target(target, n_outputs)
@@ -527,7 +528,7 @@ def concept_circuit(attribution, sample: torch.Tensor, composite, layer: str, ch
         _get_module(model, name)
     if layer not in layers:
         raise ValueError(f"layer {layer!r} must be one of layers={layers}")
-    if not width or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in width):
+    if not width or any(not is_int(w) or w < 1 for w in width):
         raise ValueError(f"width must be a non-empty sequence of positive ints, got {width!r}")
     device = attribution.device if device is None else torch.device(device)
     data = _prepare(sample, device)
@@ -542,7 +543,7 @@ def concept_circuit(attribution, sample: torch.Tensor, composite, layer: str, ch
                for name in layers if name in labels}
     if isinstance(channel, str):
         channel = _channel_of_concept(channel, checked.get(layer), layer)
-    if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)):
+    if not is_int(channel):
         raise TypeError(f"channel must be an int or a formula text, got {type(channel).__name__}")
     if not 0 <= channel < n_channels:
         raise ValueError(f"channel {channel} is out of range: layer {layer!r} has {n_channels} channels")

@@ -25,6 +25,8 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tup
 import numpy as np
 import torch
 
+from ..core.checks import is_int
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -205,7 +207,7 @@ def _check_rank_by(rank_by: str) -> str:
 
 
 def _check_top_k(top_k: int, n_channels: int, layer: str) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+    if not is_int(top_k):
         raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
     if not 1 <= top_k <= n_channels:
         raise ValueError(f"top_k={top_k} is out of range: layer {layer!r} has {n_channels} channels "
@@ -250,7 +252,7 @@ def _as_targets(target, n_samples: int, n_outputs: int, prediction: torch.Tensor
         target = target.tolist()
     elif isinstance(target, np.ndarray):
         target = target.tolist()
-    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+    if is_int(target):
         targets = [int(target)] * n_samples
     elif isinstance(target, Sequence) and not isinstance(target, str):
         targets = list(target)
@@ -259,7 +261,7 @@ def _as_targets(target, n_samples: int, n_outputs: int, prediction: torch.Tensor
     else:
         raise TypeError(f"target must be an int, a sequence of ints or None, got {type(target).__name__}")
     for value in targets:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not is_int(value):
             raise TypeError(f"targets must be ints, got {value!r}")
         if not 0 <= value < n_outputs:
             raise ValueError(f"target {value} is out of range: the model has {n_outputs} outputs "
@@ -511,7 +513,7 @@ def _row_mapping(row: Any, names: Optional[Sequence[str]]):
 def _sample_concepts(evidence: Evidence, n_samples: int) -> Tuple[List[Any], List[Optional[int]]]:
     """Per sample: its concepts (or None) and its index in the labeled dataset (or None)."""
     def is_index(value):
-        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        return is_int(value)
 
     sample_index = evidence.sample_index
     if isinstance(sample_index, (torch.Tensor, np.ndarray)):
@@ -863,7 +865,7 @@ def decompose_batch(attribution, samples: torch.Tensor, target, layer: str, comp
     from crp.concepts import ChannelConcept
 
     rank_by = _check_rank_by(rank_by)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if evidence is not None and not isinstance(evidence, Evidence):
         raise TypeError(f"evidence must be an Evidence, got {type(evidence).__name__}")

@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..core.checks import check_name
+from ..core.checks import check_name, is_int
 from .h5 import (
     FILE_CACHE_BYTES,
     MAX_WRITE_CACHE_BYTES,
@@ -568,7 +568,7 @@ class ActivationCache:
         if not isinstance(layer, str) or not layer:
             raise ValueError(f"layer must be a non-empty str, got {layer!r}")
         check_name(layer, "a layer name")
-        if isinstance(n_channels, bool) or not isinstance(n_channels, (int, np.integer)):
+        if not is_int(n_channels):
             raise TypeError(f"layer {layer!r}: n_channels must be an int, got {n_channels!r}")
         n_channels = int(n_channels)
         if n_channels < 1:
