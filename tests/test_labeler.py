@@ -284,15 +284,29 @@ def test_unpacked_products_agree(monkeypatch):
 
 def test_default_feature_batch_size_follows_memory():
     from crp_invert.core.labeling import available_memory, default_feature_batch_size
+    from crp_invert.core.search import SearchMemory
 
     assert available_memory("cpu") is None or available_memory("cpu") > 0
-    # 8 (5 B + 3) bytes per feature and sample
-    assert default_feature_batch_size(1_000_000, 3, memory_bytes=1 << 30) == (1 << 30) // (8 * 1_000_000 * 18)
+    # N (itemsize + 4) + 16 K bytes per feature besides a working memory of a quarter of the budget
+    for n, budget, k in [(1_000_000, 1 << 30, 0), (1_280_000, 512 << 20, 1481), (50_000, 256 << 20, 1481)]:
+        memory = SearchMemory(n, k, 3, 3)
+        size = default_feature_batch_size(n, 3, memory_bytes=budget, n_concepts=k)
+        per_feature = n * 8 + 16 * k
+        assert memory.feature_bytes(4) == per_feature
+        working = max(memory.minimum_working_memory(), budget // 4)
+        assert size == min(4096, (budget - working) // per_feature)
+        # the batch fits the budget, one more feature would not (unless capped)
+        assert size * per_feature + working <= budget
+        assert size == 4096 or (size + 1) * per_feature + working > budget
+    # batches stay large at ImageNet scale: 1.28 M samples in the default CPU budget
+    assert default_feature_batch_size(1_280_000, 3, memory_bytes=512 << 20, n_concepts=1481) >= 32
     assert default_feature_batch_size(10**9, 3, memory_bytes=1 << 30) == 1
     assert default_feature_batch_size(100, 3, memory_bytes=1 << 40) == 4096
     sizes = [default_feature_batch_size(n, 3) for n in (1_000, 100_000, 10_000_000)]
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] >= 1
-    assert default_feature_batch_size(50_000, 3) <= (512 << 20) // (8 * 50_000 * 18)
+    # float64 scores take more per feature than float32
+    assert default_feature_batch_size(1_000_000, 3, memory_bytes=1 << 30, itemsize=8) < \
+        default_feature_batch_size(1_000_000, 3, memory_bytes=1 << 30, itemsize=4)
 
 
 def test_concatenate_recomputes_benjamini_hochberg():
