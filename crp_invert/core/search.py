@@ -27,6 +27,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
+import numpy as np
+import scipy.sparse
 import torch
 
 from .metrics import RANK_BYTES_PER_SAMPLE, CompactRanks, auc_from_rank_sums, compact_ranks, mann_whitney_pvalue
@@ -321,13 +323,7 @@ def beam_search(
         raise ValueError(f"scores have N = {doubled.shape[1]} samples but the labels have N = {n_samples}")
 
     # rank sums of every concept: [F, K], exact (float64 sums of integers below 2**53)
-    concept_rank_sums = torch.empty(n_features, n_concepts, dtype=torch.float64, device=doubled.device)
-    for start in range(0, n_features, sums_chunk):
-        stop = min(start + sums_chunk, n_features)
-        column = torch.empty(n_samples, stop - start, dtype=torch.float64, device=doubled.device)
-        column.copy_(doubled[start:stop].T)
-        concept_rank_sums[start:stop] = torch.sparse.mm(prepared.matrix, column).T.mul_(0.5)
-        del column
+    concept_rank_sums = _concept_rank_sums(doubled, prepared, sums_chunk)
 
     settings = _Settings(L, B, limit_search, *_count_bounds(n_samples, min_fraction, max_fraction),
                          1.0 if mode == "positive" else -1.0, memorize_states, list_elements)
@@ -347,6 +343,29 @@ def beam_search(
     p_value = mann_whitney_pvalue(auc, count, n_samples, ranked.tie_term[:, None], alternative)
     p_value = p_value.masked_fill(final.length.to(p_value.device) == 0, float("nan"))
     return SearchResult(final, p_value.cpu(), n_candidates.cpu(), ranked.tie_term.cpu(), states)
+
+
+def _concept_rank_sums(doubled: torch.Tensor, prepared: "PreparedLabels", chunk: int) -> torch.Tensor:
+    """``[F, K]`` float64 rank sums of every concept, exact (sums of integers below 2**53).
+
+    On the CPU one feature at a time through the samples' concepts (each sample's doubled rank is added
+    to its concepts: the ranks are read in order and the K sums stay in cache); elsewhere as a sparse
+    product with ``chunk`` features at a time.
+    """
+    n_features, n_samples = doubled.shape
+    out = torch.empty(n_features, prepared.n_concepts, dtype=torch.float64, device=doubled.device)
+    if prepared.by_sample is not None and doubled.device.type == "cpu":
+        for feature in range(n_features):
+            column = doubled[feature].numpy().astype(np.float64)
+            out[feature] = torch.from_numpy(prepared.by_sample @ column)
+        return out.mul_(0.5)
+    for start in range(0, n_features, chunk):
+        stop = min(start + chunk, n_features)
+        column = torch.empty(n_samples, stop - start, dtype=torch.float64, device=doubled.device)
+        column.copy_(doubled[start:stop].T)
+        out[start:stop] = torch.sparse.mm(prepared.matrix, column).T.mul_(0.5)
+        del column
+    return out
 
 
 class _Settings(NamedTuple):
@@ -528,6 +547,9 @@ class PreparedLabels(NamedTuple):
         ``[K]`` bool, True where ``sides`` lists the samples where the concept does not hold.
     counts : torch.Tensor
         ``[K]`` float64 number of samples of every concept.
+    by_sample : scipy.sparse.csc_matrix or None
+        On the CPU, the labels ``[K, N]`` as a float64 CSC matrix sharing the arrays of ``samples``: its
+        product with a feature's ranks reads the ranks in order (None on other devices).
     """
 
     matrix: torch.Tensor
@@ -536,6 +558,7 @@ class PreparedLabels(NamedTuple):
     sides: "_SparseRows"
     flipped: torch.Tensor
     counts: torch.Tensor
+    by_sample: Optional[scipy.sparse.csc_matrix]
 
     @property
     def n_samples(self) -> int:
@@ -561,8 +584,8 @@ def prepare_labels(labels_t: torch.Tensor) -> PreparedLabels:
             keys = torch.sort(keys).values
             col = keys % n_samples
         del owner, keys
-    matrix = torch.sparse_csr_tensor(crow, col, torch.ones(len(col), dtype=torch.float64, device=device),
-                                     size=(n_concepts, n_samples), check_invariants=False)
+    ones = torch.ones(len(col), dtype=torch.float64, device=device)
+    matrix = torch.sparse_csr_tensor(crow, col, ones, size=(n_concepts, n_samples), check_invariants=False)
     rows = _SparseRows(crow, col, n_samples)
     # the transposed structure: stable sort of the entries by sample keeps concepts ascending
     concept_of_entry = torch.repeat_interleave(torch.arange(n_concepts, device=device), rows.counts)
@@ -572,9 +595,14 @@ def prepare_labels(labels_t: torch.Tensor) -> PreparedLabels:
     sample_crow = torch.zeros(n_samples + 1, dtype=torch.long, device=device)
     sample_crow[1:] = torch.bincount(col, minlength=n_samples).cumsum(0)
     samples = _SparseRows(sample_crow, sample_concepts, n_concepts)
+    by_sample = None
+    if device.type == "cpu":
+        # all values are 1: the CSC matrix shares the CSR's values
+        by_sample = scipy.sparse.csc_matrix(
+            (ones.numpy(), sample_concepts.numpy(), sample_crow.numpy()), shape=(n_concepts, n_samples), copy=False)
     flipped = 2 * rows.counts > n_samples
     sides = rows if not bool(flipped.any()) else _shorter_sides(rows, flipped)
-    return PreparedLabels(matrix, rows, samples, sides, flipped, rows.counts.to(torch.float64))
+    return PreparedLabels(matrix, rows, samples, sides, flipped, rows.counts.to(torch.float64), by_sample)
 
 
 def _shorter_sides(rows: "_SparseRows", flipped: torch.Tensor) -> "_SparseRows":
