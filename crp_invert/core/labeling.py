@@ -60,6 +60,18 @@ def default_feature_batch_size(n_samples: int, B: int, memory_bytes: Optional[in
     return SearchMemory(int(n_samples), int(n_concepts), int(B), int(L)).feature_batch(budget, itemsize)
 
 
+def _align_to_chunks(feature_batch_size: int, activations: Any) -> int:
+    """A batch size that reads whole chunk columns of a chunked (HDF5) dataset: a multiple of the chunk
+    width, or a divisor of it, so that no chunk is read by two batches more often than needed."""
+    chunks = getattr(activations, "chunks", None)
+    if not isinstance(chunks, tuple) or len(chunks) != 2 or not chunks[1]:
+        return feature_batch_size
+    width = int(chunks[1])
+    if feature_batch_size >= width:
+        return feature_batch_size - feature_batch_size % width
+    return max(d for d in range(1, feature_batch_size + 1) if width % d == 0)
+
+
 def _itemsize(activations: Any) -> int:
     """Bytes per value of a column batch as read (integers are converted to float64)."""
     dtype = getattr(activations, "dtype", None)
@@ -124,7 +136,7 @@ def label_array(
     budget = default_memory_budget(device) if memory_bytes is None else int(memory_bytes)
     working_memory = plan.working_memory(budget)
     if feature_batch_size is None:
-        feature_batch_size = plan.feature_batch(budget, itemsize, copies)
+        feature_batch_size = _align_to_chunks(plan.feature_batch(budget, itemsize, copies), activations)
     rank_chunk = plan.chunks(working_memory)[0]
 
     if held_out is None:

@@ -570,64 +570,56 @@ class PreparedLabels(NamedTuple):
 
 
 def prepare_labels(labels_t: torch.Tensor) -> PreparedLabels:
-    """Prepare transposed sparse labels ``[K, N]`` (CSR or COO) once for many :func:`beam_search` calls."""
+    """Prepare transposed sparse labels ``[K, N]`` (CSR or COO) once for many :func:`beam_search` calls.
+
+    The structures are built on the CPU (scipy's compressed-matrix conversions) and moved to the device
+    of ``labels_t``; duplicate entries count once.
+    """
+    device = labels_t.device
     if labels_t.layout != torch.sparse_csr:
         labels_t = labels_t.to_sparse_coo().coalesce().to_sparse_csr()
     n_concepts, n_samples = labels_t.shape
-    crow, col = labels_t.crow_indices().long(), labels_t.col_indices().long()
-    device = col.device
-    if col.numel() > 1:
-        # every row's samples must be sorted (ConceptLabels.torch_sparse_t and coalesced COO are)
-        owner = torch.repeat_interleave(torch.arange(n_concepts, device=device), crow[1:] - crow[:-1])
-        keys = owner * n_samples + col
-        if not bool((keys[1:] > keys[:-1]).all()):
-            keys = torch.sort(keys).values
-            col = keys % n_samples
-        del owner, keys
-    ones = torch.ones(len(col), dtype=torch.float64, device=device)
-    matrix = torch.sparse_csr_tensor(crow, col, ones, size=(n_concepts, n_samples), check_invariants=False)
-    rows = _SparseRows(crow, col, n_samples)
-    # the transposed structure: stable sort of the entries by sample keeps concepts ascending
-    concept_of_entry = torch.repeat_interleave(torch.arange(n_concepts, device=device), rows.counts)
-    order = torch.sort(col, stable=True).indices
-    sample_concepts = concept_of_entry[order]
-    del concept_of_entry, order
-    sample_crow = torch.zeros(n_samples + 1, dtype=torch.long, device=device)
-    sample_crow[1:] = torch.bincount(col, minlength=n_samples).cumsum(0)
-    samples = _SparseRows(sample_crow, sample_concepts, n_concepts)
-    by_sample = None
-    if device.type == "cpu":
-        # all values are 1: the CSC matrix shares the CSR's values
-        by_sample = scipy.sparse.csc_matrix(
-            (ones.numpy(), sample_concepts.numpy(), sample_crow.numpy()), shape=(n_concepts, n_samples), copy=False)
-    flipped = 2 * rows.counts > n_samples
-    sides = rows if not bool(flipped.any()) else _shorter_sides(rows, flipped)
-    return PreparedLabels(matrix, rows, samples, sides, flipped, rows.counts.to(torch.float64), by_sample)
+    ones = np.ones(labels_t.col_indices().numel())
+    by_concept = scipy.sparse.csr_matrix(
+        (ones, labels_t.col_indices().cpu().numpy(), labels_t.crow_indices().cpu().numpy()),
+        shape=(n_concepts, n_samples))
+    by_concept.sum_duplicates()  # sorts every row's samples
+    ones = ones[:by_concept.nnz]
+    by_sample = by_concept.tocsc()  # the concepts of every sample, sorted
+    by_sample.data = ones  # all values are 1: the CSC matrix shares the CSR's values
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array.astype(np.int64, copy=False)).to(device)
+
+    rows = _SparseRows(tensor(by_concept.indptr), tensor(by_concept.indices), n_samples)
+    samples = _SparseRows(tensor(by_sample.indptr), tensor(by_sample.indices), n_concepts)
+    values = torch.from_numpy(ones).to(device)
+    matrix = torch.sparse_csr_tensor(rows.crow, rows.col, values, size=(n_concepts, n_samples),
+                                     check_invariants=False)
+    counts = np.diff(by_concept.indptr)
+    flipped = 2 * counts > n_samples
+    sides = rows if not flipped.any() else _shorter_sides(by_concept, flipped, device)
+    return PreparedLabels(matrix, rows, samples, sides, torch.from_numpy(flipped).to(device),
+                          rows.counts.to(torch.float64), by_sample if device.type == "cpu" else None)
 
 
-def _shorter_sides(rows: "_SparseRows", flipped: torch.Tensor) -> "_SparseRows":
-    """Rows where the complement replaces every flipped row (built a few rows at a time)."""
-    n_samples = rows.n_columns
-    device = rows.col.device
-    lengths = torch.where(flipped, n_samples - rows.counts, rows.counts)
-    crow = torch.zeros(len(lengths) + 1, dtype=torch.long, device=device)
-    crow[1:] = lengths.cumsum(0)
-    col = torch.empty(int(crow[-1]), dtype=torch.long, device=device)
-    kept = torch.repeat_interleave(~flipped, rows.counts)
-    col[torch.repeat_interleave(~flipped, lengths)] = rows.col[kept]
-    del kept
-    flipped_rows = torch.nonzero(flipped).view(-1)
-    step = max(1, (64 << 20) // max(n_samples, 1))
-    for start in range(0, len(flipped_rows), step):
-        chunk = flipped_rows[start:start + step]
-        owner, index = rows.expand(chunk)
-        holds = torch.zeros(len(chunk), n_samples, dtype=torch.bool, device=device)
-        holds[owner, rows.col[index]] = True
-        complement = torch.nonzero(~holds)  # row-major: sorted within each row
-        out_owner, out_index = _SparseRows(crow, col, n_samples).expand(chunk)
-        col[out_index] = complement[:, 1]
-        del holds, complement, out_owner, out_index
-    return _SparseRows(crow, col, n_samples)
+def _shorter_sides(by_concept: scipy.sparse.csr_matrix, flipped: np.ndarray, device: torch.device) -> "_SparseRows":
+    """The rows of ``by_concept`` (sorted), with the complement in place of every flipped row."""
+    n_samples = by_concept.shape[1]
+    parts = []
+    holds = np.zeros(n_samples, dtype=bool)
+    for concept, (start, stop) in enumerate(zip(by_concept.indptr[:-1], by_concept.indptr[1:])):
+        samples = by_concept.indices[start:stop]
+        if flipped[concept]:
+            holds[samples] = True
+            parts.append(np.flatnonzero(~holds))
+            holds[samples] = False
+        else:
+            parts.append(samples)
+    crow = np.zeros(len(parts) + 1, dtype=np.int64)
+    crow[1:] = np.cumsum([len(part) for part in parts])
+    col = np.concatenate(parts).astype(np.int64, copy=False)
+    return _SparseRows(torch.from_numpy(crow).to(device), torch.from_numpy(col).to(device), n_samples)
 
 
 # rank sums and counts of phi AND c are packed into one int64 (count * S + doubled rank sum, with S larger
