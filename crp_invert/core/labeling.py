@@ -54,7 +54,7 @@ def default_feature_batch_size(n_samples: int, B: int, memory_bytes: Optional[in
     budget (at least what one feature needs); everything else the search allocates is independent of F
     and fits the working memory. By default the budget is
     :func:`~crp_invert.core.search.default_memory_budget` of ``device``: a quarter of its free memory, at
-    most 512 MiB on a CPU and 4 GiB on a GPU, at least 128 MiB.
+    most 1 GiB on a CPU and 4 GiB on a GPU, at least 128 MiB.
     """
     budget = default_memory_budget(device) if memory_bytes is None else int(memory_bytes)
     return SearchMemory(int(n_samples), int(n_concepts), int(B), int(L)).feature_batch(budget, itemsize)

@@ -114,9 +114,7 @@ def compact_ranks(scores: torch.Tensor, features_per_chunk: Optional[int] = None
         with ThreadPoolExecutor(max_workers=max(1, min(step, torch.get_num_threads()))) as pool:
             for start in range(0, n_features, step):
                 stop = min(start + step, n_features)
-                for feature, tie in zip(range(start, stop), pool.map(
-                        lambda f: _rank_column(values[:, f], out[f]), range(start, stop))):
-                    ties[feature] = tie
+                ties[start:stop] = list(pool.map(lambda f: _rank_column(values[:, f], out[f]), range(start, stop)))
         tie_term.copy_(torch.from_numpy(ties))
         return CompactRanks(doubled, tie_term)
     for start in range(0, n_features, step):
@@ -246,11 +244,12 @@ def auc_from_rank_sums(
         Number of samples ``N``.
     """
     n_positive = n_positive.to(torch.float64)
-    n_negative = n_samples - n_positive
-    u_statistic = rank_sum - n_positive * (n_positive + 1.0) * 0.5
-    denominator = n_positive * n_negative
-    safe = denominator > 0
-    return torch.where(safe, u_statistic / torch.where(safe, denominator, 1.0), 0.5)
+    # every step is exact (integers and half-integers below 2**53) but the final division; in place
+    # where possible, as this runs over every candidate formula
+    denominator = (n_samples - n_positive).mul_(n_positive)
+    unsafe = denominator <= 0
+    u_statistic = rank_sum - (n_positive + 1.0).mul_(n_positive).mul_(0.5)
+    return u_statistic.div_(denominator.masked_fill_(unsafe, 1.0)).masked_fill_(unsafe, 0.5)
 
 
 def _as_bool_labels(labels: torch.Tensor, n_samples: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ Ties are broken deterministically: candidates are ordered by score, then by the 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
@@ -247,11 +248,12 @@ def _free_memory_per_process(device: Union[str, torch.device, None]) -> Optional
 
 def default_memory_budget(device: Union[str, torch.device, None] = None) -> int:
     """The memory a feature batch may take by default: a quarter of the free memory of ``device`` (host
-    RAM or GPU, shared by torchrun's processes on a node), at most 512 MiB on a CPU (larger batches are
-    no faster there) and 4 GiB on a GPU, and at least 128 MiB."""
+    RAM or GPU, shared by torchrun's processes on a node), at most 1 GiB on a CPU (at N = 1.28 M: batches
+    of 64 features and a working memory that ranks 3 features at once; larger batches are no faster)
+    and 4 GiB on a GPU, and at least 128 MiB."""
     free = _free_memory_per_process(device)
     on_gpu = device is not None and torch.device(device).type == "cuda"
-    cap = (4 << 30) if on_gpu else (512 << 20)
+    cap = (4 << 30) if on_gpu else (1 << 30)
     return cap if free is None else min(cap, max(128 << 20, free // 4))
 
 
@@ -355,9 +357,12 @@ def _concept_rank_sums(doubled: torch.Tensor, prepared: "PreparedLabels", chunk:
     n_features, n_samples = doubled.shape
     out = torch.empty(n_features, prepared.n_concepts, dtype=torch.float64, device=doubled.device)
     if prepared.by_sample is not None and doubled.device.type == "cpu":
-        for feature in range(n_features):
-            column = doubled[feature].numpy().astype(np.float64)
-            out[feature] = torch.from_numpy(prepared.by_sample @ column)
+        # scipy releases the GIL in the product: one feature per thread, at most ``chunk`` at once
+        def column_sums(feature: int) -> None:
+            out[feature] = torch.from_numpy(prepared.by_sample @ doubled[feature].numpy().astype(np.float64))
+
+        with ThreadPoolExecutor(max_workers=max(1, min(chunk, torch.get_num_threads()))) as pool:
+            list(pool.map(column_sums, range(n_features)))
         return out.mul_(0.5)
     for start in range(0, n_features, chunk):
         stop = min(start + chunk, n_features)
@@ -497,9 +502,16 @@ def _select(score: torch.Tensor, valid: torch.Tensor, k: int) -> tuple:
         # included so that the earliest among ties is kept, as a full stable sort would
         threshold = torch.topk(keyed, k, dim=1, sorted=True).values[:, -1:]
         keep = keyed >= threshold
-        n_keep = int(keep.sum(dim=1).max())
-        candidates = torch.sort(keep.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n_keep]
-        sub = torch.gather(keyed, 1, candidates)
+        per_row = keep.sum(dim=1)
+        n_keep = int(per_row.max())
+        # the kept entries of every row in ascending order, padded with -inf scores (a padded row has at
+        # least k kept entries, all finite: the padding never reaches its top k)
+        rows, columns = torch.nonzero(keep, as_tuple=True)
+        slot = torch.arange(len(rows), device=keyed.device) - (per_row.cumsum(0) - per_row)[rows]
+        candidates = torch.zeros(keyed.shape[0], n_keep, dtype=torch.long, device=keyed.device)
+        candidates[rows, slot] = columns
+        sub = torch.full((keyed.shape[0], n_keep), -torch.inf, dtype=keyed.dtype, device=keyed.device)
+        sub[rows, slot] = keyed[rows, columns]
         sub_order = torch.sort(sub, dim=1, descending=True, stable=True).indices[:, :k]
         order = torch.gather(candidates, 1, sub_order)
     else:
