@@ -601,7 +601,8 @@ def prepare_labels(labels_t: torch.Tensor) -> PreparedLabels:
     by_sample.data = ones  # all values are 1: the CSC matrix shares the CSR's values
 
     def tensor(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array.astype(np.int64, copy=False)).to(device)
+        # scipy's index arrays as they are (int32 below 2**31 entries): on the CPU shared, not copied
+        return torch.from_numpy(array).to(device)
 
     rows = _SparseRows(tensor(by_concept.indptr), tensor(by_concept.indices), n_samples)
     samples = _SparseRows(tensor(by_sample.indptr), tensor(by_sample.indices), n_concepts)
@@ -628,9 +629,9 @@ def _shorter_sides(by_concept: scipy.sparse.csr_matrix, flipped: np.ndarray, dev
             holds[samples] = False
         else:
             parts.append(samples)
-    crow = np.zeros(len(parts) + 1, dtype=np.int64)
+    crow = np.zeros(len(parts) + 1, dtype=by_concept.indptr.dtype)
     crow[1:] = np.cumsum([len(part) for part in parts])
-    col = np.concatenate(parts).astype(np.int64, copy=False)
+    col = np.concatenate(parts).astype(by_concept.indices.dtype, copy=False)
     return _SparseRows(torch.from_numpy(crow).to(device), torch.from_numpy(col).to(device), n_samples)
 
 
@@ -759,7 +760,7 @@ def _segments(sizes: torch.Tensor, limit: int) -> Iterator[Tuple[int, int]]:
     n_items = len(sizes)
     if n_items == 0:
         return
-    ends = sizes.cumsum(0)
+    ends = sizes.long().cumsum(0)
     if int(ends[-1]) <= limit:
         yield 0, n_items
         return
@@ -863,10 +864,10 @@ class _SparseRows:
     def expand(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The entries of rows ``rows`` (1-d), concatenated: for each, the position of its row in
         ``rows`` and its index into ``col``."""
-        counts = self.counts[rows]
+        counts = self.counts[rows].long()
         total = int(counts.sum()) if len(rows) else 0
         owner = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), counts, output_size=total)
-        offset = self.crow[rows] - (counts.cumsum(0) - counts)
+        offset = self.crow[rows].long() - (counts.cumsum(0) - counts)
         return owner, torch.arange(total, device=rows.device) + offset[owner]
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
