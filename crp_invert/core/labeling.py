@@ -160,7 +160,9 @@ def label_array(
     for start in bar:
         stop = min(start + feature_batch_size, n_features)
         block = _read_columns(activations, start, stop, device)
-        _check_finite(block, start)
+        # checked a few columns at a time: the check's temporaries stay within the working memory
+        for column in range(0, stop - start, rank_chunk):
+            _check_finite(block[:, column:column + rank_chunk], start + column)
         # keep only the ranks: the scores of the batch are freed before the search
         held_ranks = None if held_rows is None else compact_ranks(block[held_rows.to(block.device)], rank_chunk)
         search_ranks = compact_ranks(block if search_rows is None else block[search_rows.to(block.device)],
