@@ -187,9 +187,10 @@ class SearchMemory:
         free = int(budget) - self.working_memory(budget)
         return int(max(1, min(MAX_FEATURE_BATCH, free // self.feature_bytes(itemsize, copies))))
 
-    def check(self, limit: int, itemsize: int = 4) -> None:
-        """Raise ValueError up front if even one feature needs more than ``limit`` bytes."""
-        need = self.minimum_working_memory() + self.feature_bytes(itemsize)
+    def check(self, limit: int, itemsize: int = 4, features: int = 1) -> None:
+        """Raise ValueError up front if the minimum working memory and ``features`` features (one, or 0 for
+        the working memory alone) need more than ``limit`` bytes."""
+        need = self.minimum_working_memory() + features * self.feature_bytes(itemsize)
         if need > limit:
             raise ValueError(
                 f"the beam search with B = {self.B}, L = {self.L} over K = {self.n_concepts:,} concepts and "
@@ -315,7 +316,7 @@ def beam_search(
         plan.check(memory_limit(device))
         memory_bytes = plan.working_memory(default_memory_budget(device))
     else:
-        plan.check(int(memory_bytes) + plan.feature_bytes())
+        plan.check(int(memory_bytes), features=0)
     rank_chunk, sums_chunk, search_chunk, list_elements = plan.chunks(memory_bytes)
     ranked = scores if isinstance(scores, CompactRanks) else compact_ranks(scores, rank_chunk)
     del scores
@@ -329,10 +330,11 @@ def beam_search(
 
     settings = _Settings(L, B, limit_search, *_count_bounds(n_samples, min_fraction, max_fraction),
                          1.0 if mode == "positive" else -1.0, memorize_states, list_elements)
+    # (a batch without features is searched as one empty chunk)
     parts = [
         _search_features(doubled[start:start + search_chunk], concept_rank_sums[start:start + search_chunk],
                          prepared, settings)
-        for start in range(0, n_features, search_chunk)
+        for start in range(0, max(n_features, 1), search_chunk)
     ]
     beam_parts = [part[0] for part in parts]
     rank_sum = torch.cat([part[1] for part in parts])
@@ -437,7 +439,7 @@ def _search_features(doubled: torch.Tensor, concept_rank_sums: torch.Tensor, pre
         torch.logical_and((cand_count >= low) & (cand_count <= high),
                           (beam_length > 0)[:, :, None, None] & allowed[:, None, None, :] & fresh[:, :, None, :],
                           out=cand_valid)
-        n_candidates += cand_valid.reshape(n_features, -1).sum(dim=1)
+        n_candidates += cand_valid.flatten(1).sum(dim=1)
         all_auc = auc_from_rank_sums(all_rank_sum, all_count, n_samples)
         del cand_count, cand_valid, used, fresh
 
@@ -649,7 +651,7 @@ def _and_statistics(doubled, prepared, primitives, operators, length, concept_ra
     :data:`_MAX_PACKED_SAMPLES` samples each pair adds ``2 r + S`` (``S = 2 N**2 + 1`` exceeds every
     doubled rank sum) to one int64, from which count and rank sum are read off exactly.
     """
-    n_features, width, max_length = primitives.shape
+    n_features, width, _ = primitives.shape
     n_samples = doubled.shape[1]
     n_concepts = prepared.n_concepts
     n_beams = n_features * width
@@ -658,18 +660,8 @@ def _and_statistics(doubled, prepared, primitives, operators, length, concept_ra
     total = torch.zeros(n_beams * n_concepts, dtype=torch.long, device=doubled.device)
     counts = None if packed else torch.zeros_like(total)
     flags = torch.zeros(n_beams, dtype=torch.bool, device=doubled.device)
-    prims = primitives.reshape(n_beams, max_length)
-    ops = operators.reshape(n_beams, max_length)
-    lengths = length.reshape(n_beams)
-    flat_ranks = doubled.reshape(-1)
-    for beams in _formula_groups(prepared, prims, lengths, list_elements):
-        keys, flags[beams] = _formula_lists(prepared, prims[beams], ops[beams], lengths[beams])
-        owner = torch.div(keys, n_samples, rounding_mode="floor")
-        sample = keys - owner * n_samples
-        del keys
-        beam = beams[owner]
-        del owner
-        values = flat_ranks[torch.div(beam, width, rounding_mode="floor") * n_samples + sample].long()
+    for sample, beam, values in _listed_ranks(doubled, prepared, primitives, operators, length, list_elements,
+                                              flags):
         if packed:
             values += scale
         # pairs of one segment take about as much as half of the list elements
@@ -708,35 +700,50 @@ def beam_rank_sums(doubled: torch.Tensor, prepared: PreparedLabels, primitives: 
     primitives, operators, length : torch.Tensor
         The formulas, as in :class:`BeamState` (empty slots give 0 and 0).
     memory_bytes : int, optional
-        Working memory for the formulas' sample lists (default 256 MiB, at least 2 N list elements).
+        Working memory for the formulas' sample lists (default 256 MiB, at least 1.5 N list elements).
     """
-    n_features, width, max_length = primitives.shape
+    n_features, width, _ = primitives.shape
     n_samples = prepared.n_samples
     device = doubled.device
     n_beams = n_features * width
     list_elements = max((3 * n_samples + 1) // 2,
                         (256 << 20 if memory_bytes is None else int(memory_bytes)) // _LIST_BYTES)
-    prims = primitives.to(device).reshape(n_beams, max_length)
-    ops = operators.to(device).reshape(n_beams, max_length)
-    lengths = length.to(device).reshape(n_beams)
     total = torch.zeros(n_beams, dtype=torch.long, device=device)
     count = torch.zeros(n_beams, dtype=torch.long, device=device)
     flags = torch.zeros(n_beams, dtype=torch.bool, device=device)
-    flat_ranks = doubled.reshape(-1)
-    for beams in _formula_groups(prepared, prims, lengths, list_elements):
-        keys, flags[beams] = _formula_lists(prepared, prims[beams], ops[beams], lengths[beams])
-        owner = torch.div(keys, n_samples, rounding_mode="floor")
-        sample = keys - owner * n_samples
-        beam = beams[owner]
-        values = flat_ranks[torch.div(beam, width, rounding_mode="floor") * n_samples + sample].long()
+    primitives, operators, length = primitives.to(device), operators.to(device), length.to(device)
+    for _sample, beam, values in _listed_ranks(doubled, prepared, primitives, operators, length, list_elements,
+                                               flags):
         total.index_add_(0, beam, values)
         count += torch.bincount(beam, minlength=n_beams)
     # a list of the samples outside the formula: the rest of all N (N + 1) doubled ranks
     total = torch.where(flags, n_samples * (n_samples + 1) - total, total)
     count = torch.where(flags, n_samples - count, count)
-    active = lengths > 0
+    active = length.reshape(n_beams) > 0
     rank_sum = total.masked_fill(~active, 0).to(torch.float64).mul_(0.5).view(n_features, width)
     return rank_sum, count.masked_fill(~active, 0).to(torch.float64).view(n_features, width)
+
+
+def _listed_ranks(doubled, prepared, primitives, operators, length, list_elements, flags) -> Iterator[tuple]:
+    """The sample lists of all formulas ``[F, B, L]``, group by group (see :func:`_formula_groups`): yields
+    ``(sample, beam, doubled rank)`` of every listed sample, int64, with ``beam`` the formula's index into
+    the flattened ``[F * B]``; sets ``flags[beam]`` (see :func:`_formula_lists`)."""
+    n_features, width, max_length = primitives.shape
+    n_samples = doubled.shape[1]
+    n_beams = n_features * width
+    prims = primitives.reshape(n_beams, max_length)
+    ops = operators.reshape(n_beams, max_length)
+    lengths = length.reshape(n_beams)
+    flat_ranks = doubled.reshape(-1)
+    for beams in _formula_groups(prepared, prims, lengths, list_elements):
+        keys, flags[beams] = _formula_lists(prepared, prims[beams], ops[beams], lengths[beams])
+        owner = torch.div(keys, n_samples, rounding_mode="floor")
+        sample = keys - owner * n_samples
+        del keys
+        beam = beams[owner]
+        del owner
+        values = flat_ranks[torch.div(beam, width, rounding_mode="floor") * n_samples + sample].long()
+        yield sample, beam, values
 
 
 def _formula_groups(prepared: PreparedLabels, prims: torch.Tensor, lengths: torch.Tensor,
