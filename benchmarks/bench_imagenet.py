@@ -4,6 +4,7 @@ ActivationCache on disk with ``crp-invert label``, in fresh processes, and measu
     python benchmarks/bench_imagenet.py                      # N = 1,280,000, F = 2,048 (a 10.5 GB file)
     python benchmarks/bench_imagenet.py --features 256       # the quick version (1.3 GB)
     python benchmarks/bench_imagenet.py --n 200000 --features 64 --runs 1x2   # a small check
+    python benchmarks/bench_imagenet.py --device cuda --runs 1x2             # the search on a GPU
 
 Writes a synthetic layer (``benchmarks/synthetic.py``: 1,000 classes + 481 parents, K = 1,481, about
 8.6 positive concepts per sample; every feature a ReLU of one concept plus noise) into an ActivationCache
@@ -47,14 +48,15 @@ def write_cache(path: Path, concepts, n_features: int) -> float:
     return time.perf_counter() - tick
 
 
-def run_label(cache: Path, labels: Path, out: Path, processes: int, threads: int, L: int, B: int) -> dict:
+def run_label(cache: Path, labels: Path, out: Path, processes: int, threads: int, L: int, B: int,
+              device: str = "cpu") -> dict:
     """One ``crp-invert label`` run in a fresh process tree: wall seconds and the largest peak RSS."""
     from bench_scale import evict
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT) + os.pathsep
                + os.environ.get("PYTHONPATH", ""))
     command = ["-m", "crp_invert", "label", str(cache), str(labels), "-L", str(L), "-B", str(B),
-               "-q", "--out", str(out)]
+               "--device", device, "-q", "--out", str(out)]
     if processes > 1:
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
         command = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] + command
@@ -75,6 +77,7 @@ def main() -> None:
     parser.add_argument("-L", dest="L", type=int, default=3)
     parser.add_argument("-B", dest="B", type=int, default=3)
     parser.add_argument("--runs", default="1x2,2x1", help="comma-separated PROCESSESxTHREADS (default 1x2,2x1)")
+    parser.add_argument("--device", default="cpu", help="passed to crp-invert label (cuda: the search on the GPU)")
     parser.add_argument("--dir", default="/tmp/crp-invert-bench-imagenet")
     parser.add_argument("--keep", action="store_true", help="keep the files (and reuse them next time)")
     args = parser.parse_args()
@@ -98,15 +101,16 @@ def main() -> None:
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}\n")
-    print("| N | F | processes x threads | wall s (whole command) | s per feature | peak RSS (largest process) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| N | F | device | processes x threads | wall s (whole command) | s per feature | "
+          "peak RSS (largest process) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     outputs = []
     for run in args.runs.split(","):
         processes, threads = (int(v) for v in run.lower().split("x"))
         out = folder / f"labels_{processes}x{threads}.json"
-        row = run_label(cache, labels, out, processes, threads, args.L, args.B)
+        row = run_label(cache, labels, out, processes, threads, args.L, args.B, args.device)
         outputs.append(out)
-        print(f"| {args.n:,} | {args.features:,} | {processes} x {threads} | {row['seconds']:.1f} | "
+        print(f"| {args.n:,} | {args.features:,} | {args.device} | {processes} x {threads} | {row['seconds']:.1f} | "
               f"{row['seconds'] / args.features:.3f} | {row['peak_rss_gb']:.2f} GB |", flush=True)
     documents = [json.loads(path.read_text()) for path in outputs]
     print(f"\nlabels identical across runs: {all(d['features'] == documents[0]['features'] for d in documents)}")
