@@ -183,14 +183,13 @@ def _rank_rows(rows: torch.Tensor, out: torch.Tensor, tie_out: torch.Tensor) -> 
     # a tie group runs from its first to its last position in sorted order; rows start new groups
     first = torch.nonzero(starts.view(-1)).view(-1)
     del starts
-    last = torch.empty_like(first)
-    last[:-1] = first[1:] - 1
-    last[-1] = n_rows * n_samples - 1
-    size = last - first + 1
+    size = torch.empty_like(first)
+    size[:-1] = first[1:] - first[:-1]
+    size[-1] = n_rows * n_samples - first[-1]
     row = torch.div(first, n_samples, rounding_mode="floor")
-    # doubled 1-based midrank of the group: (first + last) - 2 * row start + 2
-    group_rank = (first + last).sub_(row * (2 * n_samples)).add_(2).to(torch.int32)
-    del first, last
+    # doubled 1-based midrank of the group at positions first .. first + size - 1 of its row: 2 first + size + 1
+    group_rank = first.mul_(2).add_(size).add_(1).sub_(row * (2 * n_samples)).to(torch.int32)
+    del first
     sorted_ranks = torch.repeat_interleave(group_rank, size, output_size=n_rows * n_samples)
     del group_rank
     out.scatter_(1, order, sorted_ranks.view(n_rows, n_samples))
