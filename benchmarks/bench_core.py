@@ -1,11 +1,16 @@
-"""Benchmark of the INVERT core (issue 2): a whole ImageNet-scale layer, and the slow reference.
+"""Benchmark of the INVERT core (issues 2 and 13): a whole ImageNet-scale layer, the slow reference, and
+the time per feature as N grows.
 
     python benchmarks/bench_core.py [--features 512] [--samples 50000] [--device cpu] [--slow-features 1]
+    python benchmarks/bench_core.py --scaling 50000,200000,1280000 [--scaling-features 64 or 512,64,16]
 
 Prints a markdown table: wall time and peak memory (RSS) of labeling F features with L = 3, B = 3
 over N samples and K = 1,481 concepts, the time per feature of the slow per-candidate algorithm
 (tests/slow_invert.py: one formula at a time, AUC by sklearn-style ranking) and the speed-up, and
-the FashionMNIST check when ../shared/data/fashion-mnist-crp is present.
+the FashionMNIST check when ../shared/data/fashion-mnist-crp is present. With ``--scaling`` it prints
+instead the time per feature (wall and CPU of this process) of labeling ``--scaling-features`` features in
+memory at every N, and its growth against N log N; with ``PYTHONPATH`` pointing at another checkout, of that
+version (the script needs only ``ConceptLabeler``).
 """
 from __future__ import annotations
 
@@ -40,7 +45,12 @@ def main() -> None:
     parser.add_argument("--slow-features", type=int, default=1)
     parser.add_argument("--slow-L", type=int, default=2)
     parser.add_argument("--skip-fashion", action="store_true")
+    parser.add_argument("--scaling", default=None, help="comma-separated sample counts: time per feature")
+    parser.add_argument("--scaling-features", default="64", help="features per N (one value, or one per N)")
     args = parser.parse_args()
+    if args.scaling:
+        scaling(args)
+        return
 
     rows = []
     concepts, _ = synthetic.concept_labels(args.samples)
@@ -104,6 +114,34 @@ def main() -> None:
     print("| what | time | notes |\n| --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def scaling(args) -> None:
+    """Time per feature at every N of ``--scaling`` (in memory, default feature batch), against N log N."""
+    import math
+
+    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}\n")
+    print("| N | features | wall s | wall ms / feature | CPU ms / feature | growth of wall per feature "
+          "vs the first N | N log N growth |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    first = None
+    sizes = [int(v) for v in args.scaling.split(",")]
+    counts = [int(v) for v in args.scaling_features.split(",")]
+    for n, n_features in zip(sizes, counts * len(sizes) if len(counts) == 1 else counts, strict=True):
+        concepts, _ = synthetic.concept_labels(n)
+        acts = synthetic.activations(concepts, n_features)
+        labeler = ConceptLabeler(concepts, device=args.device)
+        labeler.label(acts[:, :2], L=3, B=3, progress=False)  # warm-up, prepares the labels
+        wall, cpu = time.perf_counter(), time.process_time()
+        labeler.label(acts, L=3, B=3, progress=False)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        per_feature = wall / n_features
+        first = first or (n, per_feature)
+        growth = per_feature / first[1]
+        n_log_n = n * math.log(n) / (first[0] * math.log(first[0]))
+        print(f"| {n:,} | {n_features} | {wall:.2f} | {1000 * per_feature:.1f} | "
+              f"{1000 * cpu / n_features:.1f} | {growth:.1f}x | {n_log_n:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

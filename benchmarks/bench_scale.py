@@ -335,8 +335,9 @@ def main() -> None:
         f"(labels, torch, h5py; RSS after loading the labels {rows[small]['base_rss_mb']:.0f} MB)"
     )
     print(
-        f"   default_feature_batch_size(N, B) = {default_feature_batch_size(n, args.B)} "
-        f"(assumes {8 * (5 * args.B + 3)} bytes per feature per sample, 1 GiB); chosen for "
+        f"   default_feature_batch_size(N, B) = {default_feature_batch_size(n, args.B, n_concepts=1481)} "
+        f"(the memory model of crp_invert.core.search.SearchMemory: 8 bytes per feature per sample for "
+        f"float32 activations, besides the working memory); chosen for "
         f"{args.memory_gb} GB: feature_batch_size = {fb}"
     )
 

@@ -64,3 +64,17 @@ def activations(concepts, n_features: int, seed: int = 1) -> np.ndarray:
         signal = 1.5 * column + rng.normal(0.0, 1.0, size=n_samples)
         out[:, f] = np.maximum(signal - 0.5, 0.0).round(2)
     return out
+
+
+def activation_blocks(concepts, n_features: int, rows: int = 16384, seed: int = 1):
+    """``(start, stop, [stop - start, F] float32)`` row blocks of a large layer of ReLU activations, each
+    feature driven by one random concept plus noise (as :func:`activations`, generated block by block in
+    float32 so that layers larger than memory can be written)."""
+    rng = np.random.default_rng(seed)
+    drivers = rng.integers(0, concepts.n_concepts, size=n_features)
+    driven = concepts.sparse().tocsc()[:, drivers].tocsr()  # [N, F] labels of each feature's concept
+    for start in range(0, concepts.n_samples, rows):
+        stop = min(start + rows, concepts.n_samples)
+        block = rng.standard_normal((stop - start, n_features), dtype=np.float32)
+        block += 1.5 * driven[start:stop].toarray().astype(np.float32) - 0.5
+        yield start, stop, np.maximum(block, 0.0).round(2)

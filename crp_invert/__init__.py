@@ -17,6 +17,7 @@ _EXPORTS = {
     "LayerLabels": "core.labels",
     "Explanation": "core.labels",
     "beam_search": "core.search",
+    "SearchMemory": "core.search",
     # the labeler over arrays, cache files and torchrun
     "ConceptLabeler": "labeler",
     "label_cache": "labeler",

@@ -10,7 +10,7 @@ import torch
 from scipy.stats import mannwhitneyu
 from slow_invert import all_formulas, slow_auc, slow_beam_search
 
-from crp_invert import ConceptLabeler, ConceptLabels, Formula, LayerLabels
+from crp_invert import ConceptLabeler, ConceptLabels, Formula, LayerLabels, SearchParams
 
 
 def random_case(seed, n=None, k=None, f=4):
@@ -284,15 +284,29 @@ def test_unpacked_products_agree(monkeypatch):
 
 def test_default_feature_batch_size_follows_memory():
     from crp_invert.core.labeling import available_memory, default_feature_batch_size
+    from crp_invert.core.search import SearchMemory
 
     assert available_memory("cpu") is None or available_memory("cpu") > 0
-    # 8 (5 B + 3) bytes per feature and sample
-    assert default_feature_batch_size(1_000_000, 3, memory_bytes=1 << 30) == (1 << 30) // (8 * 1_000_000 * 18)
+    # N (itemsize + 4) + 16 K bytes per feature besides a working memory of a quarter of the budget
+    for n, budget, k in [(1_000_000, 1 << 30, 0), (1_280_000, 512 << 20, 1481), (50_000, 256 << 20, 1481)]:
+        memory = SearchMemory(n, k, 3, 3)
+        size = default_feature_batch_size(n, 3, memory_bytes=budget, n_concepts=k)
+        per_feature = n * 8 + 16 * k
+        assert memory.feature_bytes(4) == per_feature
+        working = max(memory.minimum_working_memory(), budget // 4)
+        assert size == min(4096, (budget - working) // per_feature)
+        # the batch fits the budget, one more feature would not (unless capped)
+        assert size * per_feature + working <= budget
+        assert size == 4096 or (size + 1) * per_feature + working > budget
+    # batches stay large at ImageNet scale: 1.28 M samples in the default CPU budget
+    assert default_feature_batch_size(1_280_000, 3, memory_bytes=512 << 20, n_concepts=1481) >= 32
     assert default_feature_batch_size(10**9, 3, memory_bytes=1 << 30) == 1
     assert default_feature_batch_size(100, 3, memory_bytes=1 << 40) == 4096
     sizes = [default_feature_batch_size(n, 3) for n in (1_000, 100_000, 10_000_000)]
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] >= 1
-    assert default_feature_batch_size(50_000, 3) <= (512 << 20) // (8 * 50_000 * 18)
+    # float64 scores take more per feature than float32
+    assert default_feature_batch_size(1_000_000, 3, memory_bytes=1 << 30, itemsize=8) < \
+        default_feature_batch_size(1_000_000, 3, memory_bytes=1 << 30, itemsize=4)
 
 
 def test_concatenate_recomputes_benjamini_hochberg():
@@ -318,3 +332,145 @@ def test_prepared_label_rows_equal_the_dense_labels():
         for j in range(2):
             assert gathered[:, i, j].tolist() == labels[:, codes[i, j]].tolist()
     assert torch.equal(prepared.matrix.to_dense().T.bool(), torch.from_numpy(labels))
+
+
+# the search's memory: sample lists, chunks, wide beams, the up-front refusal ----------------------------
+def test_formula_lists_equal_the_evaluated_formulas():
+    # every formula's sample list (or the list of where it does not hold) against Formula.evaluate,
+    # with concepts that hold for more than half of the samples (listed by their complement)
+    from crp_invert.core.search import _formula_lists, prepare_labels
+
+    rng = np.random.default_rng(0)
+    n, k = 60, 6
+    labels = rng.random((n, k)) < np.array([0.1, 0.3, 0.5, 0.7, 0.9, 0.45])
+    names = [f"c{i}" for i in range(k)]
+    concepts = ConceptLabels(labels, names)
+    prepared = prepare_labels(concepts.torch_sparse_t())
+    assert prepared.flipped.tolist() == list(labels.sum(0) * 2 > n)
+    L = 4
+    prims = torch.from_numpy(np.stack([rng.permutation(k)[:L] + k * rng.integers(0, 2, L) for _ in range(200)]))
+    ops = torch.from_numpy(rng.integers(0, 2, (200, L)))
+    ops[:, 0] = -1
+    lengths = torch.from_numpy(rng.integers(1, L + 1, 200))
+    keys, flags = _formula_lists(prepared, prims, ops, lengths)
+    assert bool((keys[1:] > keys[:-1]).all())  # sorted, no repeats
+    for i in range(200):
+        formula = None
+        for position in range(int(lengths[i])):
+            code = int(prims[i, position])
+            atom = Formula.concept(names[code % k])
+            atom = ~atom if code >= k else atom
+            if formula is None:
+                formula = atom
+            else:
+                formula = formula & atom if int(ops[i, position]) == 0 else formula | atom
+        listed = np.zeros(n, dtype=bool)
+        listed[(keys[(keys // n) == i] % n).numpy()] = True
+        assert (listed ^ bool(flags[i])).tolist() == formula.evaluate(concepts).tolist()
+
+
+def test_small_working_memory_gives_the_same_result(monkeypatch):
+    # large formulas with little working memory: ranks and searches in chunks of one feature,
+    # formulas in several groups, their samples' concepts in several segments
+    import crp_invert.core.search as search
+    from crp_invert.core.metrics import compact_ranks
+    from crp_invert.core.search import SearchMemory, beam_search, prepare_labels
+
+    formula_lists = search._formula_lists
+
+    rng = np.random.default_rng(3)
+    n, k = 400, 8
+    labels = rng.random((n, k)) < rng.uniform(0.3, 0.8, size=k)
+    scores = torch.from_numpy(np.maximum(rng.normal(size=(n, 9)), 0.0).round(1))
+    prepared = prepare_labels(ConceptLabels(labels, [f"c{i}" for i in range(k)]).torch_sparse_t())
+    kwargs = dict(L=4, B=4, max_fraction=1.0)
+    reference = beam_search(scores, prepared, memory_bytes=1 << 30, **kwargs)
+    memory = SearchMemory(n, k, 4, 4)
+    minimum = memory.minimum_working_memory()
+    rank_chunk, _, search_chunk, list_elements = memory.chunks(minimum)
+    assert (rank_chunk, search_chunk, list_elements) == (1, 1, memory.list_elements())
+    groups = []
+    monkeypatch.setattr(search, "_formula_lists", lambda *args: groups.append(1) or formula_lists(*args))
+    small = beam_search(compact_ranks(scores, 1), prepared, memory_bytes=minimum, **kwargs)
+    assert len(groups) > 9 * (4 - 1)  # more than one group of formulas per chunk and step
+    for name in ("primitives", "operators", "length", "n_positive", "auc"):
+        assert torch.equal(getattr(small.beam, name), getattr(reference.beam, name))
+    assert torch.equal(small.p_value, reference.p_value) and torch.equal(small.n_candidates, reference.n_candidates)
+
+
+def test_duplicate_check_equals_pairwise_comparison():
+    from crp_invert.core.search import _duplicates, _signature
+
+    rng = np.random.default_rng(1)
+    k, L, n_concepts = 60, 3, 4
+    prims = torch.from_numpy(rng.integers(0, 2 * n_concepts, (5, k, L)))
+    ops = torch.from_numpy(rng.integers(0, 2, (5, k, L)))
+    length = torch.from_numpy(rng.integers(1, L + 1, (5, k)))
+    result = _duplicates(prims, ops, length, n_concepts)
+    signature = _signature(prims, ops, length, n_concepts)
+    for f in range(5):
+        for i in range(k):
+            earlier = any(torch.equal(signature[f, i], signature[f, j]) for j in range(i))
+            assert bool(result[f, i]) == earlier
+    assert result.any()  # the case has repeated formulas
+
+
+def test_very_wide_beam_stays_small():
+    # B = 10,000 once asked for an F x 4B x 4B x (L + 1) tensor (25 GB); the beam now holds every formula
+    labels, scores, names = random_case(4, k=4, f=2)
+    space = all_formulas(labels, names, 3)
+    result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=3, B=10_000, progress=False)
+    for f in range(2):
+        assert {e.formula for e in result[f]} == set(space)
+        aucs = {formula: slow_auc(scores[:, f], mask) for formula, mask in space.items()}
+        assert result[f][0].auc == pytest.approx(max(aucs.values()), abs=1e-12)
+
+
+def test_too_wide_beam_is_refused_before_any_work():
+    from crp_invert.core.labeling import label_array
+
+    class NoReads:
+        shape, dtype = (30, 2), np.dtype(np.float32)
+
+        def __getitem__(self, item):
+            raise AssertionError("a column was read")
+
+    labels, _, names = random_case(0, n=30, k=3)
+    concepts = ConceptLabels(labels, names)
+    # B = 10,000 over 1,000 concepts: 40 M candidates of one feature need about 2.7 GiB
+    many = ConceptLabels(np.random.default_rng(0).random((30, 1000)) < 0.2, [f"k{i}" for i in range(1000)])
+    with pytest.raises(ValueError, match=r"B = 10000, L = 3 .*K = 1,000 .*GiB.* memory limit of 256.0 MiB"):
+        label_array(NoReads(), many, SearchParams(B=10_000), memory_bytes=256 << 20, progress=False)
+    # more than any machine has: refused with the default limit too
+    with pytest.raises(ValueError, match=r"B = 1000000000, L = 2"):
+        ConceptLabeler(concepts).label(NoReads(), L=2, B=10**9, progress=False)
+
+
+def test_wide_beam_is_refused_within_an_address_space_limit():
+    # a child process that believes it has 2 GiB free and may only take 3 GiB more: B = 10,000 over
+    # 1,481 concepts (scoring one feature's candidates takes about 4 GiB) must refuse up front, before
+    # any large allocation
+    import subprocess
+    import sys
+
+    code = """
+import resource
+import numpy as np
+import crp_invert.core.search as search
+from crp_invert import ConceptLabeler, ConceptLabels
+search.available_memory = lambda device=None: 2 << 30
+rng = np.random.default_rng(0)
+concepts = ConceptLabels(rng.random((500, 1481)) < 0.01, [f"k{i}" for i in range(1481)])
+scores = rng.random((500, 2))
+with open("/proc/self/status") as handle:
+    held = next(int(line.split()[1]) for line in handle if line.startswith("VmSize")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (held + (3 << 30), resource.RLIM_INFINITY))
+try:
+    result = ConceptLabeler(concepts).label(scores, L=3, B=10_000, progress=False)
+    print("finished", len(result[0]))
+except ValueError as error:
+    print("refused", error)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("refused") and "B = 10000, L = 3" in out.stdout, out.stdout

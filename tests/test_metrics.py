@@ -128,3 +128,29 @@ def test_bad_input():
         auroc(torch.rand(5, 1), torch.ones(4, dtype=torch.bool))
     with pytest.raises(TypeError):
         auroc(np.zeros((5, 1)), torch.ones(5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64])
+def test_compact_ranks_equal_scipy_for_every_dtype(dtype):
+    from crp_invert.core.metrics import _rank_rows, compact_ranks
+
+    rng = np.random.default_rng(4)
+    values = np.concatenate([relu_scores(rng, 500, 3, decimals=2) - 0.3,  # negatives, zeros, ties
+                             rng.normal(size=(500, 2)) * 1e3], axis=1)
+    values[:7, 0] = -0.0  # equal to 0.0
+    values[10:20, 1] = np.inf
+    values[20:25, 1] = -np.inf
+    scores = torch.from_numpy(values).to(dtype) if dtype.is_floating_point else torch.from_numpy(values * 1e3).to(dtype)
+    exact = scores.double().numpy()
+    for chunk in (None, 2):
+        ranked = compact_ranks(scores, chunk)
+        assert ranked.doubled.dtype == torch.int32 and ranked.doubled.shape == (5, 500)
+        for f in range(5):
+            np.testing.assert_array_equal(ranked.doubled[f].numpy(), 2 * rankdata(exact[:, f]))
+            groups = np.unique(exact[:, f], return_counts=True)[1]
+            assert ranked.tie_term[f].item() == float((groups ** 3 - groups).sum())
+    # the device-independent path (used on GPUs) gives the same
+    doubled = torch.empty(5, 500, dtype=torch.int32)
+    ties = torch.empty(5, dtype=torch.float64)
+    _rank_rows(scores.T, doubled, ties)
+    assert torch.equal(doubled, compact_ranks(scores).doubled) and torch.equal(ties, compact_ranks(scores).tie_term)

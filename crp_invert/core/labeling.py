@@ -16,7 +16,6 @@ Examples
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -26,56 +25,63 @@ from tqdm.auto import tqdm
 from .concepts import ConceptLabels
 from .formula import Formula
 from .labels import Explanation, LayerLabels, correct_p_values
-from .metrics import auc_from_rank_sums, mann_whitney_pvalue, rank_scores
+from .metrics import CompactRanks, auc_from_rank_sums, compact_ranks, mann_whitney_pvalue
 from .params import SearchParams
-from .search import BeamState, PreparedLabels, beam_search, prepare_labels
+from .search import (
+    BeamState,
+    PreparedLabels,
+    SearchMemory,
+    available_memory,
+    beam_rank_sums,
+    beam_search,
+    default_memory_budget,
+    memory_limit,
+    prepare_labels,
+)
 
 __all__ = ["label_array", "default_feature_batch_size", "available_memory"]
 
 logger = logging.getLogger(__name__)
 
 
-def available_memory(device: Union[str, torch.device, None] = None) -> Optional[int]:
-    """Free memory in bytes: of the GPU for a CUDA device, else the host's available RAM (None if
-    unknown)."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def default_feature_batch_size(n_samples: int, B: int, memory_bytes: Optional[int] = None,
-                               device: Union[str, torch.device, None] = None) -> int:
-    """A feature batch size that keeps the search's working memory within ``memory_bytes``.
+                               device: Union[str, torch.device, None] = None, *, L: int = 3, n_concepts: int = 0,
+                               itemsize: int = 4) -> int:
+    """A feature batch size whose memory fits ``memory_bytes`` (see :class:`~crp_invert.core.search.SearchMemory`).
 
-    A beam step holds, per feature and sample, about ``8 (5 B + 3)`` bytes (ranks, masks, the packed
-    product operand, the gathered masks; measured: 82 bytes at B = 3 and N = 1 M, see
-    BENCHMARKS.md), plus the ``[F, 4 K B]`` candidate statistics. By default the budget is a quarter
-    of the free memory of ``device`` (host RAM or GPU), at most 512 MiB on a CPU (larger batches
-    are no faster there: they leave the caches) and 4 GiB on a GPU, and at least 128 MiB.
+    A batch of F features takes ``F * (N * (itemsize + 4) + 16 K)`` bytes (the scores as read, their int32
+    doubled midranks, the concepts' rank sums) besides the search's working memory, a quarter of the
+    budget (at least what one feature needs); everything else the search allocates is independent of F
+    and fits the working memory. By default the budget is
+    :func:`~crp_invert.core.search.default_memory_budget` of ``device``: a quarter of its free memory, at
+    most 1 GiB on a CPU and 4 GiB on a GPU, at least 128 MiB.
     """
-    if memory_bytes is None:
-        free = available_memory(device)
-        if free is not None:
-            # processes that torchrun started on one node share its memory
-            free //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-        on_gpu = device is not None and torch.device(device).type == "cuda"
-        cap = (4 << 30) if on_gpu else (512 << 20)
-        memory_bytes = cap if free is None else min(cap, max(128 << 20, free // 4))
-    per_feature = 8 * n_samples * (5 * B + 3)
-    return int(max(1, min(4096, memory_bytes // max(per_feature, 1))))
+    budget = default_memory_budget(device) if memory_bytes is None else int(memory_bytes)
+    return SearchMemory(int(n_samples), int(n_concepts), int(B), int(L)).feature_batch(budget, itemsize)
 
+
+def _align_to_chunks(feature_batch_size: int, activations: Any) -> int:
+    """A batch size that reads whole chunk columns of a chunked (HDF5) dataset: a multiple of the chunk
+    width, or a divisor of it, so that no chunk is read by two batches more often than needed."""
+    chunks = getattr(activations, "chunks", None)
+    if not isinstance(chunks, tuple) or len(chunks) != 2 or not chunks[1]:
+        return feature_batch_size
+    width = int(chunks[1])
+    if feature_batch_size >= width:
+        return feature_batch_size - feature_batch_size % width
+    return max(d for d in range(1, feature_batch_size + 1) if width % d == 0)
+
+
+def _itemsize(activations: Any) -> int:
+    """Bytes per value of a column batch as read (integers are converted to float64)."""
+    dtype = getattr(activations, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype.itemsize if dtype.is_floating_point else 8
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        return 8
+    return dtype.itemsize if dtype.kind == "f" else 8
 
 
 def label_array(
@@ -89,11 +95,15 @@ def label_array(
     progress: bool = True,
     seed: int = 0,
     prepared: Optional[PreparedLabels] = None,
+    memory_bytes: Optional[int] = None,
 ) -> LayerLabels:
     """Label every column of ``activations`` with INVERT explanations (see :meth:`ConceptLabeler.label`).
 
     ``prepared`` is ``prepare_labels(concepts.torch_sparse_t(device))``, passed by callers that
-    label several arrays with the same concepts.
+    label several arrays with the same concepts. ``memory_bytes`` is the memory budget of a feature
+    batch (default :func:`~crp_invert.core.search.default_memory_budget`); a ValueError is raised before
+    any column is read if one feature needs more than it (by default: more than
+    :func:`~crp_invert.core.search.memory_limit`).
     """
     if not isinstance(concepts, ConceptLabels):
         raise TypeError(f"concepts must be a ConceptLabels, got {type(concepts).__name__}")
@@ -112,21 +122,32 @@ def label_array(
         )
     held_out = _validation_mask(validation, n_samples, seed)
     search_rows = None if held_out is None else torch.from_numpy(np.flatnonzero(~held_out))
+    held_rows = None if held_out is None else torch.from_numpy(np.flatnonzero(held_out))
     search_concepts = concepts if held_out is None else concepts.subset(~held_out)
-    held_concepts = None if held_out is None else concepts.subset(held_out)
     if search_concepts.n_samples < 2:
         raise ValueError("fewer than 2 samples are left for the search after the validation split")
 
+    # memory: refuse up front what cannot fit, then size the batches
+    n_search = search_concepts.n_samples
+    plan = SearchMemory(n_search, concepts.n_concepts, B, L)
+    itemsize = _itemsize(activations)
+    copies = 1 if held_out is None else 2  # the batch as read, and its rows for the search
+    plan.check(memory_limit(device) if memory_bytes is None else int(memory_bytes), itemsize)
+    budget = default_memory_budget(device) if memory_bytes is None else int(memory_bytes)
+    working_memory = plan.working_memory(budget)
+    if feature_batch_size is None:
+        feature_batch_size = _align_to_chunks(plan.feature_batch(budget, itemsize, copies), activations)
+    rank_chunk = plan.chunks(working_memory)[0]
+
     if held_out is None:
         labels_t = prepare_labels(concepts.torch_sparse_t(device)) if prepared is None else prepared
+        held_labels = None
     else:
         labels_t = prepare_labels(search_concepts.torch_sparse_t(device))
-    held_labels = None if held_concepts is None else held_concepts.dense(device)
-    if feature_batch_size is None:
-        feature_batch_size = default_feature_batch_size(search_concepts.n_samples, B, device=device)
+        held_labels = prepare_labels(concepts.subset(held_out).torch_sparse_t(device))
 
     parameters = dict(
-        params.to_dict(), n_samples=n_samples, n_search_samples=search_concepts.n_samples,
+        params.to_dict(), n_samples=n_samples, n_search_samples=n_search,
         validation=None if held_out is None else int(held_out.sum()),
     )
     names = concepts.names
@@ -136,19 +157,23 @@ def label_array(
     starts = range(0, n_features, feature_batch_size)
     bar = tqdm(starts, desc=f"labeling {layer}" if layer else "labeling", unit="batch",
                disable=not progress or len(starts) <= 1, leave=False)
-    n_search = search_concepts.n_samples
     for start in bar:
         stop = min(start + feature_batch_size, n_features)
         block = _read_columns(activations, start, stop, device)
-        _check_finite(block, start)
-        search_block = block if search_rows is None else block[search_rows.to(block.device)]
-        result = beam_search(search_block, labels_t, **params.search_kwargs())
+        # checked a few columns at a time: the check's temporaries stay within the working memory
+        for column in range(0, stop - start, rank_chunk):
+            _check_finite(block[:, column:column + rank_chunk], start + column)
+        # keep only the ranks: the scores of the batch are freed before the search
+        held_ranks = None if held_rows is None else compact_ranks(block[held_rows.to(block.device)], rank_chunk)
+        search_ranks = compact_ranks(block if search_rows is None else block[search_rows.to(block.device)],
+                                     rank_chunk)
+        del block
+        result = beam_search(search_ranks, labels_t, memory_bytes=working_memory, **params.search_kwargs())
+        del search_ranks
         held = None
-        if held_out is not None:
-            held = _held_out_statistics(
-                block[torch.from_numpy(held_out).to(block.device)], held_labels, result.beam,
-                len(names), mode,
-            )
+        if held_ranks is not None:
+            held = _held_out_statistics(held_ranks, held_labels, result.beam, mode, working_memory)
+            del held_ranks
         explanations += decoder.explanations(result.beam, result.p_value, result.n_candidates, n_search, held)
         if states is not None:
             for step, state in enumerate(result.states):
@@ -219,29 +244,15 @@ def _validation_mask(validation: Any, n_samples: int, seed: int) -> Optional[np.
     return mask
 
 
-def _held_out_statistics(block, held_labels, beam: BeamState, n_concepts: int, mode: str) -> Dict[str, torch.Tensor]:
+def _held_out_statistics(ranks: CompactRanks, held_labels: PreparedLabels, beam: BeamState, mode: str,
+                         memory_bytes: int) -> Dict[str, torch.Tensor]:
     """AUC, p-value and fraction of the final beam formulas on held-out samples."""
-    n_held, n_features = block.shape
-    width, max_length = beam.primitives.shape[1:]
-    device = block.device
-    prims = beam.primitives.to(device)
-    ops = beam.operators.to(device)
-    concept = prims.clamp(min=0) % n_concepts
-    masks = held_labels.T[concept]  # [F, B, L, N_held]
-    masks = masks ^ (prims >= n_concepts)[..., None]
-    combined = masks[:, :, 0]
-    for position in range(1, max_length):
-        step = masks[:, :, position]
-        active = (beam.length.to(device) > position)[..., None]
-        joined = torch.where((ops[:, :, position] == 0)[..., None], combined & step, combined | step)
-        combined = torch.where(active, joined, combined)
-    ranked = rank_scores(block)
-    flat = combined.reshape(n_features, width, n_held).to(torch.float64)
-    rank_sums = torch.einsum("nf,fbn->fb", ranked.ranks, flat)
-    counts = flat.sum(-1)
+    n_held = ranks.doubled.shape[1]
+    rank_sums, counts = beam_rank_sums(ranks.doubled, held_labels, beam.primitives, beam.operators, beam.length,
+                                       memory_bytes)
     auc = auc_from_rank_sums(rank_sums, counts, n_held)
     alternative = "greater" if mode == "positive" else "less"
-    p_value = mann_whitney_pvalue(auc, counts, n_held, ranked.tie_term[:, None], alternative)
+    p_value = mann_whitney_pvalue(auc, counts, n_held, ranks.tie_term[:, None], alternative)
     return {"auc": auc.cpu(), "p_value": p_value.cpu(), "fraction": (counts / n_held).cpu()}
 
 

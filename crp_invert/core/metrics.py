@@ -8,13 +8,17 @@ AUC of a formula computable from one matrix product (see :mod:`crp_invert.search
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 __all__ = [
     "RankedScores",
+    "CompactRanks",
     "rank_scores",
+    "compact_ranks",
     "midranks",
     "auc_from_rank_sums",
     "auroc",
@@ -54,6 +58,151 @@ def _as_float_matrix(scores: torch.Tensor) -> torch.Tensor:
     return scores
 
 
+class CompactRanks(NamedTuple):
+    """Midranks in four bytes per value: what the beam search keeps of a score matrix.
+
+    Attributes
+    ----------
+    doubled : torch.Tensor
+        ``[F, N]`` int32, twice the 1-based midrank of every score (an integer in ``2..2N``: tied
+        values share the mean of their ranks, a half-integer), feature-major.
+    tie_term : torch.Tensor
+        ``[F]`` float64, ``sum(t**3 - t)`` over the groups of tied values of each feature, summed
+        exactly in int64 (rounded once to float64) while ``N < 2**21``.
+    """
+
+    doubled: torch.Tensor
+    tie_term: torch.Tensor
+
+
+# bytes per score that ranking one feature needs at most (a copy of the scores, the sorted copy, the sort
+# order, group boundaries and the sorted ranks; 56 measured as peak RSS for float32 and float64 scores
+# without ties, see benchmarks/bench_memory.py)
+RANK_BYTES_PER_SAMPLE = 64
+
+
+def compact_ranks(scores: torch.Tensor, features_per_chunk: Optional[int] = None) -> CompactRanks:
+    """Doubled midranks ``[F, N]`` int32 and tie terms of every column of ``scores`` ``[N, F]``.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        ``[N, F]`` (or ``[N]``) real scores, finite; each column is ranked independently.
+    features_per_chunk : int, optional
+        Rank this many columns at a time (default: all); the temporaries of a chunk take about
+        :data:`RANK_BYTES_PER_SAMPLE` bytes per sample and column.
+
+    Examples
+    --------
+    >>> compact_ranks(torch.tensor([0.5, 0.1, 0.5, 0.9])).doubled
+    tensor([[5, 2, 5, 8]], dtype=torch.int32)
+    """
+    scores = _as_float_matrix(scores)
+    n_samples, n_features = scores.shape
+    if 2 * n_samples >= 2 ** 31:
+        raise ValueError(f"at most {2 ** 30 - 1} samples can be ranked, got N = {n_samples}")
+    step = n_features if features_per_chunk is None else max(1, int(features_per_chunk))
+    doubled = torch.empty(n_features, n_samples, dtype=torch.int32, device=scores.device)
+    tie_term = torch.empty(n_features, dtype=torch.float64, device=scores.device)
+    if scores.device.type == "cpu":
+        # radix sorts in numpy, one column per thread (numpy releases the GIL while sorting)
+        if scores.dtype == torch.bfloat16:
+            scores = scores.float()
+        values = scores.detach().numpy()
+        out = doubled.numpy()
+        ties = np.empty(n_features, dtype=np.float64)
+        with ThreadPoolExecutor(max_workers=max(1, min(step, torch.get_num_threads()))) as pool:
+            for start in range(0, n_features, step):
+                stop = min(start + step, n_features)
+                ties[start:stop] = list(pool.map(lambda f: _rank_column(values[:, f], out[f]), range(start, stop)))
+        tie_term.copy_(torch.from_numpy(ties))
+        return CompactRanks(doubled, tie_term)
+    for start in range(0, n_features, step):
+        stop = min(start + step, n_features)
+        _rank_rows(scores[:, start:stop].T, doubled[start:stop], tie_term[start:stop])
+    return CompactRanks(doubled, tie_term)
+
+
+def _order_keys(values: np.ndarray) -> np.ndarray:
+    """Unsigned integers with the order of the floats ``values`` (-0.0 and 0.0 get the same key)."""
+    bits = 8 * values.itemsize
+    signed = (values + values.dtype.type(0.0)).view(f"i{values.itemsize}")  # -0.0 + 0.0 = 0.0
+    # negative floats: flip the magnitude bits; then the sign bit, for unsigned order
+    magnitude = np.array((1 << (bits - 1)) - 1, dtype=signed.dtype)
+    signed ^= (signed >> (bits - 1)) & magnitude
+    keys = signed.view(f"u{values.itemsize}")
+    keys ^= np.array(1 << (bits - 1), dtype=keys.dtype)
+    return keys
+
+
+def _radix_order(keys: np.ndarray) -> np.ndarray:
+    """A sort order of unsigned integer keys: stable sorts of 16-bit digits, least significant first
+    (numpy sorts 16-bit integers by radix)."""
+    order = None
+    for shift in range(0, 8 * keys.itemsize, 16):
+        digit = ((keys >> keys.dtype.type(shift)) & keys.dtype.type(0xFFFF)).astype(np.uint16)
+        if order is not None:
+            digit = digit[order]
+        step = np.argsort(digit, kind="stable")
+        order = step if order is None else order[step]
+    return order
+
+
+def _rank_column(values: np.ndarray, out: np.ndarray) -> float:
+    """Doubled midranks of one column into ``out`` (int32); returns its tie term."""
+    n_samples = len(values)
+    if values.dtype.kind != "f":
+        values = values.astype(np.float64)
+    keys = _order_keys(values)
+    order = _radix_order(keys)
+    sorted_keys = keys[order]
+    del keys
+    starts = np.empty(n_samples, dtype=bool)
+    starts[0] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=starts[1:])
+    del sorted_keys
+    # a tie group at sorted positions first .. first + size - 1 has the doubled midrank 2 first + size + 1
+    first = np.flatnonzero(starts)
+    del starts
+    size = np.diff(first, append=n_samples)
+    out[order] = np.repeat((2 * first + size + 1).astype(np.int32), size)
+    # t**3 - t per group, exact in int64 while t < 2**21
+    if n_samples < 2 ** 21:
+        return float(int((size * (size * size - 1)).sum()))
+    return float((size.astype(np.float64) * (size * size - 1).astype(np.float64)).sum())
+
+
+def _rank_rows(rows: torch.Tensor, out: torch.Tensor, tie_out: torch.Tensor) -> None:
+    """Doubled midranks of every row of ``rows`` ``[c, N]`` into ``out`` and tie terms into ``tie_out``."""
+    n_rows, n_samples = rows.shape
+    # sorting contiguous rows is much faster than strided columns; ties need no stable order
+    sorted_scores, order = torch.sort(rows.contiguous(), dim=1)
+    starts = torch.ones(n_rows, n_samples, dtype=torch.bool, device=rows.device)
+    torch.ne(sorted_scores[:, 1:], sorted_scores[:, :-1], out=starts[:, 1:])
+    del sorted_scores
+    # a tie group runs from its first to its last position in sorted order; rows start new groups
+    first = torch.nonzero(starts.view(-1)).view(-1)
+    del starts
+    size = torch.empty_like(first)
+    size[:-1] = first[1:] - first[:-1]
+    size[-1] = n_rows * n_samples - first[-1]
+    row = torch.div(first, n_samples, rounding_mode="floor")
+    # doubled 1-based midrank of the group at positions first .. first + size - 1 of its row: 2 first + size + 1
+    group_rank = first.mul_(2).add_(size).add_(1).sub_(row * (2 * n_samples)).to(torch.int32)
+    del first
+    sorted_ranks = torch.repeat_interleave(group_rank, size, output_size=n_rows * n_samples)
+    del group_rank
+    out.scatter_(1, order, sorted_ranks.view(n_rows, n_samples))
+    del sorted_ranks, order
+    # t**3 - t per group, exact in int64 while t < 2**21
+    if n_samples < 2 ** 21:
+        term = size * (size * size - 1)
+    else:
+        term = size.to(torch.float64) * (size * size - 1).to(torch.float64)
+    sums = torch.zeros(n_rows, dtype=term.dtype, device=rows.device).index_add_(0, row, term)
+    tie_out.copy_(sums)
+
+
 def rank_scores(scores: torch.Tensor) -> RankedScores:
     """Rank every column of ``scores`` with midranks for ties.
 
@@ -65,35 +214,10 @@ def rank_scores(scores: torch.Tensor) -> RankedScores:
     Returns
     -------
     RankedScores
-        ``ranks`` ``[N, F]`` float64 and ``tie_term`` ``[F]`` float64.
+        ``ranks`` ``[N, F]`` float64 and ``tie_term`` ``[F]`` float64 (see :func:`compact_ranks`).
     """
-    scores = _as_float_matrix(scores)
-    n_samples = scores.shape[0]
-    # work on [F, N] rows: sorting and scanning contiguous memory is much faster than strided
-    rows = scores.T.contiguous()
-    sorted_scores, order = torch.sort(rows, dim=1, stable=True)
-    del rows
-    # positions in float64 (exact below 2**53) so that no integer tensor needs converting later
-    position = torch.arange(n_samples, device=scores.device, dtype=torch.float64).expand_as(sorted_scores)
-
-    # a tie group runs from its first to its last position in sorted order
-    starts_group = torch.ones_like(sorted_scores, dtype=torch.bool)
-    starts_group[:, 1:] = sorted_scores[:, 1:] != sorted_scores[:, :-1]
-    del sorted_scores
-    ends_group = torch.ones_like(starts_group)
-    ends_group[:, :-1] = starts_group[:, 1:]
-    first = torch.cummax(torch.where(starts_group, position, 0.0), dim=1).values
-    last = torch.where(ends_group, position, float(n_samples)).flip(1).cummin(dim=1).values.flip(1)
-    del starts_group, ends_group
-
-    sorted_ranks = (first + last).mul_(0.5).add_(1.0)
-    group_size = last.sub_(first).add_(1.0)
-    # every member of a group of size t adds t**2 - 1, so the group adds t**3 - t
-    tie_term = (group_size * group_size).sub_(1.0).sum(dim=1)
-    del group_size, first, last
-
-    ranks = torch.empty_like(sorted_ranks).scatter_(1, order, sorted_ranks)
-    return RankedScores(ranks.T, tie_term)
+    compact = compact_ranks(scores)
+    return RankedScores(compact.doubled.to(torch.float64).mul_(0.5).T, compact.tie_term)
 
 
 def midranks(scores: torch.Tensor) -> torch.Tensor:
@@ -119,11 +243,12 @@ def auc_from_rank_sums(
         Number of samples ``N``.
     """
     n_positive = n_positive.to(torch.float64)
-    n_negative = n_samples - n_positive
-    u_statistic = rank_sum - n_positive * (n_positive + 1.0) * 0.5
-    denominator = n_positive * n_negative
-    safe = denominator > 0
-    return torch.where(safe, u_statistic / torch.where(safe, denominator, 1.0), 0.5)
+    # every step is exact (integers and half-integers below 2**53) but the final division; in place
+    # where possible, as this runs over every candidate formula
+    denominator = (n_samples - n_positive).mul_(n_positive)
+    unsafe = denominator <= 0
+    u_statistic = rank_sum - (n_positive + 1.0).mul_(n_positive).mul_(0.5)
+    return u_statistic.div_(denominator.masked_fill_(unsafe, 1.0)).masked_fill_(unsafe, 0.5)
 
 
 def _as_bool_labels(labels: torch.Tensor, n_samples: int) -> torch.Tensor:
