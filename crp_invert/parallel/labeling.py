@@ -28,6 +28,9 @@ class ColumnSlice:
             raise ValueError(f"columns [{start}, {stop}) out of range for {n_cols} columns")
         self.data, self.start, self.stop = data, int(start), int(stop)
         self.shape = (n_rows, self.stop - self.start)
+        # the labeler sizes its batches by the stored dtype and lines them up with the chunk columns
+        self.dtype = getattr(data, "dtype", None)
+        self.chunks = getattr(data, "chunks", None)
 
     def __getitem__(self, key):
         if (
