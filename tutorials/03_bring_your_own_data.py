@@ -155,7 +155,7 @@ print(device, "->", labels.best(0).formula, round(labels.best(0).auc, 3))
 # ```
 #
 # A killed rank loses only the unfinished rows of its shard: launch the same command again to resume. Peak
-# memory per process is about 0.5 GB + the concept labels + `feature_batch_size` x N x 90 bytes (B = 3).
+# memory per process is about 0.5 GB + the concept labels + `feature_batch_size` x N x 8 bytes (float32) + a working memory.
 
 # %% [markdown]
 # Delete the temporary folder (skip this cell to keep the files).
