@@ -117,7 +117,7 @@ def main() -> int:
                         dataset,
                         layer_map,
                         path=str(folder),
-                        cache=work / f"acts-{repeat}.h5",
+                        activation_cache=work / f"acts-{repeat}.h5",
                         pooling="mean",
                         record_relevance=True,
                     )

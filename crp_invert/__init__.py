@@ -25,8 +25,8 @@ _EXPORTS = {
     "ActivationCache": "storage.cache",
     "FlatActivationWriter": "storage.flat",
     # CRP integration
-    "InvertFeatureVisualization": "integration.recording",
-    "record_activations": "integration.recording",
+    "InvertFeatureVisualization": "integration.feature_visualization",
+    "record_activations": "integration.hooks",
     "decompose": "integration.glocal",
     "GlocalExplanation": "integration.glocal",
     "decompose_batch": "integration.glocal",

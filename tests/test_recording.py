@@ -109,7 +109,7 @@ def recorded(tmp_path_factory):
             dataset,
             layer_map(),
             path=str(root / "fv"),
-            cache=root / "acts.h5",
+            activation_cache=root / "acts.h5",
             pooling="mean",
             flush_interval=3600,  # everything buffered until the end: rows written as one block
         )
@@ -226,7 +226,7 @@ def test_refuses_other_model_or_pooling(recorded, tmp_path):
         ListDataset(x, y),
         layer_map(),
         path=str(tmp_path / "fv"),
-        cache=recorded["cache"],
+        activation_cache=recorded["cache"],
     )
     with pytest.raises(ValueError, match="model_hash"):
         fv.run(composite(), 0, 8, batch_size=8)
@@ -235,7 +235,7 @@ def test_refuses_other_model_or_pooling(recorded, tmp_path):
         ListDataset(x, y),
         layer_map(),
         path=str(tmp_path / "fv"),
-        cache=recorded["cache"],
+        activation_cache=recorded["cache"],
         pooling="max",
     )
     with pytest.raises(ValueError, match="pooling"):
@@ -245,7 +245,7 @@ def test_refuses_other_model_or_pooling(recorded, tmp_path):
         ListDataset(x[:30], y[:30]),
         layer_map(),
         path=str(tmp_path / "fv"),
-        cache=recorded["cache"],
+        activation_cache=recorded["cache"],
     )
     with pytest.raises(ValueError, match="length"):
         fv.run(composite(), 0, 8, batch_size=8)
@@ -264,7 +264,7 @@ def test_unknown_layer_and_bad_arguments(tmp_path):
             ListDataset(x, y),
             {"nope": ChannelConcept()},
             path=str(tmp_path),
-            cache=tmp_path / "a.h5",
+            activation_cache=tmp_path / "a.h5",
         )
     with pytest.raises(ValueError, match="pooling"):
         InvertFeatureVisualization(
@@ -272,11 +272,12 @@ def test_unknown_layer_and_bad_arguments(tmp_path):
             ListDataset(x, y),
             layer_map(),
             path=str(tmp_path),
-            cache=tmp_path / "a.h5",
+            activation_cache=tmp_path / "a.h5",
             pooling="median",
         )
-    with pytest.raises(TypeError, match="cache"):
-        InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), layer_map(), path=str(tmp_path))
+    with pytest.raises(TypeError, match="activation_cache"):
+        InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), layer_map(), path=str(tmp_path),
+                                   activation_cache=3)
     assert not (tmp_path / "a.h5").exists()
 
 
@@ -302,7 +303,7 @@ def test_interrupted_run_resumes_to_identical_results(recorded, tmp_path):
         dataset,
         layer_map(),
         path=str(tmp_path / "fv"),
-        cache=tmp_path / "acts.h5",
+        activation_cache=tmp_path / "acts.h5",
         flush_interval=0,
     )
     with pytest.raises(Interrupt):
@@ -348,7 +349,7 @@ def test_killed_process_leaves_resumable_cache(recorded, tmp_path):
             if index == 2 * BATCH + 1:
                 os.kill(os.getpid(), signal.SIGKILL)
         fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y, on_get), layer_map(),
-                                        path={str(tmp_path / "fv")!r}, cache={str(tmp_path / "acts.h5")!r},
+                                        path={str(tmp_path / "fv")!r}, activation_cache={str(tmp_path / "acts.h5")!r},
                                         flush_interval=0)
         fv.run(composite(), 0, N_SAMPLES, batch_size=BATCH, checkpoint=100)
     """)
@@ -364,7 +365,7 @@ def test_killed_process_leaves_resumable_cache(recorded, tmp_path):
         ListDataset(x, y),
         layer_map(),
         path=str(tmp_path / "fv"),
-        cache=tmp_path / "acts.h5",
+        activation_cache=tmp_path / "acts.h5",
     )
     fv.run(composite(), 2 * BATCH, N_SAMPLES, batch_size=BATCH)  # only the missing range
     with ActivationCache(tmp_path / "acts.h5") as cache, ActivationCache(recorded["cache"]) as full:
@@ -400,7 +401,7 @@ def test_multitarget_dataset(tmp_path, caplog):
     multi[5] = 0  # no target: CRP never forwards it
     dataset = ListDataset(x, multi)
     fv = MultiFV(
-        CondAttribution(model), dataset, layer_map(), path=str(tmp_path / "fv"), cache=tmp_path / "m.h5"
+        CondAttribution(model), dataset, layer_map(), path=str(tmp_path / "fv"), activation_cache=tmp_path / "m.h5"
     )
     with caplog.at_level("WARNING"):
         fv.run(composite(), 0, n, batch_size=4)
