@@ -5,7 +5,6 @@ Every expected value is computed independently: activations from forward hooks o
 CRP's files from a plain FeatureVisualization run.
 """
 
-import filecmp
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ crp = pytest.importorskip("crp")
 from crp.attribution import CondAttribution  # noqa: E402
 from crp.concepts import ChannelConcept  # noqa: E402
 from crp.visualization import FeatureVisualization  # noqa: E402
-from helpers import ListDataset, branch_net  # noqa: E402
+from helpers import ListDataset, assert_same_crp_files, branch_net, hooks_left  # noqa: E402
 from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
 from zennit.composites import EpsilonPlus  # noqa: E402
 
@@ -69,25 +68,6 @@ def _fast_gc(monkeypatch):
 
     monkeypatch.setattr(crp.maximization.gc, "collect", lambda *a: 0)
     monkeypatch.setattr(crp.statistics.gc, "collect", lambda *a: 0)
-
-
-def crp_files(folder):
-    folder = Path(folder)
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-
-
-def assert_same_crp_files(folder_a, folder_b):
-    files_a, files_b = crp_files(folder_a), crp_files(folder_b)
-    assert files_a == files_b
-    assert files_a, "CRP wrote no files"
-    for name in files_a:
-        assert filecmp.cmp(Path(folder_a) / name, Path(folder_b) / name, shallow=False), name
-
-
-def hooks_left(model):
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
-    )
 
 
 @pytest.fixture(scope="module")

@@ -323,7 +323,9 @@ class Recorder:
         elif not np.array_equal(batch["indices"], unique):
             raise RuntimeError(f"layer {layer!r} saw other samples than the other layers in this batch")
         if keep == "last" or layer not in batch[kind]:
-            batch[kind][layer] = values.detach().to("cpu", torch.float32)
+            # a copy: an output that is already [B, C] is the module's own tensor, which an in-place operation
+            # after the hook (VGG's ReLU(inplace=True) after a Linear) would change
+            batch[kind][layer] = values.detach().to("cpu", torch.float32, copy=True)
 
     def end(self) -> None:
         """Keep the current batch for writing (all layers must have reported); no-op without a batch."""
