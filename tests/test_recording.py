@@ -353,6 +353,9 @@ def test_killed_process_leaves_resumable_cache(recorded, tmp_path):
         for name in LAYERS:
             assert torch.equal(cache.activations(name), full.activations(name))
             assert torch.equal(cache.relevances(name), full.relevances(name))
+    # the collected run leaves nothing of ours in CRP's folder, and nothing to resume
+    assert not (tmp_path / "fv" / ".crp-invert").exists()
+    assert fv.resume(composite(), batch_size=BATCH) == {"r_max": [], "a_max": [], "r_stats": [], "a_stats": []}
 
 
 # -- multi-target datasets -----------------------------------------------------------------------------------
@@ -859,28 +862,48 @@ def on_get(index):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-if point == "checkpoint-save":  # the n-th file CRP saves in the second checkpoint
-    saves = {{"checkpoint": 0}}
-    original = FV._save_results
-    def counting(self, d_index=None):
-        saves["checkpoint"] += 1
-        return original(self, d_index)
-    FV._save_results = counting
-    save = numpy.save
-    def killing_save(*args, **kwargs):
-        if saves["checkpoint"] == 2:
+state = {{"checkpoint": 0, "collecting": False}}
+original_save_results, original_collect = FV._save_results, FV.collect_results
+
+
+def counting_save_results(self, d_index=None):
+    state["checkpoint"] += 1
+    return original_save_results(self, d_index)
+
+
+def flagged_collect(self, *args, **kwargs):
+    state["collecting"] = True
+    return original_collect(self, *args, **kwargs)
+
+
+FV._save_results, FV.collect_results = counting_save_results, flagged_collect
+
+
+def numpy_killing(name, when):
+    function = getattr(numpy, name)
+
+    def wrapper(*args, **kwargs):
+        if when():
             kill_at_call(lambda: None)()
-        return save(*args, **kwargs)
-    crp.maximization.np = crp.statistics.np = types.SimpleNamespace(**{{**vars(numpy), "save": killing_save}})
+        return function(*args, **kwargs)
+
+    crp.maximization.np = crp.statistics.np = types.SimpleNamespace(**{{**vars(numpy), name: wrapper}})
+
+
+if point == "checkpoint-save":  # the n-th file CRP saves of the second checkpoint
+    numpy_killing("save", lambda: state["checkpoint"] == 2 and not state["collecting"])
 elif point == "commit":  # logged, not yet moved into place
     checkpoints._move_stage = kill_at_call(checkpoints._move_stage)
 elif point == "flush":  # rows written, not yet marked complete
     ActivationCache.mark_complete = kill_at_call(ActivationCache.mark_complete)
-elif point in ("collect-max", "collect-stats"):  # CRP's collect deletes checkpoints before it saves the result
-    module = crp.maximization if point == "collect-max" else crp.statistics
-    module.os = types.SimpleNamespace(remove=kill_at_call(os.remove))
-elif point == "after-collect":  # CRP's results are complete, our bookkeeping not yet
+elif point == "collect-load":  # CRP's collect reads the checkpoints
+    numpy_killing("load", lambda: state["collecting"])
+elif point == "collect-save":  # CRP's collect writes its results
+    numpy_killing("save", lambda: state["collecting"])
+elif point == "after-collect":  # CRP's results are complete, the logs not yet updated
     checkpoints.CheckpointLog.forget = kill_at_call(checkpoints.CheckpointLog.forget)
+elif point == "collect-deletions":  # the logs are updated, the collected checkpoints not yet deleted
+    checkpoints.finish_collect = kill_at_call(checkpoints.finish_collect)
 
 model = make_model()
 x, y = make_data()
@@ -899,9 +922,10 @@ print("not killed")
         ("checkpoint-save", 7),
         ("commit", 2),
         ("flush", 3),
-        ("collect-max", 4),
-        ("collect-stats", 20),
+        ("collect-load", 30),
+        ("collect-save", 40),
         ("after-collect", 1),
+        ("collect-deletions", 1),
     ],
 )
 def test_kill_at_any_point_then_resume_equals_an_uninterrupted_run(recorded, tmp_path, point, n):
@@ -915,7 +939,8 @@ def test_kill_at_any_point_then_resume_equals_an_uninterrupted_run(recorded, tmp
     fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), layer_map(), path=str(tmp_path / "fv"),
                                     activation_cache=tmp_path / "acts.h5", progress=False)
     saved = fv.resume(composite(), batch_size=BATCH, checkpoint=CHECKPOINT)
-    assert sorted(saved) == ["a_max", "a_stats", "r_max", "r_stats"] and saved["r_max"]
+    assert sorted(saved) == ["a_max", "a_stats", "r_max", "r_stats"]
+    assert bool(saved["r_max"]) == (point != "collect-deletions")  # there, only deleting was left to do
     with ActivationCache(tmp_path / "acts.h5") as cache, ActivationCache(recorded["cache"]) as full:
         assert cache.is_complete()
         for name in LAYERS:

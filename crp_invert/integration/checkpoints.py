@@ -10,19 +10,19 @@ loses everything. crp-invert keeps, inside CRP's folder::
         checkpoints-<start>-<end>.jsonl   the log of the recording of samples [start, end): one JSON line per
                                           committed checkpoint (its sample span and CRP's file prefixes)
         stage-<a>-<b>/                    a checkpoint while CRP writes it; moved into place once committed
-        collect-backup/                   hard links of the checkpoint files ``collect_results`` reads
+        collected.json                    checkpoint files already collected, being deleted
 
 A checkpoint is committed by appending its line to the log after CRP wrote all its files into the stage
 folder, then moved into CRP's folders (a kill during the move is finished by the next run). The log is what
 ``resume`` trusts: the checkpoints it lists, chained from the start of the range, are kept; everything after
-them is computed again. The backup makes ``collect_results`` repeatable: a kill after CRP deleted some
-checkpoints is followed by a ``resume`` that links them back and collects again. Once collected, the
-checkpoints leave the log, and the folder is removed when empty, so that a finished run leaves exactly CRP's
-files.
+them is computed again. ``collect_results`` is made repeatable by deferring CRP's deletions
+(:func:`deferred_removal`): the checkpoint files stay until CRP has written its results and the log has dropped
+them, so a kill anywhere inside the collect is followed by a ``resume`` that collects again. A finished run
+leaves exactly CRP's files (the folder is removed when empty).
 
 The only facts about CRP used here: its result objects have ``PATH`` (where they write) and return the
-prefixes of what they wrote, and a checkpoint prefix ``p`` stands for the files ``p + suffix`` for the
-suffixes in :data:`SUFFIXES`.
+prefixes of what they wrote, its collect deletes files with ``os.remove`` of its modules, and a checkpoint
+prefix ``p`` stands for the files ``p + suffix`` for the suffixes in :data:`SUFFIXES`.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PureWindowsPath
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["Checkpoint", "CheckpointLog", "CollectBackup", "KINDS", "SUFFIXES", "FOLDER", "before_collect",
-           "after_collect", "settle_backup"]
+__all__ = ["Checkpoint", "CheckpointLog", "KINDS", "SUFFIXES", "FOLDER", "deferred_removal", "after_collect",
+           "finish_collect"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +61,20 @@ class Checkpoint:
 
 
 def _relative(prefix: str | os.PathLike, root: Path) -> str:
-    return PurePosixPath(Path(os.path.relpath(prefix, root))).as_posix()
+    """``prefix`` relative to ``root``, posix (a string operation for what CRP writes under ``root``)."""
+    prefix, base = os.fspath(prefix), os.fspath(root) + os.sep
+    if prefix.startswith(base) and os.sep + ".." + os.sep not in prefix:
+        relative = prefix[len(base):]
+    else:
+        relative = os.path.relpath(prefix, root)
+    return relative.replace(os.sep, "/") if os.sep != "/" else relative
 
 
 def _inside(relative: str) -> bool:
     """Whether a relative path from a log stays inside CRP's folder (a damaged or hostile log must not make us
     delete files elsewhere)."""
-    path = PurePosixPath(relative)
-    return bool(relative) and not path.is_absolute() and ".." not in path.parts and "\x00" not in relative
+    return (bool(relative) and not relative.startswith(("/", "\\")) and "\x00" not in relative
+            and ".." not in relative.replace("\\", "/").split("/") and not PureWindowsPath(relative).drive)
 
 
 def _fsync_append(path: Path, line: str) -> None:
@@ -93,53 +99,12 @@ def remove_if_empty(folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:  # no hard links on this filesystem
-        shutil.copy2(source, target)
-
-
-class CollectBackup:
-    """Hard links of checkpoint files, kept while CRP's ``collect_results`` reads and deletes them."""
-
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        self.folder = self.root / FOLDER / "collect-backup"
-
-    def _backup_of(self, file: str | os.PathLike) -> Path | None:
-        relative = _relative(file, self.root)
-        return self.folder / relative if _inside(relative) else None
-
-    def restore(self, file: str | os.PathLike) -> None:
-        """Link ``file`` back from the backup if it is missing and backed up."""
-        backup = self._backup_of(file)
-        if backup is not None and backup.is_file() and not os.path.exists(file):
-            _link_or_copy(backup, Path(file))
-            logger.info("restored %s from the backup of an interrupted collect", file)
-
-    def save(self, files: Iterable[str]) -> None:
-        """Back up the given files (those outside CRP's folder are not backed up)."""
-        for file in files:
-            backup = self._backup_of(file)
-            if backup is None or not os.path.isfile(file):
-                continue
-            if backup.exists():
-                backup.unlink()
-            _link_or_copy(Path(file), backup)
-
-    def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
 def _files(prefixes: Iterable[str]) -> list[str]:
     return [prefix + suffix for prefix in prefixes for suffix in SUFFIXES]
 
 
-def _readable(prefix: str, backup: CollectBackup) -> bool:
+def _readable(prefix: str) -> bool:
     for file in _files([prefix]):
-        backup.restore(file)
         try:
             np.load(file, mmap_mode="r")
         except (OSError, ValueError, EOFError):
@@ -170,13 +135,18 @@ class CheckpointLog:
 
     def read(self) -> list[Checkpoint]:
         """The committed checkpoints in order (reading stops at a damaged line, e.g. one cut by a kill)."""
+        return self._records()[1]
+
+    def _records(self) -> tuple[tuple[int, int] | None, list[Checkpoint]]:
+        """The range of the last run started (None if none is logged) and the committed checkpoints."""
+        run, entries = None, []
         if not self.path.is_file():
-            return []
-        entries = []
+            return run, entries
         for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
             try:
                 record = json.loads(line)
                 if "run" in record:
+                    run = tuple(int(v) for v in record["run"])
                     continue
                 span = tuple(int(v) for v in record["span"])
                 files = {kind: [str(p) for p in record["files"].get(kind, [])] for kind in KINDS}
@@ -187,7 +157,7 @@ class CheckpointLog:
                                self.path, number, err)
                 break
             entries.append(Checkpoint(span, files))
-        return entries
+        return run, entries
 
     def _write(self, entries: Sequence[Checkpoint], run: tuple[int, int] | None) -> None:
         lines = [json.dumps({"span": list(e.span), "files": e.files}) for e in entries]
@@ -246,15 +216,15 @@ class CheckpointLog:
             for result, path in zip(results, paths, strict=True):
                 result.PATH = path
 
-    def chain(self, start: int, limit: int, backup: CollectBackup) -> list[Checkpoint]:
+    def chain(self, start: int, limit: int) -> list[Checkpoint]:
         """The committed checkpoints that continue each other from ``start`` up to at most ``limit`` and whose
-        files are all readable (missing ones are linked back from an interrupted collect's backup)."""
+        files are all readable."""
         self._recover_stages()
         by_start = {entry.span[0]: entry for entry in self.read()}
         chain, position = [], start
         while position in by_start and by_start[position].span[1] <= limit:
             entry = by_start[position]
-            if not all(_readable(prefix, backup) for prefix in _files_of(self, entry)):
+            if not all(_readable(prefix) for prefix in _files_of(self, entry)):
                 logger.warning("checkpoint of samples [%d, %d) in %s is damaged; it is computed again",
                                entry.span[0], entry.span[1], self.root)
                 break
@@ -263,15 +233,19 @@ class CheckpointLog:
         return chain
 
     def forget(self, collected: set[str]) -> None:
-        """Drop the checkpoints whose files were collected; remove the log when none is left."""
-        entries = self.read()
+        """Drop the checkpoints whose files were collected; remove the log when none is left and the collected
+        ones covered the last run (a run that committed nothing yet keeps its log: it is not finished)."""
+        run, entries = self._records()
         remaining = [e for e in entries if not set(e.prefixes()) <= collected]
-        if len(remaining) == len(entries):
-            return
-        if remaining:
-            self._write(remaining, None)
-        else:
+        done = sorted(e.span for e in entries if e not in remaining)
+        position = run[0] if run is not None else None
+        for a, b in done:
+            if position is not None and a <= position < b:
+                position = b
+        if not remaining and (run is None or position >= run[1]):
             self.path.unlink(missing_ok=True)
+        elif len(remaining) < len(entries):
+            self._write(remaining, run)
 
 
 def _files_of(log: CheckpointLog, entry: Checkpoint) -> list[str]:
@@ -279,10 +253,12 @@ def _files_of(log: CheckpointLog, entry: Checkpoint) -> list[str]:
 
 
 def _move_stage(stage: Path, root: Path) -> None:
-    for file in sorted(p for p in stage.rglob("*") if p.is_file()):
-        target = root / file.relative_to(stage)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(file, target)
+    """Move every file of ``stage`` to the same place under ``root``, then remove ``stage``."""
+    for folder, _, names in os.walk(stage):
+        target = os.path.join(root, os.path.relpath(folder, stage))
+        os.makedirs(target, exist_ok=True)
+        for name in names:
+            os.replace(os.path.join(folder, name), os.path.join(target, name))
     shutil.rmtree(stage, ignore_errors=True)
 
 
@@ -317,35 +293,64 @@ def _logs(root: str | os.PathLike) -> list[CheckpointLog]:
     return logs
 
 
-def logged_prefixes(root: str | os.PathLike) -> list[str]:
-    """The prefixes of every checkpoint logged (and not yet collected) in CRP's folder ``root``."""
-    return [p for log in _logs(root) for entry in log.read() for p in _files_of(log, entry)]
+class _RemovalRecorder:
+    """Stands in for the ``os`` module of CRP's result modules: ``remove`` records the path, the rest is ``os``."""
+
+    def __init__(self, removed: list[str]) -> None:
+        self._removed = removed
+
+    def remove(self, path, *args, **kwargs) -> None:
+        self._removed.append(os.fspath(path))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
 
 
-def settle_backup(root: str | os.PathLike) -> CollectBackup:
-    """Link back every logged checkpoint file an interrupted collect deleted, then empty the backup."""
-    backup = CollectBackup(root)
-    for file in _files(logged_prefixes(root)):
-        backup.restore(file)
-    backup.clear()
-    return backup
+@contextlib.contextmanager
+def deferred_removal(modules: Sequence[Any]) -> Iterator[list[str]]:
+    """Within the block, ``os.remove`` called by the given modules (CRP's ``crp.maximization`` and
+    ``crp.statistics``, whose ``collect_results`` delete the checkpoints they read) only records the path; the
+    list of recorded paths is yielded. Not thread-safe."""
+    removed: list[str] = []
+    originals = [module.os for module in modules]
+    try:
+        for module in modules:
+            module.os = _RemovalRecorder(removed)
+        yield removed
+    finally:
+        for module, original in zip(modules, originals, strict=True):
+            module.os = original
 
 
-def before_collect(root: str | os.PathLike, prefixes: Sequence[str]) -> None:
-    """Before CRP's ``collect_results`` reads and deletes the checkpoints ``prefixes``: make the files of an
-    interrupted earlier collect whole again and back up these ones."""
-    backup = CollectBackup(root)
-    for file in _files(prefixes):
-        backup.restore(file)
-    settle_backup(root).save(_files(prefixes))
+def _journal(root: str | os.PathLike) -> Path:
+    return Path(root) / FOLDER / "collected.json"
 
 
-def after_collect(root: str | os.PathLike, prefixes: Sequence[str]) -> None:
-    """After CRP's ``collect_results``: drop the collected checkpoints from every log in CRP's folder, then the
-    backup, then the folder of crp-invert if nothing is left in it."""
+def finish_collect(root: str | os.PathLike) -> None:
+    """Delete the checkpoint files a collect killed while deleting them left behind (they were collected)."""
+    journal = _journal(root)
+    try:
+        files = json.loads(journal.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except ValueError:  # cut by a kill while written: the logs still list those checkpoints, nothing to delete
+        files = []
+    for relative in files if isinstance(files, list) else []:
+        if isinstance(relative, str) and _inside(relative):
+            (Path(root) / relative).unlink(missing_ok=True)
+    journal.unlink(missing_ok=True)
+    remove_if_empty(Path(root) / FOLDER)
+
+
+def after_collect(root: str | os.PathLike, prefixes: Sequence[str], removed: Sequence[str]) -> None:
+    """After CRP's ``collect_results`` wrote its results: drop the collected checkpoints from every log in CRP's
+    folder, then delete the files CRP wanted to delete (``removed``), through a journal so that a kill in between
+    leaves no stray file."""
     root = Path(root)
+    journal = _journal(root)
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    _replace_text(journal, json.dumps([_relative(p, root) for p in removed]))
     collected = {_relative(p, root) for p in prefixes}
     for log in _logs(root):
         log.forget(collected)
-    CollectBackup(root).clear()
-    remove_if_empty(root / FOLDER)
+    finish_collect(root)

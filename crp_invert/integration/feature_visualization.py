@@ -55,7 +55,7 @@ from crp.visualization import FeatureVisualization
 
 from ..storage.cache import ActivationCache
 from ..storage.fingerprint import model_hash
-from .checkpoints import KINDS, CheckpointLog, CollectBackup, after_collect, before_collect, settle_backup
+from .checkpoints import KINDS, CheckpointLog, after_collect, deferred_removal, finish_collect
 from .guard import restored_on_error
 from .recorder import (
     Pooling,
@@ -279,14 +279,15 @@ class InvertFeatureVisualization(FeatureVisualization):
                 return super().run_distributed(composite, data_start, data_end, batch_size, checkpoint, on_device)
 
     def collect_results(self, checkpoints, d_index=None):
-        """CRP's ``collect_results``, repeatable after a kill: the checkpoint files it reads and deletes are
-        backed up (hard links) until it is done, and then dropped from crp-invert's logs."""
+        """CRP's ``collect_results``, repeatable after a kill: the checkpoint files it reads are deleted only
+        after it wrote its results and crp-invert's logs dropped them."""
         root = self._crp_root()
+        finish_collect(root)
         prefixes = [prefix for kind in KINDS for prefix in checkpoints.get(kind, [])]
-        before_collect(root, prefixes)
-        with _named_bars("collecting CRP results", self.progress):
+        with _named_bars("collecting CRP results", self.progress), \
+                deferred_removal([crp.maximization, crp.statistics]) as removed:
             saved = super().collect_results(checkpoints, d_index)
-        after_collect(root, prefixes)
+        after_collect(root, prefixes, removed)
         return saved
 
     def resume_distributed(
@@ -315,13 +316,14 @@ class InvertFeatureVisualization(FeatureVisualization):
         start = start if data_start is None else int(data_start)
         end = end if data_end is None else int(data_end)
         root = self._crp_root()
+        finish_collect(root)
         log = CheckpointLog(root, self.sample_range)
         first_missing = self._first_missing(start, end)
         if not log.exists() and first_missing >= end:
             logger.info("nothing to resume in [%d, %d): the cache is complete and CRP's results were collected",
                         start, end)
             return {kind: [] for kind in KINDS}
-        kept = log.chain(start, first_missing, CollectBackup(root)) if log.exists() else []
+        kept = log.chain(start, first_missing) if log.exists() else []
         restart = kept[-1].span[1] if kept else start
         checkpoints = {kind: [p for entry in kept for p in log.absolute(entry)[kind]] for kind in KINDS}
         if restart < end:
@@ -349,7 +351,6 @@ class InvertFeatureVisualization(FeatureVisualization):
         """
         checkpoints = self.resume_distributed(composite, data_start, data_end, batch_size, checkpoint, on_device)
         if not any(checkpoints.values()):
-            settle_backup(self._crp_root()).clear()
             return checkpoints
         return self.collect_results(checkpoints)
 
