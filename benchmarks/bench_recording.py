@@ -79,7 +79,7 @@ def recording_timer() -> tuple[dict[str, float], Callable[[], None]]:
 
     for name in ("begin", "activation", "relevance", "end", "flush", "close"):
         timed(Recorder, name)
-    for name in ("before_collect", "after_collect", "settle_backup"):
+    for name in ("after_collect", "finish_collect"):
         timed(feature_visualization, name)
     timed(feature_visualization.InvertFeatureVisualization, "_meta")
     timed(checkpoints.CheckpointLog, "start")
