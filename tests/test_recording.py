@@ -555,17 +555,19 @@ def test_constructor_is_crps_plus_keyword_only_additions():
     assert issubclass(InvertFeatureVisualization, FeatureVisualization)
 
 
+def grey_images(samples, heatmaps, rf):
+    """A plot function for CRP's image cache: one grey-scale PIL image per heatmap. (The tutorial's
+    vis_opaque_img makes palette images that PIL 13 cannot save under numpy 2, in plain CRP too.)"""
+    from PIL import Image
+
+    scaled = (heatmaps - heatmaps.amin()) / (heatmaps.amax() - heatmaps.amin() + 1e-12) * 255
+    return [Image.fromarray(h.to(torch.uint8).numpy()) for h in scaled]
+
+
 def test_crp_tutorial_arguments(tmp_path, monkeypatch):
     """Constructed and run exactly as CRP's README (positional, default path) and its feature-visualization
     tutorial (preprocess_fn, path, cache=ImageCache, run(composite, 0, n, 32, 100), get_max_reference)."""
     from crp.cache import ImageCache
-    from PIL import Image
-
-    def plot_fn(samples, heatmaps, rf):
-        # the tutorial's vis_opaque_img makes palette images that PIL 13 cannot save under numpy 2 (in plain CRP
-        # too); a plain grey-scale image of each heatmap goes through CRP's image cache the same way
-        scaled = (heatmaps - heatmaps.amin()) / (heatmaps.amax() - heatmaps.amin() + 1e-12) * 255
-        return [Image.fromarray(h.to(torch.uint8).numpy()) for h in scaled]
 
     monkeypatch.chdir(tmp_path)
     model = make_model()
@@ -594,7 +596,7 @@ def test_crp_tutorial_arguments(tmp_path, monkeypatch):
         assert fv.Cache is image_cache
         fv.run(composite(), 0, len(dataset), 32, 100)
         refs = fv.get_max_reference([0, 1], "conv2", "relevance", (0, 4), composite=composite(),
-                                    plot_fn=plot_fn)
+                                    plot_fn=grey_images)
         images[name] = {c: [np.asarray(img) for img in imgs] for c, imgs in refs.items()}
         assert sorted(p.name for p in (tmp_path / f"{name}-images").rglob("*.png"))  # the image cache was used
     assert images["ours"].keys() == images["theirs"].keys()
@@ -674,6 +676,7 @@ def test_crp_progress_bars_are_named(tmp_path, capsys):
     import crp.maximization
     import crp.statistics
     import crp.visualization
+    from crp.cache import ImageCache
     from tqdm import tqdm
 
     model = make_model()
@@ -687,6 +690,11 @@ def test_crp_progress_bars_are_named(tmp_path, capsys):
     names = {bar.split(":")[0] for bar in bars}
     assert names == {"CRP FeatureVisualization + recording", "collecting CRP results"}, bars
     assert crp.visualization.tqdm is tqdm and crp.maximization.tqdm is tqdm and crp.statistics.tqdm is tqdm
+    fv.Cache = ImageCache(path=str(tmp_path / "images"))
+    fv.precompute_ref({"conv2": [0, 1]}, composite(), rf=False, plot_list=[grey_images])
+    bars = [line.strip() for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "|" in line]
+    assert bars and {bar.split(":")[0] for bar in bars} == {"precomputing reference images"}, bars
+    assert crp.visualization.tqdm is tqdm
     fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), layer_map(),
                                     path=str(tmp_path / "quiet"), activation_cache=tmp_path / "b.h5", progress=False)
     fv.run(composite(), 0, 16, batch_size=8)

@@ -163,8 +163,8 @@ class InvertFeatureVisualization(FeatureVisualization):
     Use :meth:`resume` (or :meth:`resume_distributed`) to finish a run that was interrupted at any point, also
     inside CRP's final collect: the cache and CRP's files then equal those of an uninterrupted run (same
     ``batch_size`` and ``checkpoint``). Until CRP's results are collected, crp-invert keeps a log of CRP's
-    checkpoints in ``<path>/.crp-invert/``; a finished run leaves only CRP's files there. Not thread-safe: CRP's
-    progress bars are named by rebinding ``tqdm`` in CRP's modules during a run.
+    checkpoints in ``<path>/.crp-invert/``; a finished run leaves only CRP's files there. Not thread-safe: during
+    a run CRP's modules see a named ``tqdm``, and during a collect an ``os`` whose ``remove`` is deferred.
     """
 
     def __init__(
@@ -353,6 +353,11 @@ class InvertFeatureVisualization(FeatureVisualization):
         if not any(checkpoints.values()):
             return checkpoints
         return self.collect_results(checkpoints)
+
+    def precompute_ref(self, *args, **kwargs):
+        """CRP's ``precompute_ref``, with its progress bars named."""
+        with _named_bars("precomputing reference images", self.progress):
+            return super().precompute_ref(*args, **kwargs)
 
     def compute_stats(self, concept_id, layer_name: str, mode="relevance", top_N=5, mean_N=10, norm=False):
         """CRP's ``compute_stats``, with its ``load_stat_targets`` call replaced by one that works on numpy 2."""
