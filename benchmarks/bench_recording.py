@@ -55,16 +55,17 @@ class ImageList:
 
 
 def recording_timer() -> tuple[dict[str, float], Callable[[], None]]:
-    """Wrap the functions of the recording code so that the time spent in them adds up in ``spent["seconds"]``;
-    returns the counter and a function that unwraps them."""
+    """Wrap the functions of the recording code so that the time spent in them adds up in ``spent["seconds"]``
+    (of which ``spent["fixed"]`` once per run: model hash, first sample, cache and log set-up); returns the
+    counters and a function that unwraps them."""
     import crp_invert.integration.checkpoints as checkpoints
     import crp_invert.integration.feature_visualization as feature_visualization
     from crp_invert.integration.recorder import Recorder
 
-    spent = {"seconds": 0.0}
+    spent = {"seconds": 0.0, "fixed": 0.0}
     wrapped: list[tuple[Any, str, Any]] = []
 
-    def timed(owner: Any, name: str) -> None:
+    def timed(owner: Any, name: str, fixed: bool = False) -> None:
         function = getattr(owner, name)
 
         def wrapper(*args, **kwargs):
@@ -72,7 +73,9 @@ def recording_timer() -> tuple[dict[str, float], Callable[[], None]]:
             try:
                 return function(*args, **kwargs)
             finally:
-                spent["seconds"] += time.perf_counter() - start
+                seconds = time.perf_counter() - start
+                spent["seconds"] += seconds
+                spent["fixed"] += seconds if fixed else 0.0
 
         wrapped.append((owner, name, function))
         setattr(owner, name, wrapper)
@@ -81,9 +84,10 @@ def recording_timer() -> tuple[dict[str, float], Callable[[], None]]:
         timed(Recorder, name)
     for name in ("after_collect", "finish_collect"):
         timed(feature_visualization, name)
-    timed(feature_visualization.InvertFeatureVisualization, "_meta")
-    timed(checkpoints.CheckpointLog, "start")
     timed(checkpoints._Stage, "commit")
+    timed(feature_visualization.InvertFeatureVisualization, "_meta", fixed=True)
+    timed(feature_visualization, "open_cache", fixed=True)
+    timed(checkpoints.CheckpointLog, "start", fixed=True)
 
     def restore() -> None:
         for owner, name, function in reversed(wrapped):
@@ -101,7 +105,8 @@ def compare(model, dataset, layer_map, make_composite, n: int, batch_size: int, 
     from crp_invert.integration.feature_visualization import InvertFeatureVisualization
 
     spent, restore = recording_timer()
-    result: dict[str, Any] = {"plain": [], "record": [], "cpu_plain": [], "cpu_record": [], "in_recorder": []}
+    result: dict[str, Any] = {"plain": [], "record": [], "cpu_plain": [], "cpu_record": [], "in_recorder": [],
+                              "fixed": []}
     try:
         for repeat in range(repeats):
             for kind in ("plain", "record"):
@@ -113,13 +118,14 @@ def compare(model, dataset, layer_map, make_composite, n: int, batch_size: int, 
                     fv = InvertFeatureVisualization(attribution, dataset, layer_map, path=str(folder), device=device,
                                                     activation_cache=work / f"acts-{repeat}.h5", progress=False)
                 gc.collect()
-                spent["seconds"] = 0.0
+                spent["seconds"] = spent["fixed"] = 0.0
                 start, cpu_start = time.perf_counter(), time.process_time()
                 fv.run(make_composite(), 0, n, batch_size=batch_size)
                 result[kind].append(time.perf_counter() - start)
                 result[f"cpu_{kind}"].append(time.process_time() - cpu_start)
                 if kind == "record":
                     result["in_recorder"].append(spent["seconds"])
+                    result["fixed"].append(spent["fixed"])
                 print(f"# {kind} run {repeat}: {result[kind][-1]:.2f} s wall, {result['cpu_' + kind][-1]:.2f} s CPU"
                       + (f", {spent['seconds']:.3f} s in recording code" if kind == "record" else ""),
                       file=sys.stderr)
@@ -134,6 +140,10 @@ def table_rows(label: str, n: int, result: dict[str, Any]) -> list[str]:
     shares = [s / t for s, t in zip(result["in_recorder"], result["record"], strict=True)]
     estimated = float(np.median([share / (1 - share) for share in shares]))
     fastest = result["in_recorder"][int(np.argmin(result["record"]))]
+    fixed = float(np.median(result["fixed"]))
+    per_batch = [(s - f) / (t - f) for s, f, t in zip(result["in_recorder"], result["fixed"], result["record"],
+                                                      strict=True)]
+    per_batch_estimate = float(np.median([x / (1 - x) for x in per_batch]))
     return [
         f"| {label}: plain CRP `FeatureVisualization.run`, {n} images | {plain:.2f} s "
         f"(all: {', '.join(f'{t:.2f}' for t in result['plain'])}) |",
@@ -146,6 +156,9 @@ def table_rows(label: str, n: int, result: dict[str, Any]) -> list[str]:
         f"({fastest / record:.1%} of that run) |",
         f"| {label}: overhead estimated within each recording run: recording code / rest of the run (median) | "
         f"{estimated:+.1%} (runs: {', '.join(f'{x / (1 - x):.1%}' for x in shares)}) |",
+        f"| {label}: of which once per run (model hash, first sample, cache and log set-up), median | {fixed:.3f} s |",
+        f"| {label}: overhead without the once-per-run part (what a long run approaches), median | "
+        f"{per_batch_estimate:+.1%} (runs: {', '.join(f'{x / (1 - x):.1%}' for x in per_batch)}) |",
     ]
 
 
