@@ -56,8 +56,9 @@ class ImageList:
 
 def recording_timer() -> tuple[dict[str, float], Callable[[], None]]:
     """Wrap the functions of the recording code so that the time spent in them adds up in ``spent["seconds"]``
-    (of which ``spent["fixed"]`` once per run: model hash, first sample, cache and log set-up); returns the
-    counters and a function that unwraps them."""
+    (of which ``spent["fixed"]`` once per run or per CRP checkpoint: model hash, first sample, cache and log
+    set-up, committing checkpoints, the collect's bookkeeping); returns the counters and a function that unwraps
+    them."""
     import crp_invert.integration.checkpoints as checkpoints
     import crp_invert.integration.feature_visualization as feature_visualization
     from crp_invert.integration.recorder import Recorder
@@ -80,11 +81,11 @@ def recording_timer() -> tuple[dict[str, float], Callable[[], None]]:
         wrapped.append((owner, name, function))
         setattr(owner, name, wrapper)
 
-    for name in ("begin", "activation", "relevance", "end", "flush", "close"):
+    for name in ("begin", "activation", "relevance", "end", "flush"):
         timed(Recorder, name)
-    for name in ("after_collect", "finish_collect"):
-        timed(feature_visualization, name)
-    timed(checkpoints._Stage, "commit")
+    timed(Recorder, "close", fixed=True)
+    timed(feature_visualization, "after_collect", fixed=True)
+    timed(checkpoints._Stage, "commit", fixed=True)
     timed(feature_visualization.InvertFeatureVisualization, "_meta", fixed=True)
     timed(feature_visualization, "open_cache", fixed=True)
     timed(checkpoints.CheckpointLog, "start", fixed=True)
@@ -156,8 +157,9 @@ def table_rows(label: str, n: int, result: dict[str, Any]) -> list[str]:
         f"({fastest / record:.1%} of that run) |",
         f"| {label}: overhead estimated within each recording run: recording code / rest of the run (median) | "
         f"{estimated:+.1%} (runs: {', '.join(f'{x / (1 - x):.1%}' for x in shares)}) |",
-        f"| {label}: of which once per run (model hash, first sample, cache and log set-up), median | {fixed:.3f} s |",
-        f"| {label}: overhead without the once-per-run part (what a long run approaches), median | "
+        f"| {label}: of which once per run or per checkpoint (model hash, set-up, commits, collect), median | "
+        f"{fixed:.3f} s |",
+        f"| {label}: overhead of the per-batch part alone (what a long run approaches), median | "
         f"{per_batch_estimate:+.1%} (runs: {', '.join(f'{x / (1 - x):.1%}' for x in per_batch)}) |",
     ]
 
