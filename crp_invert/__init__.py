@@ -27,8 +27,8 @@ _EXPORTS = {
     "FlatActivationWriter": "storage.flat",
     "FileInUseError": "storage.lock",
     # CRP integration
-    "InvertFeatureVisualization": "integration.recording",
-    "record_activations": "integration.recording",
+    "InvertFeatureVisualization": "integration.feature_visualization",
+    "record_activations": "integration.hooks",
     "decompose": "integration.glocal",
     "GlocalExplanation": "integration.glocal",
     "decompose_batch": "integration.glocal",

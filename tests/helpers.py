@@ -5,6 +5,8 @@ BatchNorm into the preceding leaf module in registration order.
 """
 from __future__ import annotations
 
+import filecmp
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -74,3 +76,17 @@ class ListDataset:
             self.on_get(int(index))
         target = self.targets[index]
         return self.x[index], (int(target) if np.ndim(target) == 0 else np.asarray(target))
+
+
+def assert_same_crp_files(folder_a, folder_b) -> None:
+    """The two folders hold the same files (CRP's results), byte for byte, and at least one."""
+    files = [sorted(str(p.relative_to(f)) for p in Path(f).rglob("*") if p.is_file()) for f in (folder_a, folder_b)]
+    assert files[0] == files[1]
+    assert files[0], "CRP wrote no files"
+    for name in files[0]:
+        assert filecmp.cmp(Path(folder_a) / name, Path(folder_b) / name, shallow=False), name
+
+
+def hooks_left(model: nn.Module) -> int:
+    """Number of forward, forward-pre and backward hooks on the modules of a model."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())

@@ -92,7 +92,7 @@ WORKER = textwrap.dedent('''
         with distributed_session():
             fv = InvertFeatureVisualization(
                 CondAttribution(model), Data(x, y), {{name: ChannelConcept() for name in LAYERS}},
-                path=os.path.join(root, "fv"), cache=os.path.join(root, "acts.h5"), flush_interval=0,
+                path=os.path.join(root, "fv"), activation_cache=os.path.join(root, "acts.h5"), flush_interval=0,
             )
             saved = run_sharded(fv, EpsilonPlus(canonizers=[SequentialMergeBatchNorm()]), 0, N_SAMPLES,
                                 batch_size=BATCH, checkpoint=CHECKPOINT)
@@ -556,7 +556,7 @@ def test_resume_skips_checkpoint_files_left_truncated(runs, tmp_path):
             worker.Data(x, y),
             {name: ChannelConcept() for name in LAYERS},
             path=str(tmp_path / "fv"),
-            cache=tmp_path / "acts.h5",
+            activation_cache=tmp_path / "acts.h5",
             flush_interval=0,
         )
         checkpoints = fv.run_distributed(

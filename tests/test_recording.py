@@ -5,7 +5,6 @@ Every expected value is computed independently: activations from forward hooks o
 CRP's files from a plain FeatureVisualization run.
 """
 
-import filecmp
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ crp = pytest.importorskip("crp")
 from crp.attribution import CondAttribution  # noqa: E402
 from crp.concepts import ChannelConcept  # noqa: E402
 from crp.visualization import FeatureVisualization  # noqa: E402
-from helpers import ListDataset, branch_net  # noqa: E402
+from helpers import ListDataset, assert_same_crp_files, branch_net, hooks_left  # noqa: E402
 from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
 from zennit.composites import EpsilonPlus  # noqa: E402
 
@@ -71,25 +70,6 @@ def _fast_gc(monkeypatch):
     monkeypatch.setattr(crp.statistics.gc, "collect", lambda *a: 0)
 
 
-def crp_files(folder):
-    folder = Path(folder)
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-
-
-def assert_same_crp_files(folder_a, folder_b):
-    files_a, files_b = crp_files(folder_a), crp_files(folder_b)
-    assert files_a == files_b
-    assert files_a, "CRP wrote no files"
-    for name in files_a:
-        assert filecmp.cmp(Path(folder_a) / name, Path(folder_b) / name, shallow=False), name
-
-
-def hooks_left(model):
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
-    )
-
-
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     """One recording run and one plain CRP run on the same model and data."""
@@ -109,7 +89,7 @@ def recorded(tmp_path_factory):
             dataset,
             layer_map(),
             path=str(root / "fv"),
-            cache=root / "acts.h5",
+            activation_cache=root / "acts.h5",
             pooling="mean",
             flush_interval=3600,  # everything buffered until the end: rows written as one block
         )
@@ -226,7 +206,7 @@ def test_refuses_other_model_or_pooling(recorded, tmp_path):
         ListDataset(x, y),
         layer_map(),
         path=str(tmp_path / "fv"),
-        cache=recorded["cache"],
+        activation_cache=recorded["cache"],
     )
     with pytest.raises(ValueError, match="model_hash"):
         fv.run(composite(), 0, 8, batch_size=8)
@@ -235,7 +215,7 @@ def test_refuses_other_model_or_pooling(recorded, tmp_path):
         ListDataset(x, y),
         layer_map(),
         path=str(tmp_path / "fv"),
-        cache=recorded["cache"],
+        activation_cache=recorded["cache"],
         pooling="max",
     )
     with pytest.raises(ValueError, match="pooling"):
@@ -245,7 +225,7 @@ def test_refuses_other_model_or_pooling(recorded, tmp_path):
         ListDataset(x[:30], y[:30]),
         layer_map(),
         path=str(tmp_path / "fv"),
-        cache=recorded["cache"],
+        activation_cache=recorded["cache"],
     )
     with pytest.raises(ValueError, match="length"):
         fv.run(composite(), 0, 8, batch_size=8)
@@ -264,7 +244,7 @@ def test_unknown_layer_and_bad_arguments(tmp_path):
             ListDataset(x, y),
             {"nope": ChannelConcept()},
             path=str(tmp_path),
-            cache=tmp_path / "a.h5",
+            activation_cache=tmp_path / "a.h5",
         )
     with pytest.raises(ValueError, match="pooling"):
         InvertFeatureVisualization(
@@ -272,11 +252,12 @@ def test_unknown_layer_and_bad_arguments(tmp_path):
             ListDataset(x, y),
             layer_map(),
             path=str(tmp_path),
-            cache=tmp_path / "a.h5",
+            activation_cache=tmp_path / "a.h5",
             pooling="median",
         )
-    with pytest.raises(TypeError, match="cache"):
-        InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), layer_map(), path=str(tmp_path))
+    with pytest.raises(TypeError, match="activation_cache"):
+        InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), layer_map(), path=str(tmp_path),
+                                   activation_cache=3)
     assert not (tmp_path / "a.h5").exists()
 
 
@@ -302,7 +283,7 @@ def test_interrupted_run_resumes_to_identical_results(recorded, tmp_path):
         dataset,
         layer_map(),
         path=str(tmp_path / "fv"),
-        cache=tmp_path / "acts.h5",
+        activation_cache=tmp_path / "acts.h5",
         flush_interval=0,
     )
     with pytest.raises(Interrupt):
@@ -348,7 +329,7 @@ def test_killed_process_leaves_resumable_cache(recorded, tmp_path):
             if index == 2 * BATCH + 1:
                 os.kill(os.getpid(), signal.SIGKILL)
         fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y, on_get), layer_map(),
-                                        path={str(tmp_path / "fv")!r}, cache={str(tmp_path / "acts.h5")!r},
+                                        path={str(tmp_path / "fv")!r}, activation_cache={str(tmp_path / "acts.h5")!r},
                                         flush_interval=0)
         fv.run(composite(), 0, N_SAMPLES, batch_size=BATCH, checkpoint=100)
     """)
@@ -364,7 +345,7 @@ def test_killed_process_leaves_resumable_cache(recorded, tmp_path):
         ListDataset(x, y),
         layer_map(),
         path=str(tmp_path / "fv"),
-        cache=tmp_path / "acts.h5",
+        activation_cache=tmp_path / "acts.h5",
     )
     fv.run(composite(), 2 * BATCH, N_SAMPLES, batch_size=BATCH)  # only the missing range
     with ActivationCache(tmp_path / "acts.h5") as cache, ActivationCache(recorded["cache"]) as full:
@@ -372,6 +353,9 @@ def test_killed_process_leaves_resumable_cache(recorded, tmp_path):
         for name in LAYERS:
             assert torch.equal(cache.activations(name), full.activations(name))
             assert torch.equal(cache.relevances(name), full.relevances(name))
+    # the collected run leaves nothing of ours in CRP's folder, and nothing to resume
+    assert not (tmp_path / "fv" / ".crp-invert").exists()
+    assert fv.resume(composite(), batch_size=BATCH) == {"r_max": [], "a_max": [], "r_stats": [], "a_stats": []}
 
 
 # -- multi-target datasets -----------------------------------------------------------------------------------
@@ -400,7 +384,7 @@ def test_multitarget_dataset(tmp_path, caplog):
     multi[5] = 0  # no target: CRP never forwards it
     dataset = ListDataset(x, multi)
     fv = MultiFV(
-        CondAttribution(model), dataset, layer_map(), path=str(tmp_path / "fv"), cache=tmp_path / "m.h5"
+        CondAttribution(model), dataset, layer_map(), path=str(tmp_path / "fv"), activation_cache=tmp_path / "m.h5"
     )
     with caplog.at_level("WARNING"):
         fv.run(composite(), 0, n, batch_size=4)
@@ -552,3 +536,424 @@ def test_labels_from_recorded_cache_equal_in_memory(recorded):
         rel = cache.relevances("linear2")
         own = rel[torch.arange(N_SAMPLES), recorded["y"]]
         assert torch.equal(rel.abs().sum(1), own.abs())
+
+
+# -- a drop-in for CRP's FeatureVisualization (issues 10, 12) ------------------------------------------------
+
+
+def test_constructor_is_crps_plus_keyword_only_additions():
+    import inspect
+
+    ours = list(inspect.signature(InvertFeatureVisualization.__init__).parameters.values())
+    theirs = list(inspect.signature(FeatureVisualization.__init__).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in ours[: len(theirs)]] == [
+        (p.name, p.kind, p.default) for p in theirs
+    ]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs) :])
+    assert "activation_cache" in [p.name for p in ours[len(theirs) :]]
+    assert InvertFeatureVisualization.__module__ == "crp_invert.integration.feature_visualization"
+    assert issubclass(InvertFeatureVisualization, FeatureVisualization)
+
+
+def grey_images(samples, heatmaps, rf):
+    """A plot function for CRP's image cache: one grey-scale PIL image per heatmap. (The tutorial's
+    vis_opaque_img makes palette images that PIL 13 cannot save under numpy 2, in plain CRP too.)"""
+    from PIL import Image
+
+    scaled = (heatmaps - heatmaps.amin()) / (heatmaps.amax() - heatmaps.amin() + 1e-12) * 255
+    return [Image.fromarray(h.to(torch.uint8).numpy()) for h in scaled]
+
+
+def test_crp_tutorial_arguments(tmp_path, monkeypatch):
+    """Constructed and run exactly as CRP's README (positional, default path) and its feature-visualization
+    tutorial (preprocess_fn, path, cache=ImageCache, run(composite, 0, n, 32, 100), get_max_reference)."""
+    from crp.cache import ImageCache
+
+    monkeypatch.chdir(tmp_path)
+    model = make_model()
+    x, y = make_data(20)
+    dataset = ListDataset(x, y)
+
+    def preprocessing(batch):
+        return batch * 2.0
+
+    # README: FeatureVisualization(attribution, dataset, layer_map); fv.run(composite, 0, len(dataset))
+    fv = InvertFeatureVisualization(CondAttribution(model), dataset, layer_map())
+    fv.run(composite(), 0, len(dataset))
+    plain = FeatureVisualization(CondAttribution(model), dataset, layer_map(), path="plain")
+    plain.run(composite(), 0, len(dataset))
+    for sub in ("RelMax_sum_normed", "ActMax_sum_normed", "RelStats_sum_normed", "ActStats_sum_normed"):
+        assert_same_crp_files(tmp_path / "FeatureVisualization" / sub, tmp_path / "plain" / sub)
+    with ActivationCache(tmp_path / "FeatureVisualization" / "activations.h5") as cache:  # the default place
+        assert cache.is_complete() and cache.layers == LAYERS
+
+    # tutorial: keyword arguments, CRP's image cache as cache=, run with positional batch size and checkpoint
+    images = {}
+    for name, cls in (("ours", InvertFeatureVisualization), ("theirs", FeatureVisualization)):
+        image_cache = ImageCache(path=str(tmp_path / f"{name}-images"))
+        fv = cls(CondAttribution(model), dataset, layer_map(), preprocess_fn=preprocessing,
+                 path=str(tmp_path / name), cache=image_cache)
+        assert fv.Cache is image_cache
+        fv.run(composite(), 0, len(dataset), 32, 100)
+        refs = fv.get_max_reference([0, 1], "conv2", "relevance", (0, 4), composite=composite(),
+                                    plot_fn=grey_images)
+        images[name] = {c: [np.asarray(img) for img in imgs] for c, imgs in refs.items()}
+        assert sorted(p.name for p in (tmp_path / f"{name}-images").rglob("*.png"))  # the image cache was used
+    assert images["ours"].keys() == images["theirs"].keys()
+    for c in images["ours"]:
+        assert all(np.array_equal(a, b) for a, b in zip(images["ours"][c], images["theirs"][c], strict=True))
+    with ActivationCache(tmp_path / "ours" / "activations.h5") as cache:
+        expected = independent_pooled(model, preprocessing(x))
+        torch.testing.assert_close(cache.activations("conv2").double(), expected["conv2"], rtol=1e-4, atol=1e-5)
+
+
+def test_activation_cache_passed_as_cache_still_works(tmp_path):
+    model = make_model()
+    x, y = make_data(16)
+    with pytest.warns(DeprecationWarning, match="activation_cache"):
+        fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), layer_map(),
+                                        path=str(tmp_path / "fv"), cache=tmp_path / "old.h5")
+    assert fv.Cache is None and fv.activation_cache == tmp_path / "old.h5"
+    fv.run(composite(), 0, 16, batch_size=8)
+    with ActivationCache(tmp_path / "old.h5") as cache:
+        assert cache.is_complete()
+    with pytest.raises(TypeError, match="activation_cache"):
+        InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), layer_map(), path=str(tmp_path),
+                                   cache=tmp_path / "a.h5", activation_cache=tmp_path / "b.h5")
+
+
+class FailingRelevance(Exception):
+    pass
+
+
+def _fail_in_backward_of_batch(fv, batch):
+    """Make CRP's backward hook raise in the given batch (counted from 0)."""
+    seen = {"n": 0}
+    analyze = fv.analyze_relevance
+
+    def failing(rel, layer_name, *args):
+        if layer_name == "linear2":
+            seen["n"] += 1
+        if seen["n"] > batch:
+            raise FailingRelevance("stop")
+        return analyze(rel, layer_name, *args)
+
+    fv.analyze_relevance = failing
+
+
+def test_error_inside_crps_loop_leaves_the_model_as_it_was(tmp_path):
+    model = make_model()
+    params = {name: p for name, p in model.named_parameters()}
+    data = {name: p.data.clone() for name, p in model.state_dict().items()}
+    attributes = {name: set(vars(m)) for name, m in model.named_modules()}
+    x, y = make_data(24)
+    fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), layer_map(),
+                                    path=str(tmp_path / "fv"), activation_cache=tmp_path / "a.h5", flush_interval=0)
+    _fail_in_backward_of_batch(fv, 1)
+    with pytest.raises(FailingRelevance):
+        fv.run(composite(), 0, 24, batch_size=8)
+    assert hooks_left(model) == 0
+    assert {name: p for name, p in model.named_parameters()} == params  # no bias added to a conv, no copies
+    assert all(torch.equal(data[name], t) for name, t in model.state_dict().items())  # BatchNorms un-merged
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
+    with ActivationCache(tmp_path / "a.h5") as cache:
+        assert cache.missing_ranges() == [(8, 24)]  # the first batch was kept, the failing one dropped
+    # the same failure in plain CRP leaves its hooks and the merged BatchNorms behind: what the guard is for
+    plain_model = make_model()
+
+    class Plain(FeatureVisualization):
+        pass
+
+    plain = Plain(CondAttribution(plain_model), ListDataset(x, y), layer_map(), path=str(tmp_path / "plain"))
+    _fail_in_backward_of_batch(plain, 1)
+    with pytest.raises(FailingRelevance):
+        plain.run(composite(), 0, 24, batch_size=8)
+    assert hooks_left(plain_model) > 0
+    assert not torch.equal(plain_model.state_dict()["bn1.running_var"], data["bn1.running_var"])
+
+
+def test_crp_progress_bars_are_named(tmp_path, capsys):
+    import crp.maximization
+    import crp.statistics
+    import crp.visualization
+    from crp.cache import ImageCache
+    from tqdm import tqdm
+
+    model = make_model()
+    x, y = make_data(16)
+    fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), layer_map(),
+                                    path=str(tmp_path / "fv"), activation_cache=tmp_path / "a.h5")
+    capsys.readouterr()
+    fv.run(composite(), 0, 16, batch_size=8)
+    bars = [line.strip() for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "|" in line]
+    assert bars
+    names = {bar.split(":")[0] for bar in bars}
+    assert names == {"CRP FeatureVisualization + recording", "collecting CRP results"}, bars
+    assert crp.visualization.tqdm is tqdm and crp.maximization.tqdm is tqdm and crp.statistics.tqdm is tqdm
+    fv.Cache = ImageCache(path=str(tmp_path / "images"))
+    fv.precompute_ref({"conv2": [0, 1]}, composite(), rf=False, plot_list=[grey_images])
+    bars = [line.strip() for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "|" in line]
+    assert bars and {bar.split(":")[0] for bar in bars} == {"precomputing reference images"}, bars
+    assert crp.visualization.tqdm is tqdm
+    fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), layer_map(),
+                                    path=str(tmp_path / "quiet"), activation_cache=tmp_path / "b.h5", progress=False)
+    fv.run(composite(), 0, 16, batch_size=8)
+    assert "|" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["/tmp/escape", "a/../../escape", "..", "..\\escape", "C:escape", "a\x00b"])
+def test_layer_names_that_leave_the_output_folder_are_refused(tmp_path, name):
+    model = make_model()
+    model._modules[name] = torch.nn.Identity()  # torch's add_module refuses some of these names, a dict does not
+    x, y = make_data(8)
+    with pytest.raises(ValueError, match="outside"):
+        InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), {name: ChannelConcept()},
+                                   path=str(tmp_path / "fv"), activation_cache=tmp_path / "a.h5")
+    assert not (tmp_path / "fv").exists() and not (tmp_path / "a.h5").exists()
+
+
+def test_layer_names_inside_the_output_folder_are_accepted():
+    from crp_invert.integration.feature_visualization import check_layer_names
+
+    check_layer_names(["features.0", "layer4.1.relu", "a/b", "x..y", ""])
+
+
+# -- rows belong to the right samples (issue 11, item 4) -----------------------------------------------------
+
+
+class ListSampler(torch.utils.data.Sampler):
+    def __init__(self, order):
+        self.order = list(order)
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self):
+        return len(self.order)
+
+
+@pytest.mark.parametrize(
+    "make_loader",
+    [
+        lambda ds: torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True),
+        lambda ds: torch.utils.data.DataLoader(ds, batch_size=4, sampler=torch.utils.data.SubsetRandomSampler(
+            range(len(ds)))),
+        lambda ds: torch.utils.data.DataLoader(ds, batch_size=4, sampler=ListSampler(range(0, len(ds), 2))),
+        lambda ds: torch.utils.data.DataLoader(ds, batch_size=4, sampler=ListSampler([0, 0, *range(1, len(ds))])),
+        lambda ds: torch.utils.data.DataLoader(ds, batch_sampler=[[0, 1], [3, 2], *[[i] for i in range(4, len(ds))]]),
+    ],
+    ids=["shuffle", "subset-random", "skips", "repeats", "batch-sampler-out-of-order"],
+)
+def test_record_activations_refuses_loaders_out_of_dataset_order(tmp_path, make_loader):
+    model = make_model()
+    x, y = make_data(12)
+    loader = make_loader(torch.utils.data.TensorDataset(x, y))
+    with pytest.raises(ValueError, match="order"):
+        record_activations(model, loader, ["conv1"], tmp_path / "r.h5", progress=False)
+    assert not (tmp_path / "r.h5").exists()
+
+
+def test_record_activations_accepts_sequential_loaders(tmp_path):
+    model = make_model()
+    x, y = make_data(12)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    expected = independent_pooled(model, x)["linear1"]
+    loaders = {
+        "default": torch.utils.data.DataLoader(dataset, batch_size=5),
+        "sampler": torch.utils.data.DataLoader(dataset, batch_size=5, sampler=ListSampler(range(12))),
+        "drop_last": torch.utils.data.DataLoader(dataset, batch_size=5, drop_last=True),
+    }
+    for name, loader in loaders.items():
+        with record_activations(model, loader, ["linear1"], tmp_path / f"{name}.h5", progress=False) as cache:
+            complete = cache.complete()
+            assert complete.sum() == (10 if name == "drop_last" else 12)
+            torch.testing.assert_close(cache.activations("linear1")[complete].double(), expected[complete])
+
+
+def test_record_activations_refuses_to_continue_with_other_data(tmp_path):
+    model = make_model()
+    x, y = make_data(12)
+    other = x.clone()
+    other[0] += 1  # another first sample (e.g. other preprocessing)
+    record_activations(model, [x[:6]], ["conv1"], tmp_path / "r.h5", n_samples=12, progress=False).close()
+    with ActivationCache(tmp_path / "r.h5") as cache:
+        before = cache.activations("conv1")
+        assert len(cache.info("conv1")["data_hash"]) == 64
+    with pytest.raises(ValueError, match="other data"):
+        record_activations(model, [other[:6], other[6:]], ["conv1"], tmp_path / "r.h5", n_samples=12, progress=False)
+    with ActivationCache(tmp_path / "r.h5") as cache:
+        torch.testing.assert_close(cache.activations("conv1"), before, equal_nan=True, rtol=0, atol=0)
+        assert cache.missing_ranges() == [(6, 12)]
+    # the same data continue the file
+    record_activations(model, [x[:6], x[6:]], ["conv1"], tmp_path / "r.h5", n_samples=12, progress=False).close()
+    with ActivationCache(tmp_path / "r.h5") as cache:
+        assert cache.is_complete()
+
+
+def test_resume_refuses_other_dataset_preprocessing_or_weights(tmp_path):
+    model = make_model()
+    x, y = make_data(24)
+    armed = {"on": True}
+
+    def interrupt(index):
+        if armed["on"] and index == 9:
+            raise Interrupt("stop")
+
+    def make(dataset, model=model, **kwargs):
+        return InvertFeatureVisualization(CondAttribution(model), dataset, layer_map(), path=str(tmp_path / "fv"),
+                                          activation_cache=tmp_path / "a.h5", flush_interval=0, **kwargs)
+
+    with pytest.raises(Interrupt):
+        make(ListDataset(x, y, interrupt)).run(composite(), 0, 24, batch_size=8)
+    other_x = x.clone()
+    other_x[0] *= -1
+    attempts = {
+        "dataset": lambda: make(ListDataset(other_x, y)),
+        "targets": lambda: make(ListDataset(x, (y + 1) % 3)),
+        "preprocessing values": lambda: make(ListDataset(x, y), preprocess_fn=lambda t: t * 2),
+        "preprocessing function": lambda: make(ListDataset(x, y), preprocess_fn=torch.clone),
+        "weights": lambda: make(ListDataset(x, y), model=make_model(seed=3)),
+    }
+    for what, build in attempts.items():
+        with pytest.raises(ValueError, match="other data|preprocessing|model_hash"):
+            build().resume(composite(), batch_size=8)
+        with ActivationCache(tmp_path / "a.h5") as cache:
+            assert cache.missing_ranges() == [(8, 24)], what
+    make(ListDataset(x, y)).resume(composite(), batch_size=8)
+    with ActivationCache(tmp_path / "a.h5") as cache:
+        assert cache.is_complete()
+
+
+def test_caches_without_data_fingerprint_are_continued(tmp_path, caplog):
+    """Caches written before the data fingerprint existed keep working (with a warning)."""
+    import h5py
+
+    model = make_model()
+    x, _ = make_data(12)
+    record_activations(model, [x[:6]], ["conv1"], tmp_path / "r.h5", n_samples=12, progress=False).close()
+    with h5py.File(tmp_path / "r.h5", "r+") as file:
+        for group in file["layers"].values():
+            del group.attrs["data_hash"]
+    with caplog.at_level("WARNING"):
+        record_activations(model, [x[:6], x[6:]], ["conv1"], tmp_path / "r.h5", n_samples=12, progress=False).close()
+    assert "without a fingerprint of the data" in caplog.text
+    with ActivationCache(tmp_path / "r.h5") as cache:
+        assert cache.is_complete() and "data_hash" not in cache.info("conv1")
+
+
+# -- kills at every stage (issue 11, item 2) -----------------------------------------------------------------
+
+KILL_CHILD = """
+import os, signal, sys, types
+sys.path[:0] = [{tests!r}, {root!r}]
+import crp.maximization, crp.statistics, numpy
+crp.maximization.gc.collect = crp.statistics.gc.collect = lambda *a: 0
+from test_recording import *
+import crp_invert.integration.checkpoints as checkpoints
+from crp_invert.integration.feature_visualization import InvertFeatureVisualization as FV
+
+point, n = sys.argv[1], int(sys.argv[2])
+calls = {{"n": 0}}
+
+
+def kill_at_call(function):
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+    return wrapper
+
+
+def on_get(index):
+    if point == "batch" and index == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+state = {{"checkpoint": 0, "collecting": False}}
+original_save_results, original_collect = FV._save_results, FV.collect_results
+
+
+def counting_save_results(self, d_index=None):
+    state["checkpoint"] += 1
+    return original_save_results(self, d_index)
+
+
+def flagged_collect(self, *args, **kwargs):
+    state["collecting"] = True
+    return original_collect(self, *args, **kwargs)
+
+
+FV._save_results, FV.collect_results = counting_save_results, flagged_collect
+
+
+def numpy_killing(name, when):
+    function = getattr(numpy, name)
+
+    def wrapper(*args, **kwargs):
+        if when():
+            kill_at_call(lambda: None)()
+        return function(*args, **kwargs)
+
+    crp.maximization.np = crp.statistics.np = types.SimpleNamespace(**{{**vars(numpy), name: wrapper}})
+
+
+if point == "checkpoint-save":  # the n-th file CRP saves of the second checkpoint
+    numpy_killing("save", lambda: state["checkpoint"] == 2 and not state["collecting"])
+elif point == "commit":  # logged, not yet moved into place
+    checkpoints._move_stage = kill_at_call(checkpoints._move_stage)
+elif point == "flush":  # rows written, not yet marked complete
+    ActivationCache.mark_complete = kill_at_call(ActivationCache.mark_complete)
+elif point == "collect-load":  # CRP's collect reads the checkpoints
+    numpy_killing("load", lambda: state["collecting"])
+elif point == "collect-save":  # CRP's collect writes its results
+    numpy_killing("save", lambda: state["collecting"])
+elif point == "after-collect":  # CRP's results are complete, the logs not yet updated
+    checkpoints.CheckpointLog.forget = kill_at_call(checkpoints.CheckpointLog.forget)
+elif point == "collect-deletions":  # the logs are updated, the collected checkpoints not yet deleted
+    checkpoints.finish_collect = kill_at_call(checkpoints.finish_collect)
+
+model = make_model()
+x, y = make_data()
+fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y, on_get), layer_map(), path={fv!r},
+                                activation_cache={cache!r}, flush_interval=0)
+fv.run(composite(), 0, N_SAMPLES, batch_size=BATCH, checkpoint=CHECKPOINT)
+print("not killed")
+"""
+
+
+@pytest.mark.parametrize(
+    "point,n",
+    [
+        ("batch", 3 * BATCH + 1),  # after the first checkpoint, before the second
+        ("batch", BATCH + 1),  # before any checkpoint
+        ("checkpoint-save", 7),
+        ("commit", 2),
+        ("flush", 3),
+        ("collect-load", 30),
+        ("collect-save", 40),
+        ("after-collect", 1),
+        ("collect-deletions", 1),
+    ],
+)
+def test_kill_at_any_point_then_resume_equals_an_uninterrupted_run(recorded, tmp_path, point, n):
+    script = tmp_path / "child.py"
+    script.write_text(KILL_CHILD.format(tests=str(Path(__file__).parent), root=str(Path(__file__).parents[1]),
+                                        fv=str(tmp_path / "fv"), cache=str(tmp_path / "acts.h5")))
+    proc = subprocess.run([sys.executable, str(script), point, str(n)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-500:] + proc.stderr[-3000:]
+    model = make_model()
+    x, y = make_data()
+    fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), layer_map(), path=str(tmp_path / "fv"),
+                                    activation_cache=tmp_path / "acts.h5", progress=False)
+    saved = fv.resume(composite(), batch_size=BATCH, checkpoint=CHECKPOINT)
+    assert sorted(saved) == ["a_max", "a_stats", "r_max", "r_stats"]
+    assert bool(saved["r_max"]) == (point != "collect-deletions")  # there, only deleting was left to do
+    with ActivationCache(tmp_path / "acts.h5") as cache, ActivationCache(recorded["cache"]) as full:
+        assert cache.is_complete()
+        for name in LAYERS:
+            assert torch.equal(cache.activations(name), full.activations(name))
+            assert torch.equal(cache.relevances(name), full.relevances(name))
+    assert_same_crp_files(tmp_path / "fv", recorded["root"] / "fv")  # also: nothing of ours left in CRP's folder
+    assert fv.resume(composite(), batch_size=BATCH, checkpoint=CHECKPOINT) == {k: [] for k in saved}
+    assert hooks_left(model) == 0

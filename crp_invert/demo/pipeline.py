@@ -301,7 +301,7 @@ def run_demo(
         layer_map,
         path=str(out / "crp"),
         device=device,
-        cache=str(cache_path),
+        activation_cache=str(cache_path),
         overwrite=True,
     )
     checkpoints = fv.run_distributed(composite, 0, len(dataset), batch_size=batch_size, checkpoint=10**9)

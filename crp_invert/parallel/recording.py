@@ -40,13 +40,14 @@ def run_sharded(
     """``fv.run`` for every rank of a torchrun job: each rank records its share into its own shard.
 
     Call it on every rank with the same arguments. Without a process group (one process) it is
-    ``fv.run`` (or ``fv.resume`` for an unfinished cache) on the cache itself.
+    ``fv.run`` (or ``fv.resume`` for an existing cache) on the cache itself; in a group, every rank runs
+    ``fv.run_distributed`` (or ``fv.resume_distributed``) on its shard and rank 0 collects.
 
     Parameters
     ----------
     fv : InvertFeatureVisualization
-        Built on every rank with the same ``cache`` path (the combined cache; the shards go next to it) and
-        the same CRP ``path`` (the folder must be shared by all ranks, also across nodes).
+        Built on every rank with the same ``activation_cache`` path (the combined cache; the shards go next to
+        it) and the same CRP ``path`` (the folder must be shared by all ranks, also across nodes).
     composite : zennit Composite
     data_start, data_end : int
         The samples to run over (default: the whole dataset).
@@ -67,7 +68,8 @@ def run_sharded(
     cache = fv.activation_cache
     if isinstance(cache, ActivationCache) or not isinstance(cache, (str, os.PathLike)):
         raise TypeError(
-            f"run_sharded needs fv built with cache= a path (the combined cache), got {type(cache).__name__}"
+            f"run_sharded needs fv built with activation_cache= a path (the combined cache), got "
+            f"{type(cache).__name__}"
         )
     batch_size, checkpoint = int(batch_size), int(checkpoint)
     if batch_size < 1 or checkpoint < 1:
@@ -100,7 +102,7 @@ def run_sharded(
             fv.activation_cache = shard
             fv.sample_range = (a, b)
             if not fv.overwrite and shard.exists():
-                checkpoints = fv.resume(composite, a, b, batch_size, checkpoint, on_device, collect=False)
+                checkpoints = fv.resume_distributed(composite, a, b, batch_size, checkpoint, on_device)
             else:
                 checkpoints = fv.run_distributed(composite, a, b, batch_size, checkpoint, on_device)
     except Exception as err:  # tell the other ranks instead of leaving them waiting in the gather
