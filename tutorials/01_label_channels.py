@@ -43,7 +43,7 @@ print("classes:", dataset.class_names[:4], "...")
 # %% [markdown]
 # ## Run CRP's FeatureVisualization with recording
 #
-# Same arguments as CRP's `FeatureVisualization`, plus `cache=`: where the pooled activations go. CRP writes its
+# Same arguments as CRP's `FeatureVisualization`, plus `activation_cache=`: where the pooled activations go. CRP writes its
 # own ActMax / RelMax files under `path=`.
 
 # %%
@@ -59,7 +59,7 @@ layer_map = {name: ChannelConcept() for name in model.layer_names}
 from crp_invert import InvertFeatureVisualization
 
 fv = InvertFeatureVisualization(attribution, dataset, layer_map, path=str(work / "crp"),
-                                cache=str(work / "activations.h5"), device=device)
+                                activation_cache=str(work / "activations.h5"), device=device)
 files = fv.run(composite, 0, len(dataset), batch_size=100)
 print("CRP wrote", {kind: len(paths) for kind, paths in files.items()}, "result files")
 

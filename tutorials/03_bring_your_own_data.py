@@ -117,7 +117,7 @@ print(device, "->", labels.best(0).formula, round(labels.best(0).auc, 3))
 # composite = EpsilonPlusFlat(canonizers=[VGGCanonizer()])
 # attribution = CondAttribution(model, device="cuda")
 # layer_map = {name: ChannelConcept() for name in ["features.40", "classifier.0"]}   # or all conv layers
-# fv = InvertFeatureVisualization(attribution, imagenet_val, layer_map, path="crp", cache="imagenet.h5",
+# fv = InvertFeatureVisualization(attribution, imagenet_val, layer_map, path="crp", activation_cache="imagenet.h5",
 #                                 preprocess_fn=normalize, device="cuda")
 # fv.run(composite, 0, len(imagenet_val), batch_size=64)        # resumable: fv.resume(...)
 # labels = ConceptLabeler(concepts, device="cuda").label_cache("imagenet.h5", L=3, B=3)
@@ -140,7 +140,7 @@ print(device, "->", labels.best(0).formula, round(labels.best(0).auc, 3))
 #     device = local_device("cuda")                 # cuda:LOCAL_RANK, one GPU per process
 #     model = model.to(device).eval()
 #     fv = InvertFeatureVisualization(CondAttribution(model), dataset, layer_map,
-#                                     path="fv", cache="acts.h5", device=device)
+#                                     path="fv", activation_cache="acts.h5", device=device)
 #     run_sharded(fv, composite, 0, len(dataset), batch_size=64)
 # ```
 #
