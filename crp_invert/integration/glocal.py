@@ -552,7 +552,7 @@ def _sample_concepts(evidence: Evidence, n_samples: int) -> Tuple[List[Any], Lis
 
 def _evidence_pooling(evidence: Evidence, reference_layer: str):
     """The pooling of the reference: the cache's (checked against ``evidence.pooling``) or the given one."""
-    from .recording import POOLINGS
+    from .recorder import POOLINGS
 
     recorded = None
     if _is_cache(evidence.reference):
@@ -605,7 +605,7 @@ def _percentile(reference: np.ndarray, value: float) -> Tuple[float, int]:
 def _collect_evidence(evidence: Evidence, layer: str, activation: torch.Tensor, orders: torch.Tensor,
                       labels: Sequence[Sequence[Any]]) -> List[Tuple[ChannelEvidence, ...]]:
     """The evidence of each sample's top channels. ``activation`` is the layer output [B, C, ...]."""
-    from .recording import pool
+    from .recorder import pool
 
     n_samples, n_channels = activation.shape[0], activation.shape[1]
     reference_layer = evidence.layer or layer
