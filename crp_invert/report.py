@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 __all__ = ["write_report", "report_command", "load_labels", "select_channels", "MAX_CHANNEL_FIGURES", "search_box",
-           "source_table", "audit_section"]
+           "source_table", "audit_section", "differing_channels"]
 
 logger = logging.getLogger(__name__)
 
@@ -521,15 +521,27 @@ def search_box(labels: Mapping[str, Any]) -> str:
     )
 
 
+def differing_channels(activation_labels: Any, relevance_labels: Any) -> list:
+    """The channels whose best activation label and best relevance label are different formulas (or only one
+    of them has a label)."""
+    if len(activation_labels) != len(relevance_labels):
+        raise ValueError(f"{len(activation_labels)} activation labels but {len(relevance_labels)} relevance labels")
+
+    def best(labels: Any, channel: int) -> Any:
+        explanation = labels.best(channel)
+        return None if explanation is None else explanation.formula
+
+    return [channel for channel in range(len(activation_labels))
+            if best(activation_labels, channel) != best(relevance_labels, channel)]
+
+
 def source_table(layer: str, activation_labels: Any, relevance_labels: Any) -> str:
     """Activation and relevance labels of every channel side by side; rows where the formulas differ are marked.
 
     The AUC of the activation label is measured on the channel's activations (``source="activation"``), the
     AUC of the relevance label on its relevances (``source="relevance"``).
     """
-    if len(activation_labels) != len(relevance_labels):
-        raise ValueError(f"layer {layer!r}: {len(activation_labels)} activation labels but "
-                         f"{len(relevance_labels)} relevance labels")
+    differ_set = set(differing_channels(activation_labels, relevance_labels))
     head = "".join(f'<th data-type="{kind}">{_e(name)}</th>' for name, kind in (
         ("channel", "number"), ("activation label", "text"), ("AUC (activations)", "number"),
         ("relevance label", "text"), ("AUC (relevances)", "number"), ("labels", "text")))
@@ -537,8 +549,7 @@ def source_table(layer: str, activation_labels: Any, relevance_labels: Any) -> s
     for channel in range(len(activation_labels)):
         beams = activation_labels[channel], relevance_labels[channel]
         best = [beam[0] if beam else None for beam in beams]
-        formulas = [None if b is None else b.formula for b in best]
-        differ = formulas[0] != formulas[1]
+        differ = channel in differ_set
         n_differ += differ
         cells = [f'<td class="num" data-value="{channel}">{channel}</td>']
         for explanation in best:

@@ -167,3 +167,46 @@ def test_errors(planted):
         audit(relevances, labels, "conv", CLASSES, k=0, **kwargs)
     with pytest.raises(KeyError, match="no class"):
         audit(relevances, labels, "conv", CLASSES, **kwargs)["purple"]
+
+
+def test_audit_command_equals_the_function(planted, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from crp_invert.cli import main
+
+    path = tmp_path / "cache.h5"
+    relevances = planted["relevances"].astype(np.float32)
+    with ActivationCache(path, mode="a", overwrite=True) as cache:
+        cache.initialize((0, N))
+        cache.add_layer("conv", len(LABELS), relevances=True, pooling="mean")
+        cache.write("conv", (0, N), relevances, relevances)
+        cache.mark_complete((0, N))
+    planted["labels"].to_json(tmp_path / "conv.json")
+    np.save(tmp_path / "targets.npy", planted["targets"])
+    (tmp_path / "targets.txt").write_text("\n".join(map(str, planted["targets"])))
+    (tmp_path / "classes.json").write_text(json.dumps(CLASSES))
+    planted["concepts"].save(tmp_path / "concepts.npz")
+    expected = audit(str(path), planted["labels"], "conv", CLASSES, targets=planted["targets"], artifacts=["mark"],
+                     concepts=planted["concepts"], k=4)
+    for targets in ("targets.npy", "targets.txt"):
+        out = tmp_path / f"audit-{targets}.json"
+        result = CliRunner().invoke(main, ["audit", str(path), str(tmp_path / "conv.json"), "--targets",
+                                           str(tmp_path / targets), "--classes", str(tmp_path / "classes.json"),
+                                           "--concepts", str(tmp_path / "concepts.npz"), "--artifact", "mark",
+                                           "--top", "4", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        written = json.loads(out.read_text())
+        assert [Audit.from_dict(item) for item in written] == [expected]
+        assert "[artifact]" in result.output
+    # class concepts given in the classes file
+    (tmp_path / "named.json").write_text(json.dumps({"red circle": ["red"], "blue square": ["blue"], "empty": []}))
+    result = CliRunner().invoke(main, ["audit", str(path), str(tmp_path / "conv.json"), "--targets",
+                                       str(tmp_path / "targets.npy"), "--classes", str(tmp_path / "named.json"),
+                                       "--out", str(tmp_path / "named-audit.json"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "named-audit.json").read_text())[0]["classes"][0]["concepts"] == ["red"]
+    bad = CliRunner().invoke(main, ["audit", str(path), str(tmp_path / "conv.json"), "--targets",
+                                    str(tmp_path / "classes.json"), "--classes", str(tmp_path / "classes.json")])
+    assert bad.exit_code != 0 and "ints" in bad.output
