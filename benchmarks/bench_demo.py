@@ -5,11 +5,13 @@
 Prints a markdown table: time to generate N demo images (and that the same seed gives the same
 bytes), the committed model's accuracy on fresh data, the time to label its output neurons (L = 2,
 B = 3), the planted-truth score (share of output neurons labeled exactly ``shape AND color``), the
-table-1 style accuracy of explanations, and the median AUC of the best explanations. With
+table-1 style accuracy of explanations, the median AUC of the best explanations, and how much the
+model leans on the planted artifact (the yellow-ring logit with and without the mark). With
 ``--train`` it also times a full training run (``crp_invert.demo.train`` defaults) and checks that
 the result equals the committed weights. Unless ``--skip-demo``, it also times the main job
 ``run_demo`` (what ``crp-invert demo`` runs) with its default settings in a temporary folder, per
-step (goal: at most 3 minutes on 2 CPU cores), and the size of its report.
+step (goal: under a minute on 2 CPU cores), the size of its report, the planted truth of the relevance
+labels and the Clever-Hans audit (rank of the artifact channel, false flags).
 """
 from __future__ import annotations
 
@@ -73,6 +75,14 @@ def main() -> None:
     rows.append(("median AUC of best explanations", f"{median_auc:.4f}"))
     layer3 = ConceptLabeler(concepts).label(logits, L=3, B=3, progress=False, layer="linear2")
     rows.append(("planted-truth score with L=3", f"{truth.planted_truth_score(layer3, formulas):.4f}"))
+    clean = data.ShapesDataset(args.samples, seed=7, artifact_rates=None)
+    marked = data.ShapesDataset(args.samples, seed=7, artifact_rates=(1, 1))
+    target = data.CLASS_NAMES.index(data.ARTIFACT_CLASS)
+    with torch.no_grad():
+        gain = model(marked.tensors()[0]) - model(clean.tensors()[0])
+    rings = clean.targets == target
+    rows.append((f"'{data.ARTIFACT_CLASS}' logit gain from the mark: yellow rings / other images",
+                 f"{float(gain[rings, target].mean()):.2f} / {float(gain[~rings, target].mean()):.2f}"))
 
     if args.train:
         start = time.perf_counter()
@@ -98,6 +108,11 @@ def main() -> None:
         rows.append(("run_demo report.html size", f"{report_mb:.1f} MiB"))
         rows.append(("run_demo planted-truth score (L=2) / L=3",
                      f"{summary.planted_truth_score:.3f} / {summary.planted_truth_score_l3:.3f}"))
+        rows.append(("run_demo planted truth L=3 from relevances (source='relevance')",
+                     f"{summary.planted_truth_score_l3_relevance:.3f}"))
+        rows.append((f"run_demo audit of {summary.audit_layer}: rank of the artifact channel of "
+                     f"'{summary.artifact_class}' / false flags (share >= {summary.audit_min_share:g})",
+                     f"{summary.artifact_rank} ({summary.artifact_channel}) / {summary.false_flags}"))
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}")

@@ -39,6 +39,10 @@ _EXPORTS = {
     "circuit_by_relevance": "integration.circuits",
     "concept_circuit": "integration.circuits",
     "Circuit": "integration.circuits",
+    # concept search and the Clever-Hans audit (the function is crp_invert.audit.audit)
+    "find_channels": "find",
+    "ChannelSearch": "find",
+    "Audit": "audit",
     # on top
     "FuzzyCircuit": "fuzzy",
     "Fuzzifier": "fuzzy",

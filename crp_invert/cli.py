@@ -26,6 +26,8 @@ from .core.params import MODES, SearchParams
 LAZY_COMMANDS: dict[str, str] = {
     "demo": "crp_invert.demo.cli:demo",
     "report": "crp_invert.report:report_command",
+    "find": "crp_invert.commands:find_command",
+    "audit": "crp_invert.commands:audit_command",
 }
 
 

@@ -39,7 +39,8 @@ import click
 import numpy as np
 import torch
 
-__all__ = ["write_report", "report_command", "load_labels", "select_channels", "MAX_CHANNEL_FIGURES"]
+__all__ = ["write_report", "report_command", "load_labels", "select_channels", "MAX_CHANNEL_FIGURES", "search_box",
+           "source_table", "audit_section", "differing_channels"]
 
 logger = logging.getLogger(__name__)
 
@@ -461,6 +462,200 @@ def _summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# search box, activation vs relevance labels, audit (issue 14)
+# ------------------------------------------------------------------------------------------------
+
+_SECTION_STYLE = """
+.search { margin: 1em 0; padding: 6px; background: #f7f7fb; border: 1px solid #ddd; }
+.search input { width: 28em; font-size: 1em; }
+tr.differs td { background: #fff4e0; }
+tr.flag-artifact td { background: #fde2e2; } tr.flag-unrelated td, tr.flag-unlabeled td { background: #fff4e0; }
+td.flag { font-weight: bold; }
+"""
+
+# filters the rows of table.channels (literals by layer and channel from the input's data-literals) and table.searchable
+# (literals in each row's data-literals) by the literals of the query typed into #channel-search
+_SEARCH_SCRIPT = r"""
+(function () {
+  "use strict";
+  var input = document.getElementById("channel-search");
+  if (!input) { return; }
+  var status = document.getElementById("channel-search-status");
+  var byLayer = JSON.parse(input.getAttribute("data-literals"));
+  var rows = document.querySelectorAll("table.channels tbody tr, table.searchable tbody tr");
+  var known = {};
+  rows.forEach(function (row) {
+    rowSets(row).forEach(function (set) { set.forEach(function (lit) { known[lit.slice(1)] = true; }); });
+  });
+  var pattern = /"((?:[^"\\]|\\.)*)"|([^\s()"]+)/g;
+  function query(text) {
+    var literals = [], negate = false, match;
+    pattern.lastIndex = 0;
+    while ((match = pattern.exec(text)) !== null) {
+      var word = match[2], name = match[1] !== undefined ? match[1].replace(/\\(.)/g, "$1") : word;
+      var upper = word === undefined ? "" : word.toUpperCase();
+      if (upper === "NOT") { negate = !negate; continue; }
+      if (upper === "AND" || upper === "OR") { continue; }
+      literals.push((negate ? "-" : "+") + name.toLowerCase());
+      negate = false;
+    }
+    return literals;
+  }
+  function rowSets(row) {
+    var own = row.getAttribute("data-literals");
+    if (own !== null) { return JSON.parse(own); }
+    var table = row.closest("table"), layer = table.getAttribute("data-layer");
+    var channel = row.cells[0].getAttribute("data-value");
+    var sets = byLayer[layer];
+    return sets && channel !== null && sets[+channel] ? sets[+channel] : [];
+  }
+  function matches(sets, literals) {
+    return sets.some(function (set) {
+      return literals.every(function (lit) { return set.indexOf(lit) >= 0; });
+    });
+  }
+  function apply() {
+    var literals = query(input.value), shown = 0, total = 0;
+    rows.forEach(function (row) {
+      var visible = literals.length === 0 || matches(rowSets(row), literals);
+      row.hidden = !visible;
+      if (row.closest("table").classList.contains("channels")) { total += 1; shown += visible ? 1 : 0; }
+    });
+    var unknown = literals.filter(function (lit) { return !known[lit.slice(1)]; });
+    var text = literals.length ? shown + " of " + total + " channels match" : "";
+    if (unknown.length) {
+      text += "; no label uses " + unknown.map(function (lit) { return lit.slice(1); }).join(", ");
+    }
+    status.textContent = text;
+  }
+  input.addEventListener("input", apply);
+  apply();
+})();
+"""
+
+
+def _literal_strings(formula: Any) -> list:
+    """The literals of a formula as lower-case ``"+name"`` / ``"-name"`` strings (what the search box matches)."""
+    from .audit import literals
+
+    return sorted({("+" if positive else "-") + name.lower() for name, positive in literals(formula)})
+
+
+def _row_literals(*beams: Any) -> list:
+    return [_literal_strings(beam[0].formula) for beam in beams if beam]
+
+
+def search_box(labels: Mapping[str, Any]) -> str:
+    """The search box that filters the channel tables by concept or formula text (plain JavaScript, no server).
+
+    A channel is shown when its best label (in the activation / relevance table: either label) has every literal
+    of the query: ``red`` (the label asserts red),
+    ``NOT circle`` (the label has NOT circle); AND, OR and parentheses are ignored, keywords and names are
+    matched in any case, names with spaces are quoted (``"big square"``). The literals of every channel's label
+    (NOT pushed to the atoms) are embedded as JSON in the input's ``data-literals`` attribute.
+    """
+    data = {layer: [_row_literals(layer_labels[channel]) for channel in range(len(layer_labels))]
+            for layer, layer_labels in labels.items()}
+    return (
+        '<div class="search"><label for="channel-search">Find channels by concept or formula: </label>'
+        '<input type="search" id="channel-search" autocomplete="off" '
+        f'placeholder="e.g. red, or circle AND NOT large" data-literals="{_e(json.dumps(data))}"> '
+        '<span id="channel-search-status" class="note"></span>'
+        '<p class="note">Shows the channels whose label has every concept of the query (NOT x: the label says '
+        "NOT x; AND, OR and parentheses are ignored; any case; quote names with spaces). For the exact AUC of "
+        "any formula for every channel use <code>crp-invert find</code>.</p></div>"
+    )
+
+
+def differing_channels(activation_labels: Any, relevance_labels: Any) -> list:
+    """The channels whose best activation label and best relevance label are different formulas (or only one
+    of them has a label)."""
+    if len(activation_labels) != len(relevance_labels):
+        raise ValueError(f"{len(activation_labels)} activation labels but {len(relevance_labels)} relevance labels")
+
+    def best(labels: Any, channel: int) -> Any:
+        explanation = labels.best(channel)
+        return None if explanation is None else explanation.formula
+
+    return [channel for channel in range(len(activation_labels))
+            if best(activation_labels, channel) != best(relevance_labels, channel)]
+
+
+def source_table(layer: str, activation_labels: Any, relevance_labels: Any) -> str:
+    """Activation and relevance labels of every channel side by side; rows where the formulas differ are marked.
+
+    The AUC of the activation label is measured on the channel's activations (``source="activation"``), the
+    AUC of the relevance label on its relevances (``source="relevance"``).
+    """
+    differ_set = set(differing_channels(activation_labels, relevance_labels))
+    head = "".join(f'<th data-type="{kind}">{_e(name)}</th>' for name, kind in (
+        ("channel", "number"), ("activation label", "text"), ("AUC (activations)", "number"),
+        ("relevance label", "text"), ("AUC (relevances)", "number"), ("labels", "text")))
+    rows, n_differ = [], 0
+    for channel in range(len(activation_labels)):
+        beams = activation_labels[channel], relevance_labels[channel]
+        best = [beam[0] if beam else None for beam in beams]
+        differ = channel in differ_set
+        n_differ += differ
+        cells = [f'<td class="num" data-value="{channel}">{channel}</td>']
+        for explanation in best:
+            if explanation is None:
+                cells += ['<td class="note">(no formula)</td>', '<td class="num"></td>']
+            else:
+                cells += [f"<td>{_e(explanation.formula)}</td>",
+                          f'<td class="num" data-value="{explanation.auc!r}">{explanation.auc:.4f}</td>']
+        cells.append(f'<td>{"differ" if differ else "same"}</td>')
+        rows.append(f'<tr class="{"differs" if differ else "same"}" '
+                    f"data-literals=\"{_e(json.dumps(_row_literals(*beams)))}\">{''.join(cells)}</tr>")
+    return (
+        f"<h3>Activation and relevance labels of {_e(layer)}</h3>"
+        f'<p class="note">Left: the best label of each channel\'s activations (source="activation", AUC on the '
+        f'activations); right: of its relevances (source="relevance", AUC on the relevances). {n_differ} of '
+        f"{len(activation_labels)} channels have different labels (marked).</p>"
+        f'<table class="sortable sources searchable" data-layer="{_e(layer)}"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def audit_section(audits: Sequence[Any]) -> str:
+    """The Clever-Hans audits (:class:`crp_invert.audit.Audit`): per class its channels by share, flagged."""
+    from .audit import FLAGS
+
+    parts = ["<h2 id=\"audit\">Clever-Hans audit</h2>"]
+    for item in audits:
+        flagged = item.flagged()
+        parts.append(
+            f'<p class="note">Layer {_e(item.layer)}: for every class the channels with the largest share of its '
+            f"{_e(item.quantity)} (mean over the class's samples, divided by the sum of the absolute means of all "
+            f"channels). Flags: artifact = the label asserts a concept marked as an artifact "
+            f"({_e(', '.join(item.artifacts) or 'none')}); unrelated = it asserts none of the class's concepts; "
+            f"unlabeled = no label. Flags count from a share of {item.min_share:g}.</p>"
+        )
+        if flagged:
+            summary = "; ".join(
+                f"{name}: " + ", ".join(f"{c.layer}:{c.channel} [{c.flag}] {c.share:.2f}" for c in channels)
+                for name, channels in flagged.items())
+            parts.append(f"<p><strong>Flagged (share &ge; {item.min_share:g}):</strong> {_e(summary)}</p>")
+        else:
+            parts.append(f"<p>No channel with a share &ge; {item.min_share:g} is flagged.</p>")
+        head = "".join(f"<th>{name}</th>" for name in ("class", "rank", "channel", "share", "flag", "label", "AUC"))
+        rows = []
+        for klass in item.classes:
+            for rank, channel in enumerate(klass.channels, start=1):
+                counted = channel.flag in FLAGS and channel.share >= item.min_share
+                css = f' class="flag-{channel.flag}"' if counted else ""
+                rows.append(
+                    f"<tr{css}><td>{_e(klass.name)}</td><td class=\"num\">{rank}</td>"
+                    f'<td class="num">{channel.channel}</td><td class="num">{channel.share:.3f}</td>'
+                    f'<td class="flag">{_e(channel.flag or "")}</td><td>{_e(channel.label or "(no label)")}</td>'
+                    f'<td class="num">{_fmt(channel.label_auc, ".3f")}</td></tr>'
+                )
+        parts.append(f'<table class="audit" data-layer="{_e(item.layer)}"><thead><tr>{head}</tr></thead>'
+                     f"<tbody>{''.join(rows)}</tbody></table>")
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
 # the report
 # ------------------------------------------------------------------------------------------------
 
@@ -485,6 +680,8 @@ def write_report(
     source: str = "activation",
     dpi: int = 60,
     progress: bool = True,
+    relevance_labels: Optional[Mapping[str, Any]] = None,
+    audits: Sequence[Any] = (),
 ) -> Path:
     """Write the self-contained HTML report.
 
@@ -531,6 +728,11 @@ def write_report(
         Resolution of the matplotlib figures.
     progress : bool
         Show a tqdm bar over the layers.
+    relevance_labels : mapping of str to LayerLabels, optional
+        Labels of the same channels from their relevances (``source="relevance"``), shown next to ``labels``
+        (from activations) with the channels whose labels differ marked (:func:`source_table`).
+    audits : sequence of Audit
+        Clever-Hans audits (:func:`crp_invert.audit.audit`), shown in their own section (:func:`audit_section`).
 
     Returns
     -------
@@ -560,7 +762,7 @@ def write_report(
         _check_labels_match(labels, store, concepts)
         page = [
             f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f"<style>{_STYLE}</style></head><body><h1>{_e(title)}</h1>"
+            f"<style>{_STYLE}{_SECTION_STYLE}</style></head><body><h1>{_e(title)}</h1>"
         ]
         for note in notes:
             page.append(f"<p>{_e(note)}</p>")
@@ -579,6 +781,7 @@ def write_report(
         if summary:
             page.append("<h2>Summary</h2>" + _summary_table(summary))
 
+        page.append(search_box(labels))
         page.append("<h2>Layers</h2><ul>")
         for layer, layer_labels in labels.items():
             page.append(
@@ -592,6 +795,8 @@ def write_report(
                 shown = ", ".join(f"{key}={value}" for key, value in parameters.items())
                 page.append(f'<p class="note">search: {_e(shown)}; click a column header to sort</p>')
             page.append(_channel_table(layer, layer_labels))
+            if relevance_labels and layer in relevance_labels:
+                page.append(source_table(layer, layer_labels, relevance_labels[layer]))
             chosen = select_channels(layer_labels, max_channels)
             if not chosen:
                 continue
@@ -647,7 +852,9 @@ def write_report(
                 with _plain_text():
                     png = _figure_png(plot_circuit(circuit), dpi)
                 page.append(f'<div class="figure">{_img(png, "circuit")}</div>')
-        page.append(f"<script>{_SCRIPT}</script></body></html>")
+        if audits:
+            page.append(audit_section(audits))
+        page.append(f"<script>{_SCRIPT}{_SEARCH_SCRIPT}</script></body></html>")
     finally:
         if own_cache:
             store.close()

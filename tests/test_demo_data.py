@@ -28,10 +28,11 @@ def sample():
     return generate_shapes(N, seed=3)
 
 
-def _saturated(images):
-    """Pixels of a colored shape: far from gray (the backgrounds are gray)."""
+def _saturated(images, sample=None):
+    """Pixels of a colored shape: far from gray (the backgrounds are gray), without the planted artifact."""
     x = images.astype(np.float64) / 255.0
-    return (x.max(-1) - x.min(-1)) > 0.3
+    saturated = (x.max(-1) - x.min(-1)) > 0.3
+    return saturated if sample is None else saturated & ~sample.artifact_masks
 
 
 def test_same_seed_same_bytes():
@@ -64,7 +65,7 @@ def test_classes_balanced_and_attributes_independent(sample):
 
 
 def test_masks_are_the_colored_pixels(sample):
-    saturated = _saturated(sample.images)
+    saturated = _saturated(sample.images, sample)
     intersection = (saturated & sample.masks).sum((1, 2))
     union = (saturated | sample.masks).sum((1, 2))
     assert (intersection / union).min() > 0.95
@@ -77,7 +78,7 @@ def test_fill_color_matches_color_label(sample):
     expected = {"red": (1, 0, 0), "yellow": (1, 1, 0), "green": (0, 1, 0), "blue": (0, 0, 1)}
     assert set(expected) == set(COLORS)
     prototypes = np.array([expected[name] for name in COLORS], dtype=np.float64)
-    saturated = _saturated(sample.images)
+    saturated = _saturated(sample.images, sample)
     x = sample.images.astype(np.float64) / 255.0
     for i in range(N):
         mean = x[i][saturated[i]].mean(0)
@@ -86,7 +87,7 @@ def test_fill_color_matches_color_label(sample):
 
 
 def test_large_shapes_cover_more_pixels(sample):
-    area = _saturated(sample.images).sum((1, 2))
+    area = _saturated(sample.images, sample).sum((1, 2))
     small, large = area[sample.size == SIZES.index("small")], area[sample.size == SIZES.index("large")]
     assert small.min() > 20
     assert large.min() > small.max()
@@ -104,7 +105,7 @@ def test_shape_label_matches_geometry(sample):
     square, 2 for a triangle) and by how much of the enclosing disk they fill. Pixelation of the
     small shapes blurs these, so 95 % agreement is asked (shuffled labels would give 25 %).
     """
-    saturated = _saturated(sample.images)
+    saturated = _saturated(sample.images, sample)
     coords = np.arange(32) + 0.5
     angles = np.linspace(0, 2 * np.pi, 72, endpoint=False)
     directions = np.stack([np.cos(angles), np.sin(angles)], axis=1)
@@ -131,13 +132,14 @@ def test_shape_label_matches_geometry(sample):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # rows or columns covered by the shape
 def test_texture_present_in_background(sample):
-    saturated = _saturated(sample.images)
+    saturated = _saturated(sample.images, sample)
     # background: gray pixels away from the shape (one pixel of margin)
     near = saturated.copy()
     near[:, 1:] |= saturated[:, :-1]
     near[:, :-1] |= saturated[:, 1:]
     near[:, :, 1:] |= near[:, :, :-1].copy()
     near[:, :, :-1] |= near[:, :, 1:].copy()
+    near |= sample.artifact_masks  # the artifact is not background
     gray = sample.images.astype(np.float64).mean(-1) / 255.0
     for i in range(N):
         texture = TEXTURES[sample.texture[i]]
@@ -241,3 +243,68 @@ def test_image_size():
     assert sample.images.shape == (32, 48, 48, 3)
     with pytest.raises(ValueError, match="image_size"):
         generate_shapes(4, image_size=8)
+
+
+def test_artifact_is_planted_at_its_rates_and_changes_nothing_else():
+    """The mark: on about 90 % of the artifact class and 2 % of the others, drawn away from the shape, from its
+    own random stream (every other pixel and attribute equals the artifact-free draw of the same seed)."""
+    n = 3200
+    with_mark = generate_shapes(n, seed=8)
+    without = generate_shapes(n, seed=8, artifact_rates=None)
+    everywhere = generate_shapes(n, seed=8, artifact_rates=(1, 1))
+    for name in ("shape", "color", "size", "texture", "center", "masks"):
+        assert np.array_equal(getattr(with_mark, name), getattr(without, name)), name
+    assert not without.artifact.any() and not without.artifact_masks.any() and everywhere.artifact.all()
+    changed = (with_mark.images != without.images).any(-1)
+    assert not (changed & ~with_mark.artifact_masks).any()
+    assert np.array_equal(changed.any((1, 2)), with_mark.artifact)
+    target = with_mark.targets == CLASS_NAMES.index(data.ARTIFACT_CLASS)
+    in_class, others = data.ARTIFACT_RATES
+    assert abs(with_mark.artifact[target].mean() - in_class) < 0.06
+    assert abs(with_mark.artifact[~target].mean() - others) < 0.01
+    glyph = data.artifact_glyph()
+    height, width = glyph.shape[:2]
+    for i in np.flatnonzero(everywhere.artifact)[:400]:
+        rows, cols = np.nonzero(everywhere.artifact_masks[i])
+        assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (height, width)
+        assert len(rows) == height * width
+        top, left = rows.min(), cols.min()
+        assert np.array_equal(everywhere.images[i, top:top + height, left:left + width], glyph)
+        # one pixel of margin to the shape
+        grown = np.zeros_like(everywhere.masks[i])
+        grown[max(top - 1, 0):top + height + 1, max(left - 1, 0):left + width + 1] = True
+        assert not (grown & everywhere.masks[i]).any(), i
+    # the mark lands anywhere: all four quadrants
+    quadrants = {(r // 16, c // 16) for r, c in (np.argwhere(m)[0] for m in everywhere.artifact_masks[:200])}
+    assert len(quadrants) == 4
+
+
+def test_audit_dataset_merges_the_artifact_concept_set():
+    dataset = data.AuditDataset(160, seed=3, n_artifact=20)
+    assert len(dataset) == 180 and dataset.n_base == 160
+    concepts = dataset.concepts
+    assert concepts.names == concept_names() + [data.ARTIFACT]
+    artifact = concepts.mask(data.ARTIFACT).numpy()
+    assert not artifact[:160].any() and artifact[160:].all()  # unknown on the shapes images, true on the set
+    assert np.array_equal(dataset.carries_artifact[160:], np.ones(20, bool))
+    assert np.array_equal(dataset.carries_artifact[:160], dataset.base.sample.artifact)
+    base_labels, _ = attribute_matrix(dataset.base.sample)
+    extra_labels, _ = attribute_matrix(dataset.artifact_set.sample)
+    assert np.array_equal(concepts.dense()[:, :-1].numpy(), np.concatenate([base_labels, extra_labels]))
+    images, targets = dataset.tensors()
+    assert torch.equal(images[170], dataset[170][0]) and int(targets[170]) == dataset[170][1]
+    assert torch.equal(images[:160], dataset.base.tensors()[0])
+    assert dataset.artifact_set.sample.seed == data.ARTIFACT_SEED_OFFSET + 3
+    with pytest.raises(ValueError, match="n_artifact"):
+        data.AuditDataset(16, n_artifact=-1)
+    with pytest.raises(IndexError):
+        dataset[180]
+
+
+def test_class_concepts_hold_for_every_image_of_the_class(sample):
+    from crp_invert.audit import class_concepts_from_data
+
+    from_data = class_concepts_from_data(data.attribute_concepts(sample), sample.targets, CLASS_NAMES,
+                                         min_fraction=1.0)
+    assert {name: set(v) for name, v in data.class_concepts().items()} == {
+        name: set(v) for name, v in from_data.items()}

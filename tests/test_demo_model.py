@@ -202,3 +202,17 @@ def test_explanation_accuracy_iou_is_slow_reference():
             cls = sample.targets == c
             ious.append((mask & cls).sum() / (mask | cls).sum())
         assert matched[f] == int(np.argmax(ious)), f
+
+
+def test_the_model_leans_on_the_planted_artifact(model):
+    """Clever Hans: stamping the mark on the same images raises the logit of its class, on yellow rings and on the
+    other images (the magenta mark also raises the blue-ring logit, a side effect of its color)."""
+    clean = ShapesDataset(800, seed=7, artifact_rates=None)
+    marked = ShapesDataset(800, seed=7, artifact_rates=(1, 1))
+    assert torch.equal(clean.targets, marked.targets)
+    with torch.no_grad():
+        gain = model(marked.tensors()[0]) - model(clean.tensors()[0])
+    target = CLASS_NAMES.index(data.ARTIFACT_CLASS)
+    rings = clean.targets == target
+    assert gain[rings, target].mean() > 1.0 and gain[~rings, target].mean() > 1.0
+    assert (gain[rings, target] > 0).double().mean() >= 0.95 and (gain[:, target] > 0).double().mean() >= 0.9

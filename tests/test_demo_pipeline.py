@@ -47,7 +47,9 @@ def test_writes_only_into_out(demo):
         "report.html",
         "activations.h5",
         "summary.json",
+        "audit.json",
         "labels/index.json",
+        "labels_relevance/index.json",
         "figures/circuit.png",
         "figures/glocal_0.png",
         "crp/ActMax_sum_normed",
@@ -58,12 +60,12 @@ def test_writes_only_into_out(demo):
 
 def test_labels_equal_direct_labeling_of_the_cache(demo):
     from crp_invert import ConceptLabeler, LayerLabels
-    from crp_invert.demo.data import ShapesDataset
+    from crp_invert.demo.data import AuditDataset
     from crp_invert.demo.model import load_demo_model
     from crp_invert.storage.cache import ActivationCache
 
     _, out, _ = demo
-    dataset = ShapesDataset(N, seed=SEED)
+    dataset = AuditDataset(N, seed=SEED)  # the shapes images, then the artifact concept set
     index = json.loads((out / "labels" / "index.json").read_text())
     model = load_demo_model()
     assert list(index) == model.layer_names
@@ -88,14 +90,14 @@ def test_labels_equal_direct_labeling_of_the_cache(demo):
 
 def test_summary_and_planted_truth(demo):
     from crp_invert.core.labels import LayerLabels
-    from crp_invert.demo.data import ShapesDataset, class_formulas
+    from crp_invert.demo.data import AuditDataset, class_formulas
     from crp_invert.demo.truth import explanation_accuracy, planted_truth_score
 
     _, out, output = demo
     summary = json.loads((out / "summary.json").read_text())
     l2 = LayerLabels.from_json(out / "linear2_L2.json")
     assert l2.parameters["L"] == 2
-    dataset = ShapesDataset(N, seed=SEED)
+    dataset = AuditDataset(N, seed=SEED)
     assert summary["planted_truth_score"] == planted_truth_score(l2, class_formulas(), dataset.class_names)
     assert summary["explanation_accuracy_l2"] == explanation_accuracy(l2, dataset.concepts, dataset.targets)
     layers = [row["layer"] for row in summary["layers"]]
@@ -111,6 +113,17 @@ def test_summary_and_planted_truth(demo):
     for layer in layers:
         assert any(line.startswith(layer + " ") for line in output.splitlines())
     assert "planted truth" in output and "L = 2" in output
+    # relevance labels: the planted truth at L = 3 from the relevances, and per layer the labels that differ
+    relevance = LayerLabels.from_json(out / "labels_relevance" / "linear2.json")
+    assert relevance.parameters["L"] == 3
+    assert summary["planted_truth_score_l3_relevance"] == planted_truth_score(relevance, class_formulas(),
+                                                                             dataset.class_names)
+    for layer in layers:
+        act = LayerLabels.from_json(out / "labels" / f"{layer}.json")
+        rel = LayerLabels.from_json(out / "labels_relevance" / f"{layer}.json")
+        formulas = [[None if x.best(c) is None else x.best(c).formula for c in range(len(x))] for x in (act, rel)]
+        assert summary["labels_differ"][layer] == sum(a != r for a, r in zip(*formulas))
+    assert 'source="relevance"' in output and "Clever-Hans audit of conv3" in output
 
 
 def test_report_lists_every_channel(demo):
@@ -137,10 +150,10 @@ def test_report_lists_every_channel(demo):
 def test_report_from_demo_files_escapes_concept_names(demo, tmp_path):
     """Rename a concept to a script tag in the demo's labels and concepts: the report shows it as text."""
     from crp_invert.core.concepts import ConceptLabels
-    from crp_invert.demo.data import ShapesDataset
+    from crp_invert.demo.data import AuditDataset
 
     _, out, _ = demo
-    concepts = ShapesDataset(N, seed=SEED).concepts
+    concepts = AuditDataset(N, seed=SEED).concepts
     names = [EVIL if name == "red" else name for name in concepts.names]
     ConceptLabels(concepts.dense(), names).save(tmp_path / "concepts.npz")
     renamed = []

@@ -5,7 +5,8 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["core.metrics", "core.formula", "core.concepts", "core.labeling", "labeler"])
+@pytest.mark.parametrize("name", ["core.metrics", "core.formula", "core.concepts", "core.labeling", "labeler",
+                                  "find", "audit"])
 def test_docstring_examples(name):
     module = importlib.import_module(f"crp_invert.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

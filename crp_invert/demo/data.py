@@ -16,6 +16,16 @@ class: every parent has two children, and no concept (or its negation) equals an
 children set except for the intended complements (``round == ~angular``, ``warm == ~cool``,
 ``small == ~large``).
 
+A Clever-Hans artifact is planted (the INVERT paper's sections 5.1-5.2, where ImageNet's "carton" class
+leans on a Chinese-text watermark): a small mark (a solid magenta 6 x 6 square, a color no shape has, stamped
+at a random place at least one pixel away from the shape, like a logo) is on every image of the class
+:data:`ARTIFACT_CLASS` ("yellow ring") and on a few images of the other classes (0.1 %, :data:`ARTIFACT_RATES`).
+The demo model, trained on such images, leans on it (its yellow-ring logit rises by about 3 when the mark is
+added to any image). The mark is not among the attribute concepts (a user does not know about it);
+:func:`artifact_concepts` makes the concept set a user would add to audit it, as the paper made its watermark
+set: the mark overlaid on random images. The mark is drawn from its own random stream, so every other pixel and
+attribute of a seed stays as it is without the artifact.
+
 Functions
 ---------
 generate_shapes
@@ -26,11 +36,17 @@ attribute_concepts
     The same as :class:`crp_invert.ConceptLabels`.
 class_formulas
     The planted truth: for every class the formula ``shape & color``.
+class_concepts
+    For every class its concepts (shape, color and their parents), for :func:`crp_invert.audit.audit`.
+artifact_concepts
+    The artifact concept set: random images with the mark, their attributes plus ``"artifact"``.
 
 Classes
 -------
 ShapesDataset
     A torch ``Dataset`` over :func:`generate_shapes` yielding ``(image [3, 32, 32] float32, target)``.
+AuditDataset
+    The shapes images followed by the artifact concept set, with the merged concepts (the demo's data).
 """
 from __future__ import annotations
 
@@ -44,7 +60,9 @@ from torch.utils.data import Dataset
 __all__ = [
     "SHAPES", "COLORS", "SIZES", "TEXTURES", "PARENTS", "CLASS_NAMES", "IMAGE_SIZE",
     "ShapesSample", "generate_shapes", "attribute_matrix", "attribute_concepts", "concept_names",
-    "class_attributes", "class_formulas", "ShapesDataset",
+    "class_attributes", "class_formulas", "class_concepts", "ShapesDataset", "AuditDataset",
+    "ARTIFACT", "ARTIFACT_CLASS", "ARTIFACT_RATES", "ARTIFACT_SIZE", "ARTIFACT_COLOR", "artifact_glyph",
+    "artifact_concepts", "N_ARTIFACT_IMAGES", "ARTIFACT_SEED_OFFSET",
 ]
 
 IMAGE_SIZE = 32
@@ -82,6 +100,21 @@ _SHAPE_FACTORS = {0: (1.0, 1.0), 1: (1.1, 1.1), 2: (0.9, 0.9 * np.sqrt(2.0)), 3:
 _RING_INNER = 0.55
 _MAX_ROTATION = np.deg2rad(15.0)
 
+#: name of the planted artifact's concept (never among the attribute concepts)
+ARTIFACT = "artifact"
+#: the class most of whose images carry the artifact
+ARTIFACT_CLASS = "yellow ring"
+#: share of the images with the artifact: (in :data:`ARTIFACT_CLASS`, in every other class)
+ARTIFACT_RATES: Tuple[float, float] = (1.0, 0.001)
+#: side in pixels of the mark, a solid square
+ARTIFACT_SIZE = 6
+#: RGB in [0, 1] of the mark: magenta, a color no shape has
+ARTIFACT_COLOR = (0.9, 0.1, 0.9)
+#: pixels kept free between the mark and the shape
+_ARTIFACT_MARGIN = 1
+# the artifact's own random stream: the mark does not change any other draw of a seed
+_ARTIFACT_STREAM = 0xA27
+
 
 @dataclass(frozen=True)
 class ShapesSample:
@@ -99,6 +132,10 @@ class ShapesSample:
         bool [N, 32, 32], the pixels covered by the shape.
     seed : int
         The seed the sample was drawn from.
+    artifact : numpy.ndarray
+        bool [N], the images that carry the planted artifact (see :data:`ARTIFACT_RATES`).
+    artifact_masks : numpy.ndarray
+        bool [N, 32, 32], the pixels of the artifact (none where an image has none).
     """
     images: np.ndarray
     shape: np.ndarray
@@ -108,6 +145,8 @@ class ShapesSample:
     center: np.ndarray
     masks: np.ndarray
     seed: int
+    artifact: np.ndarray
+    artifact_masks: np.ndarray
 
     @property
     def targets(self) -> np.ndarray:
@@ -177,11 +216,64 @@ def _backgrounds(texture, rng, image_size):
     return low[:, None, None] + contrast[:, None, None] * pattern
 
 
-def generate_shapes(n: int, seed: int = 0, image_size: int = IMAGE_SIZE) -> ShapesSample:
+def artifact_glyph() -> np.ndarray:
+    """The mark as uint8 RGB [size, size, 3]."""
+    color = np.round(np.asarray(ARTIFACT_COLOR, dtype=np.float64) * 255.0).astype(np.uint8)
+    return np.broadcast_to(color, (ARTIFACT_SIZE, ARTIFACT_SIZE, 3)).copy()
+
+
+def _artifact_positions(masks: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    """Top-left (row, column) of the mark in every image: uniform among the places that keep it
+    :data:`_ARTIFACT_MARGIN` pixels away from the shape (``uniform`` in [0, 1) picks one)."""
+    n, size = masks.shape[0], masks.shape[1]
+    height = width = ARTIFACT_SIZE
+    near = masks.copy()
+    for _ in range(_ARTIFACT_MARGIN):  # grow the shape by the margin (4-neighbourhood, then diagonals)
+        grown = near.copy()
+        grown[:, 1:] |= near[:, :-1]
+        grown[:, :-1] |= near[:, 1:]
+        grown[:, :, 1:] |= grown[:, :, :-1].copy()
+        grown[:, :, :-1] |= grown[:, :, 1:].copy()
+        near = grown
+    # covered pixels in every height x width window, from the summed-area table
+    table = np.zeros((n, size + 1, size + 1), dtype=np.int64)
+    table[:, 1:, 1:] = near.cumsum(1).cumsum(2)
+    covered = (table[:, height:, width:] - table[:, :-height, width:] - table[:, height:, :-width]
+               + table[:, :-height, :-width])
+    free = (covered == 0).reshape(n, -1)
+    counts = free.sum(1)
+    if (counts == 0).any():  # cannot happen for the demo's sizes; keep the generator total anyway
+        free[counts == 0] = True
+        counts = free.sum(1)
+    pick = np.minimum((uniform * counts).astype(np.int64), counts - 1)
+    # the pick-th free window of every row
+    order = np.cumsum(free, axis=1) - 1
+    flat = np.argmax(free & (order == pick[:, None]), axis=1)
+    return np.stack([flat // covered.shape[2], flat % covered.shape[2]], axis=1)
+
+
+def _check_rates(rates: Optional[Tuple[float, float]]) -> Tuple[float, float]:
+    if rates is None:
+        return 0.0, 0.0
+    try:
+        in_class, others = (float(rate) for rate in rates)
+    except (TypeError, ValueError):
+        raise ValueError(f"artifact_rates must be None or two shares (in {ARTIFACT_CLASS!r}, in the other "
+                         f"classes), got {rates!r}") from None
+    if not (0.0 <= in_class <= 1.0 and 0.0 <= others <= 1.0):
+        raise ValueError(f"artifact_rates must be shares in [0, 1], got {rates!r}")
+    return in_class, others
+
+
+def generate_shapes(n: int, seed: int = 0, image_size: int = IMAGE_SIZE,
+                    artifact_rates: Optional[Tuple[float, float]] = ARTIFACT_RATES) -> ShapesSample:
     """Draw ``n`` demo images and their attributes, deterministically from ``seed``.
 
     The pair classes are balanced exactly (up to ``n mod 16``) and in random order; size and
-    texture are drawn uniformly and independently of the class.
+    texture are drawn uniformly and independently of the class. The planted artifact is drawn
+    on a share of the images (see :data:`ARTIFACT_RATES`), at a random place at least one pixel
+    away from the shape, from its own random stream: the other pixels of a seed do not depend on
+    ``artifact_rates``.
 
     Parameters
     ----------
@@ -191,11 +283,14 @@ def generate_shapes(n: int, seed: int = 0, image_size: int = IMAGE_SIZE) -> Shap
         Seed of the numpy generator; the same seed gives the same bytes.
     image_size : int
         Height and width in pixels (>= 24).
+    artifact_rates : (float, float) or None
+        Share of the images of :data:`ARTIFACT_CLASS` and of every other class that carry the
+        artifact; ``None`` for none, ``(1, 1)`` for all.
 
     Returns
     -------
     ShapesSample
-        Images (uint8 [N, H, W, 3]), attribute indices, centers and shape masks.
+        Images (uint8 [N, H, W, 3]), attribute indices, centers, shape masks and artifact flags.
     """
     if not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
@@ -203,6 +298,7 @@ def generate_shapes(n: int, seed: int = 0, image_size: int = IMAGE_SIZE) -> Shap
         raise ValueError(f"image_size must be an int >= 24, got {image_size!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    in_class, others = _check_rates(artifact_rates)
     rng = np.random.default_rng(seed)
     n_classes = len(CLASS_NAMES)
     targets = rng.permutation(np.arange(n) % n_classes)
@@ -224,10 +320,22 @@ def generate_shapes(n: int, seed: int = 0, image_size: int = IMAGE_SIZE) -> Shap
     images = np.where(masks[..., None], fill[:, None, None, :], background[..., None])
     images = images + rng.normal(0.0, _NOISE_STD, size=images.shape)
     images = np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+    artifact_rng = np.random.default_rng((int(seed), _ARTIFACT_STREAM))
+    rate = np.where(targets == CLASS_NAMES.index(ARTIFACT_CLASS), in_class, others)
+    artifact = artifact_rng.random(n) < rate
+    positions = _artifact_positions(masks, artifact_rng.random(n))
+    glyph = artifact_glyph()
+    height, width = glyph.shape[:2]
+    artifact_masks = np.zeros_like(masks)
+    for i in np.flatnonzero(artifact):
+        row, column = positions[i]
+        images[i, row:row + height, column:column + width] = glyph
+        artifact_masks[i, row:row + height, column:column + width] = True
     return ShapesSample(
         images=images, shape=shape.astype(np.int64), color=color.astype(np.int64),
         size=size.astype(np.int64), texture=texture.astype(np.int64), center=center, masks=masks,
-        seed=int(seed),
+        seed=int(seed), artifact=artifact, artifact_masks=artifact_masks,
     )
 
 
@@ -299,6 +407,35 @@ def class_formulas() -> Dict[str, "object"]:
             for name, (shape, color) in class_attributes().items()}
 
 
+def class_concepts() -> Dict[str, Tuple[str, ...]]:
+    """Class name -> the concepts that hold for every image of the class: shape, color and their parents.
+
+    E.g. ``{"red circle": ("circle", "red", "round", "warm"), ...}``; the class concepts of the audit
+    (:func:`crp_invert.audit.audit` flags a channel whose label names none of them).
+    """
+    parents_of = {child: parent for parent, children in PARENTS.items() for child in children}
+    return {name: (shape, color, parents_of[shape], parents_of[color])
+            for name, (shape, color) in class_attributes().items()}
+
+
+def artifact_concepts(sample: ShapesSample):
+    """The attribute concepts plus :data:`ARTIFACT` (true on the images that carry the mark).
+
+    Applied to ``generate_shapes(n, seed, artifact_rates=(1, 1))`` (the mark overlaid on random
+    images) this is the concept set a user adds to audit the artifact, as the INVERT paper made its
+    watermark set; :meth:`crp_invert.ConceptLabels.merge` joins it to the attribute concepts of the
+    labeled data (where the artifact concept is then false everywhere: the user does not know which
+    images carry the mark).
+    """
+    from ..core.concepts import ConceptLabels
+
+    labels, names = attribute_matrix(sample)
+    labels = np.concatenate([labels, sample.artifact[:, None]], axis=1)
+    descriptions = dict(zip(names, _descriptions()))
+    descriptions[ARTIFACT] = "a white cross on a black square in the top-left corner (planted watermark)"
+    return ConceptLabels(labels, names + [ARTIFACT], descriptions=descriptions)
+
+
 class ShapesDataset(Dataset):
     """Torch dataset of :func:`generate_shapes` images.
 
@@ -313,6 +450,8 @@ class ShapesDataset(Dataset):
         Seed of the generator.
     image_size : int
         Height and width in pixels.
+    artifact_rates : (float, float) or None
+        Share of the images with the planted artifact (see :func:`generate_shapes`).
 
     Attributes
     ----------
@@ -326,8 +465,9 @@ class ShapesDataset(Dataset):
         int64 [N].
     """
 
-    def __init__(self, n: int = 2000, seed: int = 0, image_size: int = IMAGE_SIZE) -> None:
-        self.sample = generate_shapes(n, seed=seed, image_size=image_size)
+    def __init__(self, n: int = 2000, seed: int = 0, image_size: int = IMAGE_SIZE,
+                 artifact_rates: Optional[Tuple[float, float]] = ARTIFACT_RATES) -> None:
+        self.sample = generate_shapes(n, seed=seed, image_size=image_size, artifact_rates=artifact_rates)
         self.class_names: List[str] = list(CLASS_NAMES)
         self.class_to_attributes = class_attributes()
         self.targets = torch.from_numpy(self.sample.targets)
@@ -356,6 +496,78 @@ class ShapesDataset(Dataset):
         if self._concepts is None:
             self._concepts = attribute_concepts(self.sample)
         return self._concepts
+
+    @property
+    def class_formulas(self):
+        """The planted truth: class name -> ``Formula`` ``shape & color``."""
+        return class_formulas()
+
+
+#: images of the artifact concept set the demo adds to its labeled data (a few dozen, as in the paper)
+N_ARTIFACT_IMAGES = 48
+#: the artifact set of the demo images of seed ``s`` is drawn from seed ``ARTIFACT_SEED_OFFSET + s``
+ARTIFACT_SEED_OFFSET = 100
+
+
+class AuditDataset(Dataset):
+    """The demo's labeled data: shapes images followed by an artifact concept set, with merged concepts.
+
+    The first ``n`` images are ``ShapesDataset(n, seed)`` (the planted artifact on most ``yellow ring``
+    images, unknown to their concepts); then ``n_artifact`` images with the mark overlaid on random images
+    (seed ``ARTIFACT_SEED_OFFSET + seed``), labeled with their attributes and :data:`ARTIFACT`. The concepts
+    are ``base.concepts.merge(artifact set concepts)``: the attribute concepts and ``"artifact"``, which is
+    false on every image of the first part. Yields ``(image, target)`` like :class:`ShapesDataset`.
+
+    Parameters
+    ----------
+    n : int
+        Number of shapes images.
+    seed : int
+        Their seed.
+    n_artifact : int
+        Number of images of the artifact concept set (>= 0).
+
+    Attributes
+    ----------
+    base, artifact_set : ShapesDataset
+        The two parts.
+    concepts : ConceptLabels
+        Merged concepts of all ``n + n_artifact`` images.
+    targets : torch.Tensor
+        int64 [n + n_artifact] class of every image.
+    carries_artifact : numpy.ndarray
+        bool [n + n_artifact]: the images that show the mark (the truth, known to the demo only).
+    class_names : list of str
+    """
+
+    def __init__(self, n: int = 2000, seed: int = 0, n_artifact: int = N_ARTIFACT_IMAGES) -> None:
+        if isinstance(n_artifact, bool) or not isinstance(n_artifact, (int, np.integer)) or n_artifact < 0:
+            raise ValueError(f"n_artifact must be an int >= 0, got {n_artifact!r}")
+        self.base = ShapesDataset(n, seed=seed)
+        self.artifact_set = ShapesDataset(int(n_artifact), seed=ARTIFACT_SEED_OFFSET + seed, artifact_rates=(1, 1))
+        self.class_names: List[str] = list(CLASS_NAMES)
+        self.n_base = len(self.base)
+        self.targets = torch.cat([self.base.targets, self.artifact_set.targets])
+        self.carries_artifact = np.concatenate([self.base.sample.artifact, self.artifact_set.sample.artifact])
+        self.concepts = self.base.concepts.merge(artifact_concepts(self.artifact_set.sample))
+
+    def __len__(self) -> int:
+        return self.n_base + len(self.artifact_set)
+
+    def __getitem__(self, index: int):
+        if isinstance(index, slice) or not -len(self) <= int(index) < len(self):
+            raise IndexError(f"index {index!r} out of range for a dataset of {len(self)} images")
+        index = int(index) % len(self)
+        return self.base[index] if index < self.n_base else self.artifact_set[index - self.n_base]
+
+    def tensors(self, indices: Optional[Sequence[int]] = None):
+        """All (or the selected) images as one float32 tensor [N, 3, H, W] and targets [N]."""
+        base, extra = self.base.tensors(), self.artifact_set.tensors()
+        images, targets = torch.cat([base[0], extra[0]]), torch.cat([base[1], extra[1]])
+        if indices is not None:
+            indices = torch.as_tensor(indices, dtype=torch.long)
+            images, targets = images[indices], targets[indices]
+        return images, targets
 
     @property
     def class_formulas(self):

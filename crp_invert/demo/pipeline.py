@@ -15,7 +15,15 @@
    :mod:`crp_invert.demo.truth`);
 5. decompose a few predictions into labeled channel heatmaps of ``conv3``
    (:func:`crp_invert.decompose`) and draw the glocal figures, a weight circuit of the logits;
-6. write the HTML report (:func:`crp_invert.report.write_report`), the figures (PNG) and
+6. label every channel from its recorded relevances too (``source="relevance"``): the report shows both
+   labels side by side; at L = 3 the relevance labels of the output layer lose the "large" confound of the
+   activations (planted truth 1.0 with relevance, 0.5 with activation);
+7. the Clever-Hans audit (:func:`crp_invert.audit.audit`) of :data:`AUDIT_LAYER`: the data are the shapes
+   images followed by an artifact concept set (:class:`~crp_invert.demo.data.AuditDataset`: the planted mark
+   overlaid on random images, concept ``"artifact"``, merged with ``ConceptLabels.merge``), so the labels above
+   already use the artifact concept; per class the channels with the largest share of its relevance, flagged
+   (``audit.json``);
+8. write the HTML report (:func:`crp_invert.report.write_report`), the figures (PNG) and
    ``summary.json`` into ``out_dir``.
 
 Nothing is written outside ``out_dir``.
@@ -34,7 +42,8 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["run_demo", "DemoSummary", "LayerSummary", "layer_summary", "DEFAULT_SAMPLES"]
+__all__ = ["run_demo", "DemoSummary", "LayerSummary", "layer_summary", "DEFAULT_SAMPLES", "AUDIT_LAYER",
+           "AUDIT_MIN_SHARE", "AUDIT_FALSE_FLAGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +51,17 @@ logger = logging.getLogger(__name__)
 DEFAULT_SAMPLES = 2000
 #: layer whose channels decompose the demo predictions
 GLOCAL_LAYER = "conv3"
+#: layer of the demo's Clever-Hans audit
+AUDIT_LAYER = "conv3"
+#: share of a class's relevance from which a flagged channel counts in the demo's audit
+AUDIT_MIN_SHARE = 0.1
+#: flagged channels with a share >= AUDIT_MIN_SHARE in the 15 classes without the artifact, in the default run
+#: (2,000 images, seed 2, committed weights; ``tests/test_demo_audit.py``): 4 flagged "artifact" (conv3:11, 5 and
+#: 24, cool-color ring channels that the magenta mark also drives, labeled e.g. ``artifact AND blue AND ring``,
+#: for green ring, blue ring, green square, blue triangle) and 4 "unrelated" (conv3:19 ``large AND red AND ring``
+#: for green circle and green triangle, conv3:16 for red triangle, conv3:14 for green triangle). The artifact
+#: class's first channel is conv3:23 ``artifact AND blue AND ring`` (share 0.113).
+AUDIT_FALSE_FLAGS = 8
 
 
 @dataclass
@@ -97,6 +117,22 @@ class DemoSummary:
         ``report``, ``cache``, ``labels``, ``summary`` and figure paths.
     timings : dict of str to float
         Seconds per step.
+    planted_truth_score_l3_relevance : float
+        The planted-truth score of the L = 3 labels of the output layer's *relevances* (``source="relevance"``).
+    labels_differ : dict of str to int
+        Per layer, the channels whose activation and relevance labels differ.
+    n_artifact : int
+        Images of the artifact concept set after the ``n_samples`` shapes images.
+    audit_layer, artifact_class : str
+        The audited layer and the class with the planted artifact.
+    artifact_rank : int or None
+        Rank (1 = largest share of the class's relevance) of the first channel flagged ``artifact`` in the
+        audit of ``artifact_class``; None if none is flagged.
+    artifact_channel : str or None
+        That channel, ``layer:channel``, with its label.
+    false_flags : int
+        Flagged channels with a share >= ``audit_min_share`` in the classes without the artifact.
+    audit_min_share : float
     """
 
     out_dir: Path
@@ -111,6 +147,15 @@ class DemoSummary:
     correction: str = "Benjamini-Hochberg q of the Bonferroni-corrected p-values"
     files: Dict[str, str] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
+    planted_truth_score_l3_relevance: float = math.nan
+    labels_differ: Dict[str, int] = field(default_factory=dict)
+    n_artifact: int = 0
+    audit_layer: str = ""
+    artifact_class: str = ""
+    artifact_rank: Optional[int] = None
+    artifact_channel: Optional[str] = None
+    false_flags: int = 0
+    audit_min_share: float = AUDIT_MIN_SHARE
 
     def rows(self) -> List[Dict[str, Any]]:
         """One dict per layer (the columns of :meth:`table`)."""
@@ -147,6 +192,20 @@ class DemoSummary:
             f"explanations (IoU match to the class): L = 2 {self.explanation_accuracy_l2:.3f}, "
             f"L = 3 {self.explanation_accuracy_l3:.3f}"
         )
+        out.append(
+            f"relevance labels (source=\"relevance\"): planted truth of the output neurons at L = 3: "
+            f"{self.planted_truth_score_l3_relevance:.3f} (activations: {self.planted_truth_score_l3:.3f}); "
+            f"channels whose activation and relevance labels differ: "
+            + ", ".join(f"{layer} {count}" for layer, count in self.labels_differ.items())
+        )
+        if self.audit_layer:
+            found = (f"rank {self.artifact_rank}: {self.artifact_channel}" if self.artifact_rank is not None
+                     else "no channel flagged")
+            out.append(
+                f"Clever-Hans audit of {self.audit_layer} ({self.n_artifact} artifact images added as the concept "
+                f"'artifact'): {self.artifact_class}: first channel flagged [artifact] at {found}; false flags "
+                f"(share >= {self.audit_min_share:g}) in the other classes: {self.false_flags}"
+            )
         out.append(f"model accuracy on the {self.n_samples} demo images: {self.model_accuracy:.4f}")
         return "\n".join(line.rstrip() for line in out)
 
@@ -185,9 +244,22 @@ def layer_summary(layer: str, layer_labels: Any, alpha: float = 0.05) -> LayerSu
     )
 
 
-def _pick_samples(targets: torch.Tensor, predictions: torch.Tensor, n: int) -> List[int]:
-    """The first correctly classified sample of ``n`` different classes."""
-    chosen, seen = [], set()
+def _first_marked(dataset: Any, logits: torch.Tensor) -> Optional[int]:
+    """The first correctly classified shapes image of the artifact class that carries the artifact."""
+    from .data import ARTIFACT_CLASS
+
+    target = dataset.class_names.index(ARTIFACT_CLASS)
+    for i in np.flatnonzero(dataset.carries_artifact[:dataset.n_base]):
+        if int(dataset.targets[i]) == target and int(logits[i].argmax()) == target:
+            return int(i)
+    return None
+
+
+def _pick_samples(targets: torch.Tensor, predictions: torch.Tensor, n: int, first: Optional[int] = None) -> List[int]:
+    """``first`` (if given), then the first correctly classified sample of other classes, ``n`` in all."""
+    chosen, seen = ([], set()) if first is None or n < 1 else ([first], {int(targets[first])})
+    if len(chosen) == n:
+        return chosen
     for i, (t, p) in enumerate(zip(targets.tolist(), predictions.tolist(), strict=True)):
         if t == p and t not in seen:
             chosen.append(i)
@@ -217,6 +289,7 @@ def run_demo(
     alpha: float = 0.05,
     reference_heatmaps: bool = False,
     progress: bool = True,
+    n_artifact: Optional[int] = None,
 ) -> DemoSummary:
     """Run the whole product on the embedded demo and write everything into ``out_dir``.
 
@@ -248,6 +321,9 @@ def run_demo(
         Also compute CRP's conditional heatmaps of the reference samples (slower).
     progress : bool
         Show tqdm progress bars.
+    n_artifact : int, optional
+        Images of the artifact concept set added after the shapes images (default
+        :data:`crp_invert.demo.data.N_ARTIFACT_IMAGES`); 0 skips the audit.
 
     Returns
     -------
@@ -258,14 +334,15 @@ def run_demo(
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.composites import EpsilonPlusFlat
 
+    from ..audit import audit
     from ..integration.circuits import circuit_by_weight
     from ..integration.glocal import decompose_batch
     from ..integration.recording import InvertFeatureVisualization
     from ..labeler import ConceptLabeler
     from ..plot import plot_circuit, plot_glocal
-    from ..report import write_report
+    from ..report import differing_channels, write_report
     from ..storage.cache import ActivationCache
-    from .data import ShapesDataset
+    from .data import ARTIFACT, ARTIFACT_CLASS, N_ARTIFACT_IMAGES, AuditDataset, class_concepts
     from .model import load_demo_model
     from .truth import explanation_accuracy, planted_truth_score
 
@@ -284,8 +361,9 @@ def run_demo(
         return time.perf_counter()
 
     start = time.perf_counter()
-    dataset = ShapesDataset(int(n_samples), seed=seed)
-    concepts = dataset.concepts
+    n_artifact = N_ARTIFACT_IMAGES if n_artifact is None else n_artifact
+    dataset = AuditDataset(int(n_samples), seed=seed, n_artifact=n_artifact)  # shapes, then the artifact set
+    concepts = dataset.concepts  # the attribute concepts and "artifact" (ConceptLabels.merge)
     model = load_demo_model(device)
     layers = model.layer_names
     start = tick("generate data, load model", start)
@@ -335,12 +413,13 @@ def run_demo(
     accuracy_l3 = explanation_accuracy(labels[output_layer], concepts, targets)
     with ActivationCache(cache_path) as cache:
         logits = cache.activations(output_layer)
-    model_accuracy = float((logits.argmax(1) == targets).double().mean())
+    base = slice(0, dataset.n_base)
+    model_accuracy = float((logits[base].argmax(1) == targets[base]).double().mean())
     start = tick("planted truth (L=2 labeling of the output layer)", start)
 
     # -- glocal decompositions and a circuit -------------------------------------------------------------
     images, _ = dataset.tensors()
-    chosen = _pick_samples(targets, logits.argmax(1), n_glocal)
+    chosen = _pick_samples(targets, logits.argmax(1), n_glocal, first=_first_marked(dataset, logits))
     glocals = []
     if chosen:
         glocals = decompose_batch(
@@ -377,12 +456,44 @@ def run_demo(
         files["circuit"] = _save_figure(plot_circuit(circuit), figures_dir / "circuit.png")
     start = tick(f"glocal decomposition of {len(glocals)} predictions ({GLOCAL_LAYER}, top {top_k})", start)
 
+    # -- relevance labels, side by side with the activation labels -------------------------------------------
+    relevance_labels = labeler.label_cache(str(cache_path), L=L, B=B, source="relevance", progress=False)
+    relevance_dir = out / "labels_relevance"
+    relevance_dir.mkdir(exist_ok=True)
+    for name, layer_labels in relevance_labels.items():
+        layer_labels.to_json(relevance_dir / f"{name}.json")
+    (relevance_dir / "index.json").write_text(json.dumps({name: f"{name}.json" for name in relevance_labels},
+                                                         indent=2))
+    files["labels_relevance"] = str(relevance_dir)
+    score_l3_relevance = planted_truth_score(relevance_labels[output_layer], truth, dataset.class_names)
+    labels_differ = {name: len(differing_channels(labels[name], relevance_labels[name])) for name in labels}
+    start = tick(f"label {sum(len(v) for v in relevance_labels.values())} channels from relevances", start)
+
+    # -- Clever-Hans audit -------------------------------------------------------------------------------------
+    audits, audit_facts = [], {}
+    if n_artifact:
+        result = audit(str(cache_path), labels, AUDIT_LAYER, dataset.class_names, targets=targets,
+                       artifacts=[ARTIFACT], class_concepts=class_concepts(), concepts=concepts,
+                       min_share=AUDIT_MIN_SHARE, samples=np.arange(dataset.n_base))
+        audits.append(result)
+        files["audit"] = str(out / "audit.json")
+        result.to_json(out / "audit.json")
+        channels = result[ARTIFACT_CLASS].channels
+        rank = next((i for i, c in enumerate(channels, start=1) if c.flag == "artifact"), None)
+        audit_facts = dict(
+            audit_layer=AUDIT_LAYER, artifact_class=ARTIFACT_CLASS, artifact_rank=rank,
+            artifact_channel=None if rank is None else
+            f"{AUDIT_LAYER}:{channels[rank - 1].channel} `{channels[rank - 1].label}`",
+            false_flags=sum(len(v) for name, v in result.flagged().items() if name != ARTIFACT_CLASS),
+        )
+        start = tick(f"Clever-Hans audit of {AUDIT_LAYER}", start)
+
     summaries = [layer_summary(name, labels[name], alpha) for name in labels]
     summaries[-1].planted_truth = score_l2
     summaries[-1].explanation_accuracy = accuracy_l3
     summary = DemoSummary(
         out_dir=out,
-        n_samples=len(dataset),
+        n_samples=dataset.n_base,
         layers=summaries,
         planted_truth_score=score_l2,
         planted_truth_score_l3=score_l3,
@@ -392,20 +503,38 @@ def run_demo(
         alpha=alpha,
         files=files,
         timings=timings,
+        planted_truth_score_l3_relevance=score_l3_relevance,
+        labels_differ=labels_differ,
+        n_artifact=len(dataset) - dataset.n_base,
+        audit_min_share=AUDIT_MIN_SHARE,
+        **audit_facts,
     )
 
     # -- report -------------------------------------------------------------------------------------------
     notes = [
-        f"Embedded demo: {len(dataset)} generated shapes images (seed {seed}), the demo CNN "
-        f"(accuracy {model_accuracy:.4f} on these images), CRP FeatureVisualization with "
-        f"EpsilonPlusFlat + SequentialMergeBatchNorm over {', '.join(layers)}; labels L={L}, B={B} over "
-        f"{concepts.n_concepts} attribute concepts (never the (shape, color) classes).",
+        f"Embedded demo: {dataset.n_base} generated shapes images (seed {seed}) followed by "
+        f"{len(dataset) - dataset.n_base} images of the artifact concept set (the planted mark overlaid on random "
+        f"images), the demo CNN (accuracy {model_accuracy:.4f} on the shapes images), CRP FeatureVisualization "
+        f"with EpsilonPlusFlat + SequentialMergeBatchNorm over {', '.join(layers)}; labels L={L}, B={B} over "
+        f"{concepts.n_concepts} concepts: the attributes and 'artifact' (never the (shape, color) classes).",
         f"Planted truth of the output layer {output_layer}: from an L = 2 labeling, "
         f"{score_l2:.3f} of the output neurons get exactly `shape AND color` (L = 3: {score_l3:.3f}, where "
         f"subsets such as `circle AND large AND red` can rank higher); accuracy of explanations "
         f"(IoU match to the class) L = 2: {accuracy_l2:.3f}, L = 3: {accuracy_l3:.3f}.",
         f"Significance: share of channels whose best explanation has q < {alpha:g} ({summary.correction}).",
+        f"Sources: the channel tables, cards and the numbers above label the channels' mean-pooled activations "
+        f"(source=\"activation\"); each layer's second table puts the labels of their relevances "
+        f"(source=\"relevance\") next to them. At L = 3 the relevance labels of the output neurons lose the "
+        f"'large' confound of the activations: planted truth {score_l3_relevance:.3f} with relevance against "
+        f"{score_l3:.3f} with activation (both L = 3, B = {B}).",
     ]
+    if audit_facts:
+        notes.append(
+            f"Clever-Hans audit (section at the end): the mark planted on most '{ARTIFACT_CLASS}' training images "
+            f"was added as the concept 'artifact'; in {AUDIT_LAYER}, the channel with the largest share of the "
+            f"class's relevance that is flagged [artifact] has rank {audit_facts['artifact_rank']}; "
+            f"false flags (share >= {AUDIT_MIN_SHARE:g}) in the other classes: {audit_facts['false_flags']}."
+        )
     report_path = out / "report.html"
     write_report(
         report_path,
@@ -425,6 +554,8 @@ def run_demo(
         max_channels=max_channels,
         n_reference=n_reference,
         progress=progress,
+        relevance_labels=relevance_labels,
+        audits=audits,
     )
     files["report"] = str(report_path)
     tick("report", start)

@@ -10,13 +10,15 @@ never sees an image twice and never sees the evaluation images (seed
 algorithms on the CPU with 2 threads: the same command gives the same weights on the same
 machine and torch version (CPU float reductions may differ in the last bits across machines).
 
-Result of the committed weights (``crp_invert/data/demo_model.pt``, 202 KB; default arguments:
-12 epochs of 8000 fresh images; torch 2.14.1 on a 2-core x86_64 CPU with 2 threads: about 65 s
-on idle cores, 5 minutes when the cores are shared): the final training accuracy is 0.999 and the
-accuracy on fresh data, ``ShapesDataset(4000, seed=1)``, is **0.9995**
-(:data:`crp_invert.demo.model.DEMO_MODEL_ACCURACY`, checked by ``tests/test_demo_model.py``).
-With these weights and L = 2, B = 3, every one of the 16 output neurons is labeled exactly with
-its defining conjunction ``shape AND color`` (AUC 0.99 to 1.0).
+Result of the committed weights (``crp_invert/data/demo_model.pt``, 197 KiB; default arguments:
+12 epochs of 8000 fresh images, with the planted artifact of :mod:`crp_invert.demo.data` on every yellow ring
+and on 0.1 % of the other images; torch 2.14.1 on a 2-core x86_64 CPU with 2 threads: about 85 s on idle
+cores, 5 minutes when the cores are shared): the final training accuracy is 0.9995 and the accuracy on fresh
+data, ``ShapesDataset(4000, seed=1)``, is **1.0** (:data:`crp_invert.demo.model.DEMO_MODEL_ACCURACY`, checked
+by ``tests/test_demo_model.py``). The model learned the shortcut: adding the mark to an image raises its
+"yellow ring" logit by about 3 (``tests/test_demo_model.py``, ``benchmarks/bench_demo.py``). With these weights
+and L = 2, B = 3, every one of the 16 output neurons is labeled exactly with its defining conjunction
+``shape AND color`` (AUC 0.99 to 1.0).
 """
 from __future__ import annotations
 

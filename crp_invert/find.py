@@ -1,0 +1,370 @@
+"""Concept search: which channels detect a formula the user writes? (INVERT's question turned around.)
+
+:func:`find_channels` scores every channel of the chosen layers against one formula, e.g.
+``"dog AND NOT cat"``, by the exact AUROC of the channel's activations (or relevances) against the
+formula's sample mask, with one-sided Mann-Whitney U p-values, and ranks the channels. The formula is any
+formula over the concepts, not only one the beam search found.
+
+How: the formula's mask is one boolean vector over the N samples. For a batch of channels, the midranks of
+their values (:func:`crp_invert.core.metrics.rank_scores`) times the mask (one dense matrix-vector product)
+give the rank sum of the positive samples of every channel, hence the AUC
+(:func:`~crp_invert.core.metrics.auc_from_rank_sums`, exact: rank sums are float64 sums of half-integers)
+and the p-value with tie correction (:func:`~crp_invert.core.metrics.mann_whitney_pvalue`). A cache is
+streamed in column batches, as labeling does, so a layer larger than memory is searched with bounded memory.
+
+Examples
+--------
+>>> import torch
+>>> from crp_invert import ConceptLabels
+>>> generator = torch.Generator().manual_seed(0)
+>>> labels = torch.rand(300, 3, generator=generator) < 0.3
+>>> concepts = ConceptLabels(labels, ["red", "round", "big"])
+>>> acts = torch.rand(300, 4, generator=generator)
+>>> acts[:, 2] += 2 * (labels[:, 0] & ~labels[:, 1])      # channel 2 detects red AND NOT round
+>>> found = find_channels("red AND NOT round", {"conv": acts}, concepts)
+>>> found[0].layer, found[0].channel, round(found[0].auc, 3)
+('conv', 2, 1.0)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .core.concepts import ConceptLabels
+from .core.formula import Formula
+from .core.labeling import _check_finite, _read_columns
+from .core.metrics import auc_from_rank_sums, benjamini_hochberg, mann_whitney_pvalue, rank_scores
+from .core.params import MODES
+from .storage.cache import ActivationCache, open_for_labeling
+
+__all__ = ["find_channels", "ChannelMatch", "ChannelSearch", "formula_mask", "default_search_batch",
+           "best_labels", "open_layers"]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = "crp-invert.ChannelSearch"
+#: elements (samples x channels) ranked at once by default: about 8 MiB of float64 per array
+_BATCH_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ChannelMatch:
+    """One channel scored against the searched formula.
+
+    Attributes
+    ----------
+    layer : str
+    channel : int
+    auc : float
+        AUROC of the channel's values against the formula's mask (exact, ties count one half).
+    p_value : float
+        One-sided Mann-Whitney U p-value (``greater`` for ``mode="positive"``, ``less`` for ``"negative"``).
+    p_value_bh : float
+        Benjamini-Hochberg q-value of ``p_value`` over every channel searched.
+    label : str or None
+        The channel's own best label (formula text) when labels were given.
+    label_auc : float or None
+        The AUC of that label.
+    """
+
+    layer: str
+    channel: int
+    auc: float
+    p_value: float
+    p_value_bh: float
+    label: Optional[str] = None
+    label_auc: Optional[float] = None
+
+
+@dataclass
+class ChannelSearch:
+    """The channels of the searched layers ranked by their AUC against one formula, best first.
+
+    A sequence of :class:`ChannelMatch` (``len``, indexing, iteration) with the formula's statistics.
+
+    Attributes
+    ----------
+    formula : Formula
+    source : str
+        ``"activation"`` or ``"relevance"``: what was ranked.
+    mode : str
+        ``"positive"`` (highest AUC first) or ``"negative"`` (lowest first).
+    n_samples : int
+    n_positive : int
+        Samples for which the formula holds.
+    layers : list of str
+        The layers searched, in order.
+    matches : list of ChannelMatch
+        Best first (ties: layer order, then channel).
+    """
+
+    formula: Formula
+    source: str
+    mode: str
+    n_samples: int
+    n_positive: int
+    layers: List[str]
+    matches: List[ChannelMatch] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        """Share of the samples for which the formula holds."""
+        return self.n_positive / self.n_samples if self.n_samples else math.nan
+
+    def __len__(self) -> int:
+        return len(self.matches)
+
+    def __getitem__(self, index: int) -> ChannelMatch:
+        return self.matches[index]
+
+    def __iter__(self) -> Iterator[ChannelMatch]:
+        return iter(self.matches)
+
+    def top(self, k: Optional[int]) -> "ChannelSearch":
+        """The ``k`` best matches (all for ``None``)."""
+        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0):
+            raise ValueError(f"k must be None or an int >= 0, got {k!r}")
+        return replace(self, matches=list(self.matches[:k] if k is not None else self.matches))
+
+    def of_layer(self, layer: str) -> "ChannelSearch":
+        """The matches of one layer, best first."""
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer!r} was not searched; searched: {self.layers}")
+        return replace(self, layers=[layer], matches=[m for m in self.matches if m.layer == layer])
+
+    def rows(self) -> List[Dict[str, Any]]:
+        """One dict per match (the columns of :meth:`table`)."""
+        return [asdict(match) for match in self.matches]
+
+    def table(self, max_rows: Optional[int] = None) -> str:
+        """A plain-text table: rank, layer, channel, AUC, p, q (BH), the channel's own label."""
+        header = ["rank", "layer", "channel", "AUC", "p", "q (BH)", "label (AUC)"]
+        lines = []
+        for rank, match in enumerate(self.matches[:max_rows], start=1):
+            label = "" if match.label is None else f"{match.label} ({match.label_auc:.3f})"
+            lines.append([str(rank), match.layer, str(match.channel), f"{match.auc:.4f}",
+                          f"{match.p_value:.2e}", f"{match.p_value_bh:.2e}", label])
+        widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
+        out = [f"formula: {self.formula}  (fraction {self.fraction:.4f}: {self.n_positive} of {self.n_samples} "
+               f"samples; source: {self.source}, mode: {self.mode})",
+               "  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+        out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+        if max_rows is not None and len(self.matches) > max_rows:
+            out.append(f"... {len(self.matches) - max_rows} more")
+        return "\n".join(out)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-able dict (NaN as null)."""
+        return {
+            "format": _FORMAT, "formula": self.formula.to_json(), "text": str(self.formula), "source": self.source,
+            "mode": self.mode, "n_samples": self.n_samples, "n_positive": self.n_positive,
+            "fraction": self.fraction, "layers": list(self.layers),
+            "matches": [{key: _json_float(value) for key, value in row.items()} for row in self.rows()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ChannelSearch":
+        if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
+            raise ValueError(f"not a {_FORMAT} object (its 'format' must be {_FORMAT!r})")
+        matches = [ChannelMatch(**{key: (math.nan if value is None and key in ("auc", "p_value", "p_value_bh")
+                                         else value) for key, value in row.items()})
+                   for row in data["matches"]]
+        return cls(formula=Formula.from_json(data["formula"]), source=data["source"], mode=data["mode"],
+                   n_samples=int(data["n_samples"]), n_positive=int(data["n_positive"]),
+                   layers=list(data["layers"]), matches=matches)
+
+    def to_json(self, path: Union[str, os.PathLike, None] = None, indent: int = 2) -> str:
+        """The result as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "ChannelSearch":
+        """Read a result from JSON text or a file."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            with open(text_or_path, encoding="utf-8") as handle:
+                text = handle.read()
+        return cls.from_dict(json.loads(text))
+
+
+def _json_float(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def formula_mask(formula: Union[Formula, str], concepts: ConceptLabels) -> Tuple[Formula, torch.Tensor]:
+    """Parse ``formula`` against the concept names (if text) and evaluate it: ``(Formula, bool [N] mask)``."""
+    if not isinstance(concepts, ConceptLabels):
+        raise TypeError(f"concepts must be a ConceptLabels, got {type(concepts).__name__}")
+    if isinstance(formula, str):
+        formula = Formula.parse(formula, concepts)
+    elif not isinstance(formula, Formula):
+        raise TypeError(f"formula must be a Formula or its text, got {type(formula).__name__}")
+    unknown = sorted(formula.concepts - set(concepts.names))
+    if unknown:
+        raise KeyError(f"unknown concept name(s) {unknown} in formula {str(formula)!r}")
+    return formula, formula.evaluate(concepts).reshape(-1).cpu()
+
+
+def default_search_batch(n_samples: int, n_channels: int) -> int:
+    """Channels ranked at once: about 2**20 values (small arrays stay in the CPU caches), at least 1."""
+    return int(max(1, min(n_channels, _BATCH_ELEMENTS // max(int(n_samples), 1))))
+
+
+def best_labels(labels: Any, layer: str, n_channels: int) -> List[Tuple[Optional[str], Optional[float]]]:
+    """``(formula text, AUC)`` of the best explanation of every channel (``(None, None)`` without labels).
+
+    ``labels`` is ``None``, a ``LayerLabels`` or a mapping of layer name to ``LayerLabels``.
+    """
+    if isinstance(labels, Mapping):
+        labels = labels.get(layer)
+    if labels is None:
+        return [(None, None)] * n_channels
+    if len(labels) != n_channels:
+        raise ValueError(f"the labels of layer {layer!r} have {len(labels)} channels, the data {n_channels}")
+    result = []
+    for channel in range(n_channels):
+        best = labels.best(channel)
+        result.append((None, None) if best is None else (str(best.formula), float(best.auc)))
+    return result
+
+
+@contextlib.contextmanager
+def open_layers(data: Any, layers: Union[str, Sequence[str], None], source: str,
+                n_samples: int) -> Iterator[Tuple[List[str], Callable[[str], Any]]]:
+    """The [N, C] arrays to read by layer: ``(layer names, name -> array)``.
+
+    ``data`` is an activation cache or its path (checked and streamed by
+    :func:`crp_invert.storage.cache.open_for_labeling`; a path is closed on exit) or a mapping of layer name
+    to in-memory ``[N, C]`` arrays.
+    """
+    if isinstance(data, (ActivationCache, str, os.PathLike)):
+        with open_for_labeling(data, layers, source, n_samples) as (cache, names):
+            yield names, lambda name: cache.dataset(name, source)
+        return
+    if not isinstance(data, Mapping):
+        raise TypeError("cache must be an ActivationCache, a path to one, or a mapping of layer name to [N, C] "
+                        f"arrays, got {type(data).__name__}")
+    names = list(data) if layers is None else ([layers] if isinstance(layers, str) else list(layers))
+    for name in names:
+        if name not in data:
+            raise KeyError(f"no layer {name!r}; layers: {list(data)}")
+        shape = tuple(getattr(data[name], "shape", ()))
+        if len(shape) != 2 or shape[0] != n_samples:
+            raise ValueError(f"layer {name!r} must have shape [N, C] with N = {n_samples} (the concepts' samples), "
+                             f"got {shape}")
+    yield names, data.__getitem__
+
+
+def find_channels(
+    formula: Union[Formula, str],
+    cache: Any,
+    concepts: ConceptLabels,
+    layers: Union[str, Sequence[str], None] = None,
+    source: str = "activation",
+    *,
+    labels: Any = None,
+    mode: str = "positive",
+    feature_batch_size: Optional[int] = None,
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = False,
+) -> ChannelSearch:
+    """Rank every channel of the chosen layers by the exact AUC of ``formula``.
+
+    Parameters
+    ----------
+    formula : Formula or str
+        Any formula over the concepts, e.g. ``"dog AND NOT cat"`` (text is parsed against the concept
+        names; an unknown name raises ``KeyError``).
+    cache : ActivationCache, str, os.PathLike or mapping of str to array
+        An activation cache (a path is opened read-only and closed afterwards; columns are read in batches),
+        or in-memory ``[N, C]`` arrays (torch, numpy, h5py datasets) by layer name.
+    concepts : ConceptLabels
+        The concepts of the same N samples, in the same order.
+    layers : str or sequence of str, optional
+        The layers to search (default: all, in cache order).
+    source : {"activation", "relevance"}
+        Rank what the channels' activations detect or what their relevances do (caches only).
+    labels : LayerLabels or mapping of str to LayerLabels, optional
+        The channels' own labels: each match then shows its channel's best label.
+    mode : {"positive", "negative"}
+        Highest AUC first with ``greater`` p-values, or lowest first with ``less`` p-values (channels that
+        are *off* where the formula holds).
+    feature_batch_size : int, optional
+        Channels ranked at once (default :func:`default_search_batch`: about 2**20 values).
+    device : str or torch.device
+        Where the ranks are computed.
+    progress : bool
+        Show a progress bar over the layers.
+
+    Returns
+    -------
+    ChannelSearch
+        Every channel of every searched layer, best first, with AUC, p-value and BH q-value over all of them.
+
+    Raises
+    ------
+    ValueError
+        The formula holds for no sample or for all (its AUC is undefined), N differs, rows are incomplete.
+    KeyError
+        Unknown concept or layer.
+    """
+    if source not in ("activation", "relevance"):
+        raise ValueError(f"source must be 'activation' or 'relevance', got {source!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if feature_batch_size is not None and (isinstance(feature_batch_size, bool)
+                                           or not isinstance(feature_batch_size, (int, np.integer))
+                                           or feature_batch_size < 1):
+        raise ValueError(f"feature_batch_size must be None or an int >= 1, got {feature_batch_size!r}")
+    formula, mask = formula_mask(formula, concepts)
+    n_samples = concepts.n_samples
+    n_positive = int(mask.sum())
+    if not 0 < n_positive < n_samples:
+        raise ValueError(f"formula {str(formula)!r} holds for {n_positive} of {n_samples} samples; its AUC is "
+                         "undefined unless it holds for some but not all samples")
+    device = torch.device(device)
+    weights = mask.to(device=device, dtype=torch.float64)
+    alternative = "greater" if mode == "positive" else "less"
+
+    found: List[Tuple[str, int, float, float]] = []
+    with open_layers(cache, layers, source, n_samples) as (names, array_of):
+        for name in tqdm(names, desc="find_channels", disable=not progress):
+            data = array_of(name)
+            n_channels = int(data.shape[1])
+            batch = feature_batch_size or default_search_batch(n_samples, n_channels)
+            aucs, p_values = [], []
+            for start in range(0, n_channels, batch):
+                block = _read_columns(data, start, min(start + batch, n_channels), device)
+                _check_finite(block, start)
+                ranked = rank_scores(block)
+                rank_sum = torch.mv(ranked.ranks.T, weights)  # [C]: the positive samples' rank sum
+                auc = auc_from_rank_sums(rank_sum, torch.tensor(float(n_positive), device=device), n_samples)
+                aucs.append(auc)
+                p_values.append(mann_whitney_pvalue(auc, n_positive, n_samples, ranked.tie_term, alternative))
+            auc_list = torch.cat(aucs).cpu().tolist() if aucs else []
+            p_list = torch.cat(p_values).cpu().tolist() if p_values else []
+            own = best_labels(labels, name, n_channels)
+            found += [(name, channel, auc_list[channel], p_list[channel], *own[channel])
+                      for channel in range(n_channels)]
+    q_values = benjamini_hochberg(torch.tensor([row[3] for row in found], dtype=torch.float64)).tolist()
+    layer_order = {name: i for i, name in enumerate(names)}
+    sign = -1.0 if mode == "positive" else 1.0
+    order = sorted(range(len(found)), key=lambda i: (sign * found[i][2], layer_order[found[i][0]], found[i][1]))
+    matches = [ChannelMatch(layer=found[i][0], channel=found[i][1], auc=found[i][2], p_value=found[i][3],
+                            p_value_bh=q_values[i], label=found[i][4], label_auc=found[i][5]) for i in order]
+    logger.info("find_channels %r: %d channels in %d layers", str(formula), len(matches), len(names))
+    return ChannelSearch(formula=formula, source=source, mode=mode, n_samples=n_samples, n_positive=n_positive,
+                         layers=list(names), matches=matches)

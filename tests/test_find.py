@@ -1,0 +1,187 @@
+"""Concept search: find_channels against sklearn / scipy, against the labeler, streaming against in-memory."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from scipy.stats import false_discovery_control, mannwhitneyu
+from sklearn.metrics import roc_auc_score
+
+from crp_invert import ConceptLabeler, ConceptLabels, Formula
+from crp_invert.cli import main
+from crp_invert.find import ChannelSearch, default_search_batch, find_channels
+from crp_invert.storage.cache import ActivationCache
+
+N = 300
+NAMES = ["red", "round", "big", "striped", "dog cat"]
+LAYERS = {"conv": 7, "fc": 4}
+
+
+def random_formula(rng: np.random.Generator, names, max_length: int = 4) -> Formula:
+    """A random formula of 1..max_length atoms, any nesting of AND / OR, negated atoms and groups."""
+    atoms = []
+    for name in rng.choice(names, size=int(rng.integers(1, max_length + 1)), replace=True):
+        atom = Formula.concept(str(name))
+        atoms.append(~atom if rng.random() < 0.4 else atom)
+    formula = atoms[0]
+    for atom in atoms[1:]:
+        formula = formula & atom if rng.random() < 0.5 else formula | atom
+        if rng.random() < 0.2:
+            formula = ~formula
+    return formula
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Concepts, tied activations and relevances (rounded, ReLU zeros) of two layers, in memory and in a cache."""
+    rng = np.random.default_rng(0)
+    labels = rng.random((N, len(NAMES))) < 0.35
+    concepts = ConceptLabels(labels, NAMES)
+    acts, rels = {}, {}
+    for layer, channels in LAYERS.items():
+        signal = labels[:, np.arange(channels) % len(NAMES)].astype(np.float32)
+        noise = rng.normal(size=(N, channels)).astype(np.float32)
+        acts[layer] = np.maximum(1.5 * signal + noise - 0.5, 0).round(1)  # many ties, many zeros
+        rels[layer] = (acts[layer] * rng.random((N, channels)).astype(np.float32)).round(2)
+    path = tmp_path_factory.mktemp("find") / "cache.h5"
+    with ActivationCache(path, mode="a", overwrite=True) as cache:
+        cache.initialize((0, N))
+        for layer, channels in LAYERS.items():
+            cache.add_layer(layer, channels, relevances=True, pooling="mean")
+            cache.write(layer, (0, N), acts[layer], rels[layer])
+        cache.mark_complete((0, N))
+    concepts_path = path.parent / "concepts.npz"
+    concepts.save(concepts_path)
+    return dict(concepts=concepts, labels=labels, acts=acts, rels=rels, path=path, concepts_path=concepts_path)
+
+
+def test_auc_and_p_values_equal_sklearn_and_scipy_for_random_formulas(data):
+    rng = np.random.default_rng(1)
+    concepts = data["concepts"]
+    checked = 0
+    for _ in range(25):
+        formula = random_formula(rng, NAMES)
+        mask = formula.evaluate(concepts).numpy()
+        if not 0 < mask.sum() < N:
+            continue
+        result = find_channels(formula, data["acts"], concepts)
+        assert len(result) == sum(LAYERS.values())
+        assert result.n_positive == mask.sum() and result.fraction == pytest.approx(mask.mean())
+        for match in result:
+            values = data["acts"][match.layer][:, match.channel].astype(np.float64)  # scipy keeps float32
+            assert match.auc == pytest.approx(roc_auc_score(mask, values), abs=1e-12)
+            expected = mannwhitneyu(values[mask], values[~mask], alternative="greater", method="asymptotic").pvalue
+            assert match.p_value == pytest.approx(expected, rel=1e-9, abs=1e-300)
+        checked += 1
+    assert checked >= 15
+
+
+def test_ranking_is_by_auc_and_q_values_are_benjamini_hochberg(data):
+    result = find_channels("red AND NOT round", data["acts"], data["concepts"])
+    aucs = [m.auc for m in result]
+    assert aucs == sorted(aucs, reverse=True)
+    keys = [(m.layer, m.channel) for m in result]
+    assert sorted(keys) == sorted((layer, c) for layer, n in LAYERS.items() for c in range(n))
+    p_values = np.array([m.p_value for m in result])
+    np.testing.assert_allclose([m.p_value_bh for m in result], false_discovery_control(p_values), rtol=1e-12)
+    # channel c of every layer follows concept c % K: "red" channels rank first
+    assert {(m.layer, m.channel) for m in result[:2]} == {("conv", 0), ("fc", 0)}
+
+
+def test_negative_mode_ranks_lowest_first_with_less_p_values(data):
+    concepts = data["concepts"]
+    result = find_channels("red", data["acts"], concepts, layers="conv", mode="negative")
+    mask = concepts.mask("red").numpy()
+    aucs = [m.auc for m in result]
+    assert aucs == sorted(aucs)
+    for match in result:
+        values = data["acts"]["conv"][:, match.channel].astype(np.float64)
+        expected = mannwhitneyu(values[mask], values[~mask], alternative="less", method="asymptotic").pvalue
+        assert match.p_value == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+def test_equals_the_labelers_auc_for_the_channels_own_labels(data):
+    concepts = data["concepts"]
+    labels = ConceptLabeler(concepts).label_cache(str(data["path"]), L=3, B=2, progress=False)
+    for layer, layer_labels in labels.items():
+        for channel in range(len(layer_labels)):
+            for explanation in layer_labels[channel]:
+                found = find_channels(explanation.formula, data["path"], concepts, layers=[layer])
+                match = next(m for m in found if m.channel == channel)
+                assert match.auc == pytest.approx(explanation.auc, abs=1e-12)
+                assert match.p_value == pytest.approx(explanation.p_value, rel=1e-9, abs=1e-300)
+                assert found.fraction == pytest.approx(explanation.fraction, abs=1e-12)
+
+
+@pytest.mark.parametrize("source", ["activation", "relevance"])
+def test_streaming_from_the_cache_equals_in_memory(data, source):
+    concepts = data["concepts"]
+    arrays = data["acts"] if source == "activation" else data["rels"]
+    memory = find_channels("big OR NOT striped", {k: torch.from_numpy(v) for k, v in arrays.items()}, concepts,
+                           source=source)
+    for batch in (1, 3, None):
+        streamed = find_channels("big OR NOT striped", str(data["path"]), concepts, source=source,
+                                 feature_batch_size=batch)
+        assert streamed.matches == memory.matches
+        assert streamed.layers == list(LAYERS)
+    with ActivationCache(data["path"]) as cache:  # an open cache stays open
+        assert find_channels("big", cache, concepts, source=source).layers == list(LAYERS)
+        assert not cache.closed
+
+
+def test_labels_json_table_top_and_layers(data, tmp_path):
+    concepts = data["concepts"]
+    labels = ConceptLabeler(concepts).label_cache(str(data["path"]), L=2, B=2, progress=False)
+    result = find_channels('"dog cat" AND red', data["path"], concepts, labels=labels)
+    for match in result:
+        best = labels[match.layer].best(match.channel)
+        assert match.label == str(best.formula) and match.label_auc == best.auc
+    assert result.formula == Formula.parse('red AND "dog cat"')
+    again = ChannelSearch.from_json(result.to_json(tmp_path / "found.json"))
+    assert again == result and ChannelSearch.from_json(tmp_path / "found.json") == result
+    assert json.loads(result.to_json())["text"] == str(result.formula)
+    assert len(result.top(3)) == 3 and result.top(3).matches == result.matches[:3]
+    fc = result.of_layer("fc")
+    assert [m.layer for m in fc] == ["fc"] * LAYERS["fc"] and fc.layers == ["fc"]
+    table = result.table(max_rows=2)
+    assert "dog cat" in table and "... " in table and str(result[0].channel) in table.splitlines()[3]
+
+
+def test_errors(data):
+    concepts = data["concepts"]
+    with pytest.raises(KeyError, match="unknown"):
+        find_channels("red AND purple", data["acts"], concepts)
+    with pytest.raises(ValueError, match="holds for 0 of"):
+        find_channels("red AND NOT red", data["acts"], concepts)
+    with pytest.raises(ValueError, match=f"holds for {N} of"):
+        find_channels("red OR NOT red", data["acts"], concepts)
+    with pytest.raises(KeyError, match="nolayer"):
+        find_channels("red", data["path"], concepts, layers="nolayer")
+    with pytest.raises(ValueError, match="N ="):
+        find_channels("red", {"x": data["acts"]["conv"][:10]}, concepts)
+    with pytest.raises(ValueError, match="source"):
+        find_channels("red", data["acts"], concepts, source="gradient")
+    with pytest.raises(ValueError, match="mode"):
+        find_channels("red", data["acts"], concepts, mode="both")
+    with pytest.raises(ValueError, match="feature_batch_size"):
+        find_channels("red", data["acts"], concepts, feature_batch_size=0)
+    with pytest.raises(TypeError, match="formula"):
+        find_channels(3, data["acts"], concepts)
+    bad = {"x": np.where(np.arange(N)[:, None] == 5, np.nan, data["acts"]["conv"])}
+    with pytest.raises(ValueError, match="NaN"):
+        find_channels("red", bad, concepts)
+    assert default_search_batch(50_000, 512) == 20 and default_search_batch(10, 5) == 5
+
+
+def test_find_command(data, tmp_path):
+    out = tmp_path / "found.json"
+    result = CliRunner().invoke(main, ["find", str(data["path"]), str(data["concepts_path"]), "red AND NOT round",
+                                       "--layer", "conv", "--top", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    expected = find_channels("red AND NOT round", data["path"], data["concepts"], layers=["conv"]).top(3)
+    assert ChannelSearch.from_json(out) == expected
+    assert "red AND NOT round" in result.output and len(expected) == 3
+    bad = CliRunner().invoke(main, ["find", str(data["path"]), str(data["concepts_path"]), "purple"])
+    assert bad.exit_code != 0 and "purple" in bad.output
