@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 import math
 import os

@@ -117,7 +117,7 @@ from crp_invert import ConceptLabeler, InvertFeatureVisualization
 composite = EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])
 attribution = CondAttribution(model, device=device)
 fv = InvertFeatureVisualization(attribution, dataset, {name: ChannelConcept() for name in model.layer_names},
-                                path=str(work / "crp"), cache=str(work / "acts.h5"), device=device)
+                                path=str(work / "crp"), activation_cache=str(work / "acts.h5"), device=device)
 fv.run(composite, 0, len(dataset), batch_size=100)
 labeler = ConceptLabeler(concepts, device=device)
 labels = labeler.label_cache(str(work / "acts.h5"), L=3, B=3, progress=False)
