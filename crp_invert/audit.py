@@ -24,7 +24,6 @@ A channel is flagged
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ import torch
 
 from .core.concepts import ConceptLabels
 from .core.formula import Formula
+from .core.jsonio import read_json, write_json
 from .storage.cache import ActivationCache
 
 __all__ = ["audit", "Audit", "ClassAudit", "AuditChannel", "literals", "positive_literals", "class_concepts_from_data",
@@ -207,19 +207,11 @@ class Audit:
 
     def to_json(self, path: Union[str, os.PathLike, None] = None, indent: int = 2) -> str:
         """The audit as JSON text; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(text)
-        return text
+        return write_json(self.to_dict(), path, indent)
 
     @classmethod
     def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "Audit":
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            with open(text_or_path, encoding="utf-8") as handle:
-                text = handle.read()
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(read_json(text_or_path))
 
 
 def _json_row(row: Dict[str, Any]) -> Dict[str, Any]:

@@ -28,7 +28,6 @@ Examples
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -41,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .core.concepts import ConceptLabels
 from .core.formula import Formula
+from .core.jsonio import read_json, write_json
 from .core.labeling import _check_finite, _read_columns
 from .core.metrics import auc_from_rank_sums, benjamini_hochberg, mann_whitney_pvalue, rank_scores
 from .core.params import MODES
@@ -184,20 +184,12 @@ class ChannelSearch:
 
     def to_json(self, path: Union[str, os.PathLike, None] = None, indent: int = 2) -> str:
         """The result as JSON text; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(text)
-        return text
+        return write_json(self.to_dict(), path, indent)
 
     @classmethod
     def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "ChannelSearch":
         """Read a result from JSON text or a file."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            with open(text_or_path, encoding="utf-8") as handle:
-                text = handle.read()
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(read_json(text_or_path))
 
 
 def _json_float(value: Any) -> Any:

@@ -55,16 +55,8 @@ def demo(
     from .pipeline import run_demo
 
     try:
-        summary = run_demo(
-            out,
-            device=device,
-            n_samples=samples,
-            seed=seed,
-            L=L,
-            B=B,
-            max_channels=max_channels,
-            progress=not quiet,
-        )
+        summary = run_demo(out, device=device, n_samples=samples, seed=seed, L=L, B=B,
+                           max_channels=max_channels, progress=not quiet)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(summary.table())

@@ -492,22 +492,12 @@ def run_demo(
     summaries[-1].planted_truth = score_l2
     summaries[-1].explanation_accuracy = accuracy_l3
     summary = DemoSummary(
-        out_dir=out,
-        n_samples=dataset.n_base,
-        layers=summaries,
-        planted_truth_score=score_l2,
-        planted_truth_score_l3=score_l3,
-        explanation_accuracy_l2=accuracy_l2,
-        explanation_accuracy_l3=accuracy_l3,
-        model_accuracy=model_accuracy,
-        alpha=alpha,
-        files=files,
-        timings=timings,
+        out_dir=out, n_samples=dataset.n_base, layers=summaries, model_accuracy=model_accuracy, alpha=alpha,
+        planted_truth_score=score_l2, planted_truth_score_l3=score_l3,
         planted_truth_score_l3_relevance=score_l3_relevance,
-        labels_differ=labels_differ,
-        n_artifact=len(dataset) - dataset.n_base,
-        audit_min_share=AUDIT_MIN_SHARE,
-        **audit_facts,
+        explanation_accuracy_l2=accuracy_l2, explanation_accuracy_l3=accuracy_l3,
+        files=files, timings=timings, labels_differ=labels_differ, n_artifact=len(dataset) - dataset.n_base,
+        audit_min_share=AUDIT_MIN_SHARE, **audit_facts,
     )
 
     # -- report -------------------------------------------------------------------------------------------

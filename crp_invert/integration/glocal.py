@@ -16,7 +16,6 @@ channel's label holds for it. Hooks that CRP would leave attached and canonizer 
 leave behind after an error are undone.
 """
 import contextlib
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ import numpy as np
 import torch
 
 from ..core.checks import is_int
+from ..core.jsonio import read_json as _read_json
+from ..core.jsonio import write_json as _write_json
 
 logger = logging.getLogger(__name__)
 
@@ -641,24 +642,6 @@ def _collect_evidence(evidence: Evidence, layer: str, activation: torch.Tensor, 
 # ------------------------------------------------------------------------------------------------
 # decomposition
 # ------------------------------------------------------------------------------------------------
-
-def _write_json(data: Any, path=None, indent: Optional[int] = None) -> str:
-    """``data`` as JSON text, also written to ``path`` when given."""
-    text = json.dumps(data, indent=indent)
-    if path is not None:
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text)
-    return text
-
-
-def _read_json(text_or_path) -> Any:
-    """Parse JSON text (starting with ``{``) or the JSON file at a path."""
-    text = str(text_or_path)
-    if not text.lstrip().startswith("{"):
-        with open(text_or_path, encoding="utf-8") as handle:
-            text = handle.read()
-    return json.loads(text)
-
 
 _TENSOR_FIELDS = ("heatmap", "channels", "channel_heatmaps", "relevance", "share", "rest_heatmap",
                   "channel_relevance", "prediction")

@@ -1,0 +1,27 @@
+"""JSON documents of our result objects (labels, glocal explanations, circuits, audits, channel searches):
+one way to write them as text or a file and to read them back from either."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional, Union
+
+__all__ = ["write_json", "read_json"]
+
+
+def write_json(data: Any, path: Union[str, os.PathLike, None] = None, indent: Optional[int] = None) -> str:
+    """``data`` as JSON text, also written to ``path`` when given."""
+    text = json.dumps(data, indent=indent)
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    return text
+
+
+def read_json(text_or_path: Union[str, os.PathLike]) -> Any:
+    """Parse JSON text (starting with ``{``) or the JSON file at a path."""
+    text = str(text_or_path)
+    if not text.lstrip().startswith("{"):
+        with open(text_or_path, encoding="utf-8") as handle:
+            text = handle.read()
+    return json.loads(text)
