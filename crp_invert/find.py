@@ -5,12 +5,16 @@
 formula's sample mask, with one-sided Mann-Whitney U p-values, and ranks the channels. The formula is any
 formula over the concepts, not only one the beam search found.
 
-How: the formula's mask is one boolean vector over the N samples. For a batch of channels, the midranks of
-their values (:func:`crp_invert.core.metrics.rank_scores`) times the mask (one dense matrix-vector product)
-give the rank sum of the positive samples of every channel, hence the AUC
-(:func:`~crp_invert.core.metrics.auc_from_rank_sums`, exact: rank sums are float64 sums of half-integers)
-and the p-value with tie correction (:func:`~crp_invert.core.metrics.mann_whitney_pvalue`). A cache is
-streamed in column batches, as labeling does, so a layer larger than memory is searched with bounded memory.
+How: the formula's mask is one boolean vector over the N samples, and the AUC of a channel follows from the
+sum of the midranks of the samples where the formula holds. One mask needs no full rank matrix: each channel's
+values are sorted (numpy's vectorized sort on the CPU), and the midrank of a positive sample is
+``(left + right + 1) / 2`` from a binary search of its value in the sorted values (``left`` values are
+smaller, ``right`` are smaller or equal), summed over the positive samples (or the negative ones, whichever
+are fewer); the tie groups of the sorted values give the tie correction. The rank sums are exact (sums of
+integers, halved), equal to :func:`crp_invert.core.metrics.rank_scores` times the mask (tested), and the AUC
+and the p-value come from :func:`~crp_invert.core.metrics.auc_from_rank_sums` and
+:func:`~crp_invert.core.metrics.mann_whitney_pvalue`. A cache is streamed in column batches aligned to its HDF5
+chunks, as labeling does, so a layer larger than memory is searched with bounded memory.
 
 Examples
 --------
@@ -42,12 +46,12 @@ from .core.concepts import ConceptLabels
 from .core.formula import Formula
 from .core.jsonio import read_json, write_json
 from .core.labeling import _check_finite, _read_columns
-from .core.metrics import auc_from_rank_sums, benjamini_hochberg, mann_whitney_pvalue, rank_scores
+from .core.metrics import RankedScores, auc_from_rank_sums, benjamini_hochberg, mann_whitney_pvalue
 from .core.params import MODES
 from .storage.cache import ActivationCache, open_for_labeling
 
 __all__ = ["find_channels", "ChannelMatch", "ChannelSearch", "formula_mask", "default_search_batch",
-           "best_labels", "open_layers"]
+           "best_labels", "open_layers", "mask_rank_sums"]
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +214,89 @@ def formula_mask(formula: Union[Formula, str], concepts: ConceptLabels) -> Tuple
     return formula, formula.evaluate(concepts).reshape(-1).cpu()
 
 
-def default_search_batch(n_samples: int, n_channels: int) -> int:
-    """Channels ranked at once: about 2**20 values (small arrays stay in the CPU caches), at least 1."""
-    return int(max(1, min(n_channels, _BATCH_ELEMENTS // max(int(n_samples), 1))))
+def default_search_batch(n_samples: int, n_channels: int, chunk_columns: Optional[int] = None) -> int:
+    """Channels ranked at once: about 2**20 values (small arrays stay in the CPU caches), at least 1, and a
+    multiple of ``chunk_columns`` (the HDF5 chunk width) so that every chunk is read once."""
+    batch = max(1, _BATCH_ELEMENTS // max(int(n_samples), 1))
+    if chunk_columns:
+        batch = max(1, round(batch / chunk_columns)) * int(chunk_columns)
+    return int(min(n_channels, batch))
+
+
+def mask_rank_sums(block: torch.Tensor, mask: torch.Tensor) -> RankedScores:
+    """The midrank sum over the samples where ``mask`` holds, and the tie term, of every column of ``block``.
+
+    Equals ``rank_scores(block)`` reduced to one mask (``ranks.T @ mask`` and ``tie_term``), exactly, without the
+    ``[N, F]`` rank matrix: each column is sorted once and the masked (or the unmasked, if fewer) values are found
+    in it by binary search. On the CPU this runs in numpy (its vectorized sort is about 3 times torch's, and it
+    does not contend for threads on a busy machine); elsewhere in torch.
+
+    Parameters
+    ----------
+    block : torch.Tensor
+        ``[N, F]`` finite real values.
+    mask : torch.Tensor
+        ``[N]`` bool, on the device of ``block``.
+
+    Returns
+    -------
+    RankedScores
+        ``ranks`` holds the ``[F]`` float64 rank sums (not a rank matrix), ``tie_term`` the ``[F]`` float64
+        ``sum(t**3 - t)`` over the tie groups of every column.
+    """
+    if block.device.type == "cpu":
+        rank_sum, tie_term = _mask_rank_sums_numpy(block.numpy(), mask.numpy())
+        return RankedScores(torch.from_numpy(rank_sum), torch.from_numpy(tie_term))
+    return _mask_rank_sums_torch(block, mask)
+
+
+def _searched_side(mask, n_samples: int) -> Tuple[bool, int]:
+    """Search the masked samples if they are at most half, else the others (fewer binary searches)."""
+    n_positive = int(mask.sum())
+    return n_positive <= n_samples - n_positive, n_positive
+
+
+def _mask_rank_sums_numpy(block: np.ndarray, mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    rows = np.ascontiguousarray(block.T)  # [F, N]: sorting and searching contiguous rows
+    n_features, n_samples = rows.shape
+    ordered = np.sort(rows, axis=1)
+    search_positive, _ = _searched_side(mask, n_samples)
+    index = np.flatnonzero(mask if search_positive else ~mask)
+    twice = np.empty(n_features, dtype=np.int64)  # 2 x rank sum: midrank = (left + right + 1) / 2
+    for feature in range(n_features):
+        values = rows[feature, index]
+        left = np.searchsorted(ordered[feature], values, side="left")
+        right = np.searchsorted(ordered[feature], values, side="right")
+        twice[feature] = int(left.sum()) + int(right.sum()) + index.size
+    rank_sum = twice.astype(np.float64) * 0.5
+    if not search_positive:  # the ranks of all samples sum to N (N + 1) / 2
+        rank_sum = n_samples * (n_samples + 1) * 0.5 - rank_sum
+    starts = np.ones(ordered.shape, dtype=bool)
+    np.not_equal(ordered[:, 1:], ordered[:, :-1], out=starts[:, 1:])
+    first = np.flatnonzero(starts)  # first position of every tie group, row after row
+    size = np.diff(first, append=ordered.size).astype(np.float64)
+    tie_term = np.bincount(first // n_samples, weights=size * size * size - size, minlength=n_features)
+    return rank_sum, tie_term
+
+
+def _mask_rank_sums_torch(block: torch.Tensor, mask: torch.Tensor) -> RankedScores:
+    rows = block.T.contiguous()
+    n_features, n_samples = rows.shape
+    ordered = torch.sort(rows, dim=1).values
+    search_positive, _ = _searched_side(mask, n_samples)
+    index = torch.nonzero(mask if search_positive else ~mask).flatten()
+    values = rows[:, index]
+    twice = (torch.searchsorted(ordered, values) + torch.searchsorted(ordered, values, right=True)).sum(1)
+    rank_sum = (twice + index.numel()).to(torch.float64) * 0.5
+    if not search_positive:
+        rank_sum = n_samples * (n_samples + 1) * 0.5 - rank_sum
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    first = torch.nonzero(starts.flatten()).flatten()
+    size = torch.diff(first, append=torch.tensor([ordered.numel()], device=first.device)).to(torch.float64)
+    tie_term = torch.zeros(n_features, dtype=torch.float64, device=rows.device)
+    tie_term.index_add_(0, torch.div(first, n_samples, rounding_mode="floor"), size * size * size - size)
+    return RankedScores(rank_sum, tie_term)
 
 
 def best_labels(labels: Any, layer: str, n_channels: int) -> List[Tuple[Optional[str], Optional[float]]]:
@@ -295,7 +379,7 @@ def find_channels(
         Highest AUC first with ``greater`` p-values, or lowest first with ``less`` p-values (channels that
         are *off* where the formula holds).
     feature_batch_size : int, optional
-        Channels ranked at once (default :func:`default_search_batch`: about 2**20 values).
+        Channels ranked at once (default :func:`default_search_batch`: about 2**20 values, whole HDF5 chunks).
     device : str or torch.device
         Where the ranks are computed.
     progress : bool
@@ -328,7 +412,8 @@ def find_channels(
         raise ValueError(f"formula {str(formula)!r} holds for {n_positive} of {n_samples} samples; its AUC is "
                          "undefined unless it holds for some but not all samples")
     device = torch.device(device)
-    weights = mask.to(device=device, dtype=torch.float64)
+    mask = mask.to(device)
+    positives = torch.tensor(float(n_positive), device=device, dtype=torch.float64)
     alternative = "greater" if mode == "positive" else "less"
 
     found: List[Tuple[str, int, float, float]] = []
@@ -336,16 +421,18 @@ def find_channels(
         for name in tqdm(names, desc="find_channels", disable=not progress):
             data = array_of(name)
             n_channels = int(data.shape[1])
-            batch = feature_batch_size or default_search_batch(n_samples, n_channels)
+            chunks = getattr(data, "chunks", None)
+            batch = feature_batch_size or default_search_batch(n_samples, n_channels, chunks[1] if chunks else None)
             aucs, p_values = [], []
             for start in range(0, n_channels, batch):
                 block = _read_columns(data, start, min(start + batch, n_channels), device)
-                _check_finite(block, start)
-                ranked = rank_scores(block)
-                rank_sum = torch.mv(ranked.ranks.T, weights)  # [C]: the positive samples' rank sum
-                auc = auc_from_rank_sums(rank_sum, torch.tensor(float(n_positive), device=device), n_samples)
+                finite = np.isfinite(block.numpy()).all() if block.device.type == "cpu" else None
+                if not finite:  # the message names the feature
+                    _check_finite(block, start)
+                rank_sum, tie_term = mask_rank_sums(block, mask)
+                auc = auc_from_rank_sums(rank_sum, positives, n_samples)
                 aucs.append(auc)
-                p_values.append(mann_whitney_pvalue(auc, n_positive, n_samples, ranked.tie_term, alternative))
+                p_values.append(mann_whitney_pvalue(auc, n_positive, n_samples, tie_term, alternative))
             auc_list = torch.cat(aucs).cpu().tolist() if aucs else []
             p_list = torch.cat(p_values).cpu().tolist() if p_values else []
             own = best_labels(labels, name, n_channels)

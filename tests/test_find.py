@@ -11,7 +11,8 @@ from sklearn.metrics import roc_auc_score
 
 from crp_invert import ConceptLabeler, ConceptLabels, Formula
 from crp_invert.cli import main
-from crp_invert.find import ChannelSearch, default_search_batch, find_channels
+from crp_invert.core.metrics import rank_scores
+from crp_invert.find import ChannelSearch, _mask_rank_sums_torch, default_search_batch, find_channels, mask_rank_sums
 from crp_invert.storage.cache import ActivationCache
 
 N = 300
@@ -76,6 +77,25 @@ def test_auc_and_p_values_equal_sklearn_and_scipy_for_random_formulas(data):
             assert match.p_value == pytest.approx(expected, rel=1e-9, abs=1e-300)
         checked += 1
     assert checked >= 15
+
+
+@pytest.mark.parametrize("share", [0.01, 0.3, 0.5, 0.8, 0.995])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mask_rank_sums_equal_the_rank_matrix_times_the_mask(share, dtype):
+    """The sort-and-search rank sums and tie terms are exactly those of rank_scores (ties, zeros, -0.0), in both
+    implementations."""
+    generator = torch.Generator().manual_seed(int(share * 1000))
+    block = torch.randint(-3, 4, (500, 9), generator=generator).to(dtype) * 0.5
+    block[:, 0] = torch.rand(500, generator=generator, dtype=torch.float64).to(dtype)  # no ties
+    block[:, 1] = 0.0  # one tie group
+    block[::3, 2] = -0.0
+    mask = torch.rand(500, generator=generator) < share
+    mask[0], mask[1] = True, False
+    ranked = rank_scores(block)
+    for implementation in (mask_rank_sums, _mask_rank_sums_torch):  # numpy on the CPU; torch on other devices
+        rank_sum, tie_term = implementation(block, mask)
+        assert torch.equal(rank_sum, ranked.ranks.T @ mask.double())
+        assert torch.equal(tie_term, ranked.tie_term)
 
 
 def test_ranking_is_by_auc_and_q_values_are_benjamini_hochberg(data):
@@ -173,6 +193,7 @@ def test_errors(data):
     with pytest.raises(ValueError, match="NaN"):
         find_channels("red", bad, concepts)
     assert default_search_batch(50_000, 512) == 20 and default_search_batch(10, 5) == 5
+    assert default_search_batch(50_000, 512, chunk_columns=16) == 16 and default_search_batch(2_000, 512, 16) == 512
 
 
 def test_find_command(data, tmp_path):
