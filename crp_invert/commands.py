@@ -11,6 +11,8 @@ from typing import Optional
 
 import click
 
+from .core.checks import check_output
+
 __all__ = ["find_command", "audit_command"]
 
 _SOURCE = click.Choice(["activation", "relevance"])
@@ -45,10 +47,11 @@ def _channel_labels(paths: tuple) -> Optional[dict]:
 @click.option("--channel-labels", "channel_labels", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="LayerLabels JSON files or an index.json (crp-invert label --out): show each channel's own label.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the table.")
 def find_command(cache: str, labels: str, formula: str, layers: tuple, source: str, mode: str, top: int,
-                 channel_labels: tuple, out: Optional[str], device: str, quiet: bool) -> None:
+                 channel_labels: tuple, out: Optional[str], overwrite: bool, device: str, quiet: bool) -> None:
     """Rank the channels of CACHE by the exact AUC of FORMULA over the concepts in LABELS (.npz).
 
     FORMULA is any formula over the concept names, e.g. "dog AND NOT cat" (quote names with spaces:
@@ -59,6 +62,8 @@ def find_command(cache: str, labels: str, formula: str, layers: tuple, source: s
     from .find import find_channels
 
     def run():
+        if out is not None:
+            check_output(out, overwrite=overwrite)
         concepts = ConceptLabels.load(labels)
         return find_channels(formula, cache, concepts, layers=list(layers) or None, source=source, mode=mode,
                              labels=_channel_labels(channel_labels), device=device)
@@ -126,10 +131,11 @@ def _read_classes(path: str):
               help="Flags count from this share of a class's relevance.")
 @click.option("--out", type=click.Path(dir_okay=False), default="audit.json", show_default=True,
               help="JSON file: a list with one audit per layer.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the audit.")
 def audit_command(cache: str, labels: tuple, targets_path: str, classes_path: str, artifacts: tuple,
                   concepts_path: Optional[str], layers: tuple, top: int, min_share: float, out: str,
-                  quiet: bool) -> None:
+                  overwrite: bool, quiet: bool) -> None:
     """Clever-Hans audit: for every class, the channels of a layer with the largest share of its relevance
     (recorded in CACHE), flagged where their label (LABELS: LayerLabels JSON or index.json) asserts an --artifact
     concept or none of the class's concepts.
@@ -140,6 +146,7 @@ def audit_command(cache: str, labels: tuple, targets_path: str, classes_path: st
     from .core.concepts import ConceptLabels
 
     def run():
+        check_output(out, overwrite=overwrite)
         channel_labels = _channel_labels(labels)
         targets = _read_targets(targets_path)
         class_names, class_concepts = _read_classes(classes_path)

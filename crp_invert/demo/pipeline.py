@@ -381,6 +381,7 @@ def run_demo(
         device=device,
         activation_cache=str(cache_path),
         overwrite=True,
+        progress=progress,
     )
     checkpoints = fv.run_distributed(composite, 0, len(dataset), batch_size=batch_size, checkpoint=10**9)
     fv.collect_results(checkpoints)
@@ -407,6 +408,14 @@ def run_demo(
     ]
     labels_l2.to_json(out / f"{output_layer}_L2.json")
     targets = dataset.targets
+    # the inputs of `crp-invert label / find / audit` on this cache, one row per cache row
+    concepts.save(out / "concepts.npz")
+    np.save(out / "targets.npy", targets.numpy())
+    audit_classes = class_concepts()
+    (out / "classes.json").write_text(
+        json.dumps({name: list(audit_classes[name]) for name in dataset.class_names}, indent=1), encoding="utf-8")
+    files.update(concepts=str(out / "concepts.npz"), targets=str(out / "targets.npy"),
+                 classes=str(out / "classes.json"))
     score_l2 = planted_truth_score(labels_l2, truth, dataset.class_names)
     score_l3 = planted_truth_score(labels[output_layer], truth, dataset.class_names)
     accuracy_l2 = explanation_accuracy(labels_l2, concepts, targets)

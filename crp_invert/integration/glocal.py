@@ -18,6 +18,7 @@ leave behind after an error are undone.
 import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -27,6 +28,7 @@ import torch
 from ..core.checks import is_int
 from ..core.jsonio import read_json as _read_json
 from ..core.jsonio import write_json as _write_json
+from ..storage.cache import ActivationCache
 
 logger = logging.getLogger(__name__)
 
@@ -464,6 +466,9 @@ class Evidence:
     low_percentile: float = LOW_PERCENTILE
 
     def __post_init__(self) -> None:
+        if isinstance(self.reference, (str, os.PathLike)):
+            # a path, like label_cache takes: opened read-only (closed with the Evidence's cache)
+            object.__setattr__(self, "reference", ActivationCache(self.reference))
         if isinstance(self.low_percentile, bool) or not isinstance(self.low_percentile, (int, float)) or \
                 not 0 <= self.low_percentile <= 100:
             raise ValueError(f"low_percentile must be a number in [0, 100], got {self.low_percentile!r}")
