@@ -206,3 +206,15 @@ def test_find_command(data, tmp_path):
     assert "red AND NOT round" in result.output and len(expected) == 3
     bad = CliRunner().invoke(main, ["find", str(data["path"]), str(data["concepts_path"]), "purple"])
     assert bad.exit_code != 0 and "purple" in bad.output
+
+
+def test_find_command_keeps_an_existing_out_unless_overwrite(data, tmp_path):
+    out = tmp_path / "found.json"
+    out.write_text("keep me")
+    args = ["find", str(data["path"]), str(data["concepts_path"]), "red", "--out", str(out)]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "--overwrite" in refused.output
+    assert out.read_text() == "keep me"
+    replaced = CliRunner().invoke(main, args + ["--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert ChannelSearch.from_json(out).formula == find_channels("red", data["path"], data["concepts"]).formula

@@ -493,6 +493,10 @@ def test_evidence_matches_the_cache_and_formula_evaluate(setup, labeled_referenc
             from_tensor = decompose(attribution, sample, 1, "conv2", composite, labels=labels, top_k=4,
                                     evidence=Evidence(reference, concept_row=row))
             assert from_tensor.evidence == g.evidence
+            # a path to the cache, as label_cache takes
+            from_path = decompose(attribution, sample, 1, "conv2", composite, labels=labels, top_k=4,
+                                  evidence=Evidence(str(path), concepts=concepts, sample_index=index))
+            assert from_path.evidence == g.evidence
     assert holds_seen == {True, False}  # both outcomes were checked
     assert hooks_of(model) == hooks
 
