@@ -27,8 +27,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ FLAGS = ("artifact", "unrelated", "unlabeled")
 _FORMAT = "crp-invert.Audit"
 
 
-def literals(formula: Formula) -> FrozenSet[Tuple[str, bool]]:
+def literals(formula: Formula) -> frozenset[tuple[str, bool]]:
     """The literals of a formula with NOT pushed to the atoms (De Morgan): ``(concept, positive)`` pairs.
 
     >>> sorted(literals(Formula.parse("artifact AND NOT (ring OR NOT red)")))
@@ -58,7 +59,7 @@ def literals(formula: Formula) -> FrozenSet[Tuple[str, bool]]:
     if not isinstance(formula, Formula):
         raise TypeError(f"expected a Formula, got {type(formula).__name__}")
 
-    def walk(node: Formula, negated: bool) -> Iterable[Tuple[str, bool]]:
+    def walk(node: Formula, negated: bool) -> Iterable[tuple[str, bool]]:
         if node.kind == "concept":
             return ((node.name, not negated),)
         if node.kind == "not":
@@ -68,7 +69,7 @@ def literals(formula: Formula) -> FrozenSet[Tuple[str, bool]]:
     return frozenset(walk(formula, False))
 
 
-def positive_literals(formula: Formula) -> FrozenSet[str]:
+def positive_literals(formula: Formula) -> frozenset[str]:
     """The concepts a formula asserts: atoms under an even number of NOTs.
 
     >>> sorted(positive_literals(Formula.parse("artifact AND NOT (ring OR NOT red)")))
@@ -100,9 +101,9 @@ class AuditChannel:
     channel: int
     share: float
     value: float
-    label: Optional[str] = None
-    label_auc: Optional[float] = None
-    flag: Optional[str] = None
+    label: str | None = None
+    label_auc: float | None = None
+    flag: str | None = None
 
 
 @dataclass
@@ -123,11 +124,11 @@ class ClassAudit:
 
     target: int
     name: str
-    concepts: Tuple[str, ...]
+    concepts: tuple[str, ...]
     n_samples: int
-    channels: List[AuditChannel] = field(default_factory=list)
+    channels: list[AuditChannel] = field(default_factory=list)
 
-    def flagged(self, min_share: float = MIN_SHARE) -> List[AuditChannel]:
+    def flagged(self, min_share: float = MIN_SHARE) -> list[AuditChannel]:
         """The flagged channels whose share is at least ``min_share``."""
         return [c for c in self.channels if c.flag is not None and c.share >= min_share]
 
@@ -151,25 +152,25 @@ class Audit:
 
     layer: str
     quantity: str
-    artifacts: Tuple[str, ...]
+    artifacts: tuple[str, ...]
     min_share: float
-    classes: List[ClassAudit] = field(default_factory=list)
+    classes: list[ClassAudit] = field(default_factory=list)
 
-    def __getitem__(self, key: Union[int, str]) -> ClassAudit:
+    def __getitem__(self, key: int | str) -> ClassAudit:
         """A class's audit by class index or name."""
         for item in self.classes:
             if item.target == key or item.name == key:
                 return item
         raise KeyError(f"no class {key!r} in the audit; classes: {[c.name for c in self.classes][:8]}")
 
-    def flagged(self, min_share: Optional[float] = None) -> Dict[str, List[AuditChannel]]:
+    def flagged(self, min_share: float | None = None) -> dict[str, list[AuditChannel]]:
         """Class name -> its flagged channels with share >= ``min_share`` (default: :attr:`min_share`), for the
         classes that have any."""
         threshold = self.min_share if min_share is None else float(min_share)
         result = {item.name: item.flagged(threshold) for item in self.classes}
         return {name: channels for name, channels in result.items() if channels}
 
-    def table(self, max_channels: Optional[int] = None) -> str:
+    def table(self, max_channels: int | None = None) -> str:
         """Plain text: per class its channels (share, flag, label)."""
         lines = [f"audit of layer {self.layer}: share of each class's {self.quantity} per channel; artifacts: "
                  f"{', '.join(self.artifacts) or '(none)'}; flags count from share {self.min_share:g}"]
@@ -183,7 +184,7 @@ class Audit:
                              f"{channel.label or '(no label)'}")
         return "\n".join(lines)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""
         return {
             "format": _FORMAT, "layer": self.layer, "quantity": self.quantity, "artifacts": list(self.artifacts),
@@ -194,7 +195,7 @@ class Audit:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Audit":
+    def from_dict(cls, data: Mapping[str, Any]) -> Audit:
         if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
             raise ValueError(f"not a {_FORMAT} object (its 'format' must be {_FORMAT!r})")
         classes = [ClassAudit(target=int(c["target"]), name=c["name"], concepts=tuple(c["concepts"]),
@@ -205,21 +206,21 @@ class Audit:
         return cls(layer=data["layer"], quantity=data["quantity"], artifacts=tuple(data["artifacts"]),
                    min_share=float(data["min_share"]), classes=classes)
 
-    def to_json(self, path: Union[str, os.PathLike, None] = None, indent: int = 2) -> str:
+    def to_json(self, path: str | os.PathLike | None = None, indent: int = 2) -> str:
         """The audit as JSON text; also written to ``path`` when given."""
         return write_json(self.to_dict(), path, indent)
 
     @classmethod
-    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "Audit":
+    def from_json(cls, text_or_path: str | os.PathLike) -> Audit:
         return cls.from_dict(read_json(text_or_path))
 
 
-def _json_row(row: Dict[str, Any]) -> Dict[str, Any]:
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
     return {key: (None if isinstance(value, float) and math.isnan(value) else value) for key, value in row.items()}
 
 
 def class_concepts_from_data(concepts: ConceptLabels, targets: Any, class_names: Sequence[str],
-                             min_fraction: float = 0.9) -> Dict[str, Tuple[str, ...]]:
+                             min_fraction: float = 0.9) -> dict[str, tuple[str, ...]]:
     """Class name -> the concepts that hold for at least ``min_fraction`` of the class's samples.
 
     For classes defined by attributes (the demo: ``red circle`` -> ``circle``, ``red``, ``round``, ``warm``)
@@ -270,7 +271,7 @@ def _relevance_matrix(cache: Any, layer: str) -> np.ndarray:
     return matrix
 
 
-def _flag(label: Optional[Formula], artifacts: FrozenSet[str], own: FrozenSet[str]) -> Optional[str]:
+def _flag(label: Formula | None, artifacts: frozenset[str], own: frozenset[str]) -> str | None:
     if label is None:
         return "unlabeled"
     asserted = positive_literals(label)
@@ -281,7 +282,7 @@ def _flag(label: Optional[Formula], artifacts: FrozenSet[str], own: FrozenSet[st
     return None
 
 
-def _class_rows(targets: Optional[np.ndarray], samples: Any, n_rows: int) -> Optional[np.ndarray]:
+def _class_rows(targets: np.ndarray | None, samples: Any, n_rows: int) -> np.ndarray | None:
     if targets is None:
         return None
     keep = np.ones(n_rows, dtype=bool)
@@ -307,8 +308,8 @@ def audit(
     *,
     targets: Any = None,
     artifacts: Iterable[str] = (),
-    class_concepts: Optional[Mapping[str, Iterable[str]]] = None,
-    concepts: Optional[ConceptLabels] = None,
+    class_concepts: Mapping[str, Iterable[str]] | None = None,
+    concepts: ConceptLabels | None = None,
     by: str = "relevance",
     weight: Any = None,
     k: int = 5,

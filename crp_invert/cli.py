@@ -11,9 +11,10 @@ import functools
 import importlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import Field, asdict, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 

@@ -7,7 +7,6 @@ and :func:`crp_invert.audit.audit`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import click
 
@@ -27,7 +26,7 @@ def _errors_as_click(function):
         raise click.ClickException(str(message)) from error
 
 
-def _channel_labels(paths: tuple) -> Optional[dict]:
+def _channel_labels(paths: tuple) -> dict | None:
     from .report import load_labels
 
     return load_labels(paths) if paths else None
@@ -51,7 +50,7 @@ def _channel_labels(paths: tuple) -> Optional[dict]:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the table.")
 def find_command(cache: str, labels: str, formula: str, layers: tuple, source: str, mode: str, top: int,
-                 channel_labels: tuple, out: Optional[str], overwrite: bool, device: str, quiet: bool) -> None:
+                 channel_labels: tuple, out: str | None, overwrite: bool, device: str, quiet: bool) -> None:
     """Rank the channels of CACHE by the exact AUC of FORMULA over the concepts in LABELS (.npz).
 
     FORMULA is any formula over the concept names, e.g. "dog AND NOT cat" (quote names with spaces:
@@ -134,7 +133,7 @@ def _read_classes(path: str):
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the audit.")
 def audit_command(cache: str, labels: tuple, targets_path: str, classes_path: str, artifacts: tuple,
-                  concepts_path: Optional[str], layers: tuple, top: int, min_share: float, out: str,
+                  concepts_path: str | None, layers: tuple, top: int, min_share: float, out: str,
                   overwrite: bool, quiet: bool) -> None:
     """Clever-Hans audit: for every class, the channels of a layer with the largest share of its relevance
     (recorded in CACHE), flagged where their label (LABELS: LayerLabels JSON or index.json) asserts an --artifact

@@ -35,8 +35,9 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,8 +86,8 @@ class ChannelMatch:
     auc: float
     p_value: float
     p_value_bh: float
-    label: Optional[str] = None
-    label_auc: Optional[float] = None
+    label: str | None = None
+    label_auc: float | None = None
 
 
 @dataclass
@@ -116,8 +117,8 @@ class ChannelSearch:
     mode: str
     n_samples: int
     n_positive: int
-    layers: List[str]
-    matches: List[ChannelMatch] = field(default_factory=list)
+    layers: list[str]
+    matches: list[ChannelMatch] = field(default_factory=list)
 
     @property
     def fraction(self) -> float:
@@ -133,23 +134,23 @@ class ChannelSearch:
     def __iter__(self) -> Iterator[ChannelMatch]:
         return iter(self.matches)
 
-    def top(self, k: Optional[int]) -> "ChannelSearch":
+    def top(self, k: int | None) -> ChannelSearch:
         """The ``k`` best matches (all for ``None``)."""
         if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0):
             raise ValueError(f"k must be None or an int >= 0, got {k!r}")
         return replace(self, matches=list(self.matches[:k] if k is not None else self.matches))
 
-    def of_layer(self, layer: str) -> "ChannelSearch":
+    def of_layer(self, layer: str) -> ChannelSearch:
         """The matches of one layer, best first."""
         if layer not in self.layers:
             raise KeyError(f"layer {layer!r} was not searched; searched: {self.layers}")
         return replace(self, layers=[layer], matches=[m for m in self.matches if m.layer == layer])
 
-    def rows(self) -> List[Dict[str, Any]]:
+    def rows(self) -> list[dict[str, Any]]:
         """One dict per match (the columns of :meth:`table`)."""
         return [asdict(match) for match in self.matches]
 
-    def table(self, max_rows: Optional[int] = None) -> str:
+    def table(self, max_rows: int | None = None) -> str:
         """A plain-text table: rank, layer, channel, AUC, p, q (BH), the channel's own label."""
         header = ["rank", "layer", "channel", "AUC", "p", "q (BH)", "label (AUC)"]
         lines = []
@@ -166,7 +167,7 @@ class ChannelSearch:
             out.append(f"... {len(self.matches) - max_rows} more")
         return "\n".join(out)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (NaN as null)."""
         return {
             "format": _FORMAT, "formula": self.formula.to_json(), "text": str(self.formula), "source": self.source,
@@ -176,7 +177,7 @@ class ChannelSearch:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ChannelSearch":
+    def from_dict(cls, data: Mapping[str, Any]) -> ChannelSearch:
         if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
             raise ValueError(f"not a {_FORMAT} object (its 'format' must be {_FORMAT!r})")
         matches = [ChannelMatch(**{key: (math.nan if value is None and key in ("auc", "p_value", "p_value_bh")
@@ -186,12 +187,12 @@ class ChannelSearch:
                    n_samples=int(data["n_samples"]), n_positive=int(data["n_positive"]),
                    layers=list(data["layers"]), matches=matches)
 
-    def to_json(self, path: Union[str, os.PathLike, None] = None, indent: int = 2) -> str:
+    def to_json(self, path: str | os.PathLike | None = None, indent: int = 2) -> str:
         """The result as JSON text; also written to ``path`` when given."""
         return write_json(self.to_dict(), path, indent)
 
     @classmethod
-    def from_json(cls, text_or_path: Union[str, os.PathLike]) -> "ChannelSearch":
+    def from_json(cls, text_or_path: str | os.PathLike) -> ChannelSearch:
         """Read a result from JSON text or a file."""
         return cls.from_dict(read_json(text_or_path))
 
@@ -200,7 +201,7 @@ def _json_float(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def formula_mask(formula: Union[Formula, str], concepts: ConceptLabels) -> Tuple[Formula, torch.Tensor]:
+def formula_mask(formula: Formula | str, concepts: ConceptLabels) -> tuple[Formula, torch.Tensor]:
     """Parse ``formula`` against the concept names (if text) and evaluate it: ``(Formula, bool [N] mask)``."""
     if not isinstance(concepts, ConceptLabels):
         raise TypeError(f"concepts must be a ConceptLabels, got {type(concepts).__name__}")
@@ -214,7 +215,7 @@ def formula_mask(formula: Union[Formula, str], concepts: ConceptLabels) -> Tuple
     return formula, formula.evaluate(concepts).reshape(-1).cpu()
 
 
-def default_search_batch(n_samples: int, n_channels: int, chunk_columns: Optional[int] = None) -> int:
+def default_search_batch(n_samples: int, n_channels: int, chunk_columns: int | None = None) -> int:
     """Channels ranked at once: about 2**20 values (small arrays stay in the CPU caches), at least 1, and a
     multiple of ``chunk_columns`` (the HDF5 chunk width) so that every chunk is read once."""
     batch = max(1, _BATCH_ELEMENTS // max(int(n_samples), 1))
@@ -250,13 +251,13 @@ def mask_rank_sums(block: torch.Tensor, mask: torch.Tensor) -> RankedScores:
     return _mask_rank_sums_torch(block, mask)
 
 
-def _searched_side(mask, n_samples: int) -> Tuple[bool, int]:
+def _searched_side(mask, n_samples: int) -> tuple[bool, int]:
     """Search the masked samples if they are at most half, else the others (fewer binary searches)."""
     n_positive = int(mask.sum())
     return n_positive <= n_samples - n_positive, n_positive
 
 
-def _mask_rank_sums_numpy(block: np.ndarray, mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _mask_rank_sums_numpy(block: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows = np.ascontiguousarray(block.T)  # [F, N]: sorting and searching contiguous rows
     n_features, n_samples = rows.shape
     ordered = np.sort(rows, axis=1)
@@ -299,7 +300,7 @@ def _mask_rank_sums_torch(block: torch.Tensor, mask: torch.Tensor) -> RankedScor
     return RankedScores(rank_sum, tie_term)
 
 
-def best_labels(labels: Any, layer: str, n_channels: int) -> List[Tuple[Optional[str], Optional[float]]]:
+def best_labels(labels: Any, layer: str, n_channels: int) -> list[tuple[str | None, float | None]]:
     """``(formula text, AUC)`` of the best explanation of every channel (``(None, None)`` without labels).
 
     ``labels`` is ``None``, a ``LayerLabels`` or a mapping of layer name to ``LayerLabels``.
@@ -318,8 +319,8 @@ def best_labels(labels: Any, layer: str, n_channels: int) -> List[Tuple[Optional
 
 
 @contextlib.contextmanager
-def open_layers(data: Any, layers: Union[str, Sequence[str], None], source: str,
-                n_samples: int) -> Iterator[Tuple[List[str], Callable[[str], Any]]]:
+def open_layers(data: Any, layers: str | Sequence[str] | None, source: str,
+                n_samples: int) -> Iterator[tuple[list[str], Callable[[str], Any]]]:
     """The [N, C] arrays to read by layer: ``(layer names, name -> array)``.
 
     ``data`` is an activation cache or its path (checked and streamed by
@@ -345,16 +346,16 @@ def open_layers(data: Any, layers: Union[str, Sequence[str], None], source: str,
 
 
 def find_channels(
-    formula: Union[Formula, str],
+    formula: Formula | str,
     cache: Any,
     concepts: ConceptLabels,
-    layers: Union[str, Sequence[str], None] = None,
+    layers: str | Sequence[str] | None = None,
     source: str = "activation",
     *,
     labels: Any = None,
     mode: str = "positive",
-    feature_batch_size: Optional[int] = None,
-    device: Union[str, torch.device] = "cpu",
+    feature_batch_size: int | None = None,
+    device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> ChannelSearch:
     """Rank every channel of the chosen layers by the exact AUC of ``formula``.
@@ -416,7 +417,7 @@ def find_channels(
     positives = torch.tensor(float(n_positive), device=device, dtype=torch.float64)
     alternative = "greater" if mode == "positive" else "less"
 
-    found: List[Tuple[str, int, float, float]] = []
+    found: list[tuple[str, int, float, float]] = []
     with open_layers(cache, layers, source, n_samples) as (names, array_of):
         for name in tqdm(names, desc="find_channels", disable=not progress):
             data = array_of(name)

@@ -19,8 +19,8 @@ are folds. A circuit is a formula over neurons (``"n61 AND n899 AND n575"``), re
 Formulas are canonical (``n1 AND n1`` is ``n1``), which matters only for the non-idempotent logics.
 """
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ def _check_p(p: float) -> float:
 # membership: standardize, then sigmoid
 # ------------------------------------------------------------------------------------------------
 
-def standardize_params(activations, dim: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def standardize_params(activations, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (population) standard deviation of each neuron over the samples.
 
     Parameters
@@ -202,7 +202,7 @@ def fuzzy_or(*operands, logic: str = "goedel", p: float = 2.0) -> torch.Tensor:
 # circuits over neurons
 # ------------------------------------------------------------------------------------------------
 
-def _neuron_index(name: str, names: Optional[Mapping[str, int]]) -> int:
+def _neuron_index(name: str, names: Mapping[str, int] | None) -> int:
     if names is not None:
         if name not in names:
             raise KeyError(f"unknown neuron {name!r}; expected one of the {len(names)} given names")
@@ -239,7 +239,7 @@ class FuzzyCircuit:
     """
 
     def __init__(self, formula, logic: str = "goedel", p: float = 2.0,
-                 names: Optional[Mapping[str, int]] = None):
+                 names: Mapping[str, int] | None = None):
         from .core.formula import Formula
 
         if isinstance(formula, str):
@@ -250,7 +250,7 @@ class FuzzyCircuit:
         self.logic = _check_logic(logic)
         self.p = _check_p(p)
         self.names = None if names is None else dict(names)
-        self.neurons: List[int] = sorted({_neuron_index(name, self.names) for name in formula.concepts})
+        self.neurons: list[int] = sorted({_neuron_index(name, self.names) for name in formula.concepts})
 
     def __repr__(self) -> str:
         return f"FuzzyCircuit({str(self.formula)!r}, logic={self.logic!r})"
@@ -295,7 +295,7 @@ class NeuronMatch:
     auc: float
 
 
-def best_neurons(activations, concepts, names: Optional[Sequence[str]] = None) -> List[NeuronMatch]:
+def best_neurons(activations, concepts, names: Sequence[str] | None = None) -> list[NeuronMatch]:
     """For each concept, the single neuron whose output has the highest AUC ("fine-tuning without training").
 
     The AUC of a neuron is unchanged by the (monotone) standardize-then-sigmoid mapping, so raw

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,12 +61,12 @@ class ConceptLabeler:
     >>> result[5][0].formula, result[5][0].auc                    # doctest: +SKIP
     """
 
-    def __init__(self, concepts: ConceptLabels, device: Union[str, torch.device] = "cpu") -> None:
+    def __init__(self, concepts: ConceptLabels, device: str | torch.device = "cpu") -> None:
         if not isinstance(concepts, ConceptLabels):
             raise TypeError(f"concepts must be a ConceptLabels, got {type(concepts).__name__}")
         self.concepts = concepts
         self.device = torch.device(device)
-        self._cached_labels: Optional[PreparedLabels] = None
+        self._cached_labels: PreparedLabels | None = None
 
     def __repr__(self) -> str:
         return f"ConceptLabeler({self.concepts!r}, device={str(self.device)!r})"
@@ -81,14 +82,14 @@ class ConceptLabeler:
         activations: Any,
         L: int = 3,
         B: int = 3,
-        limit_search: Optional[int] = None,
+        limit_search: int | None = None,
         min_fraction: float = 0.0,
         max_fraction: float = 0.5,
         mode: str = "positive",
         memorize_states: bool = False,
-        feature_batch_size: Optional[int] = None,
-        validation: Union[None, float, np.ndarray, torch.Tensor] = None,
-        layer: Optional[str] = None,
+        feature_batch_size: int | None = None,
+        validation: None | float | np.ndarray | torch.Tensor = None,
+        layer: str | None = None,
         progress: bool = True,
         seed: int = 0,
     ) -> LayerLabels:
@@ -138,25 +139,25 @@ class ConceptLabeler:
                                seed=seed)
 
     def label_with(self, activations: Any, params: SearchParams, *, validation: Any = None,
-                   layer: Optional[str] = None, progress: bool = True, seed: int = 0) -> LayerLabels:
+                   layer: str | None = None, progress: bool = True, seed: int = 0) -> LayerLabels:
         """:meth:`label` with the search parameters given as one :class:`SearchParams`."""
         prepared = self._prepared_labels() if validation is None else None
         return label_array(activations, self.concepts, params, device=self.device, validation=validation,
                            layer=layer, progress=progress, seed=seed, prepared=prepared)
 
-    def label_cache(self, cache: Any, layers: Optional[Sequence[str]] = None, source: str = "activation",
-                    progress: bool = True, **label_kwargs: Any) -> Dict[str, LayerLabels]:
+    def label_cache(self, cache: Any, layers: Sequence[str] | None = None, source: str = "activation",
+                    progress: bool = True, **label_kwargs: Any) -> dict[str, LayerLabels]:
         """Label every channel of the layers of an :class:`~crp_invert.ActivationCache` (see :func:`label_cache`)."""
         return label_cache(self, cache, layers=layers, source=source, progress=progress, **label_kwargs)
 
-    def label_h5(self, path: Union[str, os.PathLike], dataset: str = "Y", progress: bool = True,
+    def label_h5(self, path: str | os.PathLike, dataset: str = "Y", progress: bool = True,
                  **label_kwargs: Any) -> LayerLabels:
         """Label every column of the INVERT release's single-file HDF5 format (see :func:`label_h5`)."""
         return label_h5(self, path, dataset=dataset, progress=progress, **label_kwargs)
 
 
-def _label_columns(labeler: ConceptLabeler, data: Any, layer: Optional[str], progress: bool,
-                   label_kwargs: Dict[str, Any]) -> LayerLabels:
+def _label_columns(labeler: ConceptLabeler, data: Any, layer: str | None, progress: bool,
+                   label_kwargs: dict[str, Any]) -> LayerLabels:
     """All columns of ``data`` in this process, or this rank's share gathered on every rank under torchrun."""
     if is_distributed():
         label = partial(labeler.label, **label_kwargs)
@@ -172,12 +173,12 @@ def _check_labeler(labeler: Any) -> ConceptLabeler:
 
 def label_cache(
     labeler: ConceptLabeler,
-    cache: Union[ActivationCache, str, os.PathLike],
-    layers: Union[str, Sequence[str], None] = None,
+    cache: ActivationCache | str | os.PathLike,
+    layers: str | Sequence[str] | None = None,
     source: str = "activation",
     progress: bool = True,
     **label_kwargs: Any,
-) -> Dict[str, LayerLabels]:
+) -> dict[str, LayerLabels]:
     """Label the channels of cached layers, streaming column batches from HDF5.
 
     Parameters
@@ -226,7 +227,7 @@ def label_cache(
 
 def label_h5(
     labeler: ConceptLabeler,
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     dataset: str = "Y",
     progress: bool = True,
     **label_kwargs: Any,

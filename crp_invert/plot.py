@@ -6,7 +6,6 @@ symmetric around zero, normalized as :py:func:`zennit.image.imgify` does), color
 CRP's :py:func:`crp.image.imgify`. matplotlib is imported only when a figure is drawn.
 """
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ def _palette_rgb(values: np.ndarray, vmin: float, vmax: float, cmap: str, level:
     return np.asarray(palette(cmap, level))[indices]
 
 
-def heatmap_image(heatmap, cmap: str = "bwr", vmax: Optional[float] = None, level: float = 1.0) -> np.ndarray:
+def heatmap_image(heatmap, cmap: str = "bwr", vmax: float | None = None, level: float = 1.0) -> np.ndarray:
     """RGB array of a 2-D heatmap in a zennit color map, symmetric around zero.
 
     Parameters
@@ -106,8 +105,8 @@ def evidence_line(part) -> str:
     return f"act p{part.percentile:.0f} | label {state}" + (" !" if part.unexplained else "")
 
 
-def plot_glocal(glocal, image=None, class_name: Optional[str] = None, show_rest: bool = True,
-                cmap: str = "bwr", shared_scale: bool = False, ncols: Optional[int] = None,
+def plot_glocal(glocal, image=None, class_name: str | None = None, show_rest: bool = True,
+                cmap: str = "bwr", shared_scale: bool = False, ncols: int | None = None,
                 panel_size: float = 2.2, max_label_chars: int = 40):
     """The glocal figure: input, class heatmap and the labeled top-k channel heatmaps.
 
@@ -198,8 +197,8 @@ def _density(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return gaussian_kde(values)(grid)
 
 
-def plot_explanation(activations, concepts, explanation, feature: Optional[int] = None, ax=None,
-                     points: int = 200, title: Optional[str] = None):
+def plot_explanation(activations, concepts, explanation, feature: int | None = None, ax=None,
+                     points: int = 200, title: str | None = None):
     """The explanation figure (paper figures 1-2): activation densities inside and outside the formula.
 
     Parameters
@@ -279,7 +278,7 @@ def _layer_order(circuit) -> list:
     return sorted(layers, key=lambda layer: (depth[layer], position[layer]))
 
 
-def plot_circuit(circuit, ax=None, max_label_chars: int = 28, title: Optional[str] = None):
+def plot_circuit(circuit, ax=None, max_label_chars: int = 28, title: str | None = None):
     """The circuit figure: one column per layer (earliest left), labeled nodes, edges by value.
 
     Edge width follows ``|value|`` (relative to the largest), red for positive, blue for negative values.

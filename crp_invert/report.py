@@ -33,8 +33,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import click
 import numpy as np
@@ -218,7 +219,7 @@ def select_channels(layer_labels: Any, max_channels: int = MAX_CHANNEL_FIGURES) 
     return sorted(channel for _, channel in sorted(keyed)[:max_channels])
 
 
-def load_labels(paths: Iterable[Union[str, os.PathLike]]) -> dict:
+def load_labels(paths: Iterable[str | os.PathLike]) -> dict:
     """Read ``LayerLabels`` JSON files (or an ``index.json`` written by ``crp-invert label --out DIR``).
 
     Every file is checked (see :meth:`LayerLabels.from_dict`); errors name the file.
@@ -313,7 +314,7 @@ def _channel_table(layer: str, layer_labels: Any) -> str:
     )
 
 
-def _anchor(layer: str, channel: Optional[int] = None) -> str:
+def _anchor(layer: str, channel: int | None = None) -> str:
     """A unique HTML id per layer (and channel): ASCII letters and digits stay, every other character
     becomes ``_<hex code>_``, so ``features.0``, ``features/0`` and ``features_0`` get different ids."""
     safe = "".join(ch if ch.isascii() and ch.isalnum() else f"_{ord(ch):x}_" for ch in layer)
@@ -339,7 +340,7 @@ def _img(png: bytes, alt: str, zoom: int = 1) -> str:
 
 def _references(
     feature_visualization: Any, layer: str, channel: int, mode: str, n_reference: int, composite: Any
-) -> Optional[bytes]:
+) -> bytes | None:
     """CRP reference samples (and conditional heatmaps with a composite) of one channel as a PNG mosaic."""
     from .plot import heatmap_image
 
@@ -356,7 +357,7 @@ def _references(
     return _array_png(_mosaic([_to_uint8_image(image) for image in reference]))
 
 
-def _concept_samples(images: Any, mask: np.ndarray, n: int, seed: int) -> Optional[bytes]:
+def _concept_samples(images: Any, mask: np.ndarray, n: int, seed: int) -> bytes | None:
     indices = np.flatnonzero(mask)
     if indices.size == 0:
         return None
@@ -368,7 +369,7 @@ def _channel_card(
     layer: str,
     channel: int,
     layer_labels: Any,
-    activations: Optional[np.ndarray],
+    activations: np.ndarray | None,
     concepts: Any,
     images: Any,
     feature_visualization: Any,
@@ -662,7 +663,7 @@ def audit_section(audits: Sequence[Any]) -> str:
 
 
 def write_report(
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     labels: Mapping[str, Any],
     cache: Any = None,
     concepts: Any = None,
@@ -670,10 +671,10 @@ def write_report(
     feature_visualization: Any = None,
     composite: Any = None,
     glocals: Sequence[Any] = (),
-    glocal_images: Optional[Sequence[Any]] = None,
-    class_names: Optional[Sequence[str]] = None,
+    glocal_images: Sequence[Any] | None = None,
+    class_names: Sequence[str] | None = None,
     circuits: Sequence[Any] = (),
-    summary: Optional[Sequence[Mapping[str, Any]]] = None,
+    summary: Sequence[Mapping[str, Any]] | None = None,
     notes: Sequence[str] = (),
     title: str = "crp-invert report",
     max_channels: int = MAX_CHANNEL_FIGURES,
@@ -681,7 +682,7 @@ def write_report(
     source: str = "activation",
     dpi: int = 60,
     progress: bool = True,
-    relevance_labels: Optional[Mapping[str, Any]] = None,
+    relevance_labels: Mapping[str, Any] | None = None,
     audits: Sequence[Any] = (),
 ) -> Path:
     """Write the self-contained HTML report.
@@ -931,7 +932,7 @@ def _check_labels_match(labels: Mapping[str, Any], store: Any, concepts: Any) ->
 def report_command(
     cache: str,
     labels: tuple,
-    concepts_path: Optional[str],
+    concepts_path: str | None,
     out: str,
     max_channels: int,
     source: str,

@@ -148,7 +148,7 @@ def _dense_ranks(array: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def exact_float_columns(block: Any) -> "torch.Tensor":
+def exact_float_columns(block: Any) -> torch.Tensor:
     """A real ``[N, F]`` block (numpy or torch) as a floating tensor whose columns order and tie exactly like
     the input.
 

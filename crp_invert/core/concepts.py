@@ -18,9 +18,10 @@ import logging
 import warnings
 import zipfile
 import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import scipy.sparse
@@ -192,7 +193,7 @@ def _to_csr(labels: Any) -> scipy.sparse.csr_matrix:
     return matrix
 
 
-def _check_names(names: Any) -> List[str]:
+def _check_names(names: Any) -> list[str]:
     if isinstance(names, str) or not isinstance(names, Iterable):
         raise TypeError(f"names must be a sequence of str, got {type(names).__name__}")
     names = [check_name(name, "a concept name") for name in names]
@@ -229,7 +230,7 @@ class ConceptLabels:
         self,
         labels: ArrayLike,
         names: Sequence[str],
-        descriptions: Optional[Union[Sequence[str], Mapping[str, str]]] = None,
+        descriptions: Sequence[str] | Mapping[str, str] | None = None,
     ) -> None:
         matrix = _to_csr(labels)
         names = _check_names(names)
@@ -244,9 +245,9 @@ class ConceptLabels:
         self._names = names
         self._index = {name: i for i, name in enumerate(names)}
         self._descriptions = self._check_descriptions(descriptions)
-        self._columns: Optional[scipy.sparse.csc_matrix] = None
+        self._columns: scipy.sparse.csc_matrix | None = None
 
-    def _check_descriptions(self, descriptions: Any) -> Dict[str, str]:
+    def _check_descriptions(self, descriptions: Any) -> dict[str, str]:
         if descriptions is None:
             return {}
         if isinstance(descriptions, Mapping):
@@ -261,12 +262,12 @@ class ConceptLabels:
 
     # basic properties ---------------------------------------------------------------------------
     @property
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         """The K concept names, in column order."""
         return list(self._names)
 
     @property
-    def descriptions(self) -> Dict[str, str]:
+    def descriptions(self) -> dict[str, str]:
         """Descriptions by concept name (only the concepts that have one)."""
         return dict(self._descriptions)
 
@@ -324,11 +325,11 @@ class ConceptLabels:
         """Number of positive samples of every concept, ``[K]`` int64."""
         return np.asarray(self._matrix.sum(axis=0), dtype=np.int64).ravel()
 
-    def dense(self, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    def dense(self, device: str | torch.device | None = None) -> torch.Tensor:
         """The labels as a dense boolean tensor ``[N, K]``."""
         return torch.from_numpy(self._matrix.toarray()).to(device)
 
-    def mask(self, name: str, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    def mask(self, name: str, device: str | torch.device | None = None) -> torch.Tensor:
         """The boolean ``[N]`` mask of the samples that have concept ``name``."""
         column = self.index(name)
         if self._columns is None:
@@ -338,7 +339,7 @@ class ConceptLabels:
         mask[torch.from_numpy(rows.astype(np.int64))] = True
         return mask.to(device)
 
-    def torch_sparse_t(self, device: Union[str, torch.device, None] = None,
+    def torch_sparse_t(self, device: str | torch.device | None = None,
                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The transposed labels ``[K, N]`` as a torch sparse CSR tensor of ``dtype``.
 
@@ -358,7 +359,7 @@ class ConceptLabels:
         return tensor.to(device)
 
     # derived label sets -------------------------------------------------------------------------
-    def subset(self, samples: Union[np.ndarray, torch.Tensor, Sequence[int], slice]) -> "ConceptLabels":
+    def subset(self, samples: np.ndarray | torch.Tensor | Sequence[int] | slice) -> ConceptLabels:
         """The labels of a subset of the samples (an index array, a boolean mask or a slice)."""
         if isinstance(samples, torch.Tensor):
             samples = samples.detach().cpu().numpy()
@@ -373,7 +374,7 @@ class ConceptLabels:
                 raise TypeError(f"samples must be integer indices or a boolean mask, got {samples.dtype}")
         return ConceptLabels(self._matrix[samples], self._names, self._descriptions)
 
-    def with_hierarchy(self, hierarchy: Mapping[str, Iterable[str]]) -> "ConceptLabels":
+    def with_hierarchy(self, hierarchy: Mapping[str, Iterable[str]]) -> ConceptLabels:
         """Add parent concepts: a parent is present where any of its descendants is.
 
         Parameters
@@ -402,7 +403,7 @@ class ConceptLabels:
                 if kid not in self._index and kid not in children:
                     raise KeyError(f"child {kid!r} of parent {parent!r} is not a known concept or parent")
 
-        leaves: Dict[str, set] = {}
+        leaves: dict[str, set] = {}
 
         def descend(parent: str, path: tuple) -> set:
             if parent in path:
@@ -432,9 +433,9 @@ class ConceptLabels:
         cls,
         targets: ArrayLike,
         class_names: Sequence[str],
-        hierarchy: Optional[Mapping[str, Iterable[str]]] = None,
-        descriptions: Optional[Union[Sequence[str], Mapping[str, str]]] = None,
-    ) -> "ConceptLabels":
+        hierarchy: Mapping[str, Iterable[str]] | None = None,
+        descriptions: Sequence[str] | Mapping[str, str] | None = None,
+    ) -> ConceptLabels:
         """Concepts from class targets: one concept per class, plus optional parent concepts.
 
         Parameters
@@ -473,7 +474,7 @@ class ConceptLabels:
                 labels._descriptions.update({k: str(v) for k, v in descriptions.items() if k in hierarchy})
         return labels
 
-    def merge(self, other: "ConceptLabels") -> "ConceptLabels":
+    def merge(self, other: ConceptLabels) -> ConceptLabels:
         """Stack the samples of two datasets; a concept missing from one dataset is negative there.
 
         This is how the INVERT paper (appendix A.4) combines datasets with different concept sets.
@@ -499,7 +500,7 @@ class ConceptLabels:
         return ConceptLabels(scipy.sparse.vstack([top, bottom], format="csr"), names, descriptions)
 
     # files --------------------------------------------------------------------------------------
-    def save(self, path: Union[str, PathLike]) -> None:
+    def save(self, path: str | PathLike) -> None:
         """Save as ``.npz``: CSR arrays ``indices``, ``indptr``, ``shape``, plus ``names``."""
         matrix = self._matrix
         arrays = {
@@ -513,7 +514,7 @@ class ConceptLabels:
         np.savez_compressed(path, **arrays)
 
     @classmethod
-    def load(cls, path: Union[str, PathLike]) -> "ConceptLabels":
+    def load(cls, path: str | PathLike) -> ConceptLabels:
         """Load an ``.npz`` with ``names`` and either a dense ``labels`` [N, K] or CSR arrays
         ``indices``, ``indptr``, ``shape`` (and optionally ``data``; as written by :meth:`save`).
 
@@ -564,8 +565,8 @@ class ConceptLabels:
 
     @classmethod
     def from_reference(
-        cls, labels_path: Union[str, PathLike], description_path: Union[str, PathLike]
-    ) -> "ConceptLabels":
+        cls, labels_path: str | PathLike, description_path: str | PathLike
+    ) -> ConceptLabels:
         """Load the reference INVERT implementation's concept files.
 
         Parameters
@@ -617,7 +618,7 @@ class ConceptLabels:
                 )
             names.append(str(name))
             texts.append("" if text is None else str(text))
-        counts: Dict[str, int] = {}
+        counts: dict[str, int] = {}
         for name in names:
             counts[name] = counts.get(name, 0) + 1
         for i, (key, entry) in enumerate(entries):
@@ -635,7 +636,7 @@ class ConceptLabels:
 _NPY_KINDS = "biufUS"
 
 
-def _read_npz(path: Path, wanted: Sequence[str]) -> Dict[str, Any]:
+def _read_npz(path: Path, wanted: Sequence[str]) -> dict[str, Any]:
     """The arrays ``wanted`` (those present) of the ``.npz`` at ``path``, read member by member: each header
     is checked (plain dtype, no objects, data size within the member) before its data are read.
 
@@ -658,7 +659,7 @@ def _read_npz(path: Path, wanted: Sequence[str]) -> Dict[str, Any]:
         else:
             kind = "not a zip archive"
         raise ValueError(f"concepts file {where} is not an .npz archive: it is {kind}")
-    result: Dict[str, Any] = {}
+    result: dict[str, Any] = {}
     try:
         with zipfile.ZipFile(path) as archive:
             members = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
@@ -707,7 +708,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) ->
     return array.reshape(shape, order="F" if fortran else "C").copy()
 
 
-def _string_array(array: np.ndarray, where: str) -> List[str]:
+def _string_array(array: np.ndarray, where: str) -> list[str]:
     """A 1-d array of unicode (or UTF-8 bytes) strings as a list of str."""
     if array.ndim != 1:
         raise ValueError(f"{where} must be a 1-d array of strings, got shape {array.shape}")

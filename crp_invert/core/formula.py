@@ -24,7 +24,8 @@ True
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -63,7 +64,7 @@ class Formula:
 
     __slots__ = ("kind", "name", "children", "_key", "_hash", "_depth")
 
-    def __init__(self, kind: str, name: Optional[str], children: tuple) -> None:
+    def __init__(self, kind: str, name: str | None, children: tuple) -> None:
         depth = 1 + max((child._depth for child in children), default=-1)
         if depth > MAX_DEPTH:
             raise ValueError(f"formula nests deeper than MAX_DEPTH = {MAX_DEPTH} levels of operators")
@@ -86,7 +87,7 @@ class Formula:
 
     # construction -------------------------------------------------------------------------------
     @classmethod
-    def concept(cls, name: str) -> "Formula":
+    def concept(cls, name: str) -> Formula:
         """The atom for the concept ``name``."""
         if not isinstance(name, str):
             raise TypeError(f"a concept name must be a str, got {type(name).__name__}: {name!r}")
@@ -95,7 +96,7 @@ class Formula:
         return cls(CONCEPT, name, ())
 
     @classmethod
-    def not_(cls, operand: "Formula") -> "Formula":
+    def not_(cls, operand: Formula) -> Formula:
         """``NOT operand``; ``NOT NOT x`` is ``x``."""
         _check_formula(operand)
         if operand.kind == NOT:
@@ -103,17 +104,17 @@ class Formula:
         return cls(NOT, None, (operand,))
 
     @classmethod
-    def and_(cls, *operands: "Formula") -> "Formula":
+    def and_(cls, *operands: Formula) -> Formula:
         """Conjunction of the operands (flattened, deduplicated, canonical order)."""
         return cls._junction(AND, operands)
 
     @classmethod
-    def or_(cls, *operands: "Formula") -> "Formula":
+    def or_(cls, *operands: Formula) -> Formula:
         """Disjunction of the operands (flattened, deduplicated, canonical order)."""
         return cls._junction(OR, operands)
 
     @classmethod
-    def _junction(cls, kind: str, operands: Iterable["Formula"]) -> "Formula":
+    def _junction(cls, kind: str, operands: Iterable[Formula]) -> Formula:
         flat = {}
         for operand in operands:
             _check_formula(operand)
@@ -126,13 +127,13 @@ class Formula:
         children = tuple(flat[key] for key in sorted(flat))
         return cls(kind, None, children)
 
-    def __invert__(self) -> "Formula":
+    def __invert__(self) -> Formula:
         return Formula.not_(self)
 
-    def __and__(self, other: "Formula") -> "Formula":
+    def __and__(self, other: Formula) -> Formula:
         return Formula.and_(self, other)
 
-    def __or__(self, other: "Formula") -> "Formula":
+    def __or__(self, other: Formula) -> Formula:
         return Formula.or_(self, other)
 
     # identity -----------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ class Formula:
     def __hash__(self) -> int:
         return self._hash
 
-    def __lt__(self, other: "Formula") -> bool:
+    def __lt__(self, other: Formula) -> bool:
         return self._key < other._key
 
     # properties ---------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ class Formula:
         return frozenset().union(*(child.concepts for child in self.children))
 
     # evaluation ---------------------------------------------------------------------------------
-    def evaluate(self, concepts: Union["Mapping[str, torch.Tensor]", Any]) -> torch.Tensor:
+    def evaluate(self, concepts: Mapping[str, torch.Tensor] | Any) -> torch.Tensor:
         """The boolean mask of the samples for which the formula holds.
 
         Parameters
@@ -225,7 +226,7 @@ class Formula:
         return f"Formula({str(self)!r})"
 
     @classmethod
-    def parse(cls, text: str, names: Optional[Iterable[str]] = None) -> "Formula":
+    def parse(cls, text: str, names: Iterable[str] | None = None) -> Formula:
         """Read a formula from its text form (the inverse of ``str``).
 
         Parameters
@@ -268,7 +269,7 @@ class Formula:
         return {self.kind: [child.to_json() for child in self.children]}
 
     @classmethod
-    def from_json(cls, data: Any) -> "Formula":
+    def from_json(cls, data: Any) -> Formula:
         """Rebuild a formula from :meth:`to_json` output (a plain string is parsed as text).
 
         Chains of ``{"not": ...}`` of any length are read without recursion; AND / OR nesting deeper
@@ -277,7 +278,7 @@ class Formula:
         return cls._from_json(data, 0)
 
     @classmethod
-    def _from_json(cls, data: Any, depth: int) -> "Formula":
+    def _from_json(cls, data: Any, depth: int) -> Formula:
         negations = 0
         while isinstance(data, Mapping) and len(data) == 1 and NOT in data:
             data = data[NOT]
@@ -325,7 +326,7 @@ def quote_name(name: str) -> str:
     return f'"{escaped}"'
 
 
-def _unescape(match: "re.Match") -> str:
+def _unescape(match: re.Match) -> str:
     escape = match.group(1)
     return chr(int(escape[1:], 16)) if len(escape) == 5 else escape
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Union
+from typing import Any
 
 __all__ = ["write_json", "read_json"]
 
 
-def write_json(data: Any, path: Union[str, os.PathLike, None] = None, indent: Optional[int] = None) -> str:
+def write_json(data: Any, path: str | os.PathLike | None = None, indent: int | None = None) -> str:
     """``data`` as JSON text, also written to ``path`` when given."""
     text = json.dumps(data, indent=indent)
     if path is not None:
@@ -18,7 +18,7 @@ def write_json(data: Any, path: Union[str, os.PathLike, None] = None, indent: Op
     return text
 
 
-def read_json(text_or_path: Union[str, os.PathLike]) -> Any:
+def read_json(text_or_path: str | os.PathLike) -> Any:
     """Parse JSON text (starting with ``{``) or the JSON file at a path."""
     text = str(text_or_path)
     if not text.lstrip().startswith("{"):

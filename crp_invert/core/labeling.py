@@ -16,7 +16,8 @@ Examples
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,8 +45,8 @@ __all__ = ["label_array", "default_feature_batch_size", "available_memory"]
 logger = logging.getLogger(__name__)
 
 
-def default_feature_batch_size(n_samples: int, B: int, memory_bytes: Optional[int] = None,
-                               device: Union[str, torch.device, None] = None, *, L: int = 3, n_concepts: int = 0,
+def default_feature_batch_size(n_samples: int, B: int, memory_bytes: int | None = None,
+                               device: str | torch.device | None = None, *, L: int = 3, n_concepts: int = 0,
                                itemsize: int = 4) -> int:
     """A feature batch size whose memory fits ``memory_bytes`` (see :class:`~crp_invert.core.search.SearchMemory`).
 
@@ -89,13 +90,13 @@ def label_array(
     concepts: ConceptLabels,
     params: SearchParams,
     *,
-    device: Union[str, torch.device] = "cpu",
-    validation: Union[None, float, np.ndarray, torch.Tensor] = None,
-    layer: Optional[str] = None,
+    device: str | torch.device = "cpu",
+    validation: None | float | np.ndarray | torch.Tensor = None,
+    layer: str | None = None,
     progress: bool = True,
     seed: int = 0,
-    prepared: Optional[PreparedLabels] = None,
-    memory_bytes: Optional[int] = None,
+    prepared: PreparedLabels | None = None,
+    memory_bytes: int | None = None,
 ) -> LayerLabels:
     """Label every column of ``activations`` with INVERT explanations (see :meth:`ConceptLabeler.label`).
 
@@ -152,8 +153,8 @@ def label_array(
     )
     names = concepts.names
     decoder = _Decoder(names)
-    explanations: List[List[Explanation]] = []
-    states: Optional[List[List[List[Explanation]]]] = [[] for _ in range(L)] if memorize_states else None
+    explanations: list[list[Explanation]] = []
+    states: list[list[list[Explanation]]] | None = [[] for _ in range(L)] if memorize_states else None
     starts = range(0, n_features, feature_batch_size)
     bar = tqdm(starts, desc=f"labeling {layer}" if layer else "labeling", unit="batch",
                disable=not progress or len(starts) <= 1, leave=False)
@@ -220,7 +221,7 @@ def _check_finite(block: torch.Tensor, offset: int) -> None:
         raise ValueError(f"activations of feature {feature} contain {kind}{more}")
 
 
-def _validation_mask(validation: Any, n_samples: int, seed: int) -> Optional[np.ndarray]:
+def _validation_mask(validation: Any, n_samples: int, seed: int) -> np.ndarray | None:
     if validation is None:
         return None
     if isinstance(validation, (float, int)) and not isinstance(validation, bool):
@@ -245,7 +246,7 @@ def _validation_mask(validation: Any, n_samples: int, seed: int) -> Optional[np.
 
 
 def _held_out_statistics(ranks: CompactRanks, held_labels: PreparedLabels, beam: BeamState, mode: str,
-                         memory_bytes: int) -> Dict[str, torch.Tensor]:
+                         memory_bytes: int) -> dict[str, torch.Tensor]:
     """AUC, p-value and fraction of the final beam formulas on held-out samples."""
     n_held = ranks.doubled.shape[1]
     rank_sums, counts = beam_rank_sums(ranks.doubled, held_labels, beam.primitives, beam.operators, beam.length,
@@ -262,7 +263,7 @@ class _Decoder:
     def __init__(self, names: Sequence[str]) -> None:
         self.names = list(names)
         self.n_concepts = len(names)
-        self._cache: Dict[tuple, Formula] = {}
+        self._cache: dict[tuple, Formula] = {}
 
     def formula(self, prims: Sequence[int], ops: Sequence[int]) -> Formula:
         key = (tuple(prims), tuple(ops))
@@ -278,7 +279,7 @@ class _Decoder:
         atom = Formula.concept(self.names[code % self.n_concepts])
         return ~atom if code >= self.n_concepts else atom
 
-    def explanations(self, beam: BeamState, p_value, n_candidates, n_samples, held) -> List[List[Explanation]]:
+    def explanations(self, beam: BeamState, p_value, n_candidates, n_samples, held) -> list[list[Explanation]]:
         prims, ops, lengths = beam.primitives.tolist(), beam.operators.tolist(), beam.length.tolist()
         aucs, counts, p_values = beam.auc.tolist(), beam.n_positive.tolist(), p_value.tolist()
         candidates = n_candidates.tolist()

@@ -8,10 +8,11 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from os import PathLike
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ _FORMAT_VERSION = 1
 P_VALUE_FLOOR = 1e-300
 
 
-def format_p_value(value: Optional[float]) -> str:
+def format_p_value(value: float | None) -> str:
     """A p-value for tables: ``"1.23e-05"``; ``"< 1e-300"`` below :data:`P_VALUE_FLOOR` (an underflowed 0
     included: never ``0``); ``""`` for None or NaN."""
     if value is None or math.isnan(value):
@@ -38,7 +39,7 @@ def format_p_value(value: Optional[float]) -> str:
     return f"{value:.2e}"
 
 
-def write_text_atomically(path: Union[str, PathLike], text: str) -> None:
+def write_text_atomically(path: str | PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and a rename: a
     process killed while writing leaves the old file or the new one, never half of one."""
     path = Path(path)
@@ -56,7 +57,7 @@ def write_text_atomically(path: Union[str, PathLike], text: str) -> None:
 
 
 # checks of labels read from files ------------------------------------------------------------------------
-def _number(value: Any, key: str, optional: bool) -> Optional[float]:
+def _number(value: Any, key: str, optional: bool) -> float | None:
     if value is None:
         return None if optional else math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -107,18 +108,18 @@ class Explanation:
     n_candidates: int = 0
     p_value_bonferroni: float = math.nan
     p_value_bh: float = math.nan
-    validation_auc: Optional[float] = None
-    validation_p_value: Optional[float] = None
-    validation_fraction: Optional[float] = None
+    validation_auc: float | None = None
+    validation_p_value: float | None = None
+    validation_fraction: float | None = None
 
-    def to_json(self) -> Dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["formula"] = self.formula.to_json()
         data["text"] = str(self.formula)
         return {key: _json_float(value) for key, value in data.items()}
 
     @classmethod
-    def from_json(cls, data: Dict[str, Any]) -> "Explanation":
+    def from_json(cls, data: dict[str, Any]) -> Explanation:
         """Rebuild from :meth:`to_json` output, checking every field (ValueError / TypeError / KeyError
         naming it)."""
         if not isinstance(data, dict):
@@ -127,7 +128,7 @@ class Explanation:
             if key not in data:
                 raise KeyError(f"an explanation has no {key!r} (it has {sorted(data)[:12]})")
         formula = Formula.from_json(data["formula"])
-        values: Dict[str, Any] = {"formula": formula}
+        values: dict[str, Any] = {"formula": formula}
         for key in ("auc", "fraction", "p_value", "p_value_bonferroni", "p_value_bh"):
             values[key] = _number(data.get(key), key, optional=False)
         for key in ("validation_auc", "validation_p_value", "validation_fraction"):
@@ -167,9 +168,9 @@ class LayerLabels:
         self,
         explanations: Sequence[Sequence[Explanation]],
         concept_names: Sequence[str],
-        layer: Optional[str] = None,
-        parameters: Optional[Dict[str, Any]] = None,
-        states: Optional[List[List[List[Explanation]]]] = None,
+        layer: str | None = None,
+        parameters: dict[str, Any] | None = None,
+        states: list[list[list[Explanation]]] | None = None,
     ) -> None:
         self._explanations = [list(beam) for beam in explanations]
         self.concept_names = list(concept_names)
@@ -185,14 +186,14 @@ class LayerLabels:
     def __len__(self) -> int:
         return len(self._explanations)
 
-    def __getitem__(self, feature: int) -> List[Explanation]:
+    def __getitem__(self, feature: int) -> list[Explanation]:
         if not isinstance(feature, (int, np.integer)):
             raise TypeError(f"features are indexed by int, got {type(feature).__name__}")
         if not -self.n_features <= feature < self.n_features:
             raise IndexError(f"feature {feature} out of range for a layer of {self.n_features} features")
         return list(self._explanations[feature])
 
-    def __iter__(self) -> Iterator[List[Explanation]]:
+    def __iter__(self) -> Iterator[list[Explanation]]:
         return (list(beam) for beam in self._explanations)
 
     def __eq__(self, other: object) -> bool:
@@ -208,13 +209,13 @@ class LayerLabels:
         layer = f"{self.layer!r}, " if self.layer else ""
         return f"LayerLabels({layer}n_features={self.n_features}, {self.parameters})"
 
-    def best(self, feature: int) -> Optional[Explanation]:
+    def best(self, feature: int) -> Explanation | None:
         """The best explanation of ``feature``, or None if it has none."""
         beam = self[feature]
         return beam[0] if beam else None
 
     @staticmethod
-    def concatenate(parts: Sequence["LayerLabels"]) -> "LayerLabels":
+    def concatenate(parts: Sequence[LayerLabels]) -> LayerLabels:
         """Join the labels of consecutive feature ranges (e.g. of several processes).
 
         The Benjamini-Hochberg q-values are recomputed over the joined features, so the result equals
@@ -232,11 +233,11 @@ class LayerLabels:
         return LayerLabels(correct_p_values(explanations), first.concept_names, first.layer, first.parameters, states)
 
     # views and files ----------------------------------------------------------------------------
-    def rows(self) -> List[Dict[str, Any]]:
+    def rows(self) -> list[dict[str, Any]]:
         """One dict per feature with its best explanation (empty fields where it has none)."""
         rows = []
         for feature, beam in enumerate(self._explanations):
-            row: Dict[str, Any] = {"feature": feature}
+            row: dict[str, Any] = {"feature": feature}
             if beam:
                 best = beam[0]
                 row.update(
@@ -248,7 +249,7 @@ class LayerLabels:
             rows.append(row)
         return rows
 
-    def table(self, max_rows: Optional[int] = None, max_width: int = 60) -> str:
+    def table(self, max_rows: int | None = None, max_width: int = 60) -> str:
         """A plain-text table of the best explanation of every feature."""
         has_validation = any(beam and beam[0].validation_auc is not None for beam in self._explanations)
         header = ["feature", "formula", "AUC", "fraction", "p (Bonf.)", "q (BH)"]
@@ -280,8 +281,8 @@ class LayerLabels:
             render.append(f"... {self.n_features - max_rows} more features")
         return "\n".join(line.rstrip() for line in render)
 
-    def to_dict(self) -> Dict[str, Any]:
-        data: Dict[str, Any] = {
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
             "format": "crp-invert.LayerLabels",
             "version": _FORMAT_VERSION,
             "layer": self.layer,
@@ -294,7 +295,7 @@ class LayerLabels:
         return data
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "LayerLabels":
+    def from_dict(cls, data: dict[str, Any]) -> LayerLabels:
         """Rebuild from :meth:`to_dict` output, checking the structure and every explanation: formulas over
         the stored concept names only, lengths that match the formulas, numbers where numbers belong.
 
@@ -336,13 +337,13 @@ class LayerLabels:
                     )
         return cls(explanations, names, layer, parameters, states)
 
-    def to_json(self, path: Union[str, PathLike]) -> None:
+    def to_json(self, path: str | PathLike) -> None:
         """Write all explanations losslessly (floats round-trip exactly) as JSON (atomically: a killed
         process leaves the old file or the new one)."""
         write_text_atomically(path, json.dumps(self.to_dict()))
 
     @classmethod
-    def from_json(cls, path: Union[str, PathLike]) -> "LayerLabels":
+    def from_json(cls, path: str | PathLike) -> LayerLabels:
         """Read labels written by :meth:`to_json`; errors name the file."""
         data = read_json(path, "labels file")
         try:
@@ -351,7 +352,7 @@ class LayerLabels:
             message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
             raise type(error)(f"labels file {str(path)!r}: {message}") from None
 
-    def to_csv(self, path: Union[str, PathLike], style: str = "full") -> None:
+    def to_csv(self, path: str | PathLike, style: str = "full") -> None:
         """Write one row per feature with its best explanation.
 
         Parameters
@@ -391,7 +392,7 @@ class LayerLabels:
         write_text_atomically(path, buffer.getvalue())
 
 
-def _read_beams(beams: Any, known: set, where: str) -> List[List[Explanation]]:
+def _read_beams(beams: Any, known: set, where: str) -> list[list[Explanation]]:
     """The explanations of every feature from JSON, each checked (errors name the feature and position)."""
     if not isinstance(beams, list):
         raise TypeError(f"{where} must be a list (one list of explanations per feature), got {type(beams).__name__}")
@@ -414,14 +415,14 @@ def _read_beams(beams: Any, known: set, where: str) -> List[List[Explanation]]:
     return result
 
 
-def _formula_ids(formula: Formula, index: Dict[str, int]) -> str:
+def _formula_ids(formula: Formula, index: dict[str, int]) -> str:
     if formula.kind == "concept":
         return str(index[formula.name])
     renamed = _rename(formula, {name: str(index[name]) for name in formula.concepts})
     return str(renamed)
 
 
-def _rename(formula: Formula, mapping: Dict[str, str]) -> Formula:
+def _rename(formula: Formula, mapping: dict[str, str]) -> Formula:
     if formula.kind == "concept":
         return Formula.concept(mapping[formula.name])
     children = [_rename(child, mapping) for child in formula.children]
@@ -431,7 +432,7 @@ def _rename(formula: Formula, mapping: Dict[str, str]) -> Formula:
 
 
 
-def correct_p_values(explanations: List[List[Explanation]]) -> List[List[Explanation]]:
+def correct_p_values(explanations: list[list[Explanation]]) -> list[list[Explanation]]:
     """Fill in Bonferroni (within a feature) and Benjamini-Hochberg (across features) p-values."""
     width = max((len(beam) for beam in explanations), default=0)
     corrected = [list(beam) for beam in explanations]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -81,7 +81,7 @@ class CompactRanks(NamedTuple):
 RANK_BYTES_PER_SAMPLE = 64
 
 
-def compact_ranks(scores: torch.Tensor, features_per_chunk: Optional[int] = None) -> CompactRanks:
+def compact_ranks(scores: torch.Tensor, features_per_chunk: int | None = None) -> CompactRanks:
     """Doubled midranks ``[F, N]`` int32 and tie terms of every column of ``scores`` ``[N, F]``.
 
     Parameters

@@ -4,7 +4,7 @@ options (built from the fields' metadata). Imports only numpy, so that the CLI s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any
 
 from .checks import check_fraction, check_int
 
@@ -23,13 +23,13 @@ class SearchParams:
 
     L: int = field(default=3, metadata={"help": "maximal formula length (number of concepts)"})
     B: int = field(default=3, metadata={"help": "beam width; explanations kept per channel"})
-    limit_search: Optional[int] = field(
+    limit_search: int | None = field(
         default=None, metadata={"help": "use only the N concepts or negations with the largest |AUC - 0.5|"})
     min_fraction: float = field(default=0.0, metadata={"help": "smallest share of samples a formula may cover"})
     max_fraction: float = field(default=0.5, metadata={"help": "largest share of samples a formula may cover"})
     mode: str = field(default="positive", metadata={"help": "maximize (positive) or minimize (negative) the AUC"})
     memorize_states: bool = field(default=False, metadata={"help": "keep the beam after every length"})
-    feature_batch_size: Optional[int] = field(
+    feature_batch_size: int | None = field(
         default=None, metadata={"help": "channels searched together (default: from free memory)"})
 
     def __post_init__(self) -> None:
@@ -49,12 +49,12 @@ class SearchParams:
         if self.feature_batch_size is not None:
             object.__setattr__(self, "feature_batch_size", check_int(self.feature_batch_size, "feature_batch_size"))
 
-    def search_kwargs(self) -> Dict[str, Any]:
+    def search_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`crp_invert.core.search.beam_search`."""
         return dict(L=self.L, B=self.B, limit_search=self.limit_search, min_fraction=self.min_fraction,
                     max_fraction=self.max_fraction, mode=self.mode, memorize_states=self.memorize_states)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """The parameters stored with :class:`LayerLabels` (feature batch and states do not change results)."""
         return dict(L=self.L, B=self.B, limit_search=self.limit_search, min_fraction=self.min_fraction,
                     max_fraction=self.max_fraction, mode=self.mode)

@@ -24,9 +24,10 @@ Ties are broken deterministically: candidates are ordered by score, then by the 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse
@@ -89,7 +90,7 @@ class SearchResult:
     p_value: torch.Tensor
     n_candidates: torch.Tensor
     tie_term: torch.Tensor
-    states: List[BeamState] = field(default_factory=list)
+    states: list[BeamState] = field(default_factory=list)
 
 
 # memory model ------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ class SearchMemory:
                 "fewer concepts"
             )
 
-    def chunks(self, working_memory: int) -> Tuple[int, int, int, int]:
+    def chunks(self, working_memory: int) -> tuple[int, int, int, int]:
         """Within ``working_memory``: features per chunk for ranking, for the concepts' rank sums and for
         the beam steps, and the sample-list elements handled at once.
 
@@ -219,7 +220,7 @@ class SearchMemory:
         return max(1, rank), max(1, sums), search, max(self.list_elements(), list_elements)
 
 
-def available_memory(device: Union[str, torch.device, None] = None) -> Optional[int]:
+def available_memory(device: str | torch.device | None = None) -> int | None:
     """Free memory in bytes: of the GPU for a CUDA device, else the host's available RAM (None if
     unknown)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -239,7 +240,7 @@ def available_memory(device: Union[str, torch.device, None] = None) -> Optional[
         return None
 
 
-def _free_memory_per_process(device: Union[str, torch.device, None]) -> Optional[int]:
+def _free_memory_per_process(device: str | torch.device | None) -> int | None:
     free = available_memory(device)
     if free is not None:
         # processes that torchrun started on one node share its memory
@@ -247,7 +248,7 @@ def _free_memory_per_process(device: Union[str, torch.device, None]) -> Optional
     return free
 
 
-def default_memory_budget(device: Union[str, torch.device, None] = None) -> int:
+def default_memory_budget(device: str | torch.device | None = None) -> int:
     """The memory a feature batch may take by default: a quarter of the free memory of ``device`` (host
     RAM or GPU, shared by torchrun's processes on a node), at most 1 GiB on a CPU (at N = 1.28 M: batches
     of 64 features and a working memory that ranks 3 features at once; larger batches are no faster)
@@ -258,7 +259,7 @@ def default_memory_budget(device: Union[str, torch.device, None] = None) -> int:
     return cap if free is None else min(cap, max(128 << 20, free // 4))
 
 
-def memory_limit(device: Union[str, torch.device, None] = None) -> int:
+def memory_limit(device: str | torch.device | None = None) -> int:
     """The most memory a search may take before it is refused: the default budget, or half of the free
     memory where that is more."""
     free = _free_memory_per_process(device)
@@ -267,16 +268,16 @@ def memory_limit(device: Union[str, torch.device, None] = None) -> int:
 
 
 def beam_search(
-    scores: Union[torch.Tensor, CompactRanks],
-    labels_t: Union[torch.Tensor, "PreparedLabels"],
+    scores: torch.Tensor | CompactRanks,
+    labels_t: torch.Tensor | PreparedLabels,
     L: int = 3,
     B: int = 3,
-    limit_search: Optional[int] = None,
+    limit_search: int | None = None,
     min_fraction: float = 0.0,
     max_fraction: float = 0.5,
     mode: str = "positive",
     memorize_states: bool = False,
-    memory_bytes: Optional[int] = None,
+    memory_bytes: int | None = None,
 ) -> SearchResult:
     """Beam search for the best formula of every feature (column) of ``scores``.
 
@@ -349,7 +350,7 @@ def beam_search(
     return SearchResult(final, p_value.cpu(), n_candidates.cpu(), ranked.tie_term.cpu(), states)
 
 
-def _concept_rank_sums(doubled: torch.Tensor, prepared: "PreparedLabels", chunk: int) -> torch.Tensor:
+def _concept_rank_sums(doubled: torch.Tensor, prepared: PreparedLabels, chunk: int) -> torch.Tensor:
     """``[F, K]`` float64 rank sums of every concept, exact (sums of integers below 2**53).
 
     On the CPU one feature at a time through the samples' concepts (each sample's doubled rank is added
@@ -378,7 +379,7 @@ def _concept_rank_sums(doubled: torch.Tensor, prepared: "PreparedLabels", chunk:
 class _Settings(NamedTuple):
     L: int
     B: int
-    limit_search: Optional[int]
+    limit_search: int | None
     low: float
     high: float
     sign: float
@@ -386,7 +387,7 @@ class _Settings(NamedTuple):
     list_elements: int
 
 
-def _search_features(doubled: torch.Tensor, concept_rank_sums: torch.Tensor, prepared: "PreparedLabels",
+def _search_features(doubled: torch.Tensor, concept_rank_sums: torch.Tensor, prepared: PreparedLabels,
                      settings: _Settings) -> tuple:
     """The beam search of a chunk of features: ``(final BeamState, rank sums [F, B], counts [F, B],
     n_candidates [F], states)``."""
@@ -472,7 +473,7 @@ def _search_features(doubled: torch.Tensor, concept_rank_sums: torch.Tensor, pre
     return final, beam_rank_sum, beam_count, n_candidates, states
 
 
-def _concatenate_states(states: List[BeamState]) -> BeamState:
+def _concatenate_states(states: list[BeamState]) -> BeamState:
     return BeamState(*(torch.cat([getattr(s, name) for s in states])
                        for name in ("primitives", "operators", "length", "n_positive", "auc")))
 
@@ -486,7 +487,7 @@ def _count_bounds(n_samples: int, min_fraction: float, max_fraction: float) -> t
     return low - eps, high + eps
 
 
-def _allowed_primitives(prim_auc: torch.Tensor, limit_search: Optional[int]) -> torch.Tensor:
+def _allowed_primitives(prim_auc: torch.Tensor, limit_search: int | None) -> torch.Tensor:
     if limit_search is None or limit_search >= prim_auc.shape[1]:
         return torch.ones_like(prim_auc, dtype=torch.bool)
     strength = (prim_auc - 0.5).abs()
@@ -567,12 +568,12 @@ class PreparedLabels(NamedTuple):
     """
 
     matrix: torch.Tensor
-    rows: "_SparseRows"
-    samples: "_SparseRows"
-    sides: "_SparseRows"
+    rows: _SparseRows
+    samples: _SparseRows
+    sides: _SparseRows
     flipped: torch.Tensor
     counts: torch.Tensor
-    by_sample: Optional[scipy.sparse.csc_matrix]
+    by_sample: scipy.sparse.csc_matrix | None
 
     @property
     def n_samples(self) -> int:
@@ -618,7 +619,7 @@ def prepare_labels(labels_t: torch.Tensor) -> PreparedLabels:
                           rows.counts.to(torch.float64), by_sample if device.type == "cpu" else None)
 
 
-def _shorter_sides(by_concept: scipy.sparse.csr_matrix, flipped: np.ndarray, device: torch.device) -> "_SparseRows":
+def _shorter_sides(by_concept: scipy.sparse.csr_matrix, flipped: np.ndarray, device: torch.device) -> _SparseRows:
     """The rows of ``by_concept`` (sorted), with the complement in place of every flipped row."""
     n_samples = by_concept.shape[1]
     parts = []
@@ -688,7 +689,7 @@ def _and_statistics(doubled, prepared, primitives, operators, length, concept_ra
 
 def beam_rank_sums(doubled: torch.Tensor, prepared: PreparedLabels, primitives: torch.Tensor,
                    operators: torch.Tensor, length: torch.Tensor,
-                   memory_bytes: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   memory_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank sums and counts ``[F, B]`` float64 of beam formulas on the samples of ``prepared``.
 
     Parameters
@@ -761,7 +762,7 @@ def _formula_groups(prepared: PreparedLabels, prims: torch.Tensor, lengths: torc
     yield from (active[start:stop] for start, stop in _segments(bound, list_elements))
 
 
-def _segments(sizes: torch.Tensor, limit: int) -> Iterator[Tuple[int, int]]:
+def _segments(sizes: torch.Tensor, limit: int) -> Iterator[tuple[int, int]]:
     """Consecutive ranges ``[start, stop)`` of items whose sizes sum to at most ``limit`` (one item at
     least)."""
     n_items = len(sizes)
@@ -781,7 +782,7 @@ def _segments(sizes: torch.Tensor, limit: int) -> Iterator[Tuple[int, int]]:
 
 
 def _formula_lists(prepared: PreparedLabels, prims: torch.Tensor, ops: torch.Tensor,
-                   lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                   lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted sample lists of ``g`` left-deep formulas (all of length >= 1).
 
     Returns ``keys`` (``formula * N + sample``, ascending) and ``flags`` ``[g]``: False where a
@@ -807,7 +808,7 @@ def _formula_lists(prepared: PreparedLabels, prims: torch.Tensor, ops: torch.Ten
     return keys, flags
 
 
-def _primitive_lists(prepared: PreparedLabels, codes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _primitive_lists(prepared: PreparedLabels, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample lists (keys ``i * N + sample``) and flags of primitive ``codes[i]``, as in :func:`_formula_lists`."""
     n_concepts = prepared.n_concepts
     concept = codes % n_concepts
@@ -816,7 +817,7 @@ def _primitive_lists(prepared: PreparedLabels, codes: torch.Tensor) -> Tuple[tor
     return keys, prepared.flipped[concept] ^ (codes >= n_concepts)
 
 
-def _merge(x_keys, x_flags, y_keys, y_flags, op, n_samples) -> Tuple[torch.Tensor, torch.Tensor]:
+def _merge(x_keys, x_flags, y_keys, y_flags, op, n_samples) -> tuple[torch.Tensor, torch.Tensor]:
     """The lists of ``X op Y`` for every formula, from sorted lists X and Y with flags (see
     :func:`_formula_lists`). Outside both lists the result is the same for all samples of a formula: its
     new flag. The new list holds the listed samples where the result differs from that."""
@@ -868,7 +869,7 @@ class _SparseRows:
         self.n_columns = n_columns
         self.counts = self.crow[1:] - self.crow[:-1]
 
-    def expand(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def expand(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The entries of rows ``rows`` (1-d), concatenated: for each, the position of its row in
         ``rows`` and its index into ``col``."""
         counts = self.counts[rows].long()

@@ -50,8 +50,8 @@ AuditDataset
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -67,13 +67,13 @@ __all__ = [
 
 IMAGE_SIZE = 32
 
-SHAPES: Tuple[str, ...] = ("circle", "ring", "square", "triangle")
-COLORS: Tuple[str, ...] = ("red", "yellow", "green", "blue")
-SIZES: Tuple[str, ...] = ("small", "large")
-TEXTURES: Tuple[str, ...] = ("plain", "dots", "checker", "horizontal_stripes", "vertical_stripes")
+SHAPES: tuple[str, ...] = ("circle", "ring", "square", "triangle")
+COLORS: tuple[str, ...] = ("red", "yellow", "green", "blue")
+SIZES: tuple[str, ...] = ("small", "large")
+TEXTURES: tuple[str, ...] = ("plain", "dots", "checker", "horizontal_stripes", "vertical_stripes")
 
 #: parent concept -> the attribute values it contains
-PARENTS: Dict[str, Tuple[str, ...]] = {
+PARENTS: dict[str, tuple[str, ...]] = {
     "round": ("circle", "ring"),
     "angular": ("square", "triangle"),
     "warm": ("red", "yellow"),
@@ -82,7 +82,7 @@ PARENTS: Dict[str, Tuple[str, ...]] = {
 }
 
 #: the class index of (shape s, color c) is ``s * len(COLORS) + c``
-CLASS_NAMES: Tuple[str, ...] = tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS)
+CLASS_NAMES: tuple[str, ...] = tuple(f"{color} {shape}" for shape in SHAPES for color in COLORS)
 
 # base RGB of every color, in [0, 1]; each image jitters it by at most _COLOR_JITTER per channel
 _PALETTE = np.array([
@@ -105,7 +105,7 @@ ARTIFACT = "artifact"
 #: the class most of whose images carry the artifact
 ARTIFACT_CLASS = "yellow ring"
 #: share of the images with the artifact: (in :data:`ARTIFACT_CLASS`, in every other class)
-ARTIFACT_RATES: Tuple[float, float] = (1.0, 0.001)
+ARTIFACT_RATES: tuple[float, float] = (1.0, 0.001)
 #: side in pixels of the mark, a solid square
 ARTIFACT_SIZE = 6
 #: RGB in [0, 1] of the mark: magenta, a color no shape has
@@ -252,7 +252,7 @@ def _artifact_positions(masks: np.ndarray, uniform: np.ndarray) -> np.ndarray:
     return np.stack([flat // covered.shape[2], flat % covered.shape[2]], axis=1)
 
 
-def _check_rates(rates: Optional[Tuple[float, float]]) -> Tuple[float, float]:
+def _check_rates(rates: tuple[float, float] | None) -> tuple[float, float]:
     if rates is None:
         return 0.0, 0.0
     try:
@@ -266,7 +266,7 @@ def _check_rates(rates: Optional[Tuple[float, float]]) -> Tuple[float, float]:
 
 
 def generate_shapes(n: int, seed: int = 0, image_size: int = IMAGE_SIZE,
-                    artifact_rates: Optional[Tuple[float, float]] = ARTIFACT_RATES) -> ShapesSample:
+                    artifact_rates: tuple[float, float] | None = ARTIFACT_RATES) -> ShapesSample:
     """Draw ``n`` demo images and their attributes, deterministically from ``seed``.
 
     The pair classes are balanced exactly (up to ``n mod 16``) and in random order; size and
@@ -339,12 +339,12 @@ def generate_shapes(n: int, seed: int = 0, image_size: int = IMAGE_SIZE,
     )
 
 
-def concept_names() -> List[str]:
+def concept_names() -> list[str]:
     """The attribute concept names, in the column order of :func:`attribute_matrix`."""
     return list(SHAPES) + list(COLORS) + list(SIZES) + list(TEXTURES) + list(PARENTS)
 
 
-def attribute_matrix(sample: ShapesSample) -> Tuple[np.ndarray, List[str]]:
+def attribute_matrix(sample: ShapesSample) -> tuple[np.ndarray, list[str]]:
     """The boolean attribute concepts of every image.
 
     Parameters
@@ -374,7 +374,7 @@ def attribute_matrix(sample: ShapesSample) -> Tuple[np.ndarray, List[str]]:
     return labels, names
 
 
-def _descriptions() -> List[str]:
+def _descriptions() -> list[str]:
     descriptions = [f"shape: {name}" for name in SHAPES] + [f"color: {name}" for name in COLORS]
     descriptions += [f"size: {name}" for name in SIZES]
     descriptions += [f"background texture: {name.replace('_', ' ')}" for name in TEXTURES]
@@ -394,12 +394,12 @@ def attribute_concepts(sample: ShapesSample):
     return ConceptLabels(labels, names, descriptions=_descriptions())
 
 
-def class_attributes() -> Dict[str, Tuple[str, str]]:
+def class_attributes() -> dict[str, tuple[str, str]]:
     """Class name -> (shape, color), e.g. ``{"red circle": ("circle", "red"), ...}``."""
     return {f"{color} {shape}": (shape, color) for shape in SHAPES for color in COLORS}
 
 
-def class_formulas() -> Dict[str, "object"]:
+def class_formulas() -> dict[str, object]:
     """The planted truth: class name -> :class:`crp_invert.Formula` ``shape & color``."""
     from ..core.formula import Formula
 
@@ -407,7 +407,7 @@ def class_formulas() -> Dict[str, "object"]:
             for name, (shape, color) in class_attributes().items()}
 
 
-def class_concepts() -> Dict[str, Tuple[str, ...]]:
+def class_concepts() -> dict[str, tuple[str, ...]]:
     """Class name -> the concepts that hold for every image of the class: shape, color and their parents.
 
     E.g. ``{"red circle": ("circle", "red", "round", "warm"), ...}``; the class concepts of the audit
@@ -466,9 +466,9 @@ class ShapesDataset(Dataset):
     """
 
     def __init__(self, n: int = 2000, seed: int = 0, image_size: int = IMAGE_SIZE,
-                 artifact_rates: Optional[Tuple[float, float]] = ARTIFACT_RATES) -> None:
+                 artifact_rates: tuple[float, float] | None = ARTIFACT_RATES) -> None:
         self.sample = generate_shapes(n, seed=seed, image_size=image_size, artifact_rates=artifact_rates)
-        self.class_names: List[str] = list(CLASS_NAMES)
+        self.class_names: list[str] = list(CLASS_NAMES)
         self.class_to_attributes = class_attributes()
         self.targets = torch.from_numpy(self.sample.targets)
         self._images = torch.from_numpy(self.sample.images).permute(0, 3, 1, 2)
@@ -482,7 +482,7 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {index!r} out of range for a dataset of {len(self)} images")
         return self._images[index].float() / 255.0, int(self.targets[index])
 
-    def tensors(self, indices: Optional[Sequence[int]] = None):
+    def tensors(self, indices: Sequence[int] | None = None):
         """All (or the selected) images as one float32 tensor [N, 3, H, W] and targets [N]."""
         images, targets = self._images, self.targets
         if indices is not None:
@@ -545,7 +545,7 @@ class AuditDataset(Dataset):
             raise ValueError(f"n_artifact must be an int >= 0, got {n_artifact!r}")
         self.base = ShapesDataset(n, seed=seed)
         self.artifact_set = ShapesDataset(int(n_artifact), seed=ARTIFACT_SEED_OFFSET + seed, artifact_rates=(1, 1))
-        self.class_names: List[str] = list(CLASS_NAMES)
+        self.class_names: list[str] = list(CLASS_NAMES)
         self.n_base = len(self.base)
         self.targets = torch.cat([self.base.targets, self.artifact_set.targets])
         self.carries_artifact = np.concatenate([self.base.sample.artifact, self.artifact_set.sample.artifact])
@@ -560,7 +560,7 @@ class AuditDataset(Dataset):
         index = int(index) % len(self)
         return self.base[index] if index < self.n_base else self.artifact_set[index - self.n_base]
 
-    def tensors(self, indices: Optional[Sequence[int]] = None):
+    def tensors(self, indices: Sequence[int] | None = None):
         """All (or the selected) images as one float32 tensor [N, 3, H, W] and targets [N]."""
         base, extra = self.base.tensors(), self.artifact_set.tensors()
         images, targets = torch.cat([base[0], extra[0]]), torch.cat([base[1], extra[1]])

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Union
 
 import torch
 from torch import nn
@@ -84,7 +83,7 @@ class DemoCNN(nn.Sequential):
         return [name for name, module in self.named_children() if isinstance(module, (nn.Conv2d, nn.Linear))]
 
 
-def load_demo_model(device: Union[str, torch.device] = "cpu", path: Union[str, Path, None] = None) -> DemoCNN:
+def load_demo_model(device: str | torch.device = "cpu", path: str | Path | None = None) -> DemoCNN:
     """The demo CNN with its committed weights, in eval mode.
 
     Parameters

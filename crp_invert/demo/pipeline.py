@@ -37,7 +37,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,8 +88,8 @@ class LayerSummary:
     channels: int
     median_auc: float
     share_significant: float
-    planted_truth: Optional[float] = None
-    explanation_accuracy: Optional[float] = None
+    planted_truth: float | None = None
+    explanation_accuracy: float | None = None
 
 
 @dataclass
@@ -137,7 +137,7 @@ class DemoSummary:
 
     out_dir: Path
     n_samples: int
-    layers: List[LayerSummary]
+    layers: list[LayerSummary]
     planted_truth_score: float
     planted_truth_score_l3: float
     explanation_accuracy_l2: float
@@ -145,19 +145,19 @@ class DemoSummary:
     model_accuracy: float
     alpha: float = 0.05
     correction: str = "Benjamini-Hochberg q of the Bonferroni-corrected p-values"
-    files: Dict[str, str] = field(default_factory=dict)
-    timings: Dict[str, float] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
     planted_truth_score_l3_relevance: float = math.nan
-    labels_differ: Dict[str, int] = field(default_factory=dict)
+    labels_differ: dict[str, int] = field(default_factory=dict)
     n_artifact: int = 0
     audit_layer: str = ""
     artifact_class: str = ""
-    artifact_rank: Optional[int] = None
-    artifact_channel: Optional[str] = None
+    artifact_rank: int | None = None
+    artifact_channel: str | None = None
     false_flags: int = 0
     audit_min_share: float = AUDIT_MIN_SHARE
 
-    def rows(self) -> List[Dict[str, Any]]:
+    def rows(self) -> list[dict[str, Any]]:
         """One dict per layer (the columns of :meth:`table`)."""
         rows = []
         for item in self.layers:
@@ -209,7 +209,7 @@ class DemoSummary:
         out.append(f"model accuracy on the {self.n_samples} demo images: {self.model_accuracy:.4f}")
         return "\n".join(line.rstrip() for line in out)
 
-    def to_json(self) -> Dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["out_dir"] = str(self.out_dir)
         return _json_safe(data)
@@ -244,7 +244,7 @@ def layer_summary(layer: str, layer_labels: Any, alpha: float = 0.05) -> LayerSu
     )
 
 
-def _first_marked(dataset: Any, logits: torch.Tensor) -> Optional[int]:
+def _first_marked(dataset: Any, logits: torch.Tensor) -> int | None:
     """The first correctly classified shapes image of the artifact class that carries the artifact."""
     from .data import ARTIFACT_CLASS
 
@@ -255,7 +255,7 @@ def _first_marked(dataset: Any, logits: torch.Tensor) -> Optional[int]:
     return None
 
 
-def _pick_samples(targets: torch.Tensor, predictions: torch.Tensor, n: int, first: Optional[int] = None) -> List[int]:
+def _pick_samples(targets: torch.Tensor, predictions: torch.Tensor, n: int, first: int | None = None) -> list[int]:
     """``first`` (if given), then the first correctly classified sample of other classes, ``n`` in all."""
     chosen, seen = ([], set()) if first is None or n < 1 else ([first], {int(targets[first])})
     if len(chosen) == n:
@@ -275,8 +275,8 @@ def _save_figure(figure, path: Path, dpi: int = 100) -> str:
 
 
 def run_demo(
-    out_dir: Union[str, Path],
-    device: Union[str, torch.device] = "cpu",
+    out_dir: str | Path,
+    device: str | torch.device = "cpu",
     n_samples: int = DEFAULT_SAMPLES,
     seed: int = 2,
     L: int = 3,
@@ -289,7 +289,7 @@ def run_demo(
     alpha: float = 0.05,
     reference_heatmaps: bool = False,
     progress: bool = True,
-    n_artifact: Optional[int] = None,
+    n_artifact: int | None = None,
 ) -> DemoSummary:
     """Run the whole product on the embedded demo and write everything into ``out_dir``.
 
@@ -352,8 +352,8 @@ def run_demo(
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    timings: Dict[str, float] = {}
-    files: Dict[str, str] = {}
+    timings: dict[str, float] = {}
+    files: dict[str, str] = {}
 
     def tick(name: str, start: float) -> float:
         timings[name] = time.perf_counter() - start

@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -127,7 +127,7 @@ def train_demo_model(epochs: int = 12, n_per_epoch: int = 8000, batch_size: int 
     return model.eval()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> float:
+def main(argv: Sequence[str] | None = None) -> float:
     """Command line: train, evaluate on fresh data, save the state dict to ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where to save the state dict (.pt)")

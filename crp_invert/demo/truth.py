@@ -19,7 +19,8 @@ only samples of its class, so the IoU-matched accuracy stays 1.0.
 """
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ __all__ = ["best_formulas", "planted_truth_matches", "planted_truth_score",
            "match_explanations_to_classes", "explanation_accuracy"]
 
 
-def best_formulas(layer_labels: Any) -> List[Any]:
+def best_formulas(layer_labels: Any) -> list[Any]:
     """The best explanation's formula of every feature (``None`` where a feature has none).
 
     Parameters
@@ -43,8 +44,8 @@ def best_formulas(layer_labels: Any) -> List[Any]:
     return formulas
 
 
-def _truth_list(truth: Union[Sequence[Any], Mapping[Any, Any]], n_features: int,
-                class_names: Optional[Sequence[str]]) -> List[Any]:
+def _truth_list(truth: Sequence[Any] | Mapping[Any, Any], n_features: int,
+                class_names: Sequence[str] | None) -> list[Any]:
     if isinstance(truth, Mapping):
         if class_names is not None:
             missing = [name for name in class_names if name not in truth]
@@ -65,8 +66,8 @@ def _truth_list(truth: Union[Sequence[Any], Mapping[Any, Any]], n_features: int,
     return truth
 
 
-def planted_truth_matches(layer_labels: Any, class_to_formula: Union[Sequence[Any], Mapping[Any, Any]],
-                          class_names: Optional[Sequence[str]] = None) -> np.ndarray:
+def planted_truth_matches(layer_labels: Any, class_to_formula: Sequence[Any] | Mapping[Any, Any],
+                          class_names: Sequence[str] | None = None) -> np.ndarray:
     """Per feature: is its best explanation exactly its true formula?
 
     Parameters
@@ -91,8 +92,8 @@ def planted_truth_matches(layer_labels: Any, class_to_formula: Union[Sequence[An
                     dtype=bool)
 
 
-def planted_truth_score(layer_labels: Any, class_to_formula: Union[Sequence[Any], Mapping[Any, Any]],
-                        class_names: Optional[Sequence[str]] = None) -> float:
+def planted_truth_score(layer_labels: Any, class_to_formula: Sequence[Any] | Mapping[Any, Any],
+                        class_names: Sequence[str] | None = None) -> float:
     """Share of features whose best explanation is exactly their true formula.
 
     See :func:`planted_truth_matches` for the parameters. With the demo model's logits and
@@ -104,7 +105,7 @@ def planted_truth_score(layer_labels: Any, class_to_formula: Union[Sequence[Any]
 
 
 def match_explanations_to_classes(layer_labels: Any, concepts: Any, targets: Any,
-                                  n_classes: Optional[int] = None) -> np.ndarray:
+                                  n_classes: int | None = None) -> np.ndarray:
     """Match every feature's best explanation to the class whose samples it covers best.
 
     The best formula of each feature is evaluated on ``concepts`` and compared with every class
@@ -150,8 +151,8 @@ def match_explanations_to_classes(layer_labels: Any, concepts: Any, targets: Any
 
 
 def explanation_accuracy(layer_labels: Any, concepts: Any, targets: Any,
-                         feature_classes: Optional[Sequence[int]] = None,
-                         n_classes: Optional[int] = None) -> float:
+                         feature_classes: Sequence[int] | None = None,
+                         n_classes: int | None = None) -> float:
     """The "accuracy of explanations" of output neurons (INVERT paper, table 1 style).
 
     Share of features whose best explanation, evaluated on the data, is matched (highest IoU, see

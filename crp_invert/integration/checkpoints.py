@@ -32,9 +32,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -200,7 +201,7 @@ class CheckpointLog:
         self._write(keep, (data_start, data_end))
 
     @contextlib.contextmanager
-    def staging(self, span: tuple[int, int], results: Sequence[Any]) -> Iterator["_Stage"]:
+    def staging(self, span: tuple[int, int], results: Sequence[Any]) -> Iterator[_Stage]:
         """Point CRP's result objects (``RelMax``, ...) into a stage folder while CRP saves the checkpoint
         ``span``; :meth:`_Stage.commit` logs it and moves it into place."""
         stage = self.folder / f"stage-{span[0]}-{span[1]}"

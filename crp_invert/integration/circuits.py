@@ -10,8 +10,9 @@ answers AttributionGraph's one question, which requested layers feed a layer, fr
 """
 import logging
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,16 +45,16 @@ class CircuitNode:
 
     layer: str
     channel: int
-    label: Optional[str] = None
-    auc: Optional[float] = None
-    value: Optional[float] = None
+    label: str | None = None
+    auc: float | None = None
+    value: float | None = None
 
     @property
     def id(self) -> str:
         """``"layer:channel"``."""
         return f"{self.layer}:{self.channel}"
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "layer": self.layer, "channel": self.channel, "label": self.label,
                 "auc": self.auc, "value": self.value}
 
@@ -76,10 +77,10 @@ class Circuit:
     linear weight) or ``"relevance"``.
     """
 
-    nodes: Tuple[CircuitNode, ...]
-    edges: Tuple[CircuitEdge, ...]
+    nodes: tuple[CircuitNode, ...]
+    edges: tuple[CircuitEdge, ...]
     quantity: str = "relevance"
-    meta: Dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def node(self, node_id: str) -> CircuitNode:
         """The node with id ``"layer:channel"``."""
@@ -89,11 +90,11 @@ class Circuit:
         raise KeyError(f"no node {node_id!r} in the circuit")
 
     @property
-    def layers(self) -> List[str]:
+    def layers(self) -> list[str]:
         """Layers of the nodes, in order of first appearance."""
         return list(dict.fromkeys(node.layer for node in self.nodes))
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict with ``quantity``, ``meta``, ``nodes`` and ``edges`` (source, target, value)."""
         return {
             "quantity": self.quantity,
@@ -130,7 +131,7 @@ def _label_node(layer: str, channel: int, labels, value=None) -> CircuitNode:
                        value=None if value is None else float(value))
 
 
-def _top_channels(values: torch.Tensor, k: int, rank_by: str) -> List[int]:
+def _top_channels(values: torch.Tensor, k: int, rank_by: str) -> list[int]:
     return _rank(values, rank_by)[:k].tolist()
 
 
@@ -149,9 +150,9 @@ def _sequential_output(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def circuit_by_weight(linear: Union[torch.nn.Module, str], target: int, k: int = 8, labels=None, *,
-                      model: Optional[torch.nn.Module] = None, source_layer: Optional[str] = None,
-                      target_name: Optional[str] = None, rank_by: str = "signed") -> Circuit:
+def circuit_by_weight(linear: torch.nn.Module | str, target: int, k: int = 8, labels=None, *,
+                      model: torch.nn.Module | None = None, source_layer: str | None = None,
+                      target_name: str | None = None, rank_by: str = "signed") -> Circuit:
     """The ``k`` input channels of a linear layer with the largest weight to output ``target``.
 
     The paper's circuit for ResNet18 (avgpool -> fc): the channels of the pooled layer that feed a
@@ -213,9 +214,9 @@ def circuit_by_weight(linear: Union[torch.nn.Module, str], target: int, k: int =
                    meta={"kind": "weight", "linear": name, "target": target, "k": k, "rank_by": rank_by})
 
 
-def circuit_by_relevance(relevances, target: int, k: int = 8, labels=None, *, layer: Optional[str] = None,
-                         sample_targets=None, target_layer: str = "y", target_name: Optional[str] = None,
-                         n_outputs: Optional[int] = None, rank_by: str = "signed") -> Circuit:
+def circuit_by_relevance(relevances, target: int, k: int = 8, labels=None, *, layer: str | None = None,
+                         sample_targets=None, target_layer: str = "y", target_name: str | None = None,
+                         n_outputs: int | None = None, rank_by: str = "signed") -> Circuit:
     """The ``k`` channels of a layer with the largest mean relevance for output ``target``.
 
     Parameters
@@ -310,11 +311,11 @@ class _Operation:
         prefix = "__module."
         self.modules = tuple(part[len(prefix):] for part in str(scope).split("/") if part.startswith(prefix))
         self.computes = computes
-        self.input_nodes: List["_Operation"] = []
-        self.output_nodes: List["_Operation"] = []
+        self.input_nodes: list[_Operation] = []
+        self.output_nodes: list[_Operation] = []
 
 
-def _trace_operations(model: torch.nn.Module, data: torch.Tensor) -> List["_Operation"]:
+def _trace_operations(model: torch.nn.Module, data: torch.Tensor) -> list["_Operation"]:
     """The operations of one traced forward pass that depend on the input, linked by the tensors they pass.
 
     ``torch.jit.trace`` as CRP's ``trace_model_graph`` uses it, read in one pass over the graph (CRP's
@@ -326,7 +327,7 @@ def _trace_operations(model: torch.nn.Module, data: torch.Tensor) -> List["_Oper
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(model, (data,), check_trace=False)
     graph = traced.inlined_graph
-    produced_by: Dict[int, _Operation] = {}
+    produced_by: dict[int, _Operation] = {}
     reached = {value.unique() for value in list(graph.inputs())[1:]}  # the data, not the module itself
     operations = []
     for node in graph.nodes():
@@ -346,7 +347,7 @@ def _trace_operations(model: torch.nn.Module, data: torch.Tensor) -> List["_Oper
     return operations
 
 
-def _operations_of(model_graph) -> List["_Operation"]:
+def _operations_of(model_graph) -> list["_Operation"]:
     """The operations of a graph from CRP's ``trace_model_graph``."""
     operations = {id(node): _Operation(node.scopeName, bool(node.is_layer))
                   for node in model_graph.id_node_map.values()}
@@ -405,7 +406,7 @@ class _LayerGraph:
 
     def __init__(self, operations: Sequence[_Operation], names: Sequence[str]) -> None:
         outputs = {name: _output_node(operations, name) for name in names}
-        owner: Dict[int, str] = {}
+        owner: dict[int, str] = {}
         for name, node in outputs.items():
             if id(node) in owner:
                 raise ValueError(f"layers {owner[id(node)]!r} and {name!r} are the same tensor (one is the output "
@@ -413,15 +414,15 @@ class _LayerGraph:
             owner[id(node)] = name
         self.inputs = {name: _input_layers(node, owner) for name, node in outputs.items()}
 
-    def find_input_layers(self, layer_name: str) -> List[str]:
+    def find_input_layers(self, layer_name: str) -> list[str]:
         if layer_name not in self.inputs:
             raise KeyError(f"layer {layer_name!r} is not one of the circuit's layers {list(self.inputs)}")
         return list(self.inputs[layer_name])
 
 
-def _input_layers(start, owner: Mapping[int, str]) -> List[str]:
+def _input_layers(start, owner: Mapping[int, str]) -> list[str]:
     """Requested layers whose output reaches ``start`` without passing another requested output (DFS preorder)."""
-    found: List[str] = []
+    found: list[str] = []
     seen = set()
     stack = list(reversed(start.input_nodes))
     while stack:
@@ -444,7 +445,7 @@ class _ClosingAttribution:
 
     def __init__(self, attribution) -> None:
         self._attribution = attribution
-        self._generators: List[Any] = []
+        self._generators: list[Any] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._attribution, name)
@@ -475,9 +476,9 @@ class _LastCallConcept:
 
 
 def concept_circuit(attribution, sample: torch.Tensor, composite, layer: str, channel: int,
-                    layers: Sequence[str], labels: Optional[Mapping[str, Any]] = None,
+                    layers: Sequence[str], labels: Mapping[str, Any] | None = None,
                     width: Sequence[int] = (4, 2),
-                    target: Optional[int] = None, abs_norm: bool = True, batch_size: int = 16,
+                    target: int | None = None, abs_norm: bool = True, batch_size: int = 16,
                     graph=None, device=None) -> Circuit:
     """Follow CRP's AttributionGraph from a labeled concept down to labeled sub-concepts in earlier layers.
 

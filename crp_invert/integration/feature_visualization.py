@@ -42,9 +42,10 @@ import functools
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import crp.maximization
 import crp.statistics

@@ -19,8 +19,9 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ _HOOK_DICTS = (
 _HOOK_EXTRAS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 
 
-def _drop_new_hooks(module: torch.nn.Module, known: Dict[str, set]) -> None:
+def _drop_new_hooks(module: torch.nn.Module, known: dict[str, set]) -> None:
     for name in _HOOK_DICTS:
         hooks = getattr(module, name, None)
         if not hooks:
@@ -68,7 +69,7 @@ def _drop_new_hooks(module: torch.nn.Module, known: Dict[str, set]) -> None:
                 getattr(module, extra, {}).pop(key, None)
 
 
-def _tensor_state(module: torch.nn.Module) -> Dict[str, Any]:
+def _tensor_state(module: torch.nn.Module) -> dict[str, Any]:
     """The parameter and buffer objects of a module and the storage their ``.data`` points to."""
     state = {}
     for kind in ("_parameters", "_buffers"):
@@ -77,7 +78,7 @@ def _tensor_state(module: torch.nn.Module) -> Dict[str, Any]:
     return state
 
 
-def _restore_tensors(module: torch.nn.Module, saved: Dict[str, Any]) -> None:
+def _restore_tensors(module: torch.nn.Module, saved: dict[str, Any]) -> None:
     for kind in ("_parameters", "_buffers"):
         table = getattr(module, kind)
         for name in [name for name in table if (kind, name) not in saved]:
@@ -180,7 +181,7 @@ class _LastCall:
         """Whether the gradient being masked at ``name`` belongs to its last call of the forward pass."""
         return self.current[name] == self.calls[name] - 1
 
-    def mask(self, batch_id: int, concept_ids: List[int], layer_name: str):
+    def mask(self, batch_id: int, concept_ids: list[int], layer_name: str):
         """CRP's ``mask_map`` signature: ``ChannelConcept.mask`` applied to the last call of ``layer_name``."""
         from crp.concepts import ChannelConcept
 
@@ -248,7 +249,7 @@ def _rank(values: torch.Tensor, rank_by: str) -> torch.Tensor:
     return torch.sort(key, dim=-1, descending=True, stable=True).indices
 
 
-def _as_targets(target, n_samples: int, n_outputs: int, prediction: torch.Tensor) -> List[int]:
+def _as_targets(target, n_samples: int, n_outputs: int, prediction: torch.Tensor) -> list[int]:
     if target is None:
         return prediction.argmax(dim=1).tolist()
     if isinstance(target, torch.Tensor):
@@ -274,15 +275,15 @@ def _as_targets(target, n_samples: int, n_outputs: int, prediction: torch.Tensor
 
 class _Probe(NamedTuple):
     prediction: torch.Tensor
-    shapes: Dict[str, Tuple[int, ...]]
-    calls: Dict[str, int]
+    shapes: dict[str, tuple[int, ...]]
+    calls: dict[str, int]
 
 
 def _probe(model: torch.nn.Module, data: torch.Tensor, layers: Sequence[str]) -> _Probe:
     """One forward pass without gradients: the model output, the output shape of each layer (its last call)
     and how often each layer is called."""
     modules = {name: _get_module(model, name) for name in layers}
-    shapes: Dict[str, Tuple[int, ...]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     calls = {name: 0 for name in modules}
 
     def make_hook(name):
@@ -311,7 +312,7 @@ def _probe(model: torch.nn.Module, data: torch.Tensor, layers: Sequence[str]) ->
     return _Probe(prediction, shapes, calls)
 
 
-def _channel_count(shapes: Mapping[str, Tuple[int, ...]], layer: str) -> int:
+def _channel_count(shapes: Mapping[str, tuple[int, ...]], layer: str) -> int:
     shape = shapes[layer]
     if len(shape) < 2:
         raise ValueError(f"layer {layer!r} has output shape {shape}; expected [batch, channels, ...]")
@@ -324,9 +325,9 @@ def _prepare(sample: torch.Tensor, device) -> torch.Tensor:
     return sample.detach().to(device)
 
 
-def _attribute(attribution, data: torch.Tensor, conditions: List[Dict[str, List[int]]], composite, layer,
+def _attribute(attribution, data: torch.Tensor, conditions: list[dict[str, list[int]]], composite, layer,
                record: bool, exclude_parallel: bool, batch_size: int, progress: bool = False,
-               mask_map=None) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+               mask_map=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run CondAttribution on row i of ``data`` with ``conditions[i]``, in chunks of ``batch_size`` rows.
 
     Returns the heatmaps [R, ...] and, when ``record``, the relevance and the activation of ``layer``
@@ -387,7 +388,7 @@ class ChannelEvidence:
     activation: float
     percentile: float
     n_reference: int
-    label_holds: Optional[bool] = None
+    label_holds: bool | None = None
     low_percentile: float = LOW_PERCENTILE
 
     @property
@@ -400,7 +401,7 @@ class ChannelEvidence:
         """The label does not hold and the channel barely fires: its heatmap here is not what the label says."""
         return self.label_holds is False and self.low
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (``unexplained`` included for readers; ignored by :meth:`from_dict`)."""
         return {"channel": self.channel, "activation": self.activation, "percentile": self.percentile,
                 "n_reference": self.n_reference, "label_holds": self.label_holds,
@@ -461,7 +462,7 @@ class Evidence:
     concepts: Any = None
     sample_index: Any = None
     concept_row: Any = None
-    layer: Optional[str] = None
+    layer: str | None = None
     pooling: Any = None
     low_percentile: float = LOW_PERCENTILE
 
@@ -481,7 +482,7 @@ def _is_cache(value: Any) -> bool:
     return callable(getattr(value, "activations", None)) and callable(getattr(value, "info", None))
 
 
-def _per_sample(value: Any, n_samples: int, what: str, single) -> List[Any]:
+def _per_sample(value: Any, n_samples: int, what: str, single) -> list[Any]:
     """``value`` as a list of one entry per sample (``single(value)``: whether it is one entry)."""
     if value is None:
         return [None] * n_samples
@@ -495,7 +496,7 @@ def _per_sample(value: Any, n_samples: int, what: str, single) -> List[Any]:
     return values
 
 
-def _row_mapping(row: Any, names: Optional[Sequence[str]]):
+def _row_mapping(row: Any, names: Sequence[str] | None):
     """One sample's concepts as something :py:meth:`Formula.evaluate` reads (one-row ConceptLabels or a mapping)."""
     if row is None:
         return None
@@ -516,7 +517,7 @@ def _row_mapping(row: Any, names: Optional[Sequence[str]]):
     return {name: torch.tensor([bool(value)]) for name, value in zip(names, vector.tolist())}
 
 
-def _sample_concepts(evidence: Evidence, n_samples: int) -> Tuple[List[Any], List[Optional[int]]]:
+def _sample_concepts(evidence: Evidence, n_samples: int) -> tuple[list[Any], list[int | None]]:
     """Per sample: its concepts (or None) and its index in the labeled dataset (or None)."""
     def is_index(value):
         return is_int(value)
@@ -578,7 +579,7 @@ def _evidence_pooling(evidence: Evidence, reference_layer: str):
     return recorded
 
 
-def _reference_columns(evidence: Evidence, reference_layer: str, n_channels: int, columns: List[int]):
+def _reference_columns(evidence: Evidence, reference_layer: str, n_channels: int, columns: list[int]):
     """The reference activations [N, len(columns)] (float64 numpy) and the dataset index of row 0."""
     reference = evidence.reference
     cache = _is_cache(reference)
@@ -598,7 +599,7 @@ def _reference_columns(evidence: Evidence, reference_layer: str, n_channels: int
     return np.asarray(values, dtype=np.float64), start
 
 
-def _percentile(reference: np.ndarray, value: float) -> Tuple[float, int]:
+def _percentile(reference: np.ndarray, value: float) -> tuple[float, int]:
     """``scipy.stats.percentileofscore(kind="mean")`` over the finite reference values, and their number."""
     finite = reference[np.isfinite(reference)]
     if finite.size == 0:
@@ -609,7 +610,7 @@ def _percentile(reference: np.ndarray, value: float) -> Tuple[float, int]:
 
 
 def _collect_evidence(evidence: Evidence, layer: str, activation: torch.Tensor, orders: torch.Tensor,
-                      labels: Sequence[Sequence[Any]]) -> List[Tuple[ChannelEvidence, ...]]:
+                      labels: Sequence[Sequence[Any]]) -> list[tuple[ChannelEvidence, ...]]:
     """The evidence of each sample's top channels. ``activation`` is the layer output [B, C, ...]."""
     from .recorder import pool
 
@@ -652,7 +653,7 @@ _TENSOR_FIELDS = ("heatmap", "channels", "channel_heatmaps", "relevance", "share
                   "channel_relevance", "prediction")
 
 
-def _tensor_to_json(tensor: torch.Tensor) -> Dict[str, Any]:
+def _tensor_to_json(tensor: torch.Tensor) -> dict[str, Any]:
     tensor = tensor.detach().cpu()
     return {"dtype": str(tensor.dtype).replace("torch.", ""), "shape": list(tensor.shape),
             "values": tensor.reshape(-1).tolist()}
@@ -712,12 +713,12 @@ class GlocalExplanation:
     channel_heatmaps: torch.Tensor
     relevance: torch.Tensor
     share: torch.Tensor
-    labels: Tuple[Any, ...]
+    labels: tuple[Any, ...]
     rest_heatmap: torch.Tensor
     channel_relevance: torch.Tensor
     prediction: torch.Tensor
     rank_by: str = "signed"
-    evidence: Optional[Tuple[ChannelEvidence, ...]] = None
+    evidence: tuple[ChannelEvidence, ...] | None = None
 
     @property
     def top_k(self) -> int:
@@ -736,11 +737,11 @@ class GlocalExplanation:
         norm = float(reference.norm())
         return float((total - reference).norm()) / (norm if norm > 0 else 1.0)
 
-    def label_strings(self) -> List[Optional[str]]:
+    def label_strings(self) -> list[str | None]:
         """The formula of each channel's label as text (None where unlabeled)."""
         return [None if label is None else str(label.formula) for label in self.labels]
 
-    def unexplained(self) -> List[int]:
+    def unexplained(self) -> list[int]:
         """Channels whose label does not hold for this sample while their activation is low (needs evidence)."""
         return [part.channel for part in self.evidence or () if part.unexplained]
 
@@ -750,10 +751,10 @@ class GlocalExplanation:
                   for name, value in self.__dict__.items()}
         return GlocalExplanation(**values)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict: tensors as ``{"dtype", "shape", "values"}``, labels as Explanation JSON, the
         evidence as a list of :py:meth:`ChannelEvidence.to_dict` (or None)."""
-        data: Dict[str, Any] = {"layer": self.layer, "target": int(self.target), "rank_by": self.rank_by}
+        data: dict[str, Any] = {"layer": self.layer, "target": int(self.target), "rank_by": self.rank_by}
         for name in _TENSOR_FIELDS:
             data[name] = _tensor_to_json(getattr(self, name))
         data["labels"] = [None if label is None else label.to_json() for label in self.labels]
@@ -783,7 +784,7 @@ class GlocalExplanation:
 
 def decompose_batch(attribution, samples: torch.Tensor, target, layer: str, composite, labels=None,
                     top_k: int = 8, rank_by: str = "signed", batch_size: int = 32, device=None,
-                    progress: bool = False, evidence: Optional[Evidence] = None) -> List[GlocalExplanation]:
+                    progress: bool = False, evidence: Evidence | None = None) -> list[GlocalExplanation]:
     """Decompose the heatmaps of a batch of samples into the conditional heatmaps of ``layer``'s channels.
 
     Each sample gets its own top channels. All conditional heatmaps (``top_k`` per sample, plus one
@@ -928,7 +929,7 @@ def decompose_batch(attribution, samples: torch.Tensor, target, layer: str, comp
 
 def decompose(attribution, sample: torch.Tensor, target, layer: str, composite, labels=None, top_k: int = 8,
               rank_by: str = "signed", batch_size: int = 32, device=None,
-              progress: bool = False, evidence: Optional[Evidence] = None) -> GlocalExplanation:
+              progress: bool = False, evidence: Evidence | None = None) -> GlocalExplanation:
     """Decompose the heatmap of one sample into the labeled conditional heatmaps of ``layer``'s channels.
 
     ``channel_heatmaps`` has shape [top_k, H, W]; for a batch of samples use :py:func:`decompose_batch`,

@@ -12,7 +12,8 @@ import hashlib
 import logging
 import os
 import time
-from typing import Any, Callable, Iterable, Mapping, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Union
 
 import numpy as np
 import torch

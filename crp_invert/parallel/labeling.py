@@ -6,7 +6,8 @@ layer), so every rank gets the result a single process computes. The search is d
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..core.labels import LayerLabels
 from .group import all_gather, get_rank, get_world_size
@@ -45,7 +46,7 @@ class ColumnSlice:
         return self.data[:, self.start + a : self.start + max(a, b)]
 
 
-def all_gather_labels(part: "LayerLabels") -> "LayerLabels":
+def all_gather_labels(part: LayerLabels) -> LayerLabels:
     """Join the labels of consecutive feature shares of all ranks into the layer's labels, on every rank.
 
     The Benjamini-Hochberg q-values are recomputed over all features (each rank saw only its share).

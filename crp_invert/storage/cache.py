@@ -60,8 +60,9 @@ import errno
 import json
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -104,7 +105,7 @@ _DATASET_NAMES = {"activation": "activations", "relevance": "relevances"}
 DatasetMaker = Callable[["h5py.Group", str, tuple, str, float], None]
 
 
-def write_root(file: "h5py.File", start: int, end: int, dataset_length: int, **extra: Any) -> None:
+def write_root(file: h5py.File, start: int, end: int, dataset_length: int, **extra: Any) -> None:
     """Write the root attributes of a cache holding samples ``[start, end)`` of ``dataset_length``."""
     attrs = file.attrs
     attrs["format"] = FORMAT
@@ -119,7 +120,7 @@ def write_root(file: "h5py.File", start: int, end: int, dataset_length: int, **e
     file.require_group("layers")
 
 
-def create_layer(file: "h5py.File", layer: str, n_channels: int, relevances: bool, meta: dict[str, Any],
+def create_layer(file: h5py.File, layer: str, n_channels: int, relevances: bool, meta: dict[str, Any],
                  make_dataset: DatasetMaker) -> None:
     """Add layer ``layer`` to a cache whose root is written: a numbered group with its attributes and the
     datasets ``activations``, ``relevances`` (if recorded) and ``complete``, each made by ``make_dataset(group,
@@ -178,7 +179,7 @@ def _str_attr(attrs: Any, key: str) -> str:
     return value
 
 
-def check_root(file: "h5py.File") -> dict[str, Any]:
+def check_root(file: h5py.File) -> dict[str, Any]:
     """The checked root of a cache: ``n_samples``, ``sample_start``, ``sample_end``, ``dataset_length`` as
     ints and ``index`` (layer name -> group key), or ValueError naming what is wrong (a damaged cache).
 
@@ -223,7 +224,7 @@ def check_root(file: "h5py.File") -> dict[str, Any]:
     return root
 
 
-def _has_complete_rows(file: "h5py.File") -> bool:
+def _has_complete_rows(file: h5py.File) -> bool:
     """Whether any layer group of ``file`` marks a row complete (unreadable groups count as yes)."""
     h5py = h5py_module()
     layers = file.get("layers")
@@ -239,7 +240,7 @@ def _has_complete_rows(file: "h5py.File") -> bool:
     return False
 
 
-def _format_of(file: "h5py.File") -> str | None:
+def _format_of(file: h5py.File) -> str | None:
     """The ``format`` root attribute as a str, or None (missing, unreadable or not a string)."""
     try:
         return _str_attr(file.attrs, "format") if "format" in file.attrs else None
@@ -492,7 +493,7 @@ class ActivationCache:
         """The HDF5 path of a layer's group (e.g. ``/layers/3``); KeyError listing the layers if unknown."""
         return self._group(layer).name
 
-    def _group(self, layer: str) -> "h5py.Group":
+    def _group(self, layer: str) -> h5py.Group:
         index = self._index()
         if not isinstance(layer, str):
             raise TypeError(f"layer must be a str, got {type(layer).__name__}")
@@ -510,7 +511,7 @@ class ActivationCache:
             self._groups[layer] = group
         return group
 
-    def _check_group(self, layer: str, group: "h5py.Group") -> None:
+    def _check_group(self, layer: str, group: h5py.Group) -> None:
         """Check a layer's attributes and datasets against the root before any of them is read."""
         h5py = h5py_module()
         damaged = f"cache {str(self.path)!r} is damaged: layer {layer!r}"
@@ -611,7 +612,7 @@ class ActivationCache:
         data_bytes = n_rows * n_channels * 4 * (2 if relevances else 1) + n_rows
         self._reserve(data_bytes + 64 * n_chunks * 2 + (256 << 10) + data_bytes // 100, f"add layer {layer!r}")
 
-        def allocated(group: "h5py.Group", name: str, shape: tuple, dtype: str, fill: float) -> None:
+        def allocated(group: h5py.Group, name: str, shape: tuple, dtype: str, fill: float) -> None:
             # allocated at creation: writing rows later never changes HDF5 metadata (crash safety)
             h5py = h5py_module()
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -730,7 +731,7 @@ class ActivationCache:
                 self._writer(group, "complete")[selection] = 1
         self._file.flush()
 
-    def _writer(self, group: "h5py.Group", name: str) -> "h5py.Dataset":
+    def _writer(self, group: h5py.Group, name: str) -> h5py.Dataset:
         """The dataset, opened with a chunk cache of two bands of chunks (appends stay in memory)."""
         key = (group.name, name)
         dataset = self._writers.get(key)
@@ -780,7 +781,7 @@ class ActivationCache:
 
     # -- reading ---------------------------------------------------------------------------------------------
 
-    def dataset(self, layer: str, source: str = "activation") -> "h5py.Dataset":
+    def dataset(self, layer: str, source: str = "activation") -> h5py.Dataset:
         """The underlying h5py dataset [N, C] of a layer, for streaming (``ds[:, a:b]`` reads columns).
 
         Parameters
@@ -868,7 +869,7 @@ class ActivationCache:
     def closed(self) -> bool:
         return self._file is None or not self._file.id.valid
 
-    def __enter__(self) -> "ActivationCache":
+    def __enter__(self) -> ActivationCache:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -894,8 +895,8 @@ class ActivationCache:
 
 @contextlib.contextmanager
 def open_for_labeling(
-    cache: "ActivationCache | str | os.PathLike", layers: str | Sequence[str] | None, source: str, n_samples: int,
-) -> Iterator[tuple["ActivationCache", list]]:
+    cache: ActivationCache | str | os.PathLike, layers: str | Sequence[str] | None, source: str, n_samples: int,
+) -> Iterator[tuple[ActivationCache, list]]:
     """Open ``cache`` (a path or an open cache) and check it before any labeling: the source, the
     layers (KeyError listing them), N against the concepts' ``n_samples``, complete rows, finite values
     (a NaN is named with its layer before any layer is labeled). Yields the cache and the layer names; a

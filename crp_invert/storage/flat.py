@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -131,7 +132,7 @@ class FlatActivationWriter:
         finally:
             self._lock.release()
 
-    def __enter__(self) -> "FlatActivationWriter":
+    def __enter__(self) -> FlatActivationWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -140,7 +141,7 @@ class FlatActivationWriter:
 
 
 @contextlib.contextmanager
-def open_flat_dataset(path: str | os.PathLike, dataset: str, n_samples: int) -> Iterator["h5py.Dataset"]:
+def open_flat_dataset(path: str | os.PathLike, dataset: str, n_samples: int) -> Iterator[h5py.Dataset]:
     """Open the ``[N, D]`` dataset of an INVERT-format HDF5 file for column reads, checking that it
     exists, is 2-D, real numbers, finite, and has ``n_samples`` rows; the file closes on exit. A file that
     another process is writing is refused ("in use by another process")."""
@@ -161,7 +162,7 @@ def open_flat_dataset(path: str | os.PathLike, dataset: str, n_samples: int) -> 
             lock.release()
 
 
-def _checked_flat_dataset(file: "h5py.File", path: str | os.PathLike, dataset: str, n_samples: int) -> "h5py.Dataset":
+def _checked_flat_dataset(file: h5py.File, path: str | os.PathLike, dataset: str, n_samples: int) -> h5py.Dataset:
     h5py = h5py_module()
     if not isinstance(dataset, str) or not dataset:
         raise ValueError(f"dataset must be a non-empty name, got {dataset!r}")

@@ -160,7 +160,7 @@ def row_selection(rows, n_rows: int) -> tuple[slice | np.ndarray, int]:
     return index, int(index.size)
 
 
-def open_h5(path: str | os.PathLike, mode: str, **kwargs) -> "h5py.File":
+def open_h5(path: str | os.PathLike, mode: str, **kwargs) -> h5py.File:
     """Open an HDF5 file, turning h5py's OSError for unreadable files into clear one-line errors: missing
     (FileNotFoundError), not HDF5, locked by another process
     (:class:`~crp_invert.storage.lock.FileInUseError`), open in this process, damaged (ValueError)."""
