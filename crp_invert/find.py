@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .core.concepts import ConceptLabels
 from .core.formula import Formula
 from .core.jsonio import read_json, write_json
-from .core.labeling import _check_finite, _read_columns
+from .core.labeling import check_finite, read_feature_columns
 from .core.metrics import RankedScores, auc_from_rank_sums, benjamini_hochberg, mann_whitney_pvalue
 from .core.params import MODES
 from .storage.cache import ActivationCache, open_for_labeling
@@ -426,10 +426,10 @@ def find_channels(
             batch = feature_batch_size or default_search_batch(n_samples, n_channels, chunks[1] if chunks else None)
             aucs, p_values = [], []
             for start in range(0, n_channels, batch):
-                block = _read_columns(data, start, min(start + batch, n_channels), device)
+                block = read_feature_columns(data, start, min(start + batch, n_channels), device)
                 finite = np.isfinite(block.numpy()).all() if block.device.type == "cpu" else None
                 if not finite:  # the message names the feature
-                    _check_finite(block, start)
+                    check_finite(block, start)
                 rank_sum, tie_term = mask_rank_sums(block, mask)
                 auc = auc_from_rank_sums(rank_sum, positives, n_samples)
                 aucs.append(auc)

@@ -40,7 +40,8 @@ from .search import (
     prepare_labels,
 )
 
-__all__ = ["label_array", "default_feature_batch_size", "available_memory"]
+__all__ = ["label_array", "default_feature_batch_size", "available_memory", "read_feature_columns",
+           "check_finite"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,10 +161,10 @@ def label_array(
                disable=not progress or len(starts) <= 1, leave=False)
     for start in bar:
         stop = min(start + feature_batch_size, n_features)
-        block = _read_columns(activations, start, stop, device)
+        block = read_feature_columns(activations, start, stop, device)
         # checked a few columns at a time: the check's temporaries stay within the working memory
         for column in range(0, stop - start, rank_chunk):
-            _check_finite(block[:, column:column + rank_chunk], start + column)
+            check_finite(block[:, column:column + rank_chunk], start + column)
         # keep only the ranks: the scores of the batch are freed before the search
         held_ranks = None if held_rows is None else compact_ranks(block[held_rows.to(block.device)], rank_chunk)
         search_ranks = compact_ranks(block if search_rows is None else block[search_rows.to(block.device)],
@@ -203,14 +204,17 @@ def _shape_of(activations: Any) -> tuple:
     return shape
 
 
-def _read_columns(activations: Any, start: int, stop: int, device: torch.device) -> torch.Tensor:
+def read_feature_columns(activations: Any, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Columns ``[start, stop)`` of an [N, F] array-like as a real tensor on ``device`` (shared by labeling and
+    concept search)."""
     # integers beyond 2**53 (e.g. int64 near 2**60) would tie as float64: they become exact dense ranks
     from .checks import exact_float_columns
 
     return exact_float_columns(activations[:, start:stop]).detach().to(device)
 
 
-def _check_finite(block: torch.Tensor, offset: int) -> None:
+def check_finite(block: torch.Tensor, offset: int) -> None:
+    """ValueError naming the first feature (``offset`` + column) of ``block`` with NaN or inf."""
     finite = torch.isfinite(block)
     if not bool(finite.all()):
         bad_features = (~finite).any(dim=0).nonzero().flatten()
