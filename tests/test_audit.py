@@ -93,14 +93,20 @@ def test_shares_flags_and_order_match_a_direct_computation(planted):
     assert all(c.share >= 0.0 for c in red.flagged(0.0))
 
 
-def test_cache_samples_and_top_k(planted, tmp_path):
-    path = tmp_path / "cache.h5"
-    relevances = planted["relevances"].astype(np.float32)
+def write_cache(path, relevances):
+    """A one-layer cache ("conv") holding ``relevances`` as both activations and relevances."""
+    relevances = relevances.astype(np.float32)
     with ActivationCache(path, mode="a", overwrite=True) as cache:
         cache.initialize((0, N))
         cache.add_layer("conv", len(LABELS), relevances=True, pooling="mean")
         cache.write("conv", (0, N), relevances, relevances)
         cache.mark_complete((0, N))
+    return path
+
+
+def test_cache_samples_and_top_k(planted, tmp_path):
+    path = write_cache(tmp_path / "cache.h5", planted["relevances"])
+    relevances = planted["relevances"].astype(np.float32)
     concepts = dict(class_concepts=class_concepts_from_data(planted["concepts"], planted["targets"], CLASSES))
     from_file = audit(str(path), {"conv": planted["labels"]}, "conv", CLASSES, targets=planted["targets"],
                       artifacts=["mark"], k=3, **concepts)
@@ -176,13 +182,7 @@ def test_audit_command_equals_the_function(planted, tmp_path):
 
     from crp_invert.cli import main
 
-    path = tmp_path / "cache.h5"
-    relevances = planted["relevances"].astype(np.float32)
-    with ActivationCache(path, mode="a", overwrite=True) as cache:
-        cache.initialize((0, N))
-        cache.add_layer("conv", len(LABELS), relevances=True, pooling="mean")
-        cache.write("conv", (0, N), relevances, relevances)
-        cache.mark_complete((0, N))
+    path = write_cache(tmp_path / "cache.h5", planted["relevances"])
     planted["labels"].to_json(tmp_path / "conv.json")
     np.save(tmp_path / "targets.npy", planted["targets"])
     (tmp_path / "targets.txt").write_text("\n".join(map(str, planted["targets"])))
