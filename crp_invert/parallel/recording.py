@@ -10,20 +10,21 @@ own ``FeatureVisualization.collect_results``. Several nodes therefore need a sha
 
 from __future__ import annotations
 
+from copy import copy as shallow_copy
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
+from ..core.checks import check_int
 from ..storage.cache import ActivationCache
+from ..storage.crp_files import CRP_KINDS
 from .group import all_gather, broadcast, get_rank, get_world_size
 from .shards import check_shard_layout, combine_shards, shard_path, split_range
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["run_sharded"]
-
-_KINDS = ("r_max", "a_max", "r_stats", "a_stats")
 
 
 def run_sharded(
@@ -65,80 +66,33 @@ def run_sharded(
     dict of str to list of str
         CRP's saved files (as ``fv.run`` returns them), on every rank.
     """
-    cache = fv.activation_cache
-    if isinstance(cache, ActivationCache) or not isinstance(cache, (str, os.PathLike)):
-        raise TypeError(
-            f"run_sharded needs fv built with activation_cache= a path (the combined cache), got "
-            f"{type(cache).__name__}"
-        )
+    combined, data_start, data_end = _checked_run(fv, data_start, data_end, batch_size, checkpoint)
     batch_size, checkpoint = int(batch_size), int(checkpoint)
-    if batch_size < 1 or checkpoint < 1:
-        raise ValueError(f"batch_size and checkpoint must be >= 1, got {batch_size}, {checkpoint}")
-    data_end = len(fv.dataset) if data_end is None else int(data_end)
-    data_start = int(data_start)
-    if not 0 <= data_start < data_end <= len(fv.dataset):
-        raise ValueError(
-            f"need 0 <= data_start < data_end <= len(dataset) = {len(fv.dataset)}, got "
-            f"[{data_start}, {data_end})"
-        )
-    combined = Path(cache)
     rank, world_size = get_rank(), get_world_size()
-    if not resume:
-        fv.overwrite = True
-    check_shard_layout(combined, world_size, bool(fv.overwrite))
-
+    overwrite = bool(fv.overwrite) or not resume
+    check_shard_layout(combined, world_size, overwrite)
+    args = (composite, batch_size, checkpoint, on_device)
     if world_size == 1:
-        fv.sample_range = (data_start, data_end)
-        if not fv.overwrite and combined.exists():
-            return fv.resume(composite, data_start, data_end, batch_size, checkpoint, on_device)
-        return fv.run(composite, data_start, data_end, batch_size, checkpoint, on_device)
-
+        return _run_one(_driven(fv, combined, (data_start, data_end), overwrite), combined, data_start, data_end,
+                        *args)
     a, b = split_range(data_start, data_end, rank, world_size, align=batch_size)
     shard = shard_path(combined, rank, world_size)
-    error, failure = None, None
-    checkpoints: dict[str, list[str]] = {key: [] for key in _KINDS}
+    error, failure, checkpoints = None, None, {key: [] for key in CRP_KINDS}
     try:
-        if b > a:
-            fv.activation_cache = shard
-            fv.sample_range = (a, b)
-            if not fv.overwrite and shard.exists():
-                checkpoints = fv.resume_distributed(composite, a, b, batch_size, checkpoint, on_device)
-            else:
-                checkpoints = fv.run_distributed(composite, a, b, batch_size, checkpoint, on_device)
+        checkpoints = _record_shard(_driven(fv, shard, (a, b), overwrite), shard, a, b, *args)
     except Exception as err:  # tell the other ranks instead of leaving them waiting in the gather
         error, failure = f"rank {rank}: {type(err).__name__}: {err}", err
-    finally:
-        fv.activation_cache = combined
-    gathered = all_gather((error, {key: list(checkpoints.get(key, [])) for key in _KINDS}))
+    gathered = all_gather((error, checkpoints))
     if failure is not None:
         raise failure
     errors = [e for e, _ in gathered if e is not None]
     if errors:
         raise RuntimeError("sharded recording failed on other ranks: " + "; ".join(errors))
-
     saved, error = None, None
     if rank == 0:
         try:
-            merged = {key: [p for _, part in gathered for p in part[key]] for key in _KINDS}
-            missing = [
-                p for key in ("r_max", "a_max") for p in merged[key] if not Path(p + "data.npy").exists()
-            ]
-            if missing:
-                raise FileNotFoundError(
-                    "rank 0 cannot see CRP checkpoint files written by other ranks (e.g. "
-                    f"{missing[0]}data.npy); "
-                    "CRP's path= must be on a filesystem shared by all ranks"
-                )
-            if any(merged[key] for key in _KINDS):
-                saved = fv.collect_results(merged)
-            else:
-                logger.info(
-                    "nothing was recorded: every shard was complete and its CRP results already collected"
-                )
-                saved = {key: [] for key in _KINDS}
-            combine_shards(
-                combined, world_size, sample_range=(data_start, data_end), copy=copy, overwrite=True
-            )
+            saved = _collect(fv, [part for _, part in gathered])
+            combine_shards(combined, world_size, sample_range=(data_start, data_end), copy=copy, overwrite=True)
         except Exception as err:
             error = f"rank 0: {type(err).__name__}: {err}"
     saved, error = broadcast((saved, error))
@@ -146,3 +100,65 @@ def run_sharded(
         raise RuntimeError(f"combining the shards failed: {error}")
     return saved
 
+
+def _checked_run(fv: Any, data_start: int, data_end: int | None, batch_size: int,
+                 checkpoint: int) -> tuple[Path, int, int]:
+    """The combined cache path and the checked sample range (TypeError / ValueError naming bad values)."""
+    cache = fv.activation_cache
+    if isinstance(cache, ActivationCache) or not isinstance(cache, (str, os.PathLike)):
+        raise TypeError(
+            f"run_sharded needs fv built with activation_cache= a path (the combined cache), got "
+            f"{type(cache).__name__}"
+        )
+    check_int(batch_size, "batch_size")
+    check_int(checkpoint, "checkpoint")
+    data_end = len(fv.dataset) if data_end is None else int(data_end)
+    data_start = int(data_start)
+    if not 0 <= data_start < data_end <= len(fv.dataset):
+        raise ValueError(
+            f"need 0 <= data_start < data_end <= len(dataset) = {len(fv.dataset)}, got "
+            f"[{data_start}, {data_end})"
+        )
+    return Path(cache), data_start, data_end
+
+
+def _driven(fv: Any, cache: Path, rows: tuple[int, int], overwrite: bool) -> Any:
+    """A shallow copy of ``fv`` that records ``rows`` into ``cache``: the caller's object is never changed."""
+    driven = shallow_copy(fv)
+    driven.activation_cache, driven.sample_range, driven.overwrite = cache, rows, overwrite
+    return driven
+
+
+def _run_one(fv: Any, cache: Path, start: int, end: int, composite: Any, batch_size: int, checkpoint: int,
+             on_device: Any) -> dict[str, list[str]]:
+    """One process: CRP's ``run`` on the cache itself, or ``resume`` where the cache exists."""
+    if not fv.overwrite and cache.exists():
+        return fv.resume(composite, start, end, batch_size, checkpoint, on_device)
+    return fv.run(composite, start, end, batch_size, checkpoint, on_device)
+
+
+def _record_shard(fv: Any, shard: Path, a: int, b: int, composite: Any, batch_size: int, checkpoint: int,
+                  on_device: Any) -> dict[str, list[str]]:
+    """Record one rank's share ``[a, b)`` into its shard (``resume_distributed`` where the shard exists)."""
+    if b <= a:
+        return {key: [] for key in CRP_KINDS}
+    if not fv.overwrite and shard.exists():
+        checkpoints = fv.resume_distributed(composite, a, b, batch_size, checkpoint, on_device)
+    else:
+        checkpoints = fv.run_distributed(composite, a, b, batch_size, checkpoint, on_device)
+    return {key: list(checkpoints.get(key, [])) for key in CRP_KINDS}
+
+
+def _collect(fv: Any, parts: list[dict[str, list[str]]]) -> dict[str, list[str]]:
+    """Rank 0: CRP's ``collect_results`` over every rank's checkpoints (they must be visible on rank 0)."""
+    merged = {key: [p for part in parts for p in part[key]] for key in CRP_KINDS}
+    missing = [p for key in ("r_max", "a_max") for p in merged[key] if not Path(p + "data.npy").exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"rank 0 cannot see CRP checkpoint files written by other ranks (e.g. {missing[0]}data.npy); "
+            "CRP's path= must be on a filesystem shared by all ranks"
+        )
+    if not any(merged[key] for key in CRP_KINDS):
+        logger.info("nothing was recorded: every shard was complete and its CRP results already collected")
+        return {key: [] for key in CRP_KINDS}
+    return fv.collect_results(merged)

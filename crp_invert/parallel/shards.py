@@ -37,7 +37,8 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -125,6 +126,24 @@ def is_shard_index(path: Path) -> bool:
         return "shards" in file.attrs
 
 
+class _Shard(NamedTuple):
+    """One shard file as the index sees it."""
+
+    rank: int
+    file: Path
+    rows: tuple[int, int]
+    groups: dict[str, str]
+
+
+class _LayerSpec(NamedTuple):
+    """What every shard must agree on for one layer."""
+
+    n_channels: int
+    meta: dict[str, Any]
+    relevances: bool
+    chunks: Any
+
+
 def combine_shards(
     path: str | os.PathLike,
     world_size: int | None = None,
@@ -132,7 +151,7 @@ def combine_shards(
     copy: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """Present the shards of ``path`` as one :class:`~crp_invert.cache.ActivationCache` at ``path``.
+    """Present the shards of ``path`` as one :class:`~crp_invert.storage.ActivationCache` at ``path``.
 
     Parameters
     ----------
@@ -164,14 +183,31 @@ def combine_shards(
         channels, fingerprints, dataset length, overlapping or missing sample ranges).
     """
     path = Path(path)
+    world_size, files = _shard_files(path, world_size)
+    if path.exists() and path.stat().st_size > 0 and not overwrite and not is_shard_index(path):
+        raise ValueError(
+            f"{str(path)!r} exists and is not an index of shards; pass overwrite=True to replace it"
+        )
+    shards, layers, dataset_length = _read_shards(path, files)
+    start, end = (shards[0].rows[0], shards[-1].rows[1]) if sample_range is None else map(int, sample_range)
+    _check_coverage(path, shards, start, end)
+    if copy:
+        _write_copy(path, shards, layers, (start, end), dataset_length)
+    else:
+        _write_index(path, shards, layers, (start, end), dataset_length, int(world_size))
+        logger.info("wrote index %s over %d shards", path, len(shards))
+    return path
+
+
+def _shard_files(path: Path, world_size: int | None) -> tuple[int, dict[int, Path]]:
+    """The world size to combine and its shard files ``{rank: file}`` (refused where ambiguous or absent)."""
     found = find_shards(path)
     if world_size is None:
+        if not found:
+            raise FileNotFoundError(
+                f"no shard files of {str(path)!r} (expected {shard_path(path, 0, 1).name} ...)")
         if len(found) != 1:
-            raise (FileNotFoundError if not found else ValueError)(
-                f"found shards of {str(path)!r} for world sizes {sorted(found)}; pass world_size="
-                if found
-                else f"no shard files of {str(path)!r} (expected {shard_path(path, 0, 1).name} ...)"
-            )
+            raise ValueError(f"found shards of {str(path)!r} for world sizes {sorted(found)}; pass world_size=")
         world_size = next(iter(found))
     files = found.get(int(world_size), {})
     if not files:
@@ -179,127 +215,133 @@ def combine_shards(
             f"no shard files of {str(path)!r} for world size {world_size} "
             f"(expected e.g. {shard_path(path, 0, world_size).name})"
         )
-    if path.exists() and path.stat().st_size > 0 and not overwrite and not is_shard_index(path):
-        raise ValueError(
-            f"{str(path)!r} exists and is not an index of shards; pass overwrite=True to replace it"
-        )
+    return int(world_size), files
 
-    shards = []  # (rank, file, (a, b))
-    layers: dict[str, dict[str, Any]] = {}
+
+def _layer_specs(shard: ActivationCache) -> dict[str, _LayerSpec]:
+    """Every layer of one shard as the other shards must repeat it."""
+    return {
+        name: _LayerSpec(shard.n_channels(name), layer_meta(shard.info(name)), shard.info(name)["relevances"],
+                         shard.info(name)["chunks"])
+        for name in shard.layers
+    }
+
+
+def _check_same_layers(file: Path, specs: dict[str, _LayerSpec], first: dict[str, _LayerSpec]) -> None:
+    """Refuse a shard whose layers differ from the first shard's (other model or setup)."""
+    if list(specs) != list(first):
+        raise ValueError(f"shard {file.name} has layers {list(specs)}, the first shard {list(first)}")
+    for name, want in first.items():
+        got = specs[name]
+        if (got.n_channels, got.meta.get("fingerprint"), got.relevances) != (
+            want.n_channels, want.meta.get("fingerprint"), want.relevances
+        ):
+            raise ValueError(
+                f"shard {file.name} layer {name!r} does not match the first shard (channels "
+                f"{got.n_channels} vs {want.n_channels}, fingerprint {got.meta.get('fingerprint')} vs "
+                f"{want.meta.get('fingerprint')}); it was recorded by another model or setup"
+            )
+
+
+def _read_shards(path: Path, files: dict[int, Path]) -> tuple[list[_Shard], dict[str, _LayerSpec], int | None]:
+    """Open every shard, check that they fit together, and return them sorted by their rows."""
+    shards: list[_Shard] = []
+    layers: dict[str, _LayerSpec] = {}
     dataset_length = None
     for rank in sorted(files):
         with ActivationCache(files[rank]) as shard:
             if not shard.initialized:
                 logger.warning("shard %s is empty; ignored", files[rank])
                 continue
-            if dataset_length is None:
-                dataset_length = shard.dataset_length
-            elif shard.dataset_length != dataset_length:
+            if dataset_length is not None and shard.dataset_length != dataset_length:
                 raise ValueError(
                     f"shard {files[rank].name} has dataset_length {shard.dataset_length}, the others "
                     f"{dataset_length}"
                 )
-            names = shard.layers
-            if not layers:
-                for name in names:
-                    layers[name] = {
-                        "n_channels": shard.n_channels(name),
-                        "meta": layer_meta(shard.info(name)),
-                        "relevances": shard.info(name)["relevances"],
-                        "chunks": shard.info(name)["chunks"],
-                    }
-            elif names != list(layers):
-                raise ValueError(
-                    f"shard {files[rank].name} has layers {names}, the first shard {list(layers)}"
-                )
-            for name in names:
-                want = layers[name]
-                if (
-                    shard.n_channels(name) != want["n_channels"]
-                    or shard.fingerprint(name) != want["meta"].get("fingerprint")
-                    or shard.info(name)["relevances"] != want["relevances"]
-                ):
-                    raise ValueError(
-                        f"shard {files[rank].name} layer {name!r} does not match the first shard (channels "
-                        f"{shard.n_channels(name)} vs {want['n_channels']}, fingerprint "
-                        f"{shard.fingerprint(name)} vs "
-                        f"{want['meta'].get('fingerprint')}); it was recorded by another model or setup"
-                    )
-            groups = {name: shard.group_path(name) for name in names}
-            shards.append((rank, files[rank], shard.sample_range, groups))
+            dataset_length = shard.dataset_length
+            specs = _layer_specs(shard)
+            if layers:
+                _check_same_layers(files[rank], specs, layers)
+            layers = layers or specs
+            groups = {name: shard.group_path(name) for name in specs}
+            shards.append(_Shard(rank, files[rank], tuple(shard.sample_range), groups))
     if not shards:
         raise ValueError(f"all shard files of {str(path)!r} are empty")
-    shards.sort(key=lambda item: item[2])
-    shard_ranges = [(rank, file, rows) for rank, file, rows, _ in shards]
-    start, end = (
-        (shards[0][2][0], shards[-1][2][1]) if sample_range is None else (int(v) for v in sample_range)
-    )
+    shards.sort(key=lambda shard: shard.rows)
+    return shards, layers, dataset_length
+
+
+def _check_coverage(path: Path, shards: list[_Shard], start: int, end: int) -> None:
+    """The shards' rows must tile ``[start, end)`` exactly: no overlap, no gap."""
     position = start
-    for _, file, (a, b) in shard_ranges:
+    for shard in shards:
+        a, _ = shard.rows
         if a != position:
             what = "overlap" if a < position else f"no shard holds samples [{position}, {a})"
-            raise ValueError(f"shards of {str(path)!r} do not fit together: {what} (at {file.name})")
-        position = b
-    if position != end or shards[0][2][0] != start:
+            raise ValueError(f"shards of {str(path)!r} do not fit together: {what} (at {shard.file.name})")
+        position = shard.rows[1]
+    if position != end or shards[0].rows[0] != start:
         raise ValueError(
-            f"shards of {str(path)!r} cover [{shards[0][2][0]}, {position}), not the requested "
+            f"shards of {str(path)!r} cover [{shards[0].rows[0]}, {position}), not the requested "
             f"[{start}, {end})"
         )
-    if copy:
-        tmp = path.with_name(path.name + ".tmp")
-        with ActivationCache(tmp, mode="a", overwrite=True) as out:
-            out.initialize((start, end), dataset_length=dataset_length)
-            for name, want in layers.items():
-                out.add_layer(
-                    name,
-                    want["n_channels"],
-                    relevances=want["relevances"],
-                    chunks=want["chunks"],
-                    **want["meta"],
-                )
-            for _, file, (a, b) in shard_ranges:
-                with ActivationCache(file) as shard:
-                    for name, want in layers.items():
-                        step = int(want["chunks"][0]) if want["chunks"] else 1024
-                        acts = shard.dataset(name, "activation")
-                        rels = shard.dataset(name, "relevance") if want["relevances"] else None
-                        for row in range(0, b - a, step):
-                            stop = min(row + step, b - a)
-                            out.write(
-                                name,
-                                (a - start + row, a - start + stop),
-                                acts[row:stop],
-                                None if rels is None else rels[row:stop],
-                            )
-                        done = np.flatnonzero(shard.complete(name)) + (a - start)
-                        if done.size:
-                            out.mark_complete(done, [name])
-        os.replace(tmp, path)
-        return path
 
-    h5py = h5py_module()
+
+def _write_copy(path: Path, shards: list[_Shard], layers: dict[str, _LayerSpec], rows: tuple[int, int],
+                dataset_length: int | None) -> None:
+    """One self-contained cache: every shard's rows copied in bands, written beside and renamed."""
+    start, end = rows
+    tmp = path.with_name(path.name + ".tmp")
+    with ActivationCache(tmp, mode="a", overwrite=True) as out:
+        out.initialize((start, end), dataset_length=dataset_length)
+        for name, want in layers.items():
+            out.add_layer(name, want.n_channels, relevances=want.relevances, chunks=want.chunks, **want.meta)
+        for shard in shards:
+            _copy_shard(out, shard, layers, start)
+    os.replace(tmp, path)
+
+
+def _copy_shard(out: ActivationCache, shard: _Shard, layers: dict[str, _LayerSpec], start: int) -> None:
+    """Copy one shard's rows and completion flags into ``out`` (rows offset by ``start``)."""
+    a, b = shard.rows
+    with ActivationCache(shard.file) as source:
+        for name, want in layers.items():
+            step = int(want.chunks[0]) if want.chunks else 1024
+            acts = source.dataset(name, "activation")
+            rels = source.dataset(name, "relevance") if want.relevances else None
+            for row in range(0, b - a, step):
+                stop = min(row + step, b - a)
+                out.write(name, (a - start + row, a - start + stop), acts[row:stop],
+                          None if rels is None else rels[row:stop])
+            done = np.flatnonzero(source.complete(name)) + (a - start)
+            if done.size:
+                out.mark_complete(done, [name])
+
+
+def _write_index(path: Path, shards: list[_Shard], layers: dict[str, _LayerSpec], rows: tuple[int, int],
+                 dataset_length: int | None, world_size: int) -> None:
+    """The index: virtual datasets over the shards, written beside and renamed."""
+    start, end = rows
+    listing = [{"file": s.file.name, "rank": s.rank, "sample_range": list(s.rows)} for s in shards]
     tmp = path.with_name(path.name + ".tmp")
     with open_h5(tmp, "w") as index:
-        write_root(
-            index, start, end, dataset_length,
-            shards=json.dumps(
-                [{"file": file.name, "rank": rank, "sample_range": [a, b]} for rank, file, (a, b) in shard_ranges]
-            ),
-            world_size=int(world_size),
-        )
+        write_root(index, start, end, dataset_length, shards=json.dumps(listing), world_size=world_size)
         for name, want in layers.items():
-
-            def virtual(group, dataset, shape, dtype, fill, name=name):
-                layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
-                for _, file, (a, b), groups in shards:
-                    source = h5py.VirtualSource(file.name, f"{groups[name]}/{dataset}", shape=(b - a,) + shape[1:])
-                    layout[a - start : b - start] = source
-                group.create_virtual_dataset(dataset, layout, fillvalue=fill)
-
-            create_layer(index, name, want["n_channels"], want["relevances"], want["meta"], virtual)
+            create_layer(index, name, want.n_channels, want.relevances, want.meta,
+                         partial(_virtual_dataset, shards=shards, layer=name, start=start))
     os.replace(tmp, path)
-    logger.info("wrote index %s over %d shards", path, len(shards))
-    return path
+
+
+def _virtual_dataset(group: Any, dataset: str, shape: tuple, dtype: Any, fill: Any, *, shards: list[_Shard],
+                     layer: str, start: int) -> None:
+    """One dataset of the index: the shards' rows of ``layer`` mapped in order into one virtual dataset."""
+    h5py = h5py_module()
+    layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+    for shard in shards:
+        a, b = shard.rows
+        source = h5py.VirtualSource(shard.file.name, f"{shard.groups[layer]}/{dataset}", shape=(b - a,) + shape[1:])
+        layout[a - start : b - start] = source
+    group.create_virtual_dataset(dataset, layout, fillvalue=fill)
 
 
 def check_shard_layout(combined: Path, world_size: int, overwrite: bool) -> None:
