@@ -142,14 +142,17 @@ def query_matches(query: Formula, cases: Sequence[Sequence[Sequence[str]]]) -> b
 
 def placeholder_query(all_cases: Iterable[Sequence[Sequence[Sequence[str]]]]) -> str:
     """An example query for the box that finds something on this page: ``a OR (b AND NOT c)`` from a case with a
-    NOT (``a`` the most frequent asserted concept), else the one or two most frequent asserted concepts."""
+    NOT (``a`` the most frequent asserted concept), else the one or two most frequent asserted concepts, else
+    ``NOT c`` from a case of NOTs only."""
     counts: Counter = Counter()
-    with_not = None
+    with_not = only_not = None
     for cases in all_cases:
         for positive, negated in cases:
             counts.update(positive)
             if with_not is None and positive and negated:
                 with_not = (positive[0], negated[0])
+            if only_not is None and negated and not positive:
+                only_not = negated[0]
     common = [name for name, _ in counts.most_common(3)]
     if with_not is not None:
         others = [name for name in common if name not in with_not]
@@ -157,4 +160,6 @@ def placeholder_query(all_cases: Iterable[Sequence[Sequence[Sequence[str]]]]) ->
         return f"{quote_name(others[0])} OR ({inner})" if others else inner
     if common:
         return " OR ".join(quote_name(name) for name in common[:2])
+    if only_not is not None:
+        return f"NOT {quote_name(only_not)}"
     return "red OR (circle AND NOT large)"
