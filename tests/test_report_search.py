@@ -46,6 +46,7 @@ _TYPE = """<script>
     });
     seen.cards = Array.prototype.filter.call(document.querySelectorAll("div.card"), visible)
       .map(function (card) { return card.id; });
+    seen.details = Array.prototype.filter.call(document.querySelectorAll("section.details"), visible).length;
     out.push({query: text, visible: seen, status: document.getElementById("channel-search-status").textContent});
   });
   var pre = document.createElement("pre");
@@ -230,15 +231,16 @@ def test_typing_a_query_shows_the_matching_rows_cards_and_audit_rows_in_chromium
             assert seen["status"].startswith("cannot read the query"), seen
             assert sum(len(v) for k, v in seen["visible"].items() if k.startswith("channels:")) == total
             continue
-        shown_count, cards = 0, []
+        shown_count, cards, details = 0, [], 0
         for layer, labels in data["labels"].items():
             expected = expected_rows(query, labels)
             assert seen["visible"][f"channels:{layer}"] == expected, (query, layer)
             both = expected_rows(query, labels, report["relevance"][layer])
             assert seen["visible"][f"sources:{layer}"] == both, (query, layer)
-            cards += [anchor(layer, c) + "-card" for c in expected if shown(labels, c) is not None]
+            layer_cards = [anchor(layer, c) + "-card" for c in expected if shown(labels, c) is not None]
+            cards, details = cards + layer_cards, details + bool(layer_cards)
             shown_count += len(expected)
-        assert seen["visible"]["cards"] == cards, query
+        assert seen["visible"]["cards"] == cards and seen["visible"]["details"] == details, query
         assert seen["visible"]["audit:features.0"] == expected_audit_rows(query, report["audits"][0]), query
         if query.strip():
             assert seen["status"].startswith(f"{shown_count} of {total} channels match"), (query, seen["status"])

@@ -35,12 +35,11 @@ __all__ = ["SEARCH_RULE", "MAX_QUERY_CONCEPTS", "label_cases", "merged_cases", "
 
 #: the help line under the search box: when a channel matches (see the module docstring)
 SEARCH_RULE = (
-    "Shows the channels whose label, in one of its cases, implies the query. The cases of a label are the "
-    "shortest ANDs of concepts and NOT concepts under which it holds (red OR (blue AND NOT ring) has two: red, "
-    "and blue AND NOT ring); a case implies the query when the query holds whatever the concepts the case leaves "
-    "open. Queries use the formula grammar: AND, OR, NOT, parentheses, \"quoted names\"; any case. So red OR blue "
-    "finds red AND circle and blue OR green, NOT large finds labels that say NOT large, yellow AND ring does not "
-    "find blue OR yellow."
+    "Shows a channel when one case of its label implies the query. The cases of a label are the shortest ANDs of "
+    "concepts and NOT concepts under which it holds (red OR (blue AND NOT ring) has two: red; blue AND NOT ring); a "
+    "case implies the query when the query holds whatever the values of the concepts the case leaves open. "
+    "Queries: AND, OR, NOT, parentheses, \"quoted names\", any case. So red OR blue finds red AND circle and "
+    "blue OR green; NOT large finds labels that say NOT large; yellow AND ring does not find blue OR yellow."
 )
 
 #: queries over more concepts than this are refused by the page (it tries every value of the open ones)

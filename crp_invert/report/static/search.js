@@ -106,6 +106,10 @@
       item.element.hidden = !visible;
       if (item.counted) { total += 1; shown += visible ? 1 : 0; }
     });
+    // a layer's "in detail" heading goes with its cards
+    document.querySelectorAll("section.details").forEach(function (section) {
+      section.hidden = section.querySelector("div.card:not([hidden])") === null;
+    });
     return shown + " of " + total + " channels match";
   }
   function report(text, error) {
