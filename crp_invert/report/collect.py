@@ -266,10 +266,18 @@ def collect_audit(item: Any) -> AuditView:
         for name, channels in item.flagged().items())
     rows = [_audit_row(klass, rank, channel, item.min_share, FLAGS)
             for klass in item.classes for rank, channel in enumerate(klass.channels, start=1)]
-    verdicts = getattr(item, "verdicts", None)
-    verdicts = list(verdicts().values() if callable(verdicts) else verdicts or [])
     return AuditView(item.layer, item.quantity, ", ".join(item.artifacts) or "none", item.min_share, flagged, rows,
-                     [str(line) for line in verdicts])
+                     _verdicts(item))
+
+
+def _verdicts(item: Any) -> list[str]:
+    """The audit's verdict lines, one per class, where the audit has them (a ``verdicts`` list, mapping or method)."""
+    verdicts = getattr(item, "verdicts", None)
+    if callable(verdicts):
+        verdicts = verdicts()
+    if isinstance(verdicts, Mapping):
+        verdicts = verdicts.values()
+    return [str(line) for line in verdicts or ()]
 
 
 @dataclass(frozen=True)
