@@ -172,7 +172,7 @@ def audit_command(cache: str, labels: tuple, targets_path: str, classes_path: st
               help="Concept labels (.npz, as for `crp-invert label`) of the cache's samples: adds the density figures.")
 @click.option("--out", type=click.Path(dir_okay=False), default="report.html", show_default=True,
               help="The HTML file to write.")
-@click.option("--max-channels", type=click.IntRange(min=0), default=12, show_default=True,
+@click.option("--max-channels", type=click.IntRange(min=0), default=12, show_default=True,  # MAX_CHANNEL_FIGURES
               help="Channels per layer with figures (the highest AUC among reliable labels); the tables list all.")
 @click.option("--source", type=_SOURCE, default="activation", show_default=True)
 @click.option("--title", default="crp-invert report", show_default=True)

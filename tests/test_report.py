@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from report_page import CATCH as _CATCH  # noqa: F401  (older tests import it from here)
-from report_page import (CHROMIUM, EVIL, LAYERS, NAMES, N, TableParser, parse, pre, report_data,  # noqa: F401
-                         run_chromium, run_in_chromium, shown)
+from report_page import CHROMIUM, EVIL, LAYERS, NAMES, N, parse, pre, report_data, run_in_chromium, shown
 
 from crp_invert import Explanation, Formula, LayerLabels
 from crp_invert.cli import main

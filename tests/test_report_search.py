@@ -37,7 +37,8 @@ _TYPE = """<script>
     input.dispatchEvent(new Event("input", {bubbles: true}));
     var seen = {};
     document.querySelectorAll("table.channels, table.sources, table.audit").forEach(function (table) {
-      var kind = table.classList.contains("sources") ? "sources:" : table.classList.contains("audit") ? "audit:" : "channels:";
+      var kind = table.classList.contains("sources") ? "sources:"
+               : table.classList.contains("audit") ? "audit:" : "channels:";
       seen[kind + table.getAttribute("data-layer")] = Array.prototype.filter.call(table.tBodies[0].rows, visible)
         .map(function (row) {
           return kind === "audit:" ? row.cells[0].textContent + ":" + row.cells[2].textContent

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
-
-from .checks import read_json as _read_file
 
 __all__ = ["write_json", "read_json_file", "read_json_text", "read_json"]
 
@@ -30,16 +29,31 @@ def write_json(data: Any, path: str | os.PathLike | None = None, indent: int | N
 
 
 def read_json_file(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """Parse the JSON file at ``path``.
+    """Parse the JSON file at ``path``, with one clear error for every way it can be unreadable.
 
     Raises
     ------
     FileNotFoundError
         If there is no such file.
     ValueError
-        If it is a folder, unreadable, not UTF-8 or not JSON; the message names ``what`` and the file.
+        If it is a folder, unreadable, empty, not UTF-8, not JSON, or nested too deeply for Python's parser;
+        the message names ``what`` and the file.
     """
-    return _read_file(path, what)
+    path = Path(path)
+    shown = f"{what} {str(path)!r}"
+    if not path.exists():
+        raise FileNotFoundError(f"{shown} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{shown} is a folder, not a file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{shown} is not UTF-8 text: {error}") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {shown}: {error.strerror or error}") from None
+    if not text.strip():
+        raise ValueError(f"{shown} is empty")
+    return read_json_text(text, shown)
 
 
 def read_json_text(text: str, what: str = "JSON text") -> Any:

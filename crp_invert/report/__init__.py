@@ -34,9 +34,15 @@ from typing import Any
 
 from ..images import to_uint8_image as _to_uint8_image  # noqa: F401  (kept for older imports)
 from ..storage.label_files import load_labels
-from .collect import MAX_CHANNEL_FIGURES, collect_audit, collect_evidence, collect_sources, differing_channels
+from .collect import (
+    MAX_CHANNEL_FIGURES,
+    collect_audit,
+    collect_evidence,
+    collect_sources,
+    differing_channels,
+    select_channels,
+)
 from .collect import anchor as _anchor  # noqa: F401  (kept for older imports)
-from .collect import select_channels
 from .page import write_report
 
 __all__ = ["write_report", "load_labels", "select_channels", "MAX_CHANNEL_FIGURES", "search_box", "source_table",

@@ -61,7 +61,8 @@ def _references(layer: str, channel: int, sources: FigureSources) -> list[tuple[
         picture = reference_picture(sources.feature_visualization, layer, channel, mode, sources.n_reference,
                                     sources.composite, f"{name} {layer} {channel}")
         if picture is not None:
-            caption = f"CRP {name} (top {sources.n_reference})" + (", conditional heatmaps" if sources.composite else "")
+            heatmaps = ", conditional heatmaps" if sources.composite else ""
+            caption = f"CRP {name} (top {sources.n_reference}){heatmaps}"
             shown.append((picture, caption))
     return shown
 

@@ -12,12 +12,22 @@ from typing import Any
 import numpy as np
 
 from .cards import Card, FigureSources, Glocal, collect_card, collect_circuits, collect_glocals, layer_activations
-from .collect import (MAX_CHANNEL_FIGURES, AuditView, ChannelRow, Sources, anchor, channel_rows, collect_audit,
-                      collect_sources, select_channels, summary_table)
+from .collect import (
+    MAX_CHANNEL_FIGURES,
+    AuditView,
+    ChannelRow,
+    Sources,
+    anchor,
+    channel_rows,
+    collect_audit,
+    collect_sources,
+    select_channels,
+    summary_table,
+)
 from .figures import Picture
 from .search import MAX_QUERY_CONCEPTS, SEARCH_RULE, placeholder_query
 
-__all__ = ["write_report", "collect_page", "Page", "LayerSection", "SearchBox"]
+__all__ = ["write_report", "collect_page", "Page", "PageOptions", "LayerSection", "SearchBox"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,24 @@ class LayerSection:
     rows: list[ChannelRow]
     sources: Sources | None = None
     cards: list[Card] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PageOptions:
+    """What :func:`write_report` was asked to show besides the labels and the figures' sources."""
+
+    title: str = "crp-invert report"
+    notes: Sequence[str] = ()
+    summary: Sequence[Mapping[str, Any]] | None = None
+    glocals: Sequence[Any] = ()
+    glocal_images: Sequence[Any] | None = None
+    class_names: Sequence[str] | None = None
+    circuits: Sequence[Any] = ()
+    max_channels: int = MAX_CHANNEL_FIGURES
+    source: str = "activation"
+    progress: bool = True
+    relevance_labels: Mapping[str, Any] | None = None
+    audits: Sequence[Any] = ()
 
 
 @dataclass(frozen=True)
@@ -70,14 +98,14 @@ def _missing(feature_visualization: Any, store: Any, concepts: Any, images: Any)
     return missing
 
 
-def _layer_section(layer: str, layer_labels: Any, store: Any, sources: FigureSources, options: Mapping[str, Any],
+def _layer_section(layer: str, layer_labels: Any, store: Any, sources: FigureSources, options: PageOptions,
                    ) -> LayerSection:
     parameters = getattr(layer_labels, "parameters", {}) or {}
-    relevance = (options["relevance_labels"] or {}).get(layer)
-    chosen = select_channels(layer_labels, options["max_channels"])
+    relevance = (options.relevance_labels or {}).get(layer)
+    chosen = select_channels(layer_labels, options.max_channels)
     activations = None
     if sources.concepts is not None:
-        activations = layer_activations(store, layer, chosen, len(layer_labels), options["source"])
+        activations = layer_activations(store, layer, chosen, len(layer_labels), options.source)
     return LayerSection(
         layer, anchor(layer), len(layer_labels), ", ".join(f"{key}={value}" for key, value in parameters.items()),
         channel_rows(layer, layer_labels),
@@ -85,21 +113,21 @@ def _layer_section(layer: str, layer_labels: Any, store: Any, sources: FigureSou
         [collect_card(layer, channel, layer_labels, activations, sources) for channel in chosen])
 
 
-def collect_page(labels: Mapping[str, Any], store: Any, sources: FigureSources, **options: Any) -> Page:
-    """What the page shows (see :func:`write_report` for ``options``): every layer, the figures, the audits."""
+def collect_page(labels: Mapping[str, Any], store: Any, sources: FigureSources, options: PageOptions) -> Page:
+    """What the page shows: every layer (tables and cards), the glocal and circuit figures, the audits."""
     from tqdm.auto import tqdm
 
     layers = [_layer_section(layer, layer_labels, store, sources, options)
-              for layer, layer_labels in tqdm(list(labels.items()), desc="report", disable=not options["progress"])]
+              for layer, layer_labels in tqdm(list(labels.items()), desc="report", disable=not options.progress)]
     all_cases = [row.label.cases for section in layers for row in section.rows]
     return Page(
-        options["title"], [str(note) for note in options["notes"]],
+        options.title, [str(note) for note in options.notes],
         _missing(sources.feature_visualization, store, sources.concepts, sources.images),
-        summary_table(options["summary"]) if options["summary"] else None,
+        summary_table(options.summary) if options.summary else None,
         SearchBox(placeholder_query(all_cases)), layers,
-        collect_glocals(options["glocals"], options["glocal_images"], options["class_names"], sources.dpi),
-        collect_circuits(options["circuits"], sources.dpi),
-        [collect_audit(item) for item in options["audits"]])
+        collect_glocals(options.glocals, options.glocal_images, options.class_names, sources.dpi),
+        collect_circuits(options.circuits, sources.dpi),
+        [collect_audit(item) for item in options.audits])
 
 
 def _check_arguments(labels: Any, source: str, n_reference: Any) -> None:
@@ -248,10 +276,9 @@ def write_report(
     sources = FigureSources(concepts, images, feature_visualization, composite, int(n_reference), dpi)
     with _opened(cache) as store:
         _check_labels_match(labels, store, concepts)
-        page = collect_page(labels, store, sources, title=title, notes=notes, summary=summary, glocals=glocals,
-                            glocal_images=glocal_images, class_names=class_names, circuits=circuits,
-                            max_channels=max_channels, source=source, progress=progress,
-                            relevance_labels=relevance_labels, audits=audits)
+        options = PageOptions(title, notes, summary, glocals, glocal_images, class_names, circuits, max_channels,
+                              source, progress, relevance_labels, audits)
+        page = collect_page(labels, store, sources, options)
     path = Path(path)
     write_text_atomically(path, render_page(page))
     return path
