@@ -136,3 +136,30 @@ def shown(layer_labels, channel):
     """The explanation a view shows for ``channel`` by the contract: ``best()`` if reliable, else None."""
     best = layer_labels.best(channel)
     return best if best is not None and getattr(best, "reliable", True) else None
+
+
+def _judged_class():
+    import dataclasses
+
+    from crp_invert import Explanation
+
+    @dataclasses.dataclass(frozen=True)
+    class Judged(Explanation):
+        """An explanation that states its support and whether it is reliable, whichever version of Explanation
+        (with or without these fields) the package has."""
+
+        support: int | None = None
+        n_samples: int | None = None
+        reliable: bool = True
+        unreliable_reason: str = ""
+
+    return Judged
+
+
+def judged(text, auc, support, n_samples, q, reliable=True, reason=""):
+    """A hand-made explanation of the formula ``text`` with its support and q (3 candidates)."""
+    from crp_invert import Formula
+
+    formula = Formula.parse(text)
+    return _judged_class()(formula, auc, support / n_samples, formula.length, q / 3, 3, q, q, support=support,
+                           n_samples=n_samples, reliable=reliable, unreliable_reason=reason)

@@ -2,7 +2,6 @@
 package's templates and image utilities."""
 
 import base64
-import dataclasses
 import doctest
 import html
 import importlib
@@ -14,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from report_page import CHROMIUM, EVIL, LAYERS, NAMES, N, parse, pre, report_data, run_in_chromium, shown
+from report_page import CHROMIUM, EVIL, LAYERS, NAMES, N, judged, parse, pre, report_data, run_in_chromium, shown
 
-from crp_invert import Explanation, Formula, LayerLabels
+from crp_invert import Formula, LayerLabels
 from crp_invert.cli import main
 from crp_invert.core.jsonio import read_json, read_json_file, read_json_text
 from crp_invert.report import _to_uint8_image, load_labels, select_channels, write_report
@@ -102,7 +101,7 @@ def test_templates_escape_hostile_names(tmp_path):
     """Script tags, quotes and template syntax in concept, layer, class and note texts reach the page as text."""
     formulas = [Formula.concept(HOSTILE[0]) & ~Formula.concept(HOSTILE[1]), Formula.concept(HOSTILE[2]),
                 Formula.concept(HOSTILE[3]) | Formula.concept(HOSTILE[4])]
-    beams = [[Explanation(formula, 0.9, 0.3, formula.length, 1e-4, 3, 3e-4, 3e-4)] for formula in formulas]
+    beams = [[judged(str(formula), 0.9, 30, 100, 3e-4)] for formula in formulas]
     labels = {layer: LayerLabels(beams, HOSTILE, layer) for layer in HOSTILE[2:]}
     text = write_report(tmp_path / "r.html", labels, title=HOSTILE[3], notes=HOSTILE, summary=[{h: h for h in HOSTILE}],
                         progress=False).read_text()
@@ -122,16 +121,8 @@ def test_templates_escape_hostile_names(tmp_path):
 def test_unreliable_labels_are_never_shown(setup, tmp_path):
     """An explanation that is not reliable is shown as "no reliable label" (with its reason), gets no card and
     is not searchable; the reliable one of the same layer is shown with its support."""
-
-    @dataclasses.dataclass(frozen=True)
-    class Judged(Explanation):
-        reliable: bool = True
-        unreliable_reason: str = ""
-        support: int | None = None
-
-    weak = Judged(Formula.parse("red AND round"), 0.99, 0.01, 2, 1e-3, 3, 0.6, 0.6, reliable=False,
-                  unreliable_reason="holds on 1 samples (< 10)", support=1)
-    strong = Judged(Formula.parse("round"), 0.8, 0.3, 1, 1e-9, 3, 1e-8, 1e-8, support=36)
+    weak = judged("red AND round", 0.99, 1, N, 0.6, reliable=False, reason="holds on 1 samples (< 10)")
+    strong = judged("round", 0.8, 36, N, 1e-8)
     labels = LayerLabels([[weak], [strong, weak], []], NAMES, "features.0", {"n_samples": N})
     text = write_report(tmp_path / "r.html", {"features.0": labels}, max_channels=3, progress=False).read_text()
     rows = parse(text).tables["features.0"][1:]
