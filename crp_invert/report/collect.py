@@ -18,7 +18,7 @@ from .search import label_cases, merged_cases
 
 __all__ = ["NO_RELIABLE_LABEL", "LabelView", "label_view", "ChannelRow", "channel_rows", "select_channels",
            "MAX_CHANNEL_FIGURES", "differing_channels", "SourceRow", "Sources", "collect_sources", "AuditRow",
-           "AuditView", "collect_audit", "EvidenceRow", "collect_evidence", "anchor"]
+           "AuditView", "collect_audit", "EvidenceRow", "collect_evidence", "summary_table", "anchor"]
 
 #: default number of channels per layer that get figures (density, references, concept samples)
 MAX_CHANNEL_FIGURES = 12
@@ -96,7 +96,8 @@ def label_view(layer_labels: Any, channel: int) -> LabelView:
         beam = layer_labels[channel]
         reason = getattr(beam[0], "unreliable_reason", "") if beam else _NO_FORMULA
         return LabelView(_no_reliable_text(), reason=reason or "not reliable")
-    n_samples = (getattr(layer_labels, "parameters", None) or {}).get("n_samples")
+    parameters = getattr(layer_labels, "parameters", None) or {}
+    n_samples = parameters.get("n_search_samples", parameters.get("n_samples"))  # fraction is of the searched ones
     return LabelView(str(best.formula), best, "", _support(best, n_samples), label_cases(best.formula))
 
 

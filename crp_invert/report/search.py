@@ -109,11 +109,11 @@ def label_cases(formula: Formula | None) -> list[list[list[str]]]:
 def merged_cases(*case_lists: Sequence[Any]) -> list[list[list[str]]]:
     """The cases of several labels of one row (e.g. its activation and relevance labels): the row matches when one
     of them does."""
-    merged = {json_key(case): case for cases in case_lists for case in cases}
+    merged = {_case_key(case): case for cases in case_lists for case in cases}
     return [merged[key] for key in sorted(merged)]
 
 
-def json_key(case: Sequence[Sequence[str]]) -> tuple:
+def _case_key(case: Sequence[Sequence[str]]) -> tuple:
     return tuple(tuple(part) for part in case)
 
 
