@@ -26,7 +26,7 @@ from .core.params import MODES, SearchParams
 #: ``"demo": "crp_invert.demo.cli:demo"`` or ``"report": "crp_invert.report:report_command"``.
 LAZY_COMMANDS: dict[str, str] = {
     "demo": "crp_invert.demo.cli:demo",
-    "report": "crp_invert.report:report_command",
+    "report": "crp_invert.commands:report_command",
     "find": "crp_invert.commands:find_command",
     "audit": "crp_invert.commands:audit_command",
 }

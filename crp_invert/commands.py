@@ -1,7 +1,8 @@
-"""The ``crp-invert find`` and ``crp-invert audit`` commands: concept search and the Clever-Hans audit from files.
+"""The ``crp-invert find``, ``crp-invert audit`` and ``crp-invert report`` commands: concept search, the
+Clever-Hans audit and the HTML report from files.
 
-Registered in :data:`crp_invert.cli.LAZY_COMMANDS`; the work is done by :func:`crp_invert.find.find_channels`
-and :func:`crp_invert.audit.audit`.
+Registered in :data:`crp_invert.cli.LAZY_COMMANDS`; the work is done by :func:`crp_invert.find.find_channels`,
+:func:`crp_invert.audit.audit` and :func:`crp_invert.report.write_report`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import click
 
 from .core.checks import check_output
 
-__all__ = ["find_command", "audit_command"]
+__all__ = ["find_command", "audit_command", "report_command"]
 
 _SOURCE = click.Choice(["activation", "relevance"])
 
@@ -27,7 +28,7 @@ def _errors_as_click(function):
 
 
 def _channel_labels(paths: tuple) -> dict | None:
-    from .report import load_labels
+    from .storage.label_files import load_labels
 
     return load_labels(paths) if paths else None
 
@@ -162,3 +163,39 @@ def audit_command(cache: str, labels: tuple, targets_path: str, classes_path: st
     if not quiet:
         for item in audits:
             click.echo(item.table())
+
+
+@click.command("report")
+@click.argument("cache", type=click.Path(exists=True, dir_okay=False))
+@click.argument("labels", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--concepts", "concepts_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Concept labels (.npz, as for `crp-invert label`) of the cache's samples: adds the density figures.")
+@click.option("--out", type=click.Path(dir_okay=False), default="report.html", show_default=True,
+              help="The HTML file to write.")
+@click.option("--max-channels", type=click.IntRange(min=0), default=12, show_default=True,  # MAX_CHANNEL_FIGURES
+              help="Channels per layer with figures (the highest AUC among reliable labels); the tables list all.")
+@click.option("--source", type=_SOURCE, default="activation", show_default=True)
+@click.option("--title", default="crp-invert report", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def report_command(cache: str, labels: tuple, concepts_path: str | None, out: str, max_channels: int, source: str,
+                   title: str, overwrite: bool, quiet: bool) -> None:
+    """Write an HTML report of the labels in LABELS (LayerLabels JSON files or an index.json) for CACHE.
+
+    Made from files alone, without a model: CRP's reference samples are not shown. An existing --out file
+    is kept unless --overwrite is given.
+    """
+    from .core.concepts import ConceptLabels
+    from .report import write_report
+
+    def run():
+        check_output(out, overwrite=overwrite)
+        concepts = ConceptLabels.load(concepts_path) if concepts_path else None
+        return write_report(out, _channel_labels(labels), cache=cache, concepts=concepts, source=source, title=title,
+                            max_channels=max_channels, progress=not quiet)
+
+    try:
+        written = _errors_as_click(run)
+    except OSError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {written}", err=True)

@@ -2,13 +2,15 @@
 
 Every function returns a :py:class:`matplotlib.figure.Figure` and never calls ``plt.show()``.
 Heatmaps are drawn with zennit's color maps (:py:func:`zennit.image.palette`, ``"bwr"`` by default,
-symmetric around zero, normalized as :py:func:`zennit.image.imgify` does), color input images with
-CRP's :py:func:`crp.image.imgify`. matplotlib is imported only when a figure is drawn.
+symmetric around zero, normalized as :py:func:`zennit.image.imgify` does), input images min-max scaled by
+:func:`crp_invert.images.to_uint8_image`. matplotlib is imported only when a figure is drawn.
 """
 import math
 
 import numpy as np
 import torch
+
+from .images import to_uint8_image
 
 __all__ = ["heatmap_image", "plot_glocal", "evidence_line", "plot_explanation", "plot_circuit"]
 
@@ -65,26 +67,6 @@ def heatmap_image(heatmap, cmap: str = "bwr", vmax: float | None = None, level: 
     if scale <= 0:
         scale = 1.0
     return _palette_rgb(values, -scale, scale, cmap, level)
-
-
-def _input_image(image) -> np.ndarray:
-    values = _numpy(image)
-    if values.ndim == 4:
-        if values.shape[0] != 1:
-            raise ValueError(f"image must be one sample, got a batch of {values.shape[0]}")
-        values = values[0]
-    if values.ndim == 3 and values.shape[0] in (1, 3) and values.shape[-1] not in (1, 3):
-        values = values.transpose(1, 2, 0)  # [C, H, W] -> [H, W, C]
-    if values.ndim == 3 and values.shape[-1] == 1:
-        values = values[..., 0]
-    if values.ndim == 2:
-        return _palette_rgb(values, float(values.min()), float(values.max()), "gray")
-    if values.ndim == 3 and values.shape[-1] == 3:
-        from crp.image import imgify
-
-        return np.asarray(imgify(values).convert("RGB"))  # RGB: min-max normalized by zennit, no palette
-    raise ValueError(f"image must be [H, W], [C, H, W] or [1, C, H, W] with 1 or 3 colors, "
-                     f"got {values.shape}")
 
 
 UNEXPLAINED_COLOR = "tab:red"
@@ -148,7 +130,7 @@ def plot_glocal(glocal, image=None, class_name: str | None = None, show_rest: bo
     scale = float(np.abs(heatmap).max()) if shared_scale else None
     panels = []
     if image is not None:
-        panels.append(("input", _input_image(image), False))
+        panels.append(("input", to_uint8_image(image, scale="minmax"), False))
     target = class_name if class_name is not None else str(glocal.target)
     class_title = f"class {target}\n{glocal.layer}: top {glocal.top_k}"
     panels.append((class_title, heatmap_image(heatmap, cmap, scale), False))

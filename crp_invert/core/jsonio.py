@@ -1,12 +1,22 @@
 """JSON documents of our result objects (labels, glocal explanations, circuits, audits, channel searches):
-one way to write them as text or a file and to read them back from either."""
+one way to write them as text or a file, one way to read a file, one way to read text.
+
+:func:`read_json_file` takes a path, :func:`read_json_text` takes JSON text; both raise ValueError naming what
+could not be read. :func:`read_json` is kept for the ``from_json(text_or_path)`` methods that accept either.
+
+Examples
+--------
+>>> read_json_text('{"a": [1, 2]}')
+{'a': [1, 2]}
+"""
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
-__all__ = ["write_json", "read_json"]
+__all__ = ["write_json", "read_json_file", "read_json_text", "read_json"]
 
 
 def write_json(data: Any, path: str | os.PathLike | None = None, indent: int | None = None) -> str:
@@ -18,10 +28,60 @@ def write_json(data: Any, path: str | os.PathLike | None = None, indent: int | N
     return text
 
 
+def read_json_file(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Parse the JSON file at ``path``, with one clear error for every way it can be unreadable.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no such file.
+    ValueError
+        If it is a folder, unreadable, empty, not UTF-8, not JSON, or nested too deeply for Python's parser;
+        the message names ``what`` and the file.
+    """
+    path = Path(path)
+    shown = f"{what} {str(path)!r}"
+    if not path.exists():
+        raise FileNotFoundError(f"{shown} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{shown} is a folder, not a file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{shown} is not UTF-8 text: {error}") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {shown}: {error.strerror or error}") from None
+    if not text.strip():
+        raise ValueError(f"{shown} is empty")
+    return read_json_text(text, shown)
+
+
+def read_json_text(text: str, what: str = "JSON text") -> Any:
+    """Parse JSON text.
+
+    Raises
+    ------
+    TypeError
+        If ``text`` is not a str.
+    ValueError
+        If it is not JSON (or nested too deeply for Python's parser); the message names ``what``.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to be read") from None
+
+
 def read_json(text_or_path: str | os.PathLike) -> Any:
-    """Parse JSON text (starting with ``{``) or the JSON file at a path."""
-    text = str(text_or_path)
-    if not text.lstrip().startswith("{"):
-        with open(text_or_path, encoding="utf-8") as handle:
-            text = handle.read()
-    return json.loads(text)
+    """Parse JSON text (a str starting with ``{``) or else the JSON file at a path.
+
+    For ``from_json(text_or_path)`` methods; code that knows what it holds calls :func:`read_json_file` or
+    :func:`read_json_text`.
+    """
+    if isinstance(text_or_path, str) and text_or_path.lstrip().startswith("{"):
+        return read_json_text(text_or_path)
+    return read_json_file(text_or_path)
