@@ -53,6 +53,14 @@ def test_auroc_pairwise_property(pairs):
         assert abs(result - pairwise_auc(scores, mask)) < 1e-12
 
 
+def test_compact_ranks_refuses_an_unknown_backend():
+    """An unknown backend name raises a ValueError naming it."""
+    from crp_invert.core.metrics import compact_ranks
+
+    with pytest.raises(ValueError, match="'numpy'"):
+        compact_ranks(torch.rand(5, 2), backend="numpy")
+
+
 def test_midranks_and_tie_term_equal_scipy():
     rng = np.random.default_rng(3)
     scores = relu_scores(rng, 1000, 4)
@@ -130,8 +138,10 @@ def test_bad_input():
         auroc(np.zeros((5, 1)), torch.ones(5, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64])
-def test_compact_ranks_equal_scipy_for_every_dtype(dtype):
+def test_compact_ranks_equal_scipy_for_every_dtype(dtype, backend):
+    """Doubled midranks and tie terms of both backends equal scipy's rankdata for every dtype."""
     from crp_invert.core.metrics import _rank_rows, compact_ranks
 
     rng = np.random.default_rng(4)
@@ -143,7 +153,7 @@ def test_compact_ranks_equal_scipy_for_every_dtype(dtype):
     scores = torch.from_numpy(values).to(dtype) if dtype.is_floating_point else torch.from_numpy(values * 1e3).to(dtype)
     exact = scores.double().numpy()
     for chunk in (None, 2):
-        ranked = compact_ranks(scores, chunk)
+        ranked = compact_ranks(scores, chunk, backend)
         assert ranked.doubled.dtype == torch.int32 and ranked.doubled.shape == (5, 500)
         for f in range(5):
             np.testing.assert_array_equal(ranked.doubled[f].numpy(), 2 * rankdata(exact[:, f]))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .backend import check_backend
 from .concepts import ConceptLabels
 from .formula import Formula
 from .labels import Explanation, LayerLabels, correct_p_values
@@ -98,6 +99,7 @@ def label_array(
     seed: int = 0,
     prepared: PreparedLabels | None = None,
     memory_bytes: int | None = None,
+    backend: str = "auto",
 ) -> LayerLabels:
     """Label every column of ``activations`` with INVERT explanations (see :meth:`ConceptLabeler.label`).
 
@@ -105,8 +107,10 @@ def label_array(
     label several arrays with the same concepts. ``memory_bytes`` is the memory budget of a feature
     batch (default :func:`~crp_invert.core.search.default_memory_budget`); a ValueError is raised before
     any column is read if one feature needs more than it (by default: more than
-    :func:`~crp_invert.core.search.memory_limit`).
+    :func:`~crp_invert.core.search.memory_limit`). ``backend`` chooses the kernels (``"auto"``: numpy / scipy
+    on the CPU, torch elsewhere; ``"torch"``: torch on any device; see :mod:`crp_invert.core.backend`).
     """
+    check_backend(backend)
     if not isinstance(concepts, ConceptLabels):
         raise TypeError(f"concepts must be a ConceptLabels, got {type(concepts).__name__}")
     if not isinstance(params, SearchParams):
@@ -142,11 +146,11 @@ def label_array(
     rank_chunk = plan.chunks(working_memory)[0]
 
     if held_out is None:
-        labels_t = prepare_labels(concepts.torch_sparse_t(device)) if prepared is None else prepared
+        labels_t = prepare_labels(concepts.torch_sparse_t(device), backend) if prepared is None else prepared
         held_labels = None
     else:
-        labels_t = prepare_labels(search_concepts.torch_sparse_t(device))
-        held_labels = prepare_labels(concepts.subset(held_out).torch_sparse_t(device))
+        labels_t = prepare_labels(search_concepts.torch_sparse_t(device), backend)
+        held_labels = prepare_labels(concepts.subset(held_out).torch_sparse_t(device), backend)
 
     parameters = dict(
         params.to_dict(), n_samples=n_samples, n_search_samples=n_search,
@@ -166,11 +170,13 @@ def label_array(
         for column in range(0, stop - start, rank_chunk):
             check_finite(block[:, column:column + rank_chunk], start + column)
         # keep only the ranks: the scores of the batch are freed before the search
-        held_ranks = None if held_rows is None else compact_ranks(block[held_rows.to(block.device)], rank_chunk)
+        held_ranks = (None if held_rows is None
+                      else compact_ranks(block[held_rows.to(block.device)], rank_chunk, backend))
         search_ranks = compact_ranks(block if search_rows is None else block[search_rows.to(block.device)],
-                                     rank_chunk)
+                                     rank_chunk, backend)
         del block
-        result = beam_search(search_ranks, labels_t, memory_bytes=working_memory, **params.search_kwargs())
+        result = beam_search(search_ranks, labels_t, memory_bytes=working_memory, backend=backend,
+                             **params.search_kwargs())
         del search_ranks
         held = None
         if held_ranks is not None:

@@ -33,6 +33,7 @@ import numpy as np
 import scipy.sparse
 import torch
 
+from .backend import device_kernels
 from .metrics import RANK_BYTES_PER_SAMPLE, CompactRanks, auc_from_rank_sums, compact_ranks, mann_whitney_pvalue
 from .params import MODES
 
@@ -278,6 +279,7 @@ def beam_search(
     mode: str = "positive",
     memorize_states: bool = False,
     memory_bytes: int | None = None,
+    backend: str = "auto",
 ) -> SearchResult:
     """Beam search for the best formula of every feature (column) of ``scores``.
 
@@ -308,8 +310,11 @@ def beam_search(
         (default: a quarter of :func:`default_memory_budget`). Features are processed in chunks that
         fit it; a ValueError is raised before any work if one feature needs more than
         ``memory_bytes`` (or, by default, more than :func:`memory_limit`).
+    backend : {"auto", "torch"}
+        The kernels of ranking and of the concepts' rank sums: numpy / scipy on the CPU and torch elsewhere
+        (``"auto"``), or torch everywhere (see :mod:`crp_invert.core.backend`); the results are the same.
     """
-    prepared = labels_t if isinstance(labels_t, PreparedLabels) else prepare_labels(labels_t)
+    prepared = labels_t if isinstance(labels_t, PreparedLabels) else prepare_labels(labels_t, backend)
     n_samples, n_concepts = prepared.n_samples, prepared.n_concepts
     plan = SearchMemory(n_samples, n_concepts, B, L)
     if memory_bytes is None:
@@ -319,7 +324,7 @@ def beam_search(
     else:
         plan.check(int(memory_bytes), features=0)
     rank_chunk, sums_chunk, search_chunk, list_elements = plan.chunks(memory_bytes)
-    ranked = scores if isinstance(scores, CompactRanks) else compact_ranks(scores, rank_chunk)
+    ranked = scores if isinstance(scores, CompactRanks) else compact_ranks(scores, rank_chunk, backend)
     del scores
     doubled = ranked.doubled
     n_features = doubled.shape[0]
@@ -327,7 +332,7 @@ def beam_search(
         raise ValueError(f"scores have N = {doubled.shape[1]} samples but the labels have N = {n_samples}")
 
     # rank sums of every concept: [F, K], exact (float64 sums of integers below 2**53)
-    concept_rank_sums = _concept_rank_sums(doubled, prepared, sums_chunk)
+    concept_rank_sums = _concept_rank_sums(doubled, prepared, sums_chunk, backend)
 
     settings = _Settings(L, B, limit_search, *_count_bounds(n_samples, min_fraction, max_fraction),
                          1.0 if mode == "positive" else -1.0, memorize_states, list_elements)
@@ -350,16 +355,18 @@ def beam_search(
     return SearchResult(final, p_value.cpu(), n_candidates.cpu(), ranked.tie_term.cpu(), states)
 
 
-def _concept_rank_sums(doubled: torch.Tensor, prepared: PreparedLabels, chunk: int) -> torch.Tensor:
+def _concept_rank_sums(doubled: torch.Tensor, prepared: PreparedLabels, chunk: int,
+                       backend: str = "auto") -> torch.Tensor:
     """``[F, K]`` float64 rank sums of every concept, exact (sums of integers below 2**53).
 
     On the CPU one feature at a time through the samples' concepts (each sample's doubled rank is added
     to its concepts: the ranks are read in order and the K sums stay in cache); elsewhere as a sparse
-    product with ``chunk`` features at a time.
+    product with ``chunk`` features at a time (float64 on both sides: CUDA has no integer sparse products;
+    the sums of integers below 2**53 are exact in any order).
     """
     n_features, n_samples = doubled.shape
     out = torch.empty(n_features, prepared.n_concepts, dtype=torch.float64, device=doubled.device)
-    if prepared.by_sample is not None and doubled.device.type == "cpu":
+    if prepared.by_sample is not None and not device_kernels(doubled.device, backend):
         # scipy releases the GIL in the product: one feature per thread, at most ``chunk`` at once
         def column_sums(feature: int) -> None:
             out[feature] = torch.from_numpy(prepared.by_sample @ doubled[feature].numpy().astype(np.float64))
@@ -584,11 +591,12 @@ class PreparedLabels(NamedTuple):
         return len(self.flipped)
 
 
-def prepare_labels(labels_t: torch.Tensor) -> PreparedLabels:
+def prepare_labels(labels_t: torch.Tensor, backend: str = "auto") -> PreparedLabels:
     """Prepare transposed sparse labels ``[K, N]`` (CSR or COO) once for many :func:`beam_search` calls.
 
     The structures are built on the CPU (scipy's compressed-matrix conversions) and moved to the device
-    of ``labels_t``; duplicate entries count once.
+    of ``labels_t``; duplicate entries count once. ``by_sample`` (the scipy matrix) is kept only where the
+    numpy / scipy kernels run (``backend="auto"`` on the CPU, see :mod:`crp_invert.core.backend`).
     """
     device = labels_t.device
     if labels_t.layout != torch.sparse_csr:
@@ -616,7 +624,7 @@ def prepare_labels(labels_t: torch.Tensor) -> PreparedLabels:
     flipped = 2 * counts > n_samples
     sides = rows if not flipped.any() else _shorter_sides(by_concept, flipped, device)
     return PreparedLabels(matrix, rows, samples, sides, torch.from_numpy(flipped).to(device),
-                          rows.counts.to(torch.float64), by_sample if device.type == "cpu" else None)
+                          rows.counts.to(torch.float64), None if device_kernels(device, backend) else by_sample)
 
 
 def _shorter_sides(by_concept: scipy.sparse.csr_matrix, flipped: np.ndarray, device: torch.device) -> _SparseRows:

@@ -1,0 +1,230 @@
+"""The device (torch) kernels against the CPU (numpy / scipy) kernels and the exactness suite.
+
+``backend="torch"`` runs on CPU tensors the code a GPU runs, so every device branch executes here without a
+GPU. Each case runs for (cpu, auto), (cpu, torch) and, marked ``cuda`` (``pytest -m cuda``; skipped without
+a GPU), for (cuda, auto): formulas, AUCs and p-values must equal the slow reference, sklearn, scipy and
+exhaustive enumeration, and the backends must agree bit for bit.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from scipy.stats import mannwhitneyu
+from sklearn.metrics import roc_auc_score
+from slow_invert import all_formulas, slow_auc, slow_beam_search
+
+from crp_invert import ConceptLabeler, ConceptLabels, SearchParams
+from crp_invert.cli import main
+from crp_invert.core.backend import BACKENDS, check_backend, device_kernels
+from crp_invert.core.labeling import label_array
+from crp_invert.core.metrics import compact_ranks
+from crp_invert.core.search import beam_search, prepare_labels
+from crp_invert.find import find_channels, mask_rank_sums
+from crp_invert.storage.cache import ActivationCache
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# (device, backend): the CPU kernels, the device kernels forced on the CPU, and a real GPU
+TARGETS = [
+    pytest.param(("cpu", "auto"), id="cpu-auto"),
+    pytest.param(("cpu", "torch"), id="cpu-torch"),
+    pytest.param(("cuda", "auto"), id="cuda", marks=[pytest.mark.cuda, CUDA]),
+]
+SETTINGS = [
+    dict(L=3, B=3),
+    dict(L=2, B=2, mode="negative"),
+    dict(L=3, B=4, limit_search=3, min_fraction=0.1, max_fraction=0.7),
+    dict(L=4, B=2, max_fraction=1.0),
+]
+
+
+def random_case(seed, n=None, k=None, f=4):
+    rng = np.random.default_rng(seed)
+    n = n or int(rng.integers(20, 90))
+    k = k or int(rng.integers(2, 6))
+    labels = rng.random((n, k)) < rng.uniform(0.1, 0.6, size=k)
+    scores = np.maximum(rng.normal(size=(n, f)), 0.0).round(1)
+    scores[:, 0] += 1.5 * (labels[:, 0] & ~labels[:, 1 % k])
+    return labels, scores, [f"c{i}" for i in range(k)]
+
+
+def labeler(concepts, target):
+    device, backend = target
+    return ConceptLabeler(concepts, device=device, backend=backend)
+
+
+def test_backend_names_are_checked():
+    """Unknown backends raise ValueError naming them; auto picks the device kernels off the CPU only."""
+    assert BACKENDS == ("auto", "torch")
+    assert device_kernels("cpu") is False and device_kernels("cpu", "torch") is True
+    assert device_kernels(torch.device("cuda:1")) is True and device_kernels(None) is False
+    for bad in ("numpy", "", None, 1):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            check_backend(bad)
+    with pytest.raises(ValueError, match="'gpu'"):
+        ConceptLabeler(ConceptLabels(np.eye(3, dtype=bool), ["a", "b", "c"]), backend="gpu")
+    assert "backend='torch'" in repr(ConceptLabeler(ConceptLabels(np.eye(3, dtype=bool), list("abc")),
+                                                    backend="torch"))
+
+
+def test_torch_backend_prepares_no_scipy_matrix():
+    """The torch backend keeps no scipy matrix, so the concepts' rank sums take the sparse product."""
+    concepts = ConceptLabels(np.eye(4, dtype=bool), list("abcd"))
+    assert prepare_labels(concepts.torch_sparse_t("cpu")).by_sample is not None
+    assert prepare_labels(concepts.torch_sparse_t("cpu"), "torch").by_sample is None
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("kwargs", SETTINGS)
+@pytest.mark.parametrize("seed", range(4))
+def test_equals_slow_reference(target, kwargs, seed):
+    """Formulas and AUCs (bit for bit) equal the slow per-candidate search; p-values equal scipy's."""
+    labels, scores, names = random_case(seed)
+    result = labeler(ConceptLabels(labels, names), target).label(scores, progress=False, **kwargs)
+    alternative = "greater" if kwargs.get("mode", "positive") == "positive" else "less"
+    for f in range(scores.shape[1]):
+        slow = slow_beam_search(scores[:, f], labels, names, **kwargs)
+        assert [e.formula for e in result[f]] == [s[0] for s in slow]
+        assert [e.auc for e in result[f]] == [s[1] for s in slow]
+        for e in result[f]:
+            mask = e.formula.evaluate(ConceptLabels(labels, names)).numpy().reshape(-1)
+            expected = mannwhitneyu(scores[mask, f], scores[~mask, f], alternative=alternative,
+                                    method="asymptotic").pvalue
+            assert e.p_value == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("seed", range(3))
+def test_wide_beam_finds_the_exhaustive_optimum(target, seed):
+    """A beam holding every formula finds the best AUC of all formulas up to length 3, each scored right."""
+    labels, scores, names = random_case(seed, k=4)
+    space = all_formulas(labels, names, 3)
+    result = labeler(ConceptLabels(labels, names), target).label(scores, L=3, B=len(space), progress=False)
+    for f in range(scores.shape[1]):
+        aucs = {formula: slow_auc(scores[:, f], mask) for formula, mask in space.items()}
+        assert result[f][0].auc == pytest.approx(max(aucs.values()), abs=1e-12)
+        for e in result[f][:20]:
+            assert e.auc == pytest.approx(aucs[e.formula], abs=1e-12)
+
+
+@pytest.mark.parametrize("target", TARGETS[1:])
+@pytest.mark.parametrize("kwargs", [dict(L=3, B=3, validation=0.3, memorize_states=True),
+                                    dict(L=2, B=3, mode="negative", feature_batch_size=2)])
+def test_backends_give_identical_labels(target, kwargs):
+    """The device kernels give the CPU kernels' labels bit for bit (validation, states, batches included)."""
+    labels, scores, names = random_case(7, n=400, k=6, f=7)
+    concepts = ConceptLabels(labels, names)
+    reference = ConceptLabeler(concepts).label(scores, progress=False, **kwargs)
+    result = labeler(concepts, target).label(torch.from_numpy(scores).float(), progress=False, **kwargs)
+    assert result == reference
+    assert [[e.p_value for e in beam] for beam in result] == [[e.p_value for e in beam] for beam in reference]
+    if "validation" in kwargs:
+        assert [[e.validation_auc for e in b] for b in result] == [[e.validation_auc for e in b] for b in reference]
+        assert [[s.auc for s in b] for b in result.states[1]] == [[s.auc for s in b] for b in reference.states[1]]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_small_working_memory_and_unpacked_sums_agree(target, monkeypatch):
+    """Chunked searches (tiny working memory) and unpacked sums give the one-chunk labels."""
+    import crp_invert.core.search as search
+
+    labels, scores, names = random_case(9, n=300, k=5, f=9)
+    concepts = ConceptLabels(labels, names)
+    reference = ConceptLabeler(concepts).label(scores, L=3, B=3, progress=False)
+    device, backend = target
+    params = SearchParams(L=3, B=3)
+    small = label_array(torch.from_numpy(scores), concepts, params, device=device, backend=backend,
+                        memory_bytes=600_000, progress=False)
+    assert small == reference
+    monkeypatch.setattr(search, "_MAX_PACKED_SAMPLES", 10)
+    assert labeler(concepts, target).label(scores, L=3, B=3, progress=False) == reference
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_beam_search_on_raw_scores(target):
+    """beam_search ranks raw scores and prepares raw labels with the chosen kernels; same beams."""
+    labels, scores, names = random_case(11, n=200, k=5, f=6)
+    device, backend = target
+    labels_t = ConceptLabels(labels, names).torch_sparse_t(device)
+    raw = beam_search(torch.from_numpy(scores).to(device), labels_t, L=3, B=3, backend=backend)
+    ranked = compact_ranks(torch.from_numpy(scores), backend="auto")
+    reference = beam_search(ranked, prepare_labels(ConceptLabels(labels, names).torch_sparse_t("cpu")), L=3, B=3)
+    assert torch.equal(raw.beam.primitives, reference.beam.primitives)
+    assert torch.equal(raw.beam.auc, reference.beam.auc)
+    assert torch.equal(raw.p_value, reference.p_value)
+    assert torch.equal(raw.tie_term, reference.tie_term)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_find_channels_equals_sklearn(target, tmp_path):
+    """find_channels from a cache: AUCs equal sklearn's, p-values scipy's, on every backend and device."""
+    labels, scores, names = random_case(5, n=250, k=4, f=6)
+    concepts = ConceptLabels(labels, names)
+    path = tmp_path / "cache.h5"
+    with ActivationCache(path, mode="a", overwrite=True) as cache:
+        cache.initialize((0, 250))
+        cache.add_layer("conv", 6, pooling="mean")
+        cache.write("conv", (0, 250), scores.astype(np.float32))
+        cache.mark_complete((0, 250))
+    device, backend = target
+    found = find_channels("c0 AND NOT c1", path, concepts, device=device, backend=backend, feature_batch_size=4)
+    mask = labels[:, 0] & ~labels[:, 1]
+    values = scores.astype(np.float32).astype(np.float64)
+    for match in found.matches:
+        assert match.auc == pytest.approx(roc_auc_score(mask, values[:, match.channel]), abs=1e-12)
+        expected = mannwhitneyu(values[mask, match.channel], values[~mask, match.channel],
+                                alternative="greater", method="asymptotic").pvalue
+        assert match.p_value == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="backend"):
+        find_channels("c0", path, concepts, backend="cuda")
+
+
+def test_mask_rank_sums_backends_agree():
+    """The numpy and the torch kernel of find give the same rank sums and tie terms, bit for bit."""
+    rng = np.random.default_rng(2)
+    block = torch.from_numpy(np.maximum(rng.normal(size=(500, 5)), 0).round(1))
+    for share in (0.2, 0.8):
+        mask = torch.from_numpy(rng.random(500) < share)
+        auto, device = mask_rank_sums(block, mask), mask_rank_sums(block, mask, "torch")
+        assert torch.equal(auto.ranks, device.ranks) and torch.equal(auto.tie_term, device.tie_term)
+
+
+def test_cli_backend_torch_writes_the_same_labels(tmp_path):
+    """crp-invert label --backend torch writes the labels of the default backend."""
+    labels, scores, names = random_case(3, n=200, k=4, f=5)
+    path = tmp_path / "cache.h5"
+    with ActivationCache(path, mode="a", overwrite=True) as cache:
+        cache.initialize((0, 200))
+        cache.add_layer("fc", 5, pooling="mean")
+        cache.write("fc", (0, 200), scores.astype(np.float32))
+        cache.mark_complete((0, 200))
+    ConceptLabels(labels, names).save(tmp_path / "concepts.npz")
+    outputs = {}
+    for backend in BACKENDS:
+        out = tmp_path / f"{backend}.json"
+        result = CliRunner().invoke(main, ["label", str(path), str(tmp_path / "concepts.npz"), "--backend", backend,
+                                           "-q", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        outputs[backend] = json.loads(out.read_text())
+    assert outputs["auto"]["features"] == outputs["torch"]["features"]
+    result = CliRunner().invoke(main, ["label", str(path), str(tmp_path / "concepts.npz"), "--backend", "gpu"])
+    assert result.exit_code != 0 and "gpu" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["default", "negative", "wide", "limited", "validation"])
+def test_bench_exact_cases_agree(setting):
+    """bench_exact.py's settings on a small synthetic ImageNet-like layer: both backends, identical labels."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_exact
+    import synthetic
+
+    concepts, _ = synthetic.concept_labels(3000, seed=2)
+    activations = synthetic.activations(concepts, 6, seed=3)
+    kwargs = dict(bench_exact.SETTINGS[setting], progress=False)
+    reference = ConceptLabeler(concepts).label(activations, **kwargs)
+    assert ConceptLabeler(concepts, backend="torch").label(activations, **kwargs) == reference
