@@ -228,3 +228,30 @@ def test_bench_exact_cases_agree(setting):
     kwargs = dict(bench_exact.SETTINGS[setting], progress=False)
     reference = ConceptLabeler(concepts).label(activations, **kwargs)
     assert ConceptLabeler(concepts, backend="torch").label(activations, **kwargs) == reference
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_its_json(tmp_path):
+    """benchmarks/gpu_check.py --device cpu runs every section (small sizes) and writes one JSON of figures."""
+    import subprocess
+
+    out = tmp_path / "check.json"
+    completed = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--device", "cpu", "--out", str(out),
+                                "--fashion-mnist", str(tmp_path / "missing")],
+                               capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    report = json.loads(out.read_text())
+    sections = report["sections"]
+    assert list(sections) == ["environment", "imagenet_labeling", "synthetic_equality", "pytest_cuda",
+                              "fashion_mnist", "glocal"]
+    assert report["torch"] == torch.__version__ and report["failed_sections"] == []
+    assert sections["fashion_mnist"]["status"] == "skipped" and "missing" in sections["fashion_mnist"]["skipped"]
+    for name in ("environment", "imagenet_labeling", "synthetic_equality", "pytest_cuda", "glocal"):
+        assert sections[name]["status"] == "ok", sections[name]
+    labeling = sections["imagenet_labeling"]
+    assert labeling["features"] == 12 and labeling["all_seconds"] > 0 and labeling["budget_16gib_identical"]
+    for case in ("default", "negative_validation", "find_channels"):
+        assert sections["synthetic_equality"][case]["identical"] is True
+    assert sections["pytest_cuda"]["tests_skipped"] > 0 and "tests_failed" not in sections["pytest_cuda"]
+    assert sections["glocal"]["heatmap_max_rel_diff"] < 1e-5 and sections["glocal"]["same_channels"]
+    assert "wrote" in completed.stdout
