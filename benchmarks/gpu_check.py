@@ -55,7 +55,7 @@ SECTIONS = [
 ]
 GPU_SIZES = dict(n=1_280_000, features=2048, first_features=256, equal_features=32, glocal_samples=64)
 DRY_SIZES = dict(n=5_000, features=12, first_features=4, equal_features=4, glocal_samples=2)
-CUDA_TEST_FILES = ["tests/test_backends.py", "tests/test_labeler.py"]
+CUDA_TEST_FILES = ["tests/test_backends.py", "tests/test_labeler.py", "tests/test_metrics.py"]
 
 
 # the section processes ----------------------------------------------------------------------------

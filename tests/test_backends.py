@@ -52,6 +52,23 @@ def random_case(seed, n=None, k=None, f=4):
     return labels, scores, [f"c{i}" for i in range(k)]
 
 
+def assert_same_labels(result, reference, target):
+    """Identical formulas, AUCs, fractions and counts; p-values identical on the CPU, to 1e-12 on a GPU (its
+    erfc may differ from the CPU's in the last bits)."""
+    def rows(labels):
+        return [[(e.formula, e.auc, e.fraction, e.n_candidates, e.validation_auc, e.validation_fraction)
+                 for e in beam] for beam in labels]
+
+    assert rows(result) == rows(reference)
+    p_values = [e.p_value for beam in result for e in beam]
+    expected = [e.p_value for beam in reference for e in beam]
+    if target[0] == "cpu":
+        assert p_values == expected
+        assert result == reference
+    else:
+        assert p_values == pytest.approx(expected, rel=1e-12, abs=0)
+
+
 def labeler(concepts, target):
     device, backend = target
     return ConceptLabeler(concepts, device=device, backend=backend)
@@ -120,11 +137,11 @@ def test_backends_give_identical_labels(target, kwargs):
     concepts = ConceptLabels(labels, names)
     reference = ConceptLabeler(concepts).label(scores, progress=False, **kwargs)
     result = labeler(concepts, target).label(torch.from_numpy(scores).float(), progress=False, **kwargs)
-    assert result == reference
-    assert [[e.p_value for e in beam] for beam in result] == [[e.p_value for e in beam] for beam in reference]
+    assert_same_labels(result, reference, target)
     if "validation" in kwargs:
-        assert [[e.validation_auc for e in b] for b in result] == [[e.validation_auc for e in b] for b in reference]
-        assert [[s.auc for s in b] for b in result.states[1]] == [[s.auc for s in b] for b in reference.states[1]]
+        for step in range(3):
+            assert [[(s.formula, s.auc) for s in b] for b in result.states[step]] == \
+                [[(s.formula, s.auc) for s in b] for b in reference.states[step]]
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -139,9 +156,9 @@ def test_small_working_memory_and_unpacked_sums_agree(target, monkeypatch):
     params = SearchParams(L=3, B=3)
     small = label_array(torch.from_numpy(scores), concepts, params, device=device, backend=backend,
                         memory_bytes=600_000, progress=False)
-    assert small == reference
+    assert_same_labels(small, reference, target)
     monkeypatch.setattr(search, "_MAX_PACKED_SAMPLES", 10)
-    assert labeler(concepts, target).label(scores, L=3, B=3, progress=False) == reference
+    assert_same_labels(labeler(concepts, target).label(scores, L=3, B=3, progress=False), reference, target)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -155,8 +172,10 @@ def test_beam_search_on_raw_scores(target):
     reference = beam_search(ranked, prepare_labels(ConceptLabels(labels, names).torch_sparse_t("cpu")), L=3, B=3)
     assert torch.equal(raw.beam.primitives, reference.beam.primitives)
     assert torch.equal(raw.beam.auc, reference.beam.auc)
-    assert torch.equal(raw.p_value, reference.p_value)
     assert torch.equal(raw.tie_term, reference.tie_term)
+    if device == "cpu":
+        assert torch.equal(raw.p_value, reference.p_value)
+    torch.testing.assert_close(raw.p_value, reference.p_value, rtol=1e-12, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -138,9 +138,13 @@ def test_bad_input():
         auroc(np.zeros((5, 1)), torch.ones(5, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("device, backend", [
+    ("cpu", "auto"), ("cpu", "torch"),
+    pytest.param("cuda", "auto", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs a CUDA device")]),
+])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64])
-def test_compact_ranks_equal_scipy_for_every_dtype(dtype, backend):
+def test_compact_ranks_equal_scipy_for_every_dtype(dtype, device, backend):
     """Doubled midranks and tie terms of both backends equal scipy's rankdata for every dtype."""
     from crp_invert.core.metrics import _rank_rows, compact_ranks
 
@@ -153,7 +157,8 @@ def test_compact_ranks_equal_scipy_for_every_dtype(dtype, backend):
     scores = torch.from_numpy(values).to(dtype) if dtype.is_floating_point else torch.from_numpy(values * 1e3).to(dtype)
     exact = scores.double().numpy()
     for chunk in (None, 2):
-        ranked = compact_ranks(scores, chunk, backend)
+        ranked = compact_ranks(scores.to(device), chunk, backend)
+        ranked = type(ranked)(ranked.doubled.cpu(), ranked.tie_term.cpu())
         assert ranked.doubled.dtype == torch.int32 and ranked.doubled.shape == (5, 500)
         for f in range(5):
             np.testing.assert_array_equal(ranked.doubled[f].numpy(), 2 * rankdata(exact[:, f]))
