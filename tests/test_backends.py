@@ -274,3 +274,59 @@ def test_gpu_check_dry_run_writes_its_json(tmp_path):
     assert sections["pytest_cuda"]["tests_skipped"] > 0 and "tests_failed" not in sections["pytest_cuda"]
     assert sections["glocal"]["heatmap_max_rel_diff"] < 1e-5 and sections["glocal"]["same_channels"]
     assert "wrote" in completed.stdout
+
+
+class _ReadColumns:
+    """An [N, F] array-like whose column reads allocate a torch copy, as reading a file does."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data, self.shape, self.dtype = data, tuple(data.shape), data.dtype
+
+    def __getitem__(self, key):
+        return self.data[key].clone()
+
+
+def torch_peak_bytes(fn) -> int:
+    """The peak of the bytes held by torch's CPU allocator while ``fn()`` runs, from every allocation and free
+    the profiler records (``profile_memory``)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
+                    if event.name() == "[memory]")
+    held = peak = 0
+    for _, size in events:
+        held += size
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("free_gb", [16, 80])
+def test_gpu_batch_plan_matches_the_torch_allocations(free_gb, monkeypatch):
+    """The feature-batch plan of a 16 / 80 GB GPU (simulated free memory) at N = 1.28 M, K = 1,481, and its
+    miniature (N, K and the budget / 128: the same batch) allocates within 10 % of the plan on the CPU (scores
+    without ties: the plan is the worst case; ties make ranking take less)."""
+    import crp_invert.core.search as search
+    from crp_invert.core.search import SearchMemory, default_memory_budget
+
+    monkeypatch.setattr(search, "available_memory", lambda device=None: free_gb * 10 ** 9)
+    budget = default_memory_budget("cuda")
+    assert budget == min(4 << 30, free_gb * 10 ** 9 // 4)
+    plan = SearchMemory(1_280_000, 1481, B=3, L=3)
+    batch = plan.feature_batch(budget, itemsize=4)
+    plan_bytes = batch * plan.feature_bytes(4) + plan.working_memory(budget)
+    assert 0.97 * budget <= plan_bytes <= budget and 280 <= batch <= 400
+    # the miniature: every term of the plan scales with N or K, so the batch stays the same
+    small = SearchMemory(10_000, 12, B=3, L=3)
+    small_budget = budget // 128
+    assert abs(small.feature_batch(small_budget, 4) - batch) <= 0.02 * batch
+    small_batch = small.feature_batch(small_budget, 4)
+    predicted = small_batch * small.feature_bytes(4) + small.working_memory(small_budget)
+    rng = np.random.default_rng(free_gb)
+    concepts = ConceptLabels(rng.random((10_000, 12)) < rng.uniform(0.02, 0.3, size=12), [f"c{i}" for i in range(12)])
+    scores = torch.from_numpy(rng.normal(size=(10_000, small_batch)).astype(np.float32))
+    prepared = prepare_labels(concepts.torch_sparse_t("cpu"), "torch")
+    measured = torch_peak_bytes(lambda: label_array(
+        _ReadColumns(scores), concepts, SearchParams(L=3, B=3), backend="torch", memory_bytes=small_budget,
+        prepared=prepared, progress=False))
+    assert abs(measured - predicted) <= 0.10 * measured, (measured, predicted)
