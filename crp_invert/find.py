@@ -436,7 +436,7 @@ def find_channels(
             aucs, p_values = [], []
             for start in range(0, n_channels, batch):
                 block = read_feature_columns(data, start, min(start + batch, n_channels), device)
-                finite = np.isfinite(block.numpy()).all() if block.device.type == "cpu" else None
+                finite = None if device_kernels(block.device, backend) else np.isfinite(block.numpy()).all()
                 if not finite:  # the message names the feature
                     check_finite(block, start)
                 rank_sum, tie_term = mask_rank_sums(block, mask, backend)

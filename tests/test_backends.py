@@ -330,3 +330,14 @@ def test_gpu_batch_plan_matches_the_torch_allocations(free_gb, monkeypatch):
         _ReadColumns(scores), concepts, SearchParams(L=3, B=3), backend="torch", memory_bytes=small_budget,
         prepared=prepared, progress=False))
     assert abs(measured - predicted) <= 0.10 * measured, (measured, predicted)
+
+
+def test_gpu_free_memory_sets_the_default_budget(monkeypatch):
+    """On a CUDA device the budget is a quarter of the GPU's free memory (torch.cuda.mem_get_info), capped at 4 GiB."""
+    from crp_invert.core.search import available_memory, default_memory_budget, memory_limit
+
+    for free in (2 * 10 ** 9, 16 * 10 ** 9, 80 * 10 ** 9):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 2 * free))
+        assert available_memory("cuda") == free
+        assert default_memory_budget("cuda:0") == min(4 << 30, free // 4)
+        assert memory_limit("cuda") == max(min(4 << 30, free // 4), free // 2)
