@@ -169,3 +169,18 @@ def test_compact_ranks_equal_scipy_for_every_dtype(dtype, device, backend):
     ties = torch.empty(5, dtype=torch.float64)
     _rank_rows(scores.T, doubled, ties)
     assert torch.equal(doubled, compact_ranks(scores).doubled) and torch.equal(ties, compact_ranks(scores).tie_term)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_tie_term_above_two_million_samples(backend):
+    """From N = 2**21 on, tie terms are summed in float64 (t**3 overflows int64 no more); both backends agree
+    with numpy's exact group counts."""
+    from crp_invert.core.metrics import compact_ranks
+
+    n = 2 ** 21 + 3
+    values = (np.arange(n) % 1000).astype(np.float32)  # 1,000 tie groups of about 2,097 values
+    ranked = compact_ranks(torch.from_numpy(values)[:, None], backend=backend)
+    groups = np.unique(values, return_counts=True)[1].astype(np.float64)
+    assert ranked.tie_term[0].item() == pytest.approx(float((groups ** 3 - groups).sum()), rel=1e-15)
+    order = np.argsort(values, kind="stable")
+    assert ranked.doubled[0, order[0]] == 1 + int(groups[0])  # the lowest group: doubled midrank 1 + t
