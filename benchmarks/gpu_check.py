@@ -304,7 +304,12 @@ def section_fashion_mnist(args, part: Part) -> None:
 def section_glocal(args, part: Part) -> None:
     import numpy as np
     import torch
-    from crp.attribution import CondAttribution
+
+    try:
+        from crp.attribution import CondAttribution
+    except ImportError as error:
+        part["skipped"] = f"zennit-crp is not installed ({error}); install the zennit and zennit-crp wheels"
+        return
     from fashion_mnist import FashionNet, load
     from zennit.composites import EpsilonPlus
     from zennit.torchvision import SequentialMergeBatchNorm
