@@ -52,6 +52,16 @@ def random_case(seed, n=None, k=None, f=4):
     return labels, scores, [f"c{i}" for i in range(k)]
 
 
+@pytest.fixture(params=["lists", "dense"])
+def algorithm(request, monkeypatch):
+    """The statistics of phi AND c from sample lists or from dense products (both exact; chosen by size)."""
+    import crp_invert.core.search as search
+
+    dense = request.param == "dense"
+    monkeypatch.setattr(search, "_prefer_dense", lambda prepared, max_length: dense and prepared.dense_t is not None)
+    return request.param
+
+
 def assert_same_labels(result, reference, target):
     """Identical formulas, AUCs, fractions and counts; p-values identical on the CPU, to 1e-12 on a GPU (its
     erfc may differ from the CPU's in the last bits)."""
@@ -98,7 +108,7 @@ def test_torch_backend_prepares_no_scipy_matrix():
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("kwargs", SETTINGS)
 @pytest.mark.parametrize("seed", range(4))
-def test_equals_slow_reference(target, kwargs, seed):
+def test_equals_slow_reference(target, kwargs, seed, algorithm):
     """Formulas and AUCs (bit for bit) equal the slow per-candidate search; p-values equal scipy's."""
     labels, scores, names = random_case(seed)
     result = labeler(ConceptLabels(labels, names), target).label(scores, progress=False, **kwargs)
@@ -116,7 +126,7 @@ def test_equals_slow_reference(target, kwargs, seed):
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("seed", range(3))
-def test_wide_beam_finds_the_exhaustive_optimum(target, seed):
+def test_wide_beam_finds_the_exhaustive_optimum(target, seed, algorithm):
     """A beam holding every formula finds the best AUC of all formulas up to length 3, each scored right."""
     labels, scores, names = random_case(seed, k=4)
     space = all_formulas(labels, names, 3)
@@ -131,7 +141,7 @@ def test_wide_beam_finds_the_exhaustive_optimum(target, seed):
 @pytest.mark.parametrize("target", TARGETS[1:])
 @pytest.mark.parametrize("kwargs", [dict(L=3, B=3, validation=0.3, memorize_states=True),
                                     dict(L=2, B=3, mode="negative", feature_batch_size=2)])
-def test_backends_give_identical_labels(target, kwargs):
+def test_backends_give_identical_labels(target, kwargs, algorithm):
     """The device kernels give the CPU kernels' labels bit for bit (validation, states, batches included)."""
     labels, scores, names = random_case(7, n=400, k=6, f=7)
     concepts = ConceptLabels(labels, names)
@@ -145,7 +155,7 @@ def test_backends_give_identical_labels(target, kwargs):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_small_working_memory_and_unpacked_sums_agree(target, monkeypatch):
+def test_small_working_memory_and_unpacked_sums_agree(target, monkeypatch, algorithm):
     """Chunked searches (tiny working memory) and unpacked sums give the one-chunk labels."""
     import crp_invert.core.search as search
 
@@ -341,3 +351,20 @@ def test_gpu_free_memory_sets_the_default_budget(monkeypatch):
         assert available_memory("cuda") == free
         assert default_memory_budget("cuda:0") == min(4 << 30, free // 4)
         assert memory_limit("cuda") == max(min(4 << 30, free // 4), free // 2)
+
+
+def test_dense_products_are_chosen_for_small_label_matrices():
+    """Dense products for FashionMNIST-sized labels (N 5,000, K 14), sample lists for ImageNet-like ones."""
+    from crp_invert.core.search import _prefer_dense
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 10, size=5000)
+    small = ConceptLabels.from_targets(targets, [f"class{i}" for i in range(10)],
+                                       hierarchy={"a": ["class0", "class1"], "b": ["class2", "class3", "class4"]})
+    assert _prefer_dense(prepare_labels(small.torch_sparse_t("cpu")), 3)
+    sys.path.insert(0, str(BENCHMARKS))
+    import synthetic
+
+    concepts, _ = synthetic.concept_labels(2000)
+    prepared = prepare_labels(concepts.torch_sparse_t("cpu"))
+    assert prepared.dense_t is not None and not _prefer_dense(prepared, 3)
