@@ -368,3 +368,29 @@ def test_dense_products_are_chosen_for_small_label_matrices():
     concepts, _ = synthetic.concept_labels(2000)
     prepared = prepare_labels(concepts.torch_sparse_t("cpu"))
     assert prepared.dense_t is not None and not _prefer_dense(prepared, 3)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("validation", [None, 0.25])
+def test_prefetched_batches_give_the_same_labels(target, validation, monkeypatch, tmp_path):
+    """Several automatic batches from HDF5, each read and ranked in a thread while the one before is searched,
+    give the labels of one batch."""
+    import h5py
+
+    import crp_invert.core.labeling as labeling
+
+    labels, scores, names = random_case(13, n=3000, k=6, f=40)
+    concepts = ConceptLabels(labels, names)
+    reference = ConceptLabeler(concepts).label(scores, L=3, B=3, validation=validation, progress=False)
+    seen = []
+    batches = labeling._ranked_batches
+    monkeypatch.setattr(labeling, "_ranked_batches", lambda *args: seen.append(args[2:]) or batches(*args))
+    with h5py.File(tmp_path / "acts.h5", "w") as handle:
+        handle.create_dataset("Y", data=scores, chunks=(3000, 1))
+    device, backend = target
+    with h5py.File(tmp_path / "acts.h5", "r") as handle:
+        result = label_array(handle["Y"], concepts, SearchParams(L=3, B=3), device=device, backend=backend,
+                             validation=validation, memory_bytes=1_000_000, progress=False)
+    batch, n_features, prefetch = seen[0]
+    assert prefetch and 1 <= batch < n_features == 40
+    assert_same_labels(result, reference, target)
