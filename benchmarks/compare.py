@@ -59,7 +59,7 @@ def probe_core(large: bool) -> dict:
         acts = synthetic.activations(concepts, f)
         labeler = ConceptLabeler(concepts)
         labeler.label(acts[:, :1], L=3, B=3, progress=False)  # set-up (prepared labels) outside the timing
-        figures[f"core N={n:,} F={f}"] = clock(lambda: labeler.label(acts, L=3, B=3, progress=False))
+        figures[f"core N={n:,} F={f}"] = clock(lambda lab=labeler, a=acts: lab.label(a, L=3, B=3, progress=False))
     return figures
 
 
@@ -205,7 +205,7 @@ def main() -> int:
                         kept["wall"], kept["cpu"] = min(kept["wall"], value["wall"]), min(kept["cpu"], value["cpu"])
                     print(f"  {workload} @ {rev}: done", file=sys.stderr, flush=True)
         finally:
-            for rev, source in sources.items():
+            for source in sources.values():
                 if source != ROOT:
                     subprocess.run(["git", "worktree", "remove", "--force", str(source)], cwd=ROOT,
                                    capture_output=True)
