@@ -185,6 +185,13 @@ def _safe_filename(name: str) -> str:
 @search_options
 @click.option("--device", default="cpu", show_default=True)
 @click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch"]),
+    default="auto",
+    show_default=True,
+    help="Kernels: auto = numpy/scipy on the CPU, torch elsewhere; torch = the GPU kernels on any device.",
+)
+@click.option(
     "--out",
     "out",
     type=click.Path(dir_okay=True),
@@ -201,6 +208,7 @@ def label_command(
     source: str,
     params: SearchParams,
     device: str,
+    backend: str,
     out: str | None,
     overwrite: bool,
     quiet: bool,
@@ -232,7 +240,7 @@ def label_command(
                 folder = out_path.is_dir() or out_path.suffix.lower() != ".json"
                 check_output(out_path, overwrite=overwrite, folder=folder)
             concepts = _load_concepts(labels)
-            labeler = ConceptLabeler(concepts, device=local_device(device))
+            labeler = ConceptLabeler(concepts, device=local_device(device), backend=backend)
             if is_activation_cache(cache):
                 with open_for_labeling(cache, list(layers) or None, source, concepts.n_samples) as (opened, names):
                     planned = _out_files(out_path, names, overwrite) if rank == 0 else []

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .core.backend import check_backend, device_kernels
 from .core.concepts import ConceptLabels
 from .core.formula import Formula
 from .core.jsonio import read_json, write_json
@@ -224,7 +225,7 @@ def default_search_batch(n_samples: int, n_channels: int, chunk_columns: int | N
     return int(min(n_channels, batch))
 
 
-def mask_rank_sums(block: torch.Tensor, mask: torch.Tensor) -> RankedScores:
+def mask_rank_sums(block: torch.Tensor, mask: torch.Tensor, backend: str = "auto") -> RankedScores:
     """The midrank sum over the samples where ``mask`` holds, and the tie term, of every column of ``block``.
 
     Equals ``rank_scores(block)`` reduced to one mask (``ranks.T @ mask`` and ``tie_term``), exactly, without the
@@ -238,6 +239,9 @@ def mask_rank_sums(block: torch.Tensor, mask: torch.Tensor) -> RankedScores:
         ``[N, F]`` finite real values.
     mask : torch.Tensor
         ``[N]`` bool, on the device of ``block``.
+    backend : {"auto", "torch"}
+        numpy on the CPU and torch elsewhere (``"auto"``), or torch on any device (``"torch"``, see
+        :mod:`crp_invert.core.backend`); the sums are the same.
 
     Returns
     -------
@@ -245,7 +249,7 @@ def mask_rank_sums(block: torch.Tensor, mask: torch.Tensor) -> RankedScores:
         ``ranks`` holds the ``[F]`` float64 rank sums (not a rank matrix), ``tie_term`` the ``[F]`` float64
         ``sum(t**3 - t)`` over the tie groups of every column.
     """
-    if block.device.type == "cpu":
+    if not device_kernels(block.device, backend):
         rank_sum, tie_term = _mask_rank_sums_numpy(block.numpy(), mask.numpy())
         return RankedScores(torch.from_numpy(rank_sum), torch.from_numpy(tie_term))
     return _mask_rank_sums_torch(block, mask)
@@ -357,6 +361,7 @@ def find_channels(
     feature_batch_size: int | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    backend: str = "auto",
 ) -> ChannelSearch:
     """Rank every channel of the chosen layers by the exact AUC of ``formula``.
 
@@ -385,6 +390,9 @@ def find_channels(
         Where the ranks are computed.
     progress : bool
         Show a progress bar over the layers.
+    backend : {"auto", "torch"}
+        The kernels: numpy on the CPU and torch elsewhere, or torch on any device (see
+        :mod:`crp_invert.core.backend`); the results are the same.
 
     Returns
     -------
@@ -402,6 +410,7 @@ def find_channels(
         raise ValueError(f"source must be 'activation' or 'relevance', got {source!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_backend(backend)
     if feature_batch_size is not None and (isinstance(feature_batch_size, bool)
                                            or not isinstance(feature_batch_size, (int, np.integer))
                                            or feature_batch_size < 1):
@@ -427,10 +436,10 @@ def find_channels(
             aucs, p_values = [], []
             for start in range(0, n_channels, batch):
                 block = read_feature_columns(data, start, min(start + batch, n_channels), device)
-                finite = np.isfinite(block.numpy()).all() if block.device.type == "cpu" else None
+                finite = None if device_kernels(block.device, backend) else np.isfinite(block.numpy()).all()
                 if not finite:  # the message names the feature
                     check_finite(block, start)
-                rank_sum, tie_term = mask_rank_sums(block, mask)
+                rank_sum, tie_term = mask_rank_sums(block, mask, backend)
                 auc = auc_from_rank_sums(rank_sum, positives, n_samples)
                 aucs.append(auc)
                 p_values.append(mann_whitney_pvalue(auc, n_positive, n_samples, tie_term, alternative))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .core.backend import check_backend
 from .core.concepts import ConceptLabels
 from .core.labeling import available_memory, default_feature_batch_size, label_array
 from .core.labels import Explanation, LayerLabels
@@ -53,6 +54,10 @@ class ConceptLabeler:
         The labels of the N samples the activations were recorded on.
     device : str or torch.device
         Where the search runs ("cpu", "cuda", ...).
+    backend : {"auto", "torch"}
+        The kernels: ``"auto"`` runs numpy / scipy on the CPU and torch elsewhere, ``"torch"`` the torch
+        (GPU) kernels on any device, the CPU included; the labels are the same (see
+        :mod:`crp_invert.core.backend`).
 
     Examples
     --------
@@ -61,20 +66,22 @@ class ConceptLabeler:
     >>> result[5][0].formula, result[5][0].auc                    # doctest: +SKIP
     """
 
-    def __init__(self, concepts: ConceptLabels, device: str | torch.device = "cpu") -> None:
+    def __init__(self, concepts: ConceptLabels, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         if not isinstance(concepts, ConceptLabels):
             raise TypeError(f"concepts must be a ConceptLabels, got {type(concepts).__name__}")
         self.concepts = concepts
         self.device = torch.device(device)
+        self.backend = check_backend(backend)
         self._cached_labels: PreparedLabels | None = None
 
     def __repr__(self) -> str:
-        return f"ConceptLabeler({self.concepts!r}, device={str(self.device)!r})"
+        backend = "" if self.backend == "auto" else f", backend={self.backend!r}"
+        return f"ConceptLabeler({self.concepts!r}, device={str(self.device)!r}{backend})"
 
     def _prepared_labels(self) -> PreparedLabels:
         # built once: preparing a large label matrix costs more than a small search
         if self._cached_labels is None:
-            self._cached_labels = prepare_labels(self.concepts.torch_sparse_t(self.device))
+            self._cached_labels = prepare_labels(self.concepts.torch_sparse_t(self.device), self.backend)
         return self._cached_labels
 
     def label(
@@ -143,7 +150,7 @@ class ConceptLabeler:
         """:meth:`label` with the search parameters given as one :class:`SearchParams`."""
         prepared = self._prepared_labels() if validation is None else None
         return label_array(activations, self.concepts, params, device=self.device, validation=validation,
-                           layer=layer, progress=progress, seed=seed, prepared=prepared)
+                           layer=layer, progress=progress, seed=seed, prepared=prepared, backend=self.backend)
 
     def label_cache(self, cache: Any, layers: Sequence[str] | None = None, source: str = "activation",
                     progress: bool = True, **label_kwargs: Any) -> dict[str, LayerLabels]:

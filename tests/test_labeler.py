@@ -377,6 +377,7 @@ def test_small_working_memory_gives_the_same_result(monkeypatch):
     from crp_invert.core.search import SearchMemory, beam_search, prepare_labels
 
     formula_lists = search._formula_lists
+    monkeypatch.setattr(search, "_prefer_dense", lambda *args: False)  # the sample lists, not dense products
 
     rng = np.random.default_rng(3)
     n, k = 400, 8

@@ -53,6 +53,14 @@ def test_auroc_pairwise_property(pairs):
         assert abs(result - pairwise_auc(scores, mask)) < 1e-12
 
 
+def test_compact_ranks_refuses_an_unknown_backend():
+    """An unknown backend name raises a ValueError naming it."""
+    from crp_invert.core.metrics import compact_ranks
+
+    with pytest.raises(ValueError, match="'numpy'"):
+        compact_ranks(torch.rand(5, 2), backend="numpy")
+
+
 def test_midranks_and_tie_term_equal_scipy():
     rng = np.random.default_rng(3)
     scores = relu_scores(rng, 1000, 4)
@@ -130,8 +138,14 @@ def test_bad_input():
         auroc(np.zeros((5, 1)), torch.ones(5, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("device, backend", [
+    ("cpu", "auto"), ("cpu", "torch"),
+    pytest.param("cuda", "auto", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs a CUDA device")]),
+])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64])
-def test_compact_ranks_equal_scipy_for_every_dtype(dtype):
+def test_compact_ranks_equal_scipy_for_every_dtype(dtype, device, backend):
+    """Doubled midranks and tie terms of both backends equal scipy's rankdata for every dtype."""
     from crp_invert.core.metrics import _rank_rows, compact_ranks
 
     rng = np.random.default_rng(4)
@@ -143,7 +157,8 @@ def test_compact_ranks_equal_scipy_for_every_dtype(dtype):
     scores = torch.from_numpy(values).to(dtype) if dtype.is_floating_point else torch.from_numpy(values * 1e3).to(dtype)
     exact = scores.double().numpy()
     for chunk in (None, 2):
-        ranked = compact_ranks(scores, chunk)
+        ranked = compact_ranks(scores.to(device), chunk, backend)
+        ranked = type(ranked)(ranked.doubled.cpu(), ranked.tie_term.cpu())
         assert ranked.doubled.dtype == torch.int32 and ranked.doubled.shape == (5, 500)
         for f in range(5):
             np.testing.assert_array_equal(ranked.doubled[f].numpy(), 2 * rankdata(exact[:, f]))
@@ -154,3 +169,18 @@ def test_compact_ranks_equal_scipy_for_every_dtype(dtype):
     ties = torch.empty(5, dtype=torch.float64)
     _rank_rows(scores.T, doubled, ties)
     assert torch.equal(doubled, compact_ranks(scores).doubled) and torch.equal(ties, compact_ranks(scores).tie_term)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_tie_term_above_two_million_samples(backend):
+    """From N = 2**21 on, tie terms are summed in float64 (t**3 overflows int64 no more); both backends agree
+    with numpy's exact group counts."""
+    from crp_invert.core.metrics import compact_ranks
+
+    n = 2 ** 21 + 3
+    values = (np.arange(n) % 1000).astype(np.float32)  # 1,000 tie groups of about 2,097 values
+    ranked = compact_ranks(torch.from_numpy(values)[:, None], backend=backend)
+    groups = np.unique(values, return_counts=True)[1].astype(np.float64)
+    assert ranked.tie_term[0].item() == pytest.approx(float((groups ** 3 - groups).sum()), rel=1e-15)
+    order = np.argsort(values, kind="stable")
+    assert ranked.doubled[0, order[0]] == 1 + int(groups[0])  # the lowest group: doubled midrank 1 + t

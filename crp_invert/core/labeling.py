@@ -16,13 +16,15 @@ Examples
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .backend import check_backend
 from .concepts import ConceptLabels
 from .formula import Formula
 from .labels import Explanation, LayerLabels, correct_p_values
@@ -98,6 +100,7 @@ def label_array(
     seed: int = 0,
     prepared: PreparedLabels | None = None,
     memory_bytes: int | None = None,
+    backend: str = "auto",
 ) -> LayerLabels:
     """Label every column of ``activations`` with INVERT explanations (see :meth:`ConceptLabeler.label`).
 
@@ -105,8 +108,10 @@ def label_array(
     label several arrays with the same concepts. ``memory_bytes`` is the memory budget of a feature
     batch (default :func:`~crp_invert.core.search.default_memory_budget`); a ValueError is raised before
     any column is read if one feature needs more than it (by default: more than
-    :func:`~crp_invert.core.search.memory_limit`).
+    :func:`~crp_invert.core.search.memory_limit`). ``backend`` chooses the kernels (``"auto"``: numpy / scipy
+    on the CPU, torch elsewhere; ``"torch"``: torch on any device; see :mod:`crp_invert.core.backend`).
     """
+    check_backend(backend)
     if not isinstance(concepts, ConceptLabels):
         raise TypeError(f"concepts must be a ConceptLabels, got {type(concepts).__name__}")
     if not isinstance(params, SearchParams):
@@ -136,17 +141,25 @@ def label_array(
     copies = 1 if held_out is None else 2  # the batch as read, and its rows for the search
     plan.check(memory_limit(device) if memory_bytes is None else int(memory_bytes), itemsize)
     budget = default_memory_budget(device) if memory_bytes is None else int(memory_bytes)
-    working_memory = plan.working_memory(budget)
+    prefetch = False
     if feature_batch_size is None:
-        feature_batch_size = _align_to_chunks(plan.feature_batch(budget, itemsize, copies), activations)
+        feature_batch_size = plan.feature_batch(budget, itemsize, copies)
+        if feature_batch_size < n_features and budget // 2 >= (plan.minimum_working_memory()
+                                                                + plan.feature_bytes(itemsize, copies)):
+            # several batches: the next one is read and ranked in a thread while this one is searched; each of
+            # the two takes half of the budget
+            prefetch, budget = True, budget // 2
+            feature_batch_size = plan.feature_batch(budget, itemsize, copies)
+        feature_batch_size = _align_to_chunks(feature_batch_size, activations)
+    working_memory = plan.working_memory(budget)
     rank_chunk = plan.chunks(working_memory)[0]
 
     if held_out is None:
-        labels_t = prepare_labels(concepts.torch_sparse_t(device)) if prepared is None else prepared
+        labels_t = prepare_labels(concepts.torch_sparse_t(device), backend) if prepared is None else prepared
         held_labels = None
     else:
-        labels_t = prepare_labels(search_concepts.torch_sparse_t(device))
-        held_labels = prepare_labels(concepts.subset(held_out).torch_sparse_t(device))
+        labels_t = prepare_labels(search_concepts.torch_sparse_t(device), backend)
+        held_labels = prepare_labels(concepts.subset(held_out).torch_sparse_t(device), backend)
 
     parameters = dict(
         params.to_dict(), n_samples=n_samples, n_search_samples=n_search,
@@ -159,18 +172,10 @@ def label_array(
     starts = range(0, n_features, feature_batch_size)
     bar = tqdm(starts, desc=f"labeling {layer}" if layer else "labeling", unit="batch",
                disable=not progress or len(starts) <= 1, leave=False)
-    for start in bar:
-        stop = min(start + feature_batch_size, n_features)
-        block = read_feature_columns(activations, start, stop, device)
-        # checked a few columns at a time: the check's temporaries stay within the working memory
-        for column in range(0, stop - start, rank_chunk):
-            check_finite(block[:, column:column + rank_chunk], start + column)
-        # keep only the ranks: the scores of the batch are freed before the search
-        held_ranks = None if held_rows is None else compact_ranks(block[held_rows.to(block.device)], rank_chunk)
-        search_ranks = compact_ranks(block if search_rows is None else block[search_rows.to(block.device)],
-                                     rank_chunk)
-        del block
-        result = beam_search(search_ranks, labels_t, memory_bytes=working_memory, **params.search_kwargs())
+    ranking = _Ranking(activations, device, rank_chunk, search_rows, held_rows, backend)
+    for search_ranks, held_ranks in _ranked_batches(ranking, bar, feature_batch_size, n_features, prefetch):
+        result = beam_search(search_ranks, labels_t, memory_bytes=working_memory, backend=backend,
+                             **params.search_kwargs())
         del search_ranks
         held = None
         if held_ranks is not None:
@@ -189,6 +194,46 @@ def label_array(
 
 
 # helpers -----------------------------------------------------------------------------------------
+class _Ranking(NamedTuple):
+    activations: Any
+    device: torch.device
+    rank_chunk: int
+    search_rows: torch.Tensor | None
+    held_rows: torch.Tensor | None
+    backend: str
+
+    def batch(self, start: int, stop: int) -> tuple[CompactRanks, CompactRanks | None]:
+        """Columns ``[start, stop)`` read, checked and ranked: ``(search ranks, held-out ranks or None)``."""
+        block = read_feature_columns(self.activations, start, stop, self.device)
+        # checked a few columns at a time: the check's temporaries stay within the working memory
+        for column in range(0, stop - start, self.rank_chunk):
+            check_finite(block[:, column:column + self.rank_chunk], start + column)
+        # keep only the ranks: the scores of the batch are freed before the search
+        held = (None if self.held_rows is None
+                else compact_ranks(block[self.held_rows.to(block.device)], self.rank_chunk, self.backend))
+        rows = block if self.search_rows is None else block[self.search_rows.to(block.device)]
+        return compact_ranks(rows, self.rank_chunk, self.backend), held
+
+
+def _ranked_batches(ranking: _Ranking, starts: Any, batch: int, n_features: int, prefetch: bool) -> Iterator[tuple]:
+    """The ranked feature batches in order; with ``prefetch`` the next batch is read and ranked in a thread while
+    the caller searches the current one (both cores busy: reading and ranking are half of the work)."""
+    if not prefetch:
+        for start in starts:
+            yield ranking.batch(start, min(start + batch, n_features))
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for start in starts:
+            if pending is None:
+                pending = pool.submit(ranking.batch, start, min(start + batch, n_features))
+            current = pending.result()
+            following = start + batch
+            pending = (pool.submit(ranking.batch, following, min(following + batch, n_features))
+                       if following < n_features else None)
+            yield current
+
+
 def _shape_of(activations: Any) -> tuple:
     shape = getattr(activations, "shape", None)
     if shape is None:

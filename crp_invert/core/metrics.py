@@ -14,6 +14,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .backend import device_kernels
+
 __all__ = [
     "RankedScores",
     "CompactRanks",
@@ -81,7 +83,8 @@ class CompactRanks(NamedTuple):
 RANK_BYTES_PER_SAMPLE = 64
 
 
-def compact_ranks(scores: torch.Tensor, features_per_chunk: int | None = None) -> CompactRanks:
+def compact_ranks(scores: torch.Tensor, features_per_chunk: int | None = None,
+                  backend: str = "auto") -> CompactRanks:
     """Doubled midranks ``[F, N]`` int32 and tie terms of every column of ``scores`` ``[N, F]``.
 
     Parameters
@@ -91,6 +94,9 @@ def compact_ranks(scores: torch.Tensor, features_per_chunk: int | None = None) -
     features_per_chunk : int, optional
         Rank this many columns at a time (default: all); the temporaries of a chunk take about
         :data:`RANK_BYTES_PER_SAMPLE` bytes per sample and column.
+    backend : {"auto", "torch"}
+        ``"auto"``: numpy radix sorts on the CPU, torch sorts elsewhere; ``"torch"``: torch sorts on any
+        device (see :mod:`crp_invert.core.backend`). The ranks are the same.
 
     Examples
     --------
@@ -104,7 +110,7 @@ def compact_ranks(scores: torch.Tensor, features_per_chunk: int | None = None) -
     step = n_features if features_per_chunk is None else max(1, int(features_per_chunk))
     doubled = torch.empty(n_features, n_samples, dtype=torch.int32, device=scores.device)
     tie_term = torch.empty(n_features, dtype=torch.float64, device=scores.device)
-    if scores.device.type == "cpu":
+    if not device_kernels(scores.device, backend):
         # radix sorts in numpy, one column per thread (numpy releases the GIL while sorting)
         if scores.dtype == torch.bfloat16:
             scores = scores.float()

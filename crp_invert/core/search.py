@@ -33,6 +33,7 @@ import numpy as np
 import scipy.sparse
 import torch
 
+from .backend import device_kernels
 from .metrics import RANK_BYTES_PER_SAMPLE, CompactRanks, auc_from_rank_sums, compact_ranks, mann_whitney_pvalue
 from .params import MODES
 
@@ -113,6 +114,14 @@ _PRIMITIVE_BYTES = 48
 _AND_BYTES = 48
 # the largest feature batch the labeler chooses (more gains nothing)
 MAX_FEATURE_BATCH = 4096
+# label matrices of at most this many entries (N x K) are also kept dense: for them the statistics of
+# phi AND c may come from dense products (see _prefer_dense)
+DENSE_MAX_ELEMENTS = 1 << 22
+# the cost model that picks dense products or sample lists: nanoseconds per multiply-add of a float64 product,
+# and per element of a sample list for every concept of its sample (merging, expanding, summing; measured on
+# the FashionMNIST and synthetic layers, 2-core machine)
+_DENSE_NS_PER_PRODUCT = 0.5
+_LIST_NS_PER_PAIR = 20.0
 
 
 def _format_bytes(n_bytes: float) -> str:
@@ -278,6 +287,7 @@ def beam_search(
     mode: str = "positive",
     memorize_states: bool = False,
     memory_bytes: int | None = None,
+    backend: str = "auto",
 ) -> SearchResult:
     """Beam search for the best formula of every feature (column) of ``scores``.
 
@@ -308,8 +318,11 @@ def beam_search(
         (default: a quarter of :func:`default_memory_budget`). Features are processed in chunks that
         fit it; a ValueError is raised before any work if one feature needs more than
         ``memory_bytes`` (or, by default, more than :func:`memory_limit`).
+    backend : {"auto", "torch"}
+        The kernels of ranking and of the concepts' rank sums: numpy / scipy on the CPU and torch elsewhere
+        (``"auto"``), or torch everywhere (see :mod:`crp_invert.core.backend`); the results are the same.
     """
-    prepared = labels_t if isinstance(labels_t, PreparedLabels) else prepare_labels(labels_t)
+    prepared = labels_t if isinstance(labels_t, PreparedLabels) else prepare_labels(labels_t, backend)
     n_samples, n_concepts = prepared.n_samples, prepared.n_concepts
     plan = SearchMemory(n_samples, n_concepts, B, L)
     if memory_bytes is None:
@@ -319,7 +332,7 @@ def beam_search(
     else:
         plan.check(int(memory_bytes), features=0)
     rank_chunk, sums_chunk, search_chunk, list_elements = plan.chunks(memory_bytes)
-    ranked = scores if isinstance(scores, CompactRanks) else compact_ranks(scores, rank_chunk)
+    ranked = scores if isinstance(scores, CompactRanks) else compact_ranks(scores, rank_chunk, backend)
     del scores
     doubled = ranked.doubled
     n_features = doubled.shape[0]
@@ -327,7 +340,7 @@ def beam_search(
         raise ValueError(f"scores have N = {doubled.shape[1]} samples but the labels have N = {n_samples}")
 
     # rank sums of every concept: [F, K], exact (float64 sums of integers below 2**53)
-    concept_rank_sums = _concept_rank_sums(doubled, prepared, sums_chunk)
+    concept_rank_sums = _concept_rank_sums(doubled, prepared, sums_chunk, backend)
 
     settings = _Settings(L, B, limit_search, *_count_bounds(n_samples, min_fraction, max_fraction),
                          1.0 if mode == "positive" else -1.0, memorize_states, list_elements)
@@ -350,16 +363,18 @@ def beam_search(
     return SearchResult(final, p_value.cpu(), n_candidates.cpu(), ranked.tie_term.cpu(), states)
 
 
-def _concept_rank_sums(doubled: torch.Tensor, prepared: PreparedLabels, chunk: int) -> torch.Tensor:
+def _concept_rank_sums(doubled: torch.Tensor, prepared: PreparedLabels, chunk: int,
+                       backend: str = "auto") -> torch.Tensor:
     """``[F, K]`` float64 rank sums of every concept, exact (sums of integers below 2**53).
 
     On the CPU one feature at a time through the samples' concepts (each sample's doubled rank is added
     to its concepts: the ranks are read in order and the K sums stay in cache); elsewhere as a sparse
-    product with ``chunk`` features at a time.
+    product with ``chunk`` features at a time (float64 on both sides: CUDA has no integer sparse products;
+    the sums of integers below 2**53 are exact in any order).
     """
     n_features, n_samples = doubled.shape
     out = torch.empty(n_features, prepared.n_concepts, dtype=torch.float64, device=doubled.device)
-    if prepared.by_sample is not None and doubled.device.type == "cpu":
+    if prepared.by_sample is not None and not device_kernels(doubled.device, backend):
         # scipy releases the GIL in the product: one feature per thread, at most ``chunk`` at once
         def column_sums(feature: int) -> None:
             out[feature] = torch.from_numpy(prepared.by_sample @ doubled[feature].numpy().astype(np.float64))
@@ -565,6 +580,9 @@ class PreparedLabels(NamedTuple):
     by_sample : scipy.sparse.csc_matrix or None
         On the CPU, the labels ``[K, N]`` as a float64 CSC matrix sharing the arrays of ``samples``: its
         product with a feature's ranks reads the ranks in order (None on other devices).
+    dense_t : torch.Tensor or None
+        ``[K, N]`` bool, for small label matrices (at most :data:`DENSE_MAX_ELEMENTS` entries): there the
+        statistics of ``phi AND c`` come from dense products, faster than sample lists (None otherwise).
     """
 
     matrix: torch.Tensor
@@ -574,6 +592,7 @@ class PreparedLabels(NamedTuple):
     flipped: torch.Tensor
     counts: torch.Tensor
     by_sample: scipy.sparse.csc_matrix | None
+    dense_t: torch.Tensor | None = None
 
     @property
     def n_samples(self) -> int:
@@ -584,11 +603,12 @@ class PreparedLabels(NamedTuple):
         return len(self.flipped)
 
 
-def prepare_labels(labels_t: torch.Tensor) -> PreparedLabels:
+def prepare_labels(labels_t: torch.Tensor, backend: str = "auto") -> PreparedLabels:
     """Prepare transposed sparse labels ``[K, N]`` (CSR or COO) once for many :func:`beam_search` calls.
 
     The structures are built on the CPU (scipy's compressed-matrix conversions) and moved to the device
-    of ``labels_t``; duplicate entries count once.
+    of ``labels_t``; duplicate entries count once. ``by_sample`` (the scipy matrix) is kept only where the
+    numpy / scipy kernels run (``backend="auto"`` on the CPU, see :mod:`crp_invert.core.backend`).
     """
     device = labels_t.device
     if labels_t.layout != torch.sparse_csr:
@@ -615,8 +635,12 @@ def prepare_labels(labels_t: torch.Tensor) -> PreparedLabels:
     counts = np.diff(by_concept.indptr)
     flipped = 2 * counts > n_samples
     sides = rows if not flipped.any() else _shorter_sides(by_concept, flipped, device)
+    dense_t = None
+    if n_concepts * n_samples <= DENSE_MAX_ELEMENTS:
+        dense_t = torch.from_numpy(by_concept.toarray() != 0).to(device)
     return PreparedLabels(matrix, rows, samples, sides, torch.from_numpy(flipped).to(device),
-                          rows.counts.to(torch.float64), by_sample if device.type == "cpu" else None)
+                          rows.counts.to(torch.float64), None if device_kernels(device, backend) else by_sample,
+                          dense_t)
 
 
 def _shorter_sides(by_concept: scipy.sparse.csr_matrix, flipped: np.ndarray, device: torch.device) -> _SparseRows:
@@ -652,6 +676,8 @@ def _and_statistics(doubled, prepared, primitives, operators, length, concept_ra
     :data:`_MAX_PACKED_SAMPLES` samples each pair adds ``2 r + S`` (``S = 2 N**2 + 1`` exceeds every
     doubled rank sum) to one int64, from which count and rank sum are read off exactly.
     """
+    if _prefer_dense(prepared, primitives.shape[2]):
+        return _dense_and_statistics(doubled, prepared, primitives, operators, length, list_elements)
     n_features, width, _ = primitives.shape
     n_samples = doubled.shape[1]
     n_concepts = prepared.n_concepts
@@ -685,6 +711,65 @@ def _and_statistics(doubled, prepared, primitives, operators, length, concept_ra
     rank_sum = torch.where(outside, concept_rank_sums[:, None, :] - rank_sum, rank_sum)
     count = torch.where(outside, prepared.counts - count, count)
     return rank_sum, count
+
+
+def _prefer_dense(prepared: PreparedLabels, max_length: int) -> bool:
+    """Dense products where they cost less than the sample lists: ``N K`` multiply-adds per formula against about
+    ``L`` lists of the mean side length, each element paired with its sample's concepts (plus merging)."""
+    if prepared.dense_t is None:
+        return False
+    n_samples, n_concepts = prepared.n_samples, prepared.n_concepts
+    mean_side = float(prepared.sides.counts.sum()) / max(n_concepts, 1)
+    concepts_per_sample = float(prepared.samples.col.numel()) / max(n_samples, 1)
+    list_cost = _LIST_NS_PER_PAIR * max_length * mean_side * (4.0 + concepts_per_sample)
+    return _DENSE_NS_PER_PRODUCT * n_samples * n_concepts < list_cost
+
+
+def _formula_masks(dense_t: torch.Tensor, prims: torch.Tensor, ops: torch.Tensor,
+                   lengths: torch.Tensor) -> torch.Tensor:
+    """``[g, N]`` bool: where each left-deep formula holds (all-False for an empty formula)."""
+    n_concepts = dense_t.shape[0]
+
+    def primitive(codes: torch.Tensor) -> torch.Tensor:
+        return dense_t[codes.clamp(min=0) % n_concepts] ^ (codes >= n_concepts)[:, None]
+
+    masks = primitive(prims[:, 0]) & (lengths > 0)[:, None]
+    for position in range(1, prims.shape[1]):
+        extend = lengths > position
+        if not bool(extend.any()):
+            break
+        atom = primitive(prims[:, position])
+        joined = torch.where((ops[:, position] == AND)[:, None], masks & atom, masks | atom)
+        masks = torch.where(extend[:, None], joined, masks)
+    return masks
+
+
+def _dense_and_statistics(doubled, prepared, primitives, operators, length, list_elements) -> tuple:
+    """:func:`_and_statistics` by dense products: the masks of the formulas ``[g, N]``, weighted by the doubled
+    ranks, times the labels ``[N, K]`` (float64: sums of integers below 2**53 are exact in any order; CUDA has
+    no integer matrix products). Formulas are taken in groups whose masks fit the list memory."""
+    n_features, width, max_length = primitives.shape
+    n_samples, n_concepts = doubled.shape[1], prepared.n_concepts
+    n_beams = n_features * width
+    labels = prepared.dense_t.T.to(torch.float64)  # [N, K]
+    prims = primitives.reshape(n_beams, max_length).to(doubled.device)
+    ops = operators.reshape(n_beams, max_length).to(doubled.device)
+    lengths = length.reshape(n_beams).to(doubled.device)
+    rank_sum = torch.empty(n_beams, n_concepts, dtype=torch.float64, device=doubled.device)
+    count = torch.empty_like(rank_sum)
+    # per formula of a group: its mask, its weighted mask and its counts as float64 (about 17 bytes per sample)
+    group = max(1, list_elements * _LIST_BYTES // (17 * n_samples))
+    for start in range(0, n_beams, group):
+        stop = min(start + group, n_beams)
+        masks = _formula_masks(prepared.dense_t, prims[start:stop], ops[start:stop], lengths[start:stop])
+        weights = masks.to(torch.float64)
+        count[start:stop] = weights @ labels
+        features = torch.div(torch.arange(start, stop, device=doubled.device), width, rounding_mode="floor")
+        weights.mul_(doubled[features])
+        rank_sum[start:stop] = (weights @ labels).mul_(0.5)
+        del masks, weights
+    shape = (n_features, width, n_concepts)
+    return rank_sum.view(shape), count.view(shape)
 
 
 def beam_rank_sums(doubled: torch.Tensor, prepared: PreparedLabels, primitives: torch.Tensor,

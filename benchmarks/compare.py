@@ -1,0 +1,229 @@
+"""Issue 22: compare the speed of two commits, interleaved in one run, and print the ratios.
+
+    python benchmarks/compare.py REV_A REV_B [--rounds 3] [--large] [--only core fashion]
+    python benchmarks/compare.py main .            # "." is the working tree as it is (uncommitted changes too)
+
+Each revision is checked out with ``git worktree`` into a temporary folder; the same workloads (defined here, in
+the calling checkout, through the public API only) run in fresh processes with ``PYTHONPATH`` set to that
+folder, in the order A B B A per round, so that a drift of the machine's load hits both alike. Per workload the
+best of all rounds is compared: wall seconds and CPU seconds of the process (CPU time is the steadier figure
+on a shared machine). Ratios are B / A: below 1 means B is faster.
+
+Workloads (each skipped with a note where its data or packages are missing):
+
+- ``core``: labeling synthetic ImageNet-like layers (``synthetic.py``, K = 1,481, L = 3, B = 3): N = 5,000 and
+  50,000 with F = 64; with ``--large`` also N = 1,280,000 with F = 16.
+- ``fashion``: the shared FashionMNIST model's four layers, each labeled once by one labeler in the order a user
+  labels them (the first-call cost), and linear1 again (best of 3).
+- ``recording``: ``record_activations`` of the four FashionMNIST layers against a bare forward pass over the same
+  DataLoader.
+- ``glocal``: ``decompose_batch`` of 32 FashionMNIST samples at linear1 (top_k = 8): seconds per sample.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORKLOADS = ("core", "fashion", "recording", "glocal")
+
+
+# the workloads, run inside a revision's process ----------------------------------------------------------
+def clock(fn, repeat: int = 1) -> dict:
+    """Best wall and CPU seconds of ``repeat`` calls."""
+    best_wall = best_cpu = float("inf")
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        best_wall = min(best_wall, time.perf_counter() - wall)
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+    return {"wall": best_wall, "cpu": best_cpu}
+
+
+def probe_core(large: bool) -> dict:
+    import synthetic
+
+    from crp_invert import ConceptLabeler
+
+    sizes = [(5_000, 64), (50_000, 64)] + ([(1_280_000, 16)] if large else [])
+    figures = {}
+    for n, f in sizes:
+        concepts, _ = synthetic.concept_labels(n)
+        acts = synthetic.activations(concepts, f)
+        labeler = ConceptLabeler(concepts)
+        labeler.label(acts[:, :1], L=3, B=3, progress=False)  # set-up (prepared labels) outside the timing
+        figures[f"core N={n:,} F={f}"] = clock(lambda lab=labeler, a=acts: lab.label(a, L=3, B=3, progress=False))
+    return figures
+
+
+def fashion_data():
+    from fashion_mnist import data_dir, load
+
+    folder = data_dir()
+    if folder is None:
+        raise FileNotFoundError("the shared FashionMNIST folder is missing")
+    return load(folder)
+
+
+def probe_fashion() -> dict:
+    from fashion_mnist import CLASSES, HIERARCHY, LAYERS, pooled_activations
+
+    from crp_invert import ConceptLabeler, ConceptLabels
+
+    model, images, targets = fashion_data()
+    acts = pooled_activations(model, images)
+    concepts = ConceptLabels.from_targets(targets, CLASSES, hierarchy=HIERARCHY)
+    labeler = ConceptLabeler(concepts)
+    figures = {f"fashion {name} once": clock(lambda name=name: labeler.label(acts[name], L=3, B=3, progress=False))
+               for name in LAYERS}
+    figures["fashion linear1 repeated (best of 3)"] = clock(
+        lambda: labeler.label(acts["linear1"], L=3, B=3, progress=False), repeat=3)
+    return figures
+
+
+def probe_recording() -> dict:
+    import torch
+    from fashion_mnist import LAYERS
+
+    from crp_invert import record_activations
+
+    model, images, targets = fashion_data()
+    dataset = torch.utils.data.TensorDataset(images, torch.from_numpy(targets))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+
+    def bare():
+        with torch.no_grad():
+            for batch, _ in loader:
+                model(batch)
+
+    with tempfile.TemporaryDirectory() as folder:
+        def record():
+            record_activations(model, loader, LAYERS, Path(folder) / "cache.h5", overwrite=True,
+                               progress=False).close()
+
+        return {"recording: bare forward pass": clock(bare, repeat=3),
+                "recording: record_activations": clock(record, repeat=3)}
+
+
+def probe_glocal() -> dict:
+    import torch
+    from crp.attribution import CondAttribution
+    from zennit.composites import EpsilonPlus
+    from zennit.torchvision import SequentialMergeBatchNorm
+
+    from crp_invert.integration.glocal import decompose_batch
+
+    model, images, targets = fashion_data()
+    samples, target = images[:32], [int(t) for t in targets[:32]]
+    attribution = CondAttribution(model)
+    composite = EpsilonPlus(canonizers=[SequentialMergeBatchNorm()])
+    torch.set_num_threads(1)  # as bench_glocal.py: small passes suffer from thread contention
+
+    def run():
+        decompose_batch(attribution, samples, target, "linear1", composite, top_k=8, batch_size=64)
+
+    run()
+    result = clock(run, repeat=3)
+    return {"glocal decompose_batch (per sample)": {key: value / 32 for key, value in result.items()}}
+
+
+def probe(workload: str, large: bool) -> dict:
+    try:
+        if workload == "core":
+            return probe_core(large)
+        return globals()[f"probe_{workload}"]()
+    except Exception as error:  # noqa: BLE001 - a missing data folder or package skips the workload
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+# the driver ------------------------------------------------------------------------------------------------
+def checkout(rev: str, folder: Path) -> Path:
+    """The source folder of ``rev``: the calling checkout for ".", else a detached worktree in ``folder``."""
+    if rev == ".":
+        return ROOT
+    target = folder / rev.replace("/", "_")
+    subprocess.run(["git", "worktree", "add", "--detach", "--force", str(target), rev], cwd=ROOT, check=True,
+                   capture_output=True, text=True)
+    return target
+
+
+def run_probe(source: Path, workload: str, large: bool, timeout: float) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(source), str(HERE)]), MPLBACKEND="Agg")
+    command = [sys.executable, str(Path(__file__).resolve()), "--probe", workload] + (["--large"] if large else [])
+    try:
+        completed = subprocess.run(command, cwd=source, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not lines:
+        return {"error": f"exit status {completed.returncode}: {completed.stderr.strip()[-300:]}"}
+    return json.loads(lines[-1])
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{b / a:.2f}" if a > 0 else "-"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("revs", nargs="*", help="REV_A REV_B (commits, branches; '.' = the working tree)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of A B B A (default 2)")
+    parser.add_argument("--large", action="store_true", help="also N = 1,280,000 in the core workload")
+    parser.add_argument("--only", nargs="*", choices=WORKLOADS, default=None)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per workload and revision")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        print(json.dumps(probe(args.probe, args.large)), flush=True)
+        return 0
+    if len(args.revs) != 2:
+        parser.error("give two revisions: REV_A REV_B")
+    workloads = args.only or list(WORKLOADS)
+    best: dict = {rev: {} for rev in args.revs}
+    errors: dict = {}
+    with tempfile.TemporaryDirectory(prefix="compare_") as folder:
+        sources = {}
+        try:
+            for rev in args.revs:
+                sources[rev] = checkout(rev, Path(folder))
+            order = [args.revs[0], args.revs[1], args.revs[1], args.revs[0]] * args.rounds
+            for workload in workloads:
+                for rev in order:
+                    figures = run_probe(sources[rev], workload, args.large, args.timeout)
+                    if "error" in figures:
+                        errors[(rev, workload)] = figures["error"]
+                        continue
+                    for name, value in figures.items():
+                        kept = best[rev].setdefault(name, {"wall": float("inf"), "cpu": float("inf")})
+                        kept["wall"], kept["cpu"] = min(kept["wall"], value["wall"]), min(kept["cpu"], value["cpu"])
+                    print(f"  {workload} @ {rev}: done", file=sys.stderr, flush=True)
+        finally:
+            for source in sources.values():
+                if source != ROOT:
+                    subprocess.run(["git", "worktree", "remove", "--force", str(source)], cwd=ROOT,
+                                   capture_output=True)
+    a, b = args.revs
+    print(f"| workload | {a} wall (s) | {b} wall (s) | wall B/A | {a} CPU (s) | {b} CPU (s) | CPU B/A |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in best[a]:
+        if name not in best[b]:
+            continue
+        x, y = best[a][name], best[b][name]
+        print(f"| {name} | {x['wall']:.3f} | {y['wall']:.3f} | {ratio(x['wall'], y['wall'])} | {x['cpu']:.3f} "
+              f"| {y['cpu']:.3f} | {ratio(x['cpu'], y['cpu'])} |")
+    for (rev, workload), error in errors.items():
+        print(f"\n{workload} @ {rev}: {error}")
+    print(f"\nbest of {args.rounds} rounds (A B B A); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+          f"at the end, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
