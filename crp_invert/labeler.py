@@ -86,6 +86,7 @@ class ConceptLabeler:
         min_fraction: float = 0.0,
         max_fraction: float = 0.5,
         mode: str = "positive",
+        min_support: int = 10,
         memorize_states: bool = False,
         feature_batch_size: int | None = None,
         validation: None | float | np.ndarray | torch.Tensor = None,
@@ -112,6 +113,10 @@ class ConceptLabeler:
             ``min_fraction <= T <= max_fraction`` (and ``0 < T < 1``).
         mode : {"positive", "negative"}
             Maximize the AUC, or minimize it (what a feature is *not* activated by).
+        min_support : int
+            Keep formulas that hold on at least ``min_support`` samples and fail on at least as many
+            (inside the search, like the fractions); 0 is the paper's unconstrained search. See
+            :class:`~crp_invert.core.labels.ReliabilityRule`.
         memorize_states : bool
             Also keep the beam after every length in ``LayerLabels.states``.
         feature_batch_size : int, optional
@@ -133,7 +138,8 @@ class ConceptLabeler:
         LayerLabels
         """
         params = SearchParams(L=L, B=B, limit_search=limit_search, min_fraction=min_fraction,
-                              max_fraction=max_fraction, mode=mode, memorize_states=memorize_states,
+                              max_fraction=max_fraction, mode=mode, min_support=min_support,
+                              memorize_states=memorize_states,
                               feature_batch_size=feature_batch_size)
         return self.label_with(activations, params, validation=validation, layer=layer, progress=progress,
                                seed=seed)
