@@ -141,6 +141,8 @@ def search_options(command: Callable) -> Callable:
             kwargs["is_flag"] = True
         elif isinstance(spec.default, float):
             kwargs["type"] = click.FloatRange(0, 1)
+        elif spec.name == "min_support":
+            kwargs["type"] = click.IntRange(min=0)
         else:
             kwargs["type"] = click.IntRange(min=1)
         return click.option(flag, spec.name, **kwargs)

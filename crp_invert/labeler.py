@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .core.concepts import ConceptLabels
 from .core.labeling import available_memory, default_feature_batch_size, label_array
-from .core.labels import Explanation, LayerLabels
+from .core.labels import Explanation, LabelsByLayer, LayerLabels
 from .core.params import SearchParams
 from .core.search import PreparedLabels, prepare_labels
 from .parallel.group import is_distributed
@@ -152,7 +152,7 @@ class ConceptLabeler:
                            layer=layer, progress=progress, seed=seed, prepared=prepared)
 
     def label_cache(self, cache: Any, layers: Sequence[str] | None = None, source: str = "activation",
-                    progress: bool = True, **label_kwargs: Any) -> dict[str, LayerLabels]:
+                    progress: bool = True, **label_kwargs: Any) -> LabelsByLayer:
         """Label every channel of the layers of an :class:`~crp_invert.ActivationCache` (see :func:`label_cache`)."""
         return label_cache(self, cache, layers=layers, source=source, progress=progress, **label_kwargs)
 
@@ -184,7 +184,7 @@ def label_cache(
     source: str = "activation",
     progress: bool = True,
     **label_kwargs: Any,
-) -> dict[str, LayerLabels]:
+) -> LabelsByLayer:
     """Label the channels of cached layers, streaming column batches from HDF5.
 
     Parameters
@@ -204,8 +204,9 @@ def label_cache(
 
     Returns
     -------
-    dict of str to LayerLabels
-        In the order of ``layers``.
+    LabelsByLayer
+        A dict of layer name to LayerLabels in the order of ``layers``; a missing layer's KeyError lists
+        the labeled ones.
 
     Raises
     ------
@@ -224,7 +225,7 @@ def label_cache(
     if "layer" in label_kwargs:
         raise TypeError("label_cache sets layer= itself; choose layers with layers=")
     with open_for_labeling(cache, layers, source, labeler.concepts.n_samples) as (opened, names):
-        results = {}
+        results = LabelsByLayer()
         for name in tqdm(names, desc="layers", disable=not progress or len(names) < 2):
             logger.info("labeling %s of layer %r (%d channels)", source, name, opened.n_channels(name))
             results[name] = _label_columns(labeler, opened.dataset(name, source), name, progress, label_kwargs)

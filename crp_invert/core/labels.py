@@ -22,7 +22,7 @@ from .checks import read_json
 from .formula import Formula
 from .metrics import benjamini_hochberg
 
-__all__ = ["Explanation", "LayerLabels", "ReliabilityRule", "DEFAULT_RULE", "RELIABILITY_RULE", "NO_RELIABLE_LABEL",
+__all__ = ["Explanation", "LayerLabels", "LabelsByLayer", "ReliabilityRule", "DEFAULT_RULE", "RELIABILITY_RULE", "NO_RELIABLE_LABEL",
            "correct_p_values", "format_p_value", "write_text_atomically"]
 
 _FORMAT_VERSION = 1
@@ -607,6 +607,22 @@ class LayerLabels:
                 "concept_id": _formula_ids(explanation.formula, index), "metric": explanation.auc,
             })
         return rows
+
+
+class LabelsByLayer(dict):
+    """A ``dict`` of layer name to :class:`LayerLabels` whose ``KeyError`` names the layers it has.
+
+    Examples
+    --------
+    >>> labels = LabelsByLayer({"conv1": None, "conv2": None})
+    >>> labels["features.40"]
+    Traceback (most recent call last):
+    ...
+    KeyError: "no labels for layer 'features.40'; labeled layers: ['conv1', 'conv2']"
+    """
+
+    def __missing__(self, key: Any) -> Any:
+        raise KeyError(f"no labels for layer {key!r}; labeled layers: {list(self)}")
 
 
 def _searched_samples(parameters: dict[str, Any] | None) -> int | None:
