@@ -123,3 +123,30 @@ def all_formulas(labels, names, L, min_fraction=0.0, max_fraction=0.5, min_suppo
                             new_frontier.append((new_formula, new_mask, used | {k}))
         frontier = new_frontier
     return found
+
+
+def slow_support_floor(n_samples, n_candidates, alpha=0.05, min_support=10):
+    """The smallest support n >= min_support at which ``n_candidates`` times the one-sided Mann-Whitney
+    p-value (scipy, asymptotic) of the most extreme ranking (the n samples above all others) is below
+    alpha, by trying every n; ``N // 2 + 1`` when none is."""
+    from scipy.stats import mannwhitneyu
+
+    for n in range(max(1, min_support), n_samples // 2 + 1):
+        top, rest = np.arange(n_samples - n, n_samples), np.arange(n_samples - n)
+        p_value = mannwhitneyu(top, rest, alternative="greater", method="asymptotic").pvalue
+        if max(1, n_candidates) * p_value < alpha:
+            return n
+    return max(min_support, n_samples // 2 + 1)
+
+
+def slow_is_reliable(e, alpha=0.05, min_support=10):
+    """The reliability rule written out from RELIABILITY_RULE for one Explanation-like object."""
+    if e.support is None or e.n_samples is None:
+        return False
+    floor = slow_support_floor(e.n_samples, e.n_candidates, alpha, min_support)
+    if e.support < floor or e.n_samples - e.support < floor:
+        return False
+    if not e.p_value_bh < alpha:
+        return False
+    validated = e.validation_auc is not None or e.validation_p_value is not None
+    return not validated or (e.validation_p_value is not None and e.validation_p_value < alpha)

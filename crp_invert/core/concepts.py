@@ -213,8 +213,8 @@ def closest_names(name: str, names: Sequence[str], n: int = 3) -> list[str]:
 
     Examples
     --------
-    >>> closest_names("artefact", ["artifact", "ring", "red", "art"])
-    ['artifact', 'art']
+    >>> closest_names("Artefacts", ["artifact", "ring", "red"])
+    ['artifact']
     """
     folded = {}
     for known in names:
