@@ -265,7 +265,8 @@ def label_command(
         raise click.ClickException(f"cannot write --out {out!r}: {_one_line(err)}") from None
     if not quiet:
         for name, result in results.items():
-            click.echo(f"## {_printable(name)} ({source})")
+            click.echo(f"## {_printable(name)} ({source}): {result.n_reliable()} of {result.n_features} channels "
+                       "have a reliable label")
             click.echo(result.table())
         for _, path in planned:
             click.echo(f"wrote {path}", err=True)

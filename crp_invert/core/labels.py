@@ -467,8 +467,6 @@ class LayerLabels:
         render += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in lines]
         if max_rows is not None and self.n_features > max_rows:
             render.append(f"... {self.n_features - max_rows} more features")
-        render.append(f"{self.n_reliable()} of {self.n_features} features have a reliable label "
-                      f"(alpha {DEFAULT_RULE.alpha:g}, support >= {DEFAULT_RULE.min_support})")
         return "\n".join(line.rstrip() for line in render)
 
     @staticmethod
