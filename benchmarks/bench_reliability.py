@@ -118,8 +118,9 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"python {platform.python_version()}, torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"python {platform.python_version()}, torch {torch.__version__}; {when}")
     if not args.skip_fashion:
         print("\n".join(fashion()), flush=True)
     if not args.skip_demo:

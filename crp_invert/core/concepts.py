@@ -229,8 +229,8 @@ def unknown_names_message(unknown: Sequence[str], names: Sequence[str], where: s
 
     Examples
     --------
-    >>> unknown_names_message(["artefact"], ["artifact", "ring", "red"], "formula 'artefact AND red'")
-    "unknown concept 'artefact' (closest: 'artifact') in formula 'artefact AND red'; known concepts: ['artifact', 'ring', 'red'] (3 in all)"
+    >>> print(unknown_names_message(["rde"], ["red", "ring"], "formula 'rde AND ring'"))
+    unknown concept 'rde' (closest: 'red') in formula 'rde AND ring'; known concepts: ['red', 'ring'] (2 in all)
     """
     parts = []
     for name in unknown:

@@ -22,8 +22,8 @@ from .checks import read_json
 from .formula import Formula
 from .metrics import benjamini_hochberg
 
-__all__ = ["Explanation", "LayerLabels", "LabelsByLayer", "ReliabilityRule", "DEFAULT_RULE", "RELIABILITY_RULE", "NO_RELIABLE_LABEL",
-           "correct_p_values", "format_p_value", "write_text_atomically"]
+__all__ = ["Explanation", "LayerLabels", "LabelsByLayer", "ReliabilityRule", "DEFAULT_RULE", "RELIABILITY_RULE",
+           "NO_RELIABLE_LABEL", "correct_p_values", "format_p_value", "write_text_atomically"]
 
 _FORMAT_VERSION = 1
 
