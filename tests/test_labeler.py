@@ -639,17 +639,22 @@ def test_labels_of_an_older_version_load_with_derived_or_unknown_support(tmp_pat
     assert NO_RELIABLE_LABEL in unknown.table()
 
 
-def test_label_cache_result_names_its_layers_on_a_wrong_key(tmp_path):
-    """The dict label_cache returns raises a KeyError that lists the labeled layers."""
+def one_layer_cache(path, scores):
+    """An activation cache with one layer "conv1" holding ``scores``."""
     from crp_invert.storage.cache import ActivationCache
 
-    labels, scores, names = weak_and_strong_case()
-    path = tmp_path / "cache.h5"
     with ActivationCache(path, mode="a", overwrite=True) as cache:
         cache.initialize((0, len(scores)))
-        cache.add_layer("conv1", 3, relevances=False, pooling="mean")
+        cache.add_layer("conv1", scores.shape[1], relevances=False, pooling="mean")
         cache.write("conv1", (0, len(scores)), scores.astype(np.float32))
         cache.mark_complete((0, len(scores)))
+    return path
+
+
+def test_label_cache_result_names_its_layers_on_a_wrong_key(tmp_path):
+    """The dict label_cache returns raises a KeyError that lists the labeled layers."""
+    labels, scores, names = weak_and_strong_case()
+    path = one_layer_cache(tmp_path / "cache.h5", scores)
     result = ConceptLabeler(ConceptLabels(labels, names)).label_cache(str(path), L=2, B=2, progress=False)
     assert isinstance(result, LabelsByLayer) and list(result) == ["conv1"]
     with pytest.raises(KeyError, match=r"'features.40'.*\['conv1'\]"):
@@ -666,3 +671,24 @@ def test_min_support_is_checked():
         ReliabilityRule(min_support=-1)
     with pytest.raises(ValueError, match="alpha"):
         ReliabilityRule(alpha=1.5)
+
+
+@pytest.mark.parametrize("min_support", [0, 10, 25])
+def test_label_command_takes_min_support(tmp_path, min_support):
+    """crp-invert label --min-support N writes the labels ConceptLabeler.label(min_support=N) finds."""
+    from click.testing import CliRunner
+
+    from crp_invert.cli import main
+
+    labels, scores, names = weak_and_strong_case()
+    concepts = ConceptLabels(labels, names)
+    path = one_layer_cache(tmp_path / "cache.h5", scores)
+    concepts.save(tmp_path / "concepts.npz")
+    out = tmp_path / "conv1.json"
+    result = CliRunner().invoke(main, ["label", str(path), str(tmp_path / "concepts.npz"), "-L", "4", "-B", "3",
+                                       "--min-support", str(min_support), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    expected = ConceptLabeler(concepts).label(scores.astype(np.float32), L=4, B=3, min_support=min_support,
+                                              layer="conv1", progress=False)
+    assert LayerLabels.from_json(out) == expected
+    assert f"{expected.n_reliable()} of 3 channels have a reliable label" in result.output
