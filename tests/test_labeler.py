@@ -692,3 +692,18 @@ def test_label_command_takes_min_support(tmp_path, min_support):
                                               layer="conv1", progress=False)
     assert LayerLabels.from_json(out) == expected
     assert f"{expected.n_reliable()} of 3 channels have a reliable label" in result.output
+
+
+@pytest.mark.parametrize("support, n_samples, error, pattern", [
+    (-1, 100, ValueError, "'support' must be an int >= 0"),
+    (101, 100, ValueError, r"'support' \(101\) exceeds 'n_samples' \(100\)"),
+    (3.5, 100, ValueError, "'support' must be an int"),
+    (3, "100", ValueError, "'n_samples' must be an int"),
+    (True, 100, ValueError, "'support' must be an int"),
+])
+def test_bad_support_in_json_is_named(support, n_samples, error, pattern):
+    """A stored support or sample count that is not a count (or exceeds the samples) is refused, naming the key."""
+    data = Explanation(Formula.concept("a"), 0.9, 0.2, 1, 0.01, 3, 0.03, 0.03, support=20, n_samples=100).to_json()
+    data.update(support=support, n_samples=n_samples)
+    with pytest.raises(error, match=pattern):
+        Explanation.from_json(data)

@@ -211,7 +211,7 @@ class Explanation:
         mode); it ignores that the formula was selected among many.
     n_candidates : int
         Number of candidate formulas the search scored for this feature (those that satisfied the
-        fraction constraints), the size of the family the formula was picked from.
+        fraction constraints and the support floor), the size of the family the formula was picked from.
     p_value_bonferroni : float
         ``min(1, p_value * n_candidates)``: corrected for the selection within the feature.
     p_value_bh : float
