@@ -4,6 +4,10 @@
     python benchmarks/bench_exact.py --save /tmp/labels-after       # with the new code
     python benchmarks/bench_exact.py --compare /tmp/labels-before /tmp/labels-after
 
+Every case runs the paper's unconstrained search (``min_support=0`` where the code has the support floor),
+so that a version with the floor is compared against one without it. ``--only fashion`` (a prefix, repeatable)
+runs a subset of the cases.
+
 Cases: the shared FashionMNIST model (``../shared/data/fashion-mnist-crp``, all four layers, classes plus
 parent groups; skipped where the folder is missing) with several search settings, and synthetic
 ImageNet-like layers (``benchmarks/synthetic.py``) at N = 50,000, 200,000 and 1,280,000. The comparison prints one
@@ -31,15 +35,20 @@ SETTINGS = {
 }
 
 
-def cases():
-    """``(name, activations [N, F], ConceptLabels, label kwargs)`` of every case."""
+def _wanted(name: str, only: list[str] | None) -> bool:
+    """Whether a case (or a group of cases named by a prefix) is among ``only`` (all when None)."""
+    return not only or any(name.startswith(prefix) or prefix.startswith(name) for prefix in only)
+
+
+def cases(only: list[str] | None = None):
+    """``(name, activations [N, F], ConceptLabels, label kwargs)`` of every case (of those in ``only``)."""
     import synthetic
     from fashion_mnist import CLASSES, HIERARCHY, LAYERS, data_dir, load, pooled_activations
 
     from crp_invert import ConceptLabels
 
     folder = data_dir()
-    if folder is not None:
+    if folder is not None and _wanted("fashion-", only):
         model, images, targets = load(folder)
         acts = pooled_activations(model, images)
         concepts = ConceptLabels.from_targets(targets, CLASSES, hierarchy=HIERARCHY)
@@ -47,6 +56,8 @@ def cases():
             for setting, kwargs in SETTINGS.items():
                 yield f"fashion-{layer}-{setting}", acts[layer].numpy(), concepts, kwargs
     for n, f in ((50_000, 48), (200_000, 16), (1_280_000, 6)):
+        if not _wanted(f"synthetic-{n}-", only):
+            continue
         concepts, _ = synthetic.concept_labels(n)
         acts = synthetic.activations(concepts, f)
         yield f"synthetic-{n}-default", acts, concepts, SETTINGS["default"]
@@ -54,13 +65,25 @@ def cases():
         yield f"synthetic-{n}-float64-wide", acts[:, :4].astype(np.float64), concepts, SETTINGS["wide"]
 
 
-def save(folder: Path) -> None:
+def paper_search(kwargs: dict) -> dict:
+    """``kwargs`` with the support floor off, where this version of crp_invert has one."""
+    from dataclasses import fields
+
+    from crp_invert import SearchParams
+
+    has_floor = any(field.name == "min_support" for field in fields(SearchParams))
+    return dict(kwargs, min_support=0) if has_floor else dict(kwargs)
+
+
+def save(folder: Path, only: list[str] | None = None) -> None:
     from crp_invert import ConceptLabeler
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name, acts, concepts, kwargs in cases():
+    for name, acts, concepts, kwargs in cases(only):
+        if not _wanted(name, only) or (only and not any(name.startswith(prefix) for prefix in only)):
+            continue
         tick = time.perf_counter()
-        result = ConceptLabeler(concepts).label(acts, progress=False, **kwargs)
+        result = ConceptLabeler(concepts).label(acts, progress=False, **paper_search(kwargs))
         result.to_json(folder / f"{name}.json")
         print(f"{name}: {time.perf_counter() - tick:.2f} s", flush=True)
 
@@ -92,9 +115,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--save", type=Path)
     parser.add_argument("--compare", type=Path, nargs=2)
+    parser.add_argument("--only", action="append", help="run the cases whose name starts with this (repeatable)")
     args = parser.parse_args()
     if args.save:
-        save(args.save)
+        save(args.save, args.only)
     if args.compare:
         compare(*args.compare)
     if not args.save and not args.compare:

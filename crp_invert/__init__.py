@@ -16,6 +16,8 @@ _EXPORTS = {
     "SearchParams": "core.params",
     "LayerLabels": "core.labels",
     "Explanation": "core.labels",
+    "ReliabilityRule": "core.labels",
+    "NO_RELIABLE_LABEL": "core.labels",
     "beam_search": "core.search",
     "SearchMemory": "core.search",
     # the labeler over arrays, cache files and torchrun

@@ -141,6 +141,8 @@ def search_options(command: Callable) -> Callable:
             kwargs["is_flag"] = True
         elif isinstance(spec.default, float):
             kwargs["type"] = click.FloatRange(0, 1)
+        elif spec.name == "min_support":
+            kwargs["type"] = click.IntRange(min=0)
         else:
             kwargs["type"] = click.IntRange(min=1)
         return click.option(flag, spec.name, **kwargs)
@@ -271,7 +273,8 @@ def label_command(
         raise click.ClickException(f"cannot write --out {out!r}: {_one_line(err)}") from None
     if not quiet:
         for name, result in results.items():
-            click.echo(f"## {_printable(name)} ({source})")
+            click.echo(f"## {_printable(name)} ({source}): {result.n_reliable()} of {result.n_features} channels "
+                       "have a reliable label")
             click.echo(result.table())
         for _, path in planned:
             click.echo(f"wrote {path}", err=True)

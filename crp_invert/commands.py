@@ -45,13 +45,16 @@ def _channel_labels(paths: tuple) -> dict | None:
 @click.option("--top", type=click.IntRange(min=0), default=20, show_default=True,
               help="Channels to show and write (0: all).")
 @click.option("--channel-labels", "channel_labels", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="LayerLabels JSON files or an index.json (crp-invert label --out): show each channel's own label.")
+              help="LayerLabels JSON files or an index.json (crp-invert label --out): show each channel's own label "
+                   "[default: labels/index.json next to CACHE, labels_relevance/ for --source relevance].")
+@click.option("--no-channel-labels", "no_channel_labels", is_flag=True, help="Show no channel labels.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the table.")
 def find_command(cache: str, labels: str, formula: str, layers: tuple, source: str, mode: str, top: int,
-                 channel_labels: tuple, out: str | None, overwrite: bool, device: str, quiet: bool) -> None:
+                 channel_labels: tuple, no_channel_labels: bool, out: str | None, overwrite: bool, device: str,
+                 quiet: bool) -> None:
     """Rank the channels of CACHE by the exact AUC of FORMULA over the concepts in LABELS (.npz).
 
     FORMULA is any formula over the concept names, e.g. "dog AND NOT cat" (quote names with spaces:
@@ -59,14 +62,21 @@ def find_command(cache: str, labels: str, formula: str, layers: tuple, source: s
     channels searched.
     """
     from .core.concepts import ConceptLabels
-    from .find import find_channels
+    from .find import find_channels, labels_next_to
+
+    label_files = () if no_channel_labels else channel_labels
+    if not label_files and not no_channel_labels:
+        found = labels_next_to(cache, source)
+        label_files = () if found is None else (str(found),)
+        if found is not None and not quiet:
+            click.echo(f"channel labels: {found} (--no-channel-labels to leave them out)", err=True)
 
     def run():
         if out is not None:
             check_output(out, overwrite=overwrite)
         concepts = ConceptLabels.load(labels)
         return find_channels(formula, cache, concepts, layers=list(layers) or None, source=source, mode=mode,
-                             labels=_channel_labels(channel_labels), device=device)
+                             labels=_channel_labels(label_files), device=device)
 
     result = _errors_as_click(run).top(top or None)
     if out is not None:

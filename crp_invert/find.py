@@ -37,7 +37,8 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -48,12 +49,13 @@ from .core.concepts import ConceptLabels
 from .core.formula import Formula
 from .core.jsonio import read_json, write_json
 from .core.labeling import check_finite, read_feature_columns
+from .core.labels import NO_RELIABLE_LABEL, format_p_value
 from .core.metrics import RankedScores, auc_from_rank_sums, benjamini_hochberg, mann_whitney_pvalue
 from .core.params import MODES
 from .storage.cache import ActivationCache, open_for_labeling
 
-__all__ = ["find_channels", "ChannelMatch", "ChannelSearch", "formula_mask", "default_search_batch",
-           "best_labels", "open_layers", "mask_rank_sums"]
+__all__ = ["find_channels", "ChannelMatch", "ChannelSearch", "ChannelLabel", "formula_mask", "default_search_batch",
+           "best_labels", "labels_next_to", "open_layers", "mask_rank_sums"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +79,14 @@ class ChannelMatch:
     p_value_bh : float
         Benjamini-Hochberg q-value of ``p_value`` over every channel searched.
     label : str or None
-        The channel's own best label (formula text) when labels were given.
+        The channel's own best reliable label (formula text) when labels were given, or
+        :data:`~crp_invert.core.labels.NO_RELIABLE_LABEL` where it has none; None without labels.
     label_auc : float or None
         The AUC of that label.
+    label_support : int or None
+        The samples on which that label holds.
+    label_q : float or None
+        The label's q-value (``p_value_bh``).
     """
 
     layer: str
@@ -89,6 +96,35 @@ class ChannelMatch:
     p_value_bh: float
     label: str | None = None
     label_auc: float | None = None
+    label_support: int | None = None
+    label_q: float | None = None
+
+    def label_text(self) -> str:
+        """The label column of :meth:`ChannelSearch.table`: ``"red AND ring (AUC 0.9812, n 120, q 1.20e-30)"``,
+        :data:`~crp_invert.core.labels.NO_RELIABLE_LABEL`, or ``""`` without labels."""
+        if self.label is None or self.label_auc is None:
+            return self.label or ""
+        support = "" if self.label_support is None else f", n {self.label_support}"
+        return f"{self.label} (AUC {self.label_auc:.4f}{support}, q {format_p_value(self.label_q)})"
+
+
+class ChannelLabel(NamedTuple):
+    """A channel's own best reliable label as the concept search shows it (all None without labels)."""
+
+    text: str | None = None
+    auc: float | None = None
+    support: int | None = None
+    q_value: float | None = None
+
+
+class _Scored(NamedTuple):
+    """One channel scored against the searched formula, before the ranking."""
+
+    layer: str
+    channel: int
+    auc: float
+    p_value: float
+    label: ChannelLabel
 
 
 @dataclass
@@ -153,12 +189,11 @@ class ChannelSearch:
 
     def table(self, max_rows: int | None = None) -> str:
         """A plain-text table: rank, layer, channel, AUC, p, q (BH), the channel's own label."""
-        header = ["rank", "layer", "channel", "AUC", "p", "q (BH)", "label (AUC)"]
+        header = ["rank", "layer", "channel", "AUC", "p", "q (BH)", "channel's label (AUC, support, q)"]
         lines = []
         for rank, match in enumerate(self.matches[:max_rows], start=1):
-            label = "" if match.label is None else f"{match.label} ({match.label_auc:.3f})"
             lines.append([str(rank), match.layer, str(match.channel), f"{match.auc:.4f}",
-                          f"{match.p_value:.2e}", f"{match.p_value_bh:.2e}", label])
+                          format_p_value(match.p_value), format_p_value(match.p_value_bh), match.label_text()])
         widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
         out = [f"formula: {self.formula}  (fraction {self.fraction:.4f}: {self.n_positive} of {self.n_samples} "
                f"samples; source: {self.source}, mode: {self.mode})",
@@ -304,22 +339,44 @@ def _mask_rank_sums_torch(block: torch.Tensor, mask: torch.Tensor) -> RankedScor
     return RankedScores(rank_sum, tie_term)
 
 
-def best_labels(labels: Any, layer: str, n_channels: int) -> list[tuple[str | None, float | None]]:
-    """``(formula text, AUC)`` of the best explanation of every channel (``(None, None)`` without labels).
+def best_labels(labels: Any, layer: str, n_channels: int) -> list[ChannelLabel]:
+    """The best reliable label of every channel (:meth:`LayerLabels.best`), :data:`NO_RELIABLE_LABEL` where a
+    channel has none, and empty :class:`ChannelLabel` s without labels.
 
-    ``labels`` is ``None``, a ``LayerLabels`` or a mapping of layer name to ``LayerLabels``.
+    ``labels`` is ``None``, a ``LayerLabels`` or a mapping of layer name to ``LayerLabels`` (a layer it lacks
+    has no labels).
     """
     if isinstance(labels, Mapping):
         labels = labels.get(layer)
     if labels is None:
-        return [(None, None)] * n_channels
+        return [ChannelLabel()] * n_channels
     if len(labels) != n_channels:
         raise ValueError(f"the labels of layer {layer!r} have {len(labels)} channels, the data {n_channels}")
     result = []
     for channel in range(n_channels):
         best = labels.best(channel)
-        result.append((None, None) if best is None else (str(best.formula), float(best.auc)))
+        result.append(ChannelLabel(NO_RELIABLE_LABEL) if best is None else
+                      ChannelLabel(str(best.formula), float(best.auc), best.support, float(best.p_value_bh)))
     return result
+
+
+def labels_next_to(cache: str | os.PathLike, source: str = "activation") -> Path | None:
+    """The ``index.json`` of the labels written next to a cache (``crp-invert demo`` and ``crp-invert label
+    --out DIR`` with DIR beside the cache): ``labels_relevance/`` for ``source="relevance"`` (else ``labels/``),
+    then ``labels/``; None where there is none.
+
+    Examples
+    --------
+    >>> labels_next_to("/nonexistent/activations.h5") is None
+    True
+    """
+    folder = Path(cache).parent
+    names = ["labels_relevance", "labels"] if source == "relevance" else ["labels"]
+    for name in names:
+        index = folder / name / "index.json"
+        if index.is_file():
+            return index
+    return None
 
 
 @contextlib.contextmanager
@@ -380,7 +437,9 @@ def find_channels(
     source : {"activation", "relevance"}
         Rank what the channels' activations detect or what their relevances do (caches only).
     labels : LayerLabels or mapping of str to LayerLabels, optional
-        The channels' own labels: each match then shows its channel's best label.
+        The channels' own labels: each match then shows its channel's best reliable label, or
+        :data:`~crp_invert.core.labels.NO_RELIABLE_LABEL` (``crp-invert find`` reads the labels next to the
+        cache by default, see :func:`labels_next_to`).
     mode : {"positive", "negative"}
         Highest AUC first with ``greater`` p-values, or lowest first with ``less`` p-values (channels that
         are *off* where the formula holds).
@@ -426,7 +485,7 @@ def find_channels(
     positives = torch.tensor(float(n_positive), device=device, dtype=torch.float64)
     alternative = "greater" if mode == "positive" else "less"
 
-    found: list[tuple[str, int, float, float]] = []
+    found: list[_Scored] = []
     with open_layers(cache, layers, source, n_samples) as (names, array_of):
         for name in tqdm(names, desc="find_channels", disable=not progress):
             data = array_of(name)
@@ -446,14 +505,21 @@ def find_channels(
             auc_list = torch.cat(aucs).cpu().tolist() if aucs else []
             p_list = torch.cat(p_values).cpu().tolist() if p_values else []
             own = best_labels(labels, name, n_channels)
-            found += [(name, channel, auc_list[channel], p_list[channel], *own[channel])
+            found += [_Scored(name, channel, auc_list[channel], p_list[channel], own[channel])
                       for channel in range(n_channels)]
-    q_values = benjamini_hochberg(torch.tensor([row[3] for row in found], dtype=torch.float64)).tolist()
+    q_values = benjamini_hochberg(torch.tensor([row.p_value for row in found], dtype=torch.float64)).tolist()
     layer_order = {name: i for i, name in enumerate(names)}
     sign = -1.0 if mode == "positive" else 1.0
-    order = sorted(range(len(found)), key=lambda i: (sign * found[i][2], layer_order[found[i][0]], found[i][1]))
-    matches = [ChannelMatch(layer=found[i][0], channel=found[i][1], auc=found[i][2], p_value=found[i][3],
-                            p_value_bh=q_values[i], label=found[i][4], label_auc=found[i][5]) for i in order]
+    order = sorted(range(len(found)),
+                   key=lambda i: (sign * found[i].auc, layer_order[found[i].layer], found[i].channel))
+    matches = [_match(found[i], q_values[i]) for i in order]
     logger.info("find_channels %r: %d channels in %d layers", str(formula), len(matches), len(names))
     return ChannelSearch(formula=formula, source=source, mode=mode, n_samples=n_samples, n_positive=n_positive,
                          layers=list(names), matches=matches)
+
+
+def _match(scored: _Scored, q_value: float) -> ChannelMatch:
+    label = scored.label
+    return ChannelMatch(layer=scored.layer, channel=scored.channel, auc=scored.auc, p_value=scored.p_value,
+                        p_value_bh=q_value, label=label.text, label_auc=label.auc, label_support=label.support,
+                        label_q=label.q_value)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .core.backend import check_backend
 from .core.concepts import ConceptLabels
 from .core.labeling import available_memory, default_feature_batch_size, label_array
-from .core.labels import Explanation, LayerLabels
+from .core.labels import Explanation, LabelsByLayer, LayerLabels
 from .core.params import SearchParams
 from .core.search import PreparedLabels, prepare_labels
 from .parallel.group import is_distributed
@@ -93,6 +93,7 @@ class ConceptLabeler:
         min_fraction: float = 0.0,
         max_fraction: float = 0.5,
         mode: str = "positive",
+        min_support: int = 10,
         memorize_states: bool = False,
         feature_batch_size: int | None = None,
         validation: None | float | np.ndarray | torch.Tensor = None,
@@ -119,6 +120,10 @@ class ConceptLabeler:
             ``min_fraction <= T <= max_fraction`` (and ``0 < T < 1``).
         mode : {"positive", "negative"}
             Maximize the AUC, or minimize it (what a feature is *not* activated by).
+        min_support : int
+            Keep formulas that hold on at least ``min_support`` samples and fail on at least as many
+            (inside the search, like the fractions); 0 is the paper's unconstrained search. See
+            :class:`~crp_invert.core.labels.ReliabilityRule`.
         memorize_states : bool
             Also keep the beam after every length in ``LayerLabels.states``.
         feature_batch_size : int, optional
@@ -140,7 +145,8 @@ class ConceptLabeler:
         LayerLabels
         """
         params = SearchParams(L=L, B=B, limit_search=limit_search, min_fraction=min_fraction,
-                              max_fraction=max_fraction, mode=mode, memorize_states=memorize_states,
+                              max_fraction=max_fraction, mode=mode, min_support=min_support,
+                              memorize_states=memorize_states,
                               feature_batch_size=feature_batch_size)
         return self.label_with(activations, params, validation=validation, layer=layer, progress=progress,
                                seed=seed)
@@ -153,7 +159,7 @@ class ConceptLabeler:
                            layer=layer, progress=progress, seed=seed, prepared=prepared, backend=self.backend)
 
     def label_cache(self, cache: Any, layers: Sequence[str] | None = None, source: str = "activation",
-                    progress: bool = True, **label_kwargs: Any) -> dict[str, LayerLabels]:
+                    progress: bool = True, **label_kwargs: Any) -> LabelsByLayer:
         """Label every channel of the layers of an :class:`~crp_invert.ActivationCache` (see :func:`label_cache`)."""
         return label_cache(self, cache, layers=layers, source=source, progress=progress, **label_kwargs)
 
@@ -185,7 +191,7 @@ def label_cache(
     source: str = "activation",
     progress: bool = True,
     **label_kwargs: Any,
-) -> dict[str, LayerLabels]:
+) -> LabelsByLayer:
     """Label the channels of cached layers, streaming column batches from HDF5.
 
     Parameters
@@ -205,8 +211,9 @@ def label_cache(
 
     Returns
     -------
-    dict of str to LayerLabels
-        In the order of ``layers``.
+    LabelsByLayer
+        A dict of layer name to LayerLabels in the order of ``layers``; a missing layer's KeyError lists
+        the labeled ones.
 
     Raises
     ------
@@ -225,7 +232,7 @@ def label_cache(
     if "layer" in label_kwargs:
         raise TypeError("label_cache sets layer= itself; choose layers with layers=")
     with open_for_labeling(cache, layers, source, labeler.concepts.n_samples) as (opened, names):
-        results = {}
+        results = LabelsByLayer()
         for name in tqdm(names, desc="layers", disable=not progress or len(names) < 2):
             logger.info("labeling %s of layer %r (%d channels)", source, name, opened.n_channels(name))
             results[name] = _label_columns(labeler, opened.dataset(name, source), name, progress, label_kwargs)

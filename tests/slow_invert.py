@@ -23,10 +23,11 @@ def slow_auc(scores: np.ndarray, mask: np.ndarray) -> float:
 
 
 def slow_beam_search(scores, labels, names, L=3, B=3, limit_search=None, min_fraction=0.0,
-                     max_fraction=0.5, mode="positive"):
+                     max_fraction=0.5, mode="positive", min_support=10):
     """Best-first list of ``(Formula, auc, fraction)`` for one feature.
 
-    Parameters mirror ``ConceptLabeler.label``; ``labels`` is a dense boolean ``[N, K]`` array.
+    Parameters mirror ``ConceptLabeler.label``; ``labels`` is a dense boolean ``[N, K]`` array. A formula
+    must hold on at least ``min_support`` samples and fail on at least as many.
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=bool)
@@ -40,8 +41,7 @@ def slow_beam_search(scores, labels, names, L=3, B=3, limit_search=None, min_fra
         prims.append((code, atom if code < n_concepts else ~atom, mask, k))
 
     def valid(mask):
-        fraction = mask.sum() / n_samples
-        return 0 < mask.sum() < n_samples and min_fraction - 1e-9 <= fraction <= max_fraction + 1e-9
+        return _valid(mask, n_samples, min_fraction, max_fraction, min_support)
 
     prim_auc = [slow_auc(scores, mask) for _, _, mask, _ in prims]
     allowed = list(range(2 * n_concepts))
@@ -82,15 +82,22 @@ def _best_distinct(entries, B):
     return chosen
 
 
-def all_formulas(labels, names, L, min_fraction=0.0, max_fraction=0.5):
+def _valid(mask, n_samples, min_fraction, max_fraction, min_support):
+    """The search's constraints on a formula's mask, written out: 0 < count < N, the fractions, the support."""
+    count = int(mask.sum())
+    fraction = count / n_samples
+    return (0 < count < n_samples and min_fraction - 1e-9 <= fraction <= max_fraction + 1e-9
+            and count >= min_support and n_samples - count >= min_support)
+
+
+def all_formulas(labels, names, L, min_fraction=0.0, max_fraction=0.5, min_support=10):
     """Every left-deep formula of length <= L with distinct concepts whose every prefix satisfies the
-    fraction constraints (the search space of the beam search), as ``{Formula: mask}``."""
+    fraction and support constraints (the search space of the beam search), as ``{Formula: mask}``."""
     labels = np.asarray(labels, dtype=bool)
     n_samples, n_concepts = labels.shape
 
     def valid(mask):
-        fraction = mask.sum() / n_samples
-        return 0 < mask.sum() < n_samples and min_fraction - 1e-9 <= fraction <= max_fraction + 1e-9
+        return _valid(mask, n_samples, min_fraction, max_fraction, min_support)
 
     prims = []
     for code in range(2 * n_concepts):
@@ -116,3 +123,30 @@ def all_formulas(labels, names, L, min_fraction=0.0, max_fraction=0.5):
                             new_frontier.append((new_formula, new_mask, used | {k}))
         frontier = new_frontier
     return found
+
+
+def slow_support_floor(n_samples, n_candidates, alpha=0.05, min_support=10):
+    """The smallest support n >= min_support at which ``n_candidates`` times the one-sided Mann-Whitney
+    p-value (scipy, asymptotic) of the most extreme ranking (the n samples above all others) is below
+    alpha, by trying every n; ``N // 2 + 1`` when none is."""
+    from scipy.stats import mannwhitneyu
+
+    for n in range(max(1, min_support), n_samples // 2 + 1):
+        top, rest = np.arange(n_samples - n, n_samples), np.arange(n_samples - n)
+        p_value = mannwhitneyu(top, rest, alternative="greater", method="asymptotic").pvalue
+        if max(1, n_candidates) * p_value < alpha:
+            return n
+    return max(min_support, n_samples // 2 + 1)
+
+
+def slow_is_reliable(e, alpha=0.05, min_support=10):
+    """The reliability rule written out from RELIABILITY_RULE for one Explanation-like object."""
+    if e.support is None or e.n_samples is None:
+        return False
+    floor = slow_support_floor(e.n_samples, e.n_candidates, alpha, min_support)
+    if e.support < floor or e.n_samples - e.support < floor:
+        return False
+    if not e.p_value_bh < alpha:
+        return False
+    validated = e.validation_auc is not None or e.validation_p_value is not None
+    return not validated or (e.validation_p_value is not None and e.validation_p_value < alpha)

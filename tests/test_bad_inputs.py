@@ -756,7 +756,7 @@ def test_control_characters_stay_on_one_line():
 
 
 def test_underflowing_p_values_are_never_zero(tmp_path):
-    explanation = Explanation(Formula.concept("red"), 0.99, 0.2, 1, 0.0, 3, 0.0, 1e-320)
+    explanation = Explanation(Formula.concept("red"), 0.99, 0.2, 1, 0.0, 3, 0.0, 1e-320, support=12, n_samples=N)
     labels = LayerLabels([[explanation]] * 3, NAMES, "a", {"n_samples": N})
     table = labels.table()
     assert "< 1e-300" in table and "0.00e+00" not in table

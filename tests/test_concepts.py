@@ -122,3 +122,23 @@ def test_reference_implementation_files(tmp_path):
     assert labels.names == ["crane (n01)", "dog", "crane (n03)"]
     assert labels.descriptions["dog"] == "an animal"
     np.testing.assert_array_equal(labels.dense().numpy(), dense_example())
+
+
+def test_unknown_concepts_are_listed_with_the_closest_names():
+    """An unknown name's KeyError (mask, check_names, Formula.parse) names its closest known names and some known."""
+    from crp_invert import Formula
+    from crp_invert.core.concepts import closest_names
+
+    names = ["artifact", "red", "green", "blue", "ring", "square", "large"]
+    concepts = ConceptLabels(np.zeros((3, len(names)), dtype=bool), names)
+    with pytest.raises(KeyError, match=r"'artefact' \(closest: 'artifact'\).*known concepts: \['artifact'"):
+        concepts.mask("artefact")
+    with pytest.raises(KeyError, match=r"'Blue' \(closest: 'blue'\); 'zebra' \(no close name\)"):
+        concepts.check_names(["red", "zebra", "Blue"])
+    concepts.check_names(["red", "ring"])  # known names pass
+    with pytest.raises(KeyError, match=r"'sqaure' \(closest: 'square'\) in formula 'sqaure AND red'.*7 in all"):
+        Formula.parse("sqaure AND red", concepts)
+    many = [f"c{i:03d}" for i in range(50)]
+    with pytest.raises(KeyError, match=r"\.\.\.\] \(50 in all\)"):
+        ConceptLabels(np.zeros((2, 50), dtype=bool), many).index("x")
+    assert closest_names("gren", names) == ["green"] and closest_names("qqq", names) == []

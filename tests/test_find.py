@@ -9,8 +9,9 @@ from click.testing import CliRunner
 from scipy.stats import false_discovery_control, mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
-from crp_invert import ConceptLabeler, ConceptLabels, Formula
+from crp_invert import ConceptLabeler, ConceptLabels, Formula, LayerLabels
 from crp_invert.cli import main
+from crp_invert.core.labels import NO_RELIABLE_LABEL
 from crp_invert.core.metrics import rank_scores
 from crp_invert.find import ChannelSearch, _mask_rank_sums_torch, default_search_batch, find_channels, mask_rank_sums
 from crp_invert.storage.cache import ActivationCache
@@ -157,7 +158,10 @@ def test_labels_json_table_top_and_layers(data, tmp_path):
     result = find_channels('"dog cat" AND red', data["path"], concepts, labels=labels)
     for match in result:
         best = labels[match.layer].best(match.channel)
-        assert match.label == str(best.formula) and match.label_auc == best.auc
+        if best is None:
+            assert match.label == NO_RELIABLE_LABEL and match.label_auc is None
+        else:
+            assert match.label == str(best.formula) and match.label_auc == best.auc
     assert result.formula == Formula.parse('red AND "dog cat"')
     again = ChannelSearch.from_json(result.to_json(tmp_path / "found.json"))
     assert again == result and ChannelSearch.from_json(tmp_path / "found.json") == result
@@ -218,3 +222,70 @@ def test_find_command_keeps_an_existing_out_unless_overwrite(data, tmp_path):
     replaced = CliRunner().invoke(main, args + ["--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert ChannelSearch.from_json(out).formula == find_channels("red", data["path"], data["concepts"]).formula
+
+
+def test_label_column_shows_the_reliable_label_or_says_there_is_none(data, tmp_path):
+    """Each match shows its channel's best() label with AUC, support and q, or NO_RELIABLE_LABEL (also in JSON)."""
+    concepts = data["concepts"]
+    labels = ConceptLabeler(concepts).label_cache(str(data["path"]), L=3, B=2, progress=False)
+    # a channel of pure noise whose beam holds no reliable formula: its labels are the paper's, unfiltered
+    noise = ConceptLabeler(concepts).label(np.random.default_rng(5).random((N, 1)), L=3, B=2, min_support=0,
+                                           progress=False)
+    assert noise.best(0) is None
+    layer_labels = {"conv": labels["conv"], "fc": LayerLabels.concatenate([_subset(labels["fc"], 3), noise])}
+    result = find_channels("red", data["path"], concepts, labels=layer_labels)
+    seen = set()
+    for match in result:
+        best = layer_labels[match.layer].best(match.channel)
+        if best is None:
+            assert (match.label, match.label_auc, match.label_support, match.label_q) == (NO_RELIABLE_LABEL, None,
+                                                                                       None, None)
+            assert match.label_text() == NO_RELIABLE_LABEL
+        else:
+            assert (match.label, match.label_auc, match.label_support, match.label_q) == (
+                str(best.formula), best.auc, best.support, best.p_value_bh)
+            assert f"n {best.support}" in match.label_text()
+        seen.add(best is None)
+    assert seen == {True, False}
+    table = result.table()
+    assert NO_RELIABLE_LABEL in table and "support" in table
+    assert ChannelSearch.from_json(result.to_json(tmp_path / "found.json")) == result
+    old = json.loads(result.to_json())
+    for row in old["matches"]:
+        del row["label_support"], row["label_q"]
+    assert len(ChannelSearch.from_dict(old)) == len(result)  # results of an older version still load
+
+
+def _subset(labels, stop):
+    """The first ``stop`` channels of a LayerLabels."""
+    return LayerLabels([labels[f] for f in range(stop)], labels.concept_names, labels.layer, labels.parameters)
+
+
+def test_find_command_reads_the_labels_next_to_the_cache(data, tmp_path):
+    """Without --channel-labels, find shows the labels in labels/index.json beside the cache; the flag turns
+    them off."""
+    import shutil
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    cache = folder / "activations.h5"
+    shutil.copy(data["path"], cache)
+    labeled = CliRunner().invoke(main, ["label", str(cache), str(data["concepts_path"]), "-L", "2", "-B", "2",
+                                        "--out", str(folder / "labels"), "-q"])
+    assert labeled.exit_code == 0, labeled.output
+    args = ["find", str(cache), str(data["concepts_path"]), "red", "--out", str(tmp_path / "found.json")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "labels/index.json" in result.output
+    labels = ConceptLabeler(data["concepts"]).label_cache(str(cache), L=2, B=2, progress=False)
+    assert ChannelSearch.from_json(tmp_path / "found.json") == find_channels("red", cache, data["concepts"],
+                                                                              labels=labels).top(20)
+    bare = CliRunner().invoke(main, args + ["--overwrite", "--no-channel-labels"])
+    assert bare.exit_code == 0, bare.output
+    assert all(match.label is None for match in ChannelSearch.from_json(tmp_path / "found.json"))
+
+
+def test_unknown_concept_names_the_closest(data):
+    """A typo in find's formula names the closest known concept."""
+    with pytest.raises(KeyError, match="'rde' \\(closest: 'red'\\)"):
+        find_channels("rde AND round", data["acts"], data["concepts"])

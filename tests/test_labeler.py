@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import mannwhitneyu
-from slow_invert import all_formulas, slow_auc, slow_beam_search
+from slow_invert import all_formulas, slow_auc, slow_beam_search, slow_is_reliable, slow_support_floor
 
 from crp_invert import ConceptLabeler, ConceptLabels, Formula, LayerLabels, SearchParams
+from crp_invert.core.labels import NO_RELIABLE_LABEL, Explanation, LabelsByLayer, ReliabilityRule
 
 
 def random_case(seed, n=None, k=None, f=4):
@@ -26,6 +27,8 @@ def random_case(seed, n=None, k=None, f=4):
 
 SETTINGS = [
     dict(L=3, B=3),
+    dict(L=3, B=3, min_support=0),
+    dict(L=3, B=4, min_support=17, max_fraction=0.8),
     dict(L=2, B=2, mode="negative"),
     dict(L=3, B=4, limit_search=3, min_fraction=0.1, max_fraction=0.7),
     dict(L=1, B=5),
@@ -36,6 +39,7 @@ SETTINGS = [
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("kwargs", SETTINGS)
 def test_equals_slow_per_candidate_search(seed, kwargs):
+    """The vectorized search equals the slow per-candidate search (support floor included) bit for bit."""
     labels, scores, names = random_case(seed)
     result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, progress=False, **kwargs)
     for f in range(scores.shape[1]):
@@ -51,12 +55,19 @@ def test_equals_slow_per_candidate_search(seed, kwargs):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("mode", ["positive", "negative"])
-def test_wide_beam_finds_the_exhaustive_optimum(seed, mode):
+@pytest.mark.parametrize("min_support", [0, 10, 14])
+def test_wide_beam_finds_the_exhaustive_optimum(seed, mode, min_support):
+    """A beam wide enough for every formula finds the best of the exhaustive search space (support floor included)."""
     labels, scores, names = random_case(seed, k=4)
     L = 3
-    space = all_formulas(labels, names, L)
-    B = len(space)  # wide enough to hold every formula: the search becomes exhaustive
-    result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=L, B=B, mode=mode, progress=False)
+    space = all_formulas(labels, names, L, min_support=min_support)
+    B = max(1, len(space))  # wide enough to hold every formula: the search becomes exhaustive
+    result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=L, B=B, mode=mode, progress=False,
+                                                                min_support=min_support)
+    if not space:
+        assert all(beam == [] for beam in result)
+        return
+    assert {e.formula for e in result[0]} == set(space)  # exactly the formulas the floor allows
     for f in range(scores.shape[1]):
         aucs = {formula: slow_auc(scores[:, f], mask) for formula, mask in space.items()}
         best = max(aucs.values()) if mode == "positive" else min(aucs.values())
@@ -186,16 +197,22 @@ def test_json_and_csv(tmp_path):
     result.to_csv(tmp_path / "full.csv")
     rows = list(csv.DictReader(open(tmp_path / "full.csv")))
     assert len(rows) == 5
-    assert Formula.parse(rows[0]["formula"]) == result[0][0].formula
-    assert float(rows[0]["auc"]) == result[0][0].auc
-    assert float(rows[0]["p_value_bh"]) == result[0][0].p_value_bh
+    for row, feature in zip(rows, range(5)):
+        best = result.best(feature)
+        if best is None:
+            assert row["formula"] == NO_RELIABLE_LABEL and row["auc"] == ""
+            continue
+        assert Formula.parse(row["formula"]) == best.formula
+        assert float(row["auc"]) == best.auc
+        assert float(row["p_value_bh"]) == best.p_value_bh
 
-    result.to_csv(tmp_path / "bench.csv", style="benchmark")
+    result.to_csv(tmp_path / "bench.csv", style="benchmark-any")
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
     assert list(rows[0]) == ["neuron", "concept", "concept_id", "metric"]
     renamed = Formula.parse(rows[0]["concept_id"])
     assert renamed.concepts == {str(names.index(n)) for n in result[0][0].formula.concepts}
-    assert "feature" in result.table() and str(result[0][0].formula)[:20] in result.table()
+    shown = NO_RELIABLE_LABEL if result.best(0) is None else str(result.best(0).formula)[:20]
+    assert "feature" in result.table() and shown in result.table()
 
     (tmp_path / "bad.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match="LayerLabels"):
@@ -207,7 +224,7 @@ def test_indexing():
     result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=2, B=2, progress=False)
     assert len(result) == result.n_features == 3
     assert result[-1] == result[2]
-    assert result.best(0) == result[0][0]
+    assert result.best_any(0) == result[0][0]
     with pytest.raises(IndexError):
         result[3]
     with pytest.raises(TypeError):
@@ -475,3 +492,219 @@ except ValueError as error:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("refused") and "B = 10000, L = 3" in out.stdout, out.stdout
+
+
+# reliability: "a label is a claim" ----------------------------------------------------------------------
+@pytest.mark.parametrize("n_samples", [20, 21, 200, 2048])
+@pytest.mark.parametrize("n_candidates", [0, 1, 40, 5_000, 10**8])
+@pytest.mark.parametrize("min_support", [0, 3, 10, 150])
+def test_support_floor_equals_trying_every_support_with_scipy(n_samples, n_candidates, min_support):
+    """The support floor is the smallest support at which scipy's most extreme Mann-Whitney p-value can pass."""
+    rule = ReliabilityRule(min_support=min_support)
+    assert rule.support_floor(n_samples, n_candidates) == slow_support_floor(n_samples, n_candidates,
+                                                                             min_support=min_support)
+
+
+def random_explanations(seed, count=300):
+    """Explanations with statistics around every threshold of the rule (support, q, held-out p)."""
+    rng = np.random.default_rng(seed)
+    result = []
+    for _ in range(count):
+        n = int(rng.choice([30, 200, 2048]))
+        support = int(rng.integers(0, n + 1))
+        validated = rng.random() < 0.4
+        result.append(Explanation(
+            Formula.concept("a"), auc=0.9, fraction=support / n, length=1, p_value=1e-4,
+            n_candidates=int(rng.choice([1, 50, 10**9])), p_value_bonferroni=0.01,
+            p_value_bh=float(rng.choice([0.001, 0.049, 0.05, 0.3, np.nan])),
+            validation_auc=float(rng.random()) if validated else None,
+            validation_p_value=float(rng.choice([0.01, 0.06, np.nan])) if validated else None,
+            support=None if rng.random() < 0.05 else support, n_samples=n))
+    return result
+
+
+def test_reliable_equals_the_rule_written_out():
+    """Explanation.reliable equals the documented rule written out, and every unreliable one says why."""
+    explanations = random_explanations(0)
+    assert {e.reliable for e in explanations} == {True, False}
+    for e in explanations:
+        assert e.reliable == slow_is_reliable(e)
+        assert (e.unreliable_reason == "") == e.reliable
+    strict = ReliabilityRule(alpha=0.01, min_support=20)
+    for e in explanations:
+        assert strict.is_reliable(e) == slow_is_reliable(e, alpha=0.01, min_support=20)
+    reasons = {e.unreliable_reason.split(" ")[0] for e in explanations if not e.reliable}
+    assert reasons == {"holds", "fails", "q", "not", "support"}
+
+
+def weak_and_strong_case(seed=3, n=400):
+    """Channel 0 driven by a concept on 200 samples, channel 1 by a conjunction on 3 samples, channel 2 noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.random((n, 6)) < [0.5, 0.5, 0.5, 0.5, 0.5, 0.3]
+    tiny = labels[:, 0] & labels[:, 1] & labels[:, 2] & labels[:, 3] & labels[:, 4]
+    keep = np.flatnonzero(tiny)[:3]
+    tiny[:] = False
+    tiny[keep] = True
+    scores = np.stack([labels[:, 5] + 0.3 * rng.random(n), tiny + 0.01 * rng.random(n), rng.random(n)], 1)
+    return labels, scores, [f"c{i}" for i in range(6)]
+
+
+def test_best_is_the_first_reliable_explanation_of_the_beam():
+    """best() is the first reliable explanation of the beam, best_any() its top, explanations() all of it."""
+    labels, scores, names = weak_and_strong_case()
+    result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=5, B=4, min_support=0, progress=False)
+    for feature in range(3):
+        beam = result.explanations(feature)
+        assert beam == result[feature] and result.best_any(feature) == beam[0]
+        reliable = [e for e in beam if slow_is_reliable(e)]
+        assert result.best(feature) == (reliable[0] if reliable else None)
+        for e in beam:
+            mask = e.formula.evaluate(ConceptLabels(labels, names)).numpy()
+            assert e.support == int(mask.sum()) and e.n_samples == len(mask)
+    assert result.best(0).formula == Formula.concept("c5")
+    assert result.best_any(1).support < 10 and result.best(1) != result.best_any(1)
+    assert result.n_reliable() == sum(result.best(f) is not None for f in range(3))
+
+
+def test_support_floor_keeps_unsupportable_formulas_out_of_the_beam():
+    """With min_support every beam formula holds on and fails on at least min_support samples; the paper's
+    search (0) finds a conjunction of at most 3 samples with AUC 1."""
+    labels, scores, names = weak_and_strong_case()
+    concepts = ConceptLabels(labels, names)
+    paper = ConceptLabeler(concepts).label(scores, L=5, B=4, min_support=0, progress=False)
+    floored = ConceptLabeler(concepts).label(scores, L=5, B=4, min_support=10, progress=False)
+    tiny = paper.best_any(1)
+    assert tiny.support <= 3 and tiny.auc == 1.0 and not tiny.reliable
+    for beam in floored:
+        for e in beam:
+            assert 10 <= e.support <= e.n_samples - 10
+    assert floored.parameters["min_support"] == 10 and paper.parameters["min_support"] == 0
+
+
+def test_views_show_the_best_reliable_label_or_say_there_is_none(tmp_path):
+    """table, rows, CSV (both styles) and JSON show best() or NO_RELIABLE_LABEL; JSON keeps the whole beam."""
+    labels, scores, names = weak_and_strong_case()
+    result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=5, B=4, min_support=0, progress=False)
+    shown = [result.best(f) for f in range(3)]
+    assert shown[0] is not None and None in shown
+    rows = result.rows()
+    for row, best in zip(rows, shown):
+        assert row["formula"] == (NO_RELIABLE_LABEL if best is None else str(best.formula))
+        assert row["reliable"] == (best is not None)
+        if best is None:
+            assert row["reason"] and row["top_formula"] == str(result.best_any(row["feature"]).formula)
+        else:
+            assert row["support"] == best.support and row["p_value_bh"] == best.p_value_bh
+    table = result.table().splitlines()
+    for feature, best in enumerate(shown):
+        line = table[2 + feature]
+        assert (NO_RELIABLE_LABEL in line) == (best is None)
+        if best is not None:
+            assert str(best.formula) in line and f"{best.support}/{best.n_samples}" in line
+    result.to_csv(tmp_path / "full.csv")
+    assert [r["formula"] for r in csv.DictReader(open(tmp_path / "full.csv"))] == [r["formula"] for r in rows]
+    result.to_csv(tmp_path / "bench.csv", style="benchmark")
+    bench = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert [int(r["neuron"]) for r in bench] == [f for f, best in enumerate(shown) if best is not None]
+    result.to_csv(tmp_path / "any.csv", style="benchmark-any")
+    assert len(list(csv.DictReader(open(tmp_path / "any.csv")))) == 3
+    result.to_json(tmp_path / "labels.json")
+    data = json.loads((tmp_path / "labels.json").read_text())
+    assert data["reliability_rule"] == {"alpha": 0.05, "min_support": 10}
+    for feature in range(3):
+        stored = data["features"][feature]
+        assert [e["text"] for e in stored] == [str(e.formula) for e in result[feature]]
+        assert [e["reliable"] for e in stored] == [e.reliable for e in result[feature]]
+        assert [e["unreliable_reason"] for e in stored] == [e.unreliable_reason for e in result[feature]]
+    assert LayerLabels.from_json(tmp_path / "labels.json") == result
+
+
+def test_labels_of_an_older_version_load_with_derived_or_unknown_support(tmp_path):
+    """Old JSON without support: derived from fraction and the searched samples, else unknown and not reliable."""
+    labels, scores, names = weak_and_strong_case()
+    result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=3, B=3, validation=0.25,
+                                                                progress=False)
+    data = result.to_dict()
+    for beam in data["features"]:
+        for e in beam:
+            for key in ("support", "n_samples", "reliable", "unreliable_reason"):
+                del e[key]
+    derived = LayerLabels.from_dict(data)
+    assert derived == result  # support = round(fraction * n_search_samples), exactly
+    del data["parameters"]["n_search_samples"]
+    unknown = LayerLabels.from_dict(data)
+    for feature in range(3):
+        assert unknown.best(feature) is None
+        assert all(e.support is None and e.unreliable_reason == "support unknown (labels from an older version)"
+                   for e in unknown[feature])
+    assert NO_RELIABLE_LABEL in unknown.table()
+
+
+def one_layer_cache(path, scores):
+    """An activation cache with one layer "conv1" holding ``scores``."""
+    from crp_invert.storage.cache import ActivationCache
+
+    with ActivationCache(path, mode="a", overwrite=True) as cache:
+        cache.initialize((0, len(scores)))
+        cache.add_layer("conv1", scores.shape[1], relevances=False, pooling="mean")
+        cache.write("conv1", (0, len(scores)), scores.astype(np.float32))
+        cache.mark_complete((0, len(scores)))
+    return path
+
+
+def test_label_cache_result_names_its_layers_on_a_wrong_key(tmp_path):
+    """The dict label_cache returns raises a KeyError that lists the labeled layers."""
+    labels, scores, names = weak_and_strong_case()
+    path = one_layer_cache(tmp_path / "cache.h5", scores)
+    result = ConceptLabeler(ConceptLabels(labels, names)).label_cache(str(path), L=2, B=2, progress=False)
+    assert isinstance(result, LabelsByLayer) and list(result) == ["conv1"]
+    with pytest.raises(KeyError, match=r"'features.40'.*\['conv1'\]"):
+        result["features.40"]
+    assert result.get("features.40") is None
+
+
+def test_min_support_is_checked():
+    """min_support must be an int >= 0 (SearchParams and ReliabilityRule name it)."""
+    for bad, error in ((-1, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="min_support"):
+            SearchParams(min_support=bad)
+    with pytest.raises(ValueError, match="min_support"):
+        ReliabilityRule(min_support=-1)
+    with pytest.raises(ValueError, match="alpha"):
+        ReliabilityRule(alpha=1.5)
+
+
+@pytest.mark.parametrize("min_support", [0, 10, 25])
+def test_label_command_takes_min_support(tmp_path, min_support):
+    """crp-invert label --min-support N writes the labels ConceptLabeler.label(min_support=N) finds."""
+    from click.testing import CliRunner
+
+    from crp_invert.cli import main
+
+    labels, scores, names = weak_and_strong_case()
+    concepts = ConceptLabels(labels, names)
+    path = one_layer_cache(tmp_path / "cache.h5", scores)
+    concepts.save(tmp_path / "concepts.npz")
+    out = tmp_path / "conv1.json"
+    result = CliRunner().invoke(main, ["label", str(path), str(tmp_path / "concepts.npz"), "-L", "4", "-B", "3",
+                                       "--min-support", str(min_support), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    expected = ConceptLabeler(concepts).label(scores.astype(np.float32), L=4, B=3, min_support=min_support,
+                                              layer="conv1", progress=False)
+    assert LayerLabels.from_json(out) == expected
+    assert f"{expected.n_reliable()} of 3 channels have a reliable label" in result.output
+
+
+@pytest.mark.parametrize("support, n_samples, error, pattern", [
+    (-1, 100, ValueError, "'support' must be an int >= 0"),
+    (101, 100, ValueError, r"'support' \(101\) exceeds 'n_samples' \(100\)"),
+    (3.5, 100, ValueError, "'support' must be an int"),
+    (3, "100", ValueError, "'n_samples' must be an int"),
+    (True, 100, ValueError, "'support' must be an int"),
+])
+def test_bad_support_in_json_is_named(support, n_samples, error, pattern):
+    """A stored support or sample count that is not a count (or exceeds the samples) is refused, naming the key."""
+    data = Explanation(Formula.concept("a"), 0.9, 0.2, 1, 0.01, 3, 0.03, 0.03, support=20, n_samples=100).to_json()
+    data.update(support=support, n_samples=n_samples)
+    with pytest.raises(error, match=pattern):
+        Explanation.from_json(data)

@@ -14,6 +14,7 @@ Examples
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import warnings
 import zipfile
@@ -29,7 +30,7 @@ import torch
 
 from .checks import check_name, fits_in_memory, read_json
 
-__all__ = ["ConceptLabels"]
+__all__ = ["ConceptLabels", "closest_names", "unknown_names_message"]
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,41 @@ def _check_names(names: Any) -> list[str]:
     return names
 
 
+def closest_names(name: str, names: Sequence[str], n: int = 3) -> list[str]:
+    """Up to ``n`` of ``names`` closest to ``name`` (difflib's ratio, case-insensitive), best first.
+
+    Examples
+    --------
+    >>> closest_names("Artefacts", ["artifact", "ring", "red"])
+    ['artifact']
+    """
+    folded = {}
+    for known in names:
+        folded.setdefault(known.casefold(), known)
+    matches = difflib.get_close_matches(name.casefold(), list(folded), n=n, cutoff=0.6)
+    return [folded[match] for match in matches]
+
+
+def unknown_names_message(unknown: Sequence[str], names: Sequence[str], where: str = "") -> str:
+    """The message of a ``KeyError`` for concept names that are not in ``names``: each with its closest known
+    names, and a preview of the known ones.
+
+    Examples
+    --------
+    >>> print(unknown_names_message(["rde"], ["red", "ring"], "formula 'rde AND ring'"))
+    unknown concept 'rde' (closest: 'red') in formula 'rde AND ring'; known concepts: ['red', 'ring'] (2 in all)
+    """
+    parts = []
+    for name in unknown:
+        close = closest_names(name, names)
+        hint = f" (closest: {', '.join(repr(c) for c in close)})" if close else " (no close name)"
+        parts.append(f"{name!r}{hint}")
+    noun = "concept" if len(unknown) == 1 else "concepts"
+    shown = ", ".join(repr(n) for n in list(names)[:10])
+    preview = f"[{shown}{', ...' if len(names) > 10 else ''}] ({len(names)} in all)"
+    return f"unknown {noun} {'; '.join(parts)}{f' in {where}' if where else ''}; known concepts: {preview}"
+
+
 class ConceptLabels:
     """N x K boolean concept labels with K unique names and optional descriptions.
 
@@ -306,15 +342,17 @@ class ConceptLabels:
         )
 
     def index(self, name: str) -> int:
-        """The column of concept ``name``; ``KeyError`` naming it if unknown."""
+        """The column of concept ``name``; ``KeyError`` naming it and the closest known names if unknown."""
         try:
             return self._index[name]
         except KeyError:
-            raise KeyError(f"unknown concept {name!r}; known concepts: {self._preview()}") from None
+            raise KeyError(unknown_names_message([name], self._names)) from None
 
-    def _preview(self) -> str:
-        shown = ", ".join(repr(n) for n in self._names[:8])
-        return f"[{shown}{', ...' if self.n_concepts > 8 else ''}] ({self.n_concepts} in all)"
+    def check_names(self, names: Iterable[str], where: str = "") -> None:
+        """``KeyError`` naming every name of ``names`` that is not a concept, with the closest known ones."""
+        unknown = sorted({name for name in names if name not in self._index})
+        if unknown:
+            raise KeyError(unknown_names_message(unknown, self._names, where))
 
     # access -------------------------------------------------------------------------------------
     def sparse(self) -> scipy.sparse.csr_matrix:

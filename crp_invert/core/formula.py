@@ -253,10 +253,10 @@ class Formula:
         if known is not None:
             unknown = sorted(formula.concepts - known)
             if unknown:
-                raise KeyError(
-                    f"unknown concept name(s) {unknown} in formula {text!r}; "
-                    f"expected one of the {len(known)} known concepts"
-                )
+                from .concepts import unknown_names_message  # the closest names; concepts does not import formula
+
+                ordered = names.names if hasattr(names, "names") else sorted(known)
+                raise KeyError(unknown_names_message(unknown, ordered, f"formula {text!r}"))
         return formula
 
     # JSON ---------------------------------------------------------------------------------------

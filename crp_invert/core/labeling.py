@@ -349,6 +349,7 @@ class _Decoder:
                     formula=self.formula(prims[f][b][:length], ops[f][b][:length]),
                     auc=aucs[f][b], fraction=counts[f][b] / n_samples, length=length,
                     p_value=p_values[f][b], n_candidates=int(candidates[f]), **extra,
+                    support=int(counts[f][b]), n_samples=int(n_samples),
                 ))
             result.append(beam_list)
         return result

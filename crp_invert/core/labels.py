@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -21,7 +22,8 @@ from .checks import read_json
 from .formula import Formula
 from .metrics import benjamini_hochberg
 
-__all__ = ["Explanation", "LayerLabels", "correct_p_values", "format_p_value", "write_text_atomically"]
+__all__ = ["Explanation", "LayerLabels", "LabelsByLayer", "ReliabilityRule", "DEFAULT_RULE", "RELIABILITY_RULE",
+           "NO_RELIABLE_LABEL", "correct_p_values", "format_p_value", "write_text_atomically"]
 
 _FORMAT_VERSION = 1
 
@@ -71,6 +73,125 @@ def _count(value: Any, key: str, minimum: int) -> int:
     return value
 
 
+#: the text every view shows for a feature without a reliable explanation (:meth:`LayerLabels.best` is None)
+NO_RELIABLE_LABEL = "no reliable label"
+
+#: why an old file's explanation cannot be judged
+SUPPORT_UNKNOWN = "support unknown (labels from an older version)"
+
+RELIABILITY_RULE = """\
+An explanation (a formula found for a feature) is reliable when all of these hold:
+
+1. significant: its q-value p_value_bh < alpha, the Benjamini-Hochberg adjustment over the features
+   of the layer of the Bonferroni p-value over the feature's candidate formulas (the search picked the
+   formula among n_candidates, and the layer's labels are read together);
+2. supported: the formula holds on at least `floor` of the searched samples and fails on at least
+   `floor`, where floor = max(min_support, the smallest support at which the Bonferroni p-value can be
+   below alpha at all); below it an AUC is decided by a handful of samples;
+3. confirmed: when held-out samples were given (validation=), the formula's one-sided Mann-Whitney
+   p-value on them is below alpha.
+
+Defaults: alpha = 0.05, min_support = 10. Every view shows a feature's best reliable explanation, or
+"no reliable label"; the whole beam stays available (LayerLabels.explanations)."""
+
+
+@dataclass(frozen=True)
+class ReliabilityRule:
+    """When an :class:`Explanation` is a claim a user can believe (see :data:`RELIABILITY_RULE`).
+
+    Parameters
+    ----------
+    alpha : float
+        Level of the significance test (on ``p_value_bh``) and of the held-out confirmation.
+    min_support : int
+        Samples on which a formula must hold, and samples on which it must fail, at least; raised by
+        :meth:`support_floor` where the number of candidates demands more.
+
+    Examples
+    --------
+    >>> rule = ReliabilityRule()
+    >>> rule.support_floor(n_samples=2048, n_candidates=500)
+    10
+    >>> rule.support_floor(n_samples=2048, n_candidates=10**9)
+    15
+    """
+
+    alpha: float = 0.05
+    min_support: int = 10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be a number in (0, 1), got {self.alpha!r}")
+        if isinstance(self.min_support, bool) or not isinstance(self.min_support, int) or self.min_support < 0:
+            raise ValueError(f"min_support must be an int >= 0, got {self.min_support!r}")
+
+    def support_floor(self, n_samples: int, n_candidates: int) -> int:
+        """``max(min_support, smallest support at which a Bonferroni p-value below alpha is possible)``.
+
+        The most extreme Mann-Whitney statistic a formula holding on ``n`` of ``N`` samples can reach puts
+        all ``n`` above the others: ``z = (n (N - n) / 2 - 1/2) / sqrt(n (N - n) (N + 1) / 12)`` (no ties,
+        continuity corrected, as the p-values are computed). Its p-value ``Phi(-z)`` times the
+        ``n_candidates`` must be below alpha; ``z`` grows with ``min(n, N - n)``, so the floor is the
+        smallest ``n`` where it is (``N // 2 + 1`` when no ``n`` can be).
+        """
+        return _support_floor(int(n_samples), max(1, int(n_candidates)), float(self.alpha), self.min_support)
+
+    def reason(self, explanation: Explanation) -> str:
+        """``""`` when ``explanation`` is reliable by this rule, else the first reason it is not."""
+        e = explanation
+        if e.support is None or e.n_samples is None:
+            return SUPPORT_UNKNOWN
+        floor = self.support_floor(e.n_samples, e.n_candidates)
+        if e.support < floor:
+            return f"holds on {e.support} samples (< {floor})"
+        if e.n_samples - e.support < floor:
+            return f"fails on {e.n_samples - e.support} samples (< {floor})"
+        if not e.p_value_bh < self.alpha:  # NaN included: never corrected
+            return f"q = {_short(e.p_value_bh)} (>= {self.alpha:g})"
+        if e.validation_auc is not None or e.validation_p_value is not None:
+            p = math.nan if e.validation_p_value is None else e.validation_p_value
+            if not p < self.alpha:
+                return (f"not confirmed on held-out data (AUC {_short(e.validation_auc, '.2f')}, "
+                        f"p = {_short(p)})")
+        return ""
+
+    def is_reliable(self, explanation: Explanation) -> bool:
+        """True when :meth:`reason` finds nothing against ``explanation``."""
+        return not self.reason(explanation)
+
+
+def _short(value: float | None, spec: str = ".2g") -> str:
+    return "n/a" if value is None or math.isnan(value) else format(value, spec)
+
+
+@functools.lru_cache(maxsize=4096)
+def _support_floor(n_samples: int, n_candidates: int, alpha: float, min_support: int) -> int:
+    def possible(n: int) -> bool:
+        pairs = n * (n_samples - n)
+        if pairs <= 0:
+            return False
+        z = (pairs / 2.0 - 0.5) / math.sqrt(pairs * (n_samples + 1) / 12.0)
+        return n_candidates * 0.5 * math.erfc(z / math.sqrt(2.0)) < alpha
+
+    low, high = max(1, min_support), n_samples // 2
+    if low > high or possible(low):
+        return max(min_support, low)
+    if not possible(high):
+        return high + 1  # no support can be significant: the floor cannot be met
+    # the smallest possible n in (low, high]: z increases with n up to N / 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        if possible(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+#: the rule every view uses (``Explanation.reliable``, :meth:`LayerLabels.best`)
+DEFAULT_RULE = ReliabilityRule()
+
+
 @dataclass(frozen=True)
 class Explanation:
     """One formula explaining one feature, with its statistics.
@@ -90,7 +211,7 @@ class Explanation:
         mode); it ignores that the formula was selected among many.
     n_candidates : int
         Number of candidate formulas the search scored for this feature (those that satisfied the
-        fraction constraints), the size of the family the formula was picked from.
+        fraction constraints and the support floor), the size of the family the formula was picked from.
     p_value_bonferroni : float
         ``min(1, p_value * n_candidates)``: corrected for the selection within the feature.
     p_value_bh : float
@@ -98,6 +219,13 @@ class Explanation:
         (for explanations at the same beam position).
     validation_auc, validation_p_value, validation_fraction : float or None
         The same statistics on held-out samples that the search did not see (``validation=``).
+    support : int or None
+        Number of (search) samples on which the formula holds (None: unknown, labels of an older version).
+    n_samples : int or None
+        Number of samples searched (None: unknown).
+
+    The properties :attr:`reliable` and :attr:`unreliable_reason` judge the explanation by
+    :data:`DEFAULT_RULE` (see :data:`RELIABILITY_RULE`).
     """
 
     formula: Formula
@@ -111,17 +239,38 @@ class Explanation:
     validation_auc: float | None = None
     validation_p_value: float | None = None
     validation_fraction: float | None = None
+    support: int | None = None
+    n_samples: int | None = None
+
+    @property
+    def reliable(self) -> bool:
+        """Whether the explanation is a claim to believe by :data:`DEFAULT_RULE`."""
+        return not self.unreliable_reason
+
+    @property
+    def unreliable_reason(self) -> str:
+        """``""`` when :attr:`reliable`, else a short reason, e.g. ``"holds on 3 samples (< 10)"``."""
+        return DEFAULT_RULE.reason(self)
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict of every field, the formula's text and (derived, not read back) ``reliable`` and
+        ``unreliable_reason``."""
         data = asdict(self)
         data["formula"] = self.formula.to_json()
         data["text"] = str(self.formula)
+        data["reliable"] = self.reliable
+        data["unreliable_reason"] = self.unreliable_reason
         return {key: _json_float(value) for key, value in data.items()}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Explanation:
+    def from_json(cls, data: dict[str, Any], n_samples: int | None = None) -> Explanation:
         """Rebuild from :meth:`to_json` output, checking every field (ValueError / TypeError / KeyError
-        naming it)."""
+        naming it).
+
+        ``n_samples`` (the searched samples, from the layer's parameters) completes an explanation of an
+        older version without ``support``: ``support = round(fraction * n_samples)``; without it such an
+        explanation's support stays unknown (and the explanation unreliable).
+        """
         if not isinstance(data, dict):
             raise TypeError(f"an explanation must be a JSON object, got {type(data).__name__}")
         for key in ("formula", "auc", "fraction", "length", "p_value"):
@@ -135,7 +284,25 @@ class Explanation:
             values[key] = _number(data.get(key), key, optional=True)
         values["length"] = _count(data["length"], "length", 1)
         values["n_candidates"] = _count(data.get("n_candidates", 0), "n_candidates", 0)
+        values["support"], values["n_samples"] = _support(data, values["fraction"], n_samples)
         return cls(**values)
+
+
+def _support(data: dict[str, Any], fraction: float, n_samples: int | None) -> tuple[int | None, int | None]:
+    """``(support, n_samples)`` as stored, or derived from the fraction for labels of an older version."""
+    if data.get("n_samples") is not None:
+        total = _count(data["n_samples"], "n_samples", 0)
+        support = _count(data.get("support"), "support", 0) if data.get("support") is not None else None
+        if support is not None and support > total:
+            raise ValueError(f"'support' ({support}) exceeds 'n_samples' ({total})")
+        return support, total
+    if n_samples is None or math.isnan(fraction):
+        return None, None
+    return int(round(fraction * n_samples)), int(n_samples)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _json_float(value: Any) -> Any:
@@ -209,10 +376,35 @@ class LayerLabels:
         layer = f"{self.layer!r}, " if self.layer else ""
         return f"LayerLabels({layer}n_features={self.n_features}, {self.parameters})"
 
-    def best(self, feature: int) -> Explanation | None:
-        """The best explanation of ``feature``, or None if it has none."""
+    def best(self, feature: int, rule: ReliabilityRule | None = None) -> Explanation | None:
+        """The best *reliable* explanation of ``feature`` (by ``rule``, default :data:`DEFAULT_RULE`), or None:
+        then every view says :data:`NO_RELIABLE_LABEL`.
+
+        Examples
+        --------
+        >>> from crp_invert.core.formula import Formula
+        >>> weak = Explanation(Formula.concept("red"), auc=0.99, fraction=0.002, length=1, p_value=0.01,
+        ...                    n_candidates=40, p_value_bonferroni=0.4, p_value_bh=0.4, support=2, n_samples=1000)
+        >>> labels = LayerLabels([[weak]], ["red"])
+        >>> labels.best(0) is None, labels.best_any(0).unreliable_reason
+        (True, 'holds on 2 samples (< 10)')
+        """
+        rule = DEFAULT_RULE if rule is None else rule
+        return next((e for e in self[feature] if rule.is_reliable(e)), None)
+
+    def best_any(self, feature: int) -> Explanation | None:
+        """The top of ``feature``'s beam whether reliable or not (the paper's label), or None if the beam is
+        empty."""
         beam = self[feature]
         return beam[0] if beam else None
+
+    def explanations(self, feature: int) -> list[Explanation]:
+        """The whole beam of ``feature``, best first, reliable or not (the same as ``labels[feature]``)."""
+        return self[feature]
+
+    def n_reliable(self, rule: ReliabilityRule | None = None) -> int:
+        """Number of features with a reliable explanation."""
+        return sum(self.best(feature, rule) is not None for feature in range(self.n_features))
 
     @staticmethod
     def concatenate(parts: Sequence[LayerLabels]) -> LayerLabels:
@@ -234,43 +426,39 @@ class LayerLabels:
 
     # views and files ----------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
-        """One dict per feature with its best explanation (empty fields where it has none)."""
+        """One dict per feature with its best reliable explanation.
+
+        A feature without one gets ``formula`` = :data:`NO_RELIABLE_LABEL`, ``reliable`` False, empty
+        statistics, and the top of its beam with the reason it is not reliable (``top_formula``, ``reason``).
+        """
         rows = []
-        for feature, beam in enumerate(self._explanations):
-            row: dict[str, Any] = {"feature": feature}
-            if beam:
-                best = beam[0]
+        for feature in range(self.n_features):
+            best = self.best(feature)
+            row: dict[str, Any] = {"feature": feature, "reliable": best is not None}
+            if best is not None:
                 row.update(
-                    formula=str(best.formula), auc=best.auc, fraction=best.fraction, length=best.length,
-                    p_value=best.p_value, p_value_bonferroni=best.p_value_bonferroni,
-                    p_value_bh=best.p_value_bh, n_candidates=best.n_candidates,
-                    validation_auc=best.validation_auc, validation_p_value=best.validation_p_value,
+                    formula=str(best.formula), auc=best.auc, fraction=best.fraction, support=best.support,
+                    n_samples=best.n_samples, length=best.length, p_value=best.p_value,
+                    p_value_bonferroni=best.p_value_bonferroni, p_value_bh=best.p_value_bh,
+                    n_candidates=best.n_candidates, validation_auc=best.validation_auc,
+                    validation_p_value=best.validation_p_value,
                 )
+            else:
+                top = self.best_any(feature)
+                row.update(formula=NO_RELIABLE_LABEL,
+                           top_formula=None if top is None else str(top.formula),
+                           reason="no formula met the search's constraints" if top is None else top.unreliable_reason)
             rows.append(row)
         return rows
 
     def table(self, max_rows: int | None = None, max_width: int = 60) -> str:
-        """A plain-text table of the best explanation of every feature."""
+        """A plain-text table of the best reliable explanation of every feature (support, p, q), or
+        :data:`NO_RELIABLE_LABEL` with the top of the beam and why it is not reliable."""
         has_validation = any(beam and beam[0].validation_auc is not None for beam in self._explanations)
-        header = ["feature", "formula", "AUC", "fraction", "p (Bonf.)", "q (BH)"]
+        header = ["feature", "formula", "AUC", "support", "p (Bonf.)", "q (BH)"]
         if has_validation:
             header.append("held-out AUC")
-        lines = []
-        for row in self.rows()[:max_rows]:
-            if "formula" not in row:
-                lines.append([str(row["feature"]), "(no formula)"] + [""] * (len(header) - 2))
-                continue
-            formula = row["formula"]
-            if len(formula) > max_width:
-                formula = formula[: max_width - 3] + "..."
-            line = [
-                str(row["feature"]), formula, f"{row['auc']:.4f}", f"{row['fraction']:.3f}",
-                format_p_value(row["p_value_bonferroni"]), format_p_value(row["p_value_bh"]),
-            ]
-            if has_validation:
-                auc = row["validation_auc"]
-                line.append("" if auc is None else f"{auc:.4f}")
-            lines.append(line)
+        lines = [self._table_line(row, len(header), max_width, has_validation) for row in self.rows()[:max_rows]]
         widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
         render = [
             "  ".join(cell.ljust(width) for cell, width in zip(header, widths)),
@@ -281,6 +469,22 @@ class LayerLabels:
             render.append(f"... {self.n_features - max_rows} more features")
         return "\n".join(line.rstrip() for line in render)
 
+    @staticmethod
+    def _table_line(row: dict[str, Any], width: int, max_width: int, has_validation: bool) -> list[str]:
+        if not row["reliable"]:
+            top = "" if row["top_formula"] is None else f"; top: {row['top_formula']}"
+            text = f"{NO_RELIABLE_LABEL} ({row['reason']}{top})"
+            return [str(row["feature"]), _clip(text, max_width + 40)] + [""] * (width - 2)
+        support = "" if row["support"] is None else f"{row['support']}/{row['n_samples']}"
+        line = [
+            str(row["feature"]), _clip(row["formula"], max_width), f"{row['auc']:.4f}", support,
+            format_p_value(row["p_value_bonferroni"]), format_p_value(row["p_value_bh"]),
+        ]
+        if has_validation:
+            auc = row["validation_auc"]
+            line.append("" if auc is None else f"{auc:.4f}")
+        return line
+
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "format": "crp-invert.LayerLabels",
@@ -288,6 +492,7 @@ class LayerLabels:
             "layer": self.layer,
             "parameters": self.parameters,
             "concept_names": self.concept_names,
+            "reliability_rule": asdict(DEFAULT_RULE),
             "features": [[e.to_json() for e in beam] for beam in self._explanations],
         }
         if self.states is not None:
@@ -323,13 +528,14 @@ class LayerLabels:
         if parameters is not None and not isinstance(parameters, dict):
             raise TypeError(f"'parameters' must be an object or null, got {type(parameters).__name__}")
         known = set(names)
-        explanations = _read_beams(data["features"], known, "'features'")
+        n_search = _searched_samples(parameters)
+        explanations = _read_beams(data["features"], known, "'features'", n_search)
         states = None
         if data.get("states") is not None:
             steps = data["states"]
             if not isinstance(steps, list):
                 raise TypeError(f"'states' must be a list, got {type(steps).__name__}")
-            states = [_read_beams(step, known, f"'states' step {i + 1}") for i, step in enumerate(steps)]
+            states = [_read_beams(step, known, f"'states' step {i + 1}", n_search) for i, step in enumerate(steps)]
             for i, step in enumerate(states):
                 if len(step) != len(explanations):
                     raise ValueError(
@@ -353,37 +559,33 @@ class LayerLabels:
             raise type(error)(f"labels file {str(path)!r}: {message}") from None
 
     def to_csv(self, path: str | PathLike, style: str = "full") -> None:
-        """Write one row per feature with its best explanation.
+        """Write one row per feature with its best reliable explanation.
 
         Parameters
         ----------
         path : path
             The CSV file.
-        style : {"full", "benchmark"}
-            ``"full"``: feature, formula, auc, fraction, length, p_value, p_value_bonferroni,
-            p_value_bh, n_candidates (and validation_auc, validation_p_value).
+        style : {"full", "benchmark", "benchmark-any"}
+            ``"full"``: feature, formula, reliable, auc, fraction, support, n_samples, length, p_value,
+            p_value_bonferroni, p_value_bh, n_candidates, validation_auc, validation_p_value, and for a
+            feature without a reliable explanation :data:`NO_RELIABLE_LABEL` with the top of its beam
+            (top_formula) and the reason (reason).
             ``"benchmark"``: the ``neuron,concept,concept_id,metric`` layout that neuron-description
-            benchmarks read INVERT labels in; ``concept_id`` is the concept's column for a single
-            concept and the formula over column indices for a compound formula; ``metric`` is the AUC.
+            benchmarks read INVERT labels in, for the features with a reliable explanation; ``concept_id`` is
+            the concept's column for a single concept and the formula over column indices for a compound
+            formula; ``metric`` is the AUC. ``"benchmark-any"``: the same with the top of every beam,
+            reliable or not (the paper's labels, to compare with methods that label every neuron).
         """
         if style == "full":
-            columns = ["feature", "formula", "auc", "fraction", "length", "p_value", "p_value_bonferroni",
-                       "p_value_bh", "n_candidates", "validation_auc", "validation_p_value"]
+            columns = ["feature", "formula", "reliable", "auc", "fraction", "support", "n_samples", "length",
+                       "p_value", "p_value_bonferroni", "p_value_bh", "n_candidates", "validation_auc",
+                       "validation_p_value", "top_formula", "reason"]
             rows = self.rows()
-        elif style == "benchmark":
+        elif style in ("benchmark", "benchmark-any"):
             columns = ["neuron", "concept", "concept_id", "metric"]
-            index = {name: i for i, name in enumerate(self.concept_names)}
-            rows = []
-            for feature, beam in enumerate(self._explanations):
-                if not beam:
-                    continue
-                formula = beam[0].formula
-                rows.append({
-                    "neuron": feature, "concept": str(formula),
-                    "concept_id": _formula_ids(formula, index), "metric": beam[0].auc,
-                })
+            rows = self._benchmark_rows(reliable_only=style == "benchmark")
         else:
-            raise ValueError(f"style must be 'full' or 'benchmark', got {style!r}")
+            raise ValueError(f"style must be 'full', 'benchmark' or 'benchmark-any', got {style!r}")
         buffer = io.StringIO(newline="")
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -391,8 +593,48 @@ class LayerLabels:
             writer.writerow({key: ("" if row.get(key) is None else row.get(key, "")) for key in columns})
         write_text_atomically(path, buffer.getvalue())
 
+    def _benchmark_rows(self, reliable_only: bool) -> list[dict[str, Any]]:
+        index = {name: i for i, name in enumerate(self.concept_names)}
+        rows = []
+        for feature in range(self.n_features):
+            explanation = self.best(feature) if reliable_only else self.best_any(feature)
+            if explanation is None:
+                continue
+            rows.append({
+                "neuron": feature, "concept": str(explanation.formula),
+                "concept_id": _formula_ids(explanation.formula, index), "metric": explanation.auc,
+            })
+        return rows
 
-def _read_beams(beams: Any, known: set, where: str) -> list[list[Explanation]]:
+
+class LabelsByLayer(dict):
+    """A ``dict`` of layer name to :class:`LayerLabels` whose ``KeyError`` names the layers it has.
+
+    Examples
+    --------
+    >>> labels = LabelsByLayer({"conv1": None, "conv2": None})
+    >>> labels["features.40"]
+    Traceback (most recent call last):
+    ...
+    KeyError: "no labels for layer 'features.40'; labeled layers: ['conv1', 'conv2']"
+    """
+
+    def __missing__(self, key: Any) -> Any:
+        raise KeyError(f"no labels for layer {key!r}; labeled layers: {list(self)}")
+
+
+def _searched_samples(parameters: dict[str, Any] | None) -> int | None:
+    """The number of samples the search saw, from a layer's stored parameters (None if they do not say)."""
+    parameters = parameters or {}
+    n_search = parameters.get("n_search_samples")
+    if n_search is None and parameters.get("validation") is None:
+        n_search = parameters.get("n_samples")
+    if isinstance(n_search, bool) or not isinstance(n_search, int) or n_search < 1:
+        return None
+    return n_search
+
+
+def _read_beams(beams: Any, known: set, where: str, n_search: int | None = None) -> list[list[Explanation]]:
     """The explanations of every feature from JSON, each checked (errors name the feature and position)."""
     if not isinstance(beams, list):
         raise TypeError(f"{where} must be a list (one list of explanations per feature), got {type(beams).__name__}")
@@ -403,7 +645,7 @@ def _read_beams(beams: Any, known: set, where: str) -> list[list[Explanation]]:
         explanations = []
         for position, item in enumerate(beam):
             try:
-                explanation = Explanation.from_json(item)
+                explanation = Explanation.from_json(item, n_search)
                 unknown = sorted(explanation.formula.concepts - known)
                 if unknown:
                     raise ValueError(f"formula uses concepts that are not in 'concept_names': {unknown[:5]}")

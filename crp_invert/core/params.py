@@ -19,6 +19,11 @@ class SearchParams:
 
     Every entry point (:meth:`ConceptLabeler.label`, :func:`label_array`, the CLI's options) builds
     one of these; the field metadata holds the help text the CLI shows.
+
+    ``min_support`` bounds the counts inside the search, like the fractions: a formula must hold on at
+    least ``min_support`` samples and fail on at least as many, so that formulas which can never be
+    reliable (:class:`~crp_invert.core.labels.ReliabilityRule`) do not push reliable ones out of the beam.
+    ``min_support=0`` is the paper's search (results bit-identical to versions without this field).
     """
 
     L: int = field(default=3, metadata={"help": "maximal formula length (number of concepts)"})
@@ -28,6 +33,8 @@ class SearchParams:
     min_fraction: float = field(default=0.0, metadata={"help": "smallest share of samples a formula may cover"})
     max_fraction: float = field(default=0.5, metadata={"help": "largest share of samples a formula may cover"})
     mode: str = field(default="positive", metadata={"help": "maximize (positive) or minimize (negative) the AUC"})
+    min_support: int = field(
+        default=10, metadata={"help": "samples a formula must hold on, and fail on, at least (0: the paper's search)"})
     memorize_states: bool = field(default=False, metadata={"help": "keep the beam after every length"})
     feature_batch_size: int | None = field(
         default=None, metadata={"help": "channels searched together (default: from free memory)"})
@@ -42,6 +49,7 @@ class SearchParams:
         if self.min_fraction > self.max_fraction:
             raise ValueError(
                 f"min_fraction ({self.min_fraction}) must not exceed max_fraction ({self.max_fraction})")
+        object.__setattr__(self, "min_support", check_int(self.min_support, "min_support", minimum=0))
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.memorize_states, bool):
@@ -52,9 +60,10 @@ class SearchParams:
     def search_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`crp_invert.core.search.beam_search`."""
         return dict(L=self.L, B=self.B, limit_search=self.limit_search, min_fraction=self.min_fraction,
-                    max_fraction=self.max_fraction, mode=self.mode, memorize_states=self.memorize_states)
+                    max_fraction=self.max_fraction, mode=self.mode, memorize_states=self.memorize_states,
+                    min_support=self.min_support)
 
     def to_dict(self) -> dict[str, Any]:
         """The parameters stored with :class:`LayerLabels` (feature batch and states do not change results)."""
         return dict(L=self.L, B=self.B, limit_search=self.limit_search, min_fraction=self.min_fraction,
-                    max_fraction=self.max_fraction, mode=self.mode)
+                    max_fraction=self.max_fraction, mode=self.mode, min_support=self.min_support)

@@ -288,6 +288,7 @@ def beam_search(
     memorize_states: bool = False,
     memory_bytes: int | None = None,
     backend: str = "auto",
+    min_support: int = 0,
 ) -> SearchResult:
     """Beam search for the best formula of every feature (column) of ``scores``.
 
@@ -321,6 +322,9 @@ def beam_search(
     backend : {"auto", "torch"}
         The kernels of ranking and of the concepts' rank sums: numpy / scipy on the CPU and torch elsewhere
         (``"auto"``), or torch everywhere (see :mod:`crp_invert.core.backend`); the results are the same.
+    min_support : int
+        A formula must hold on at least ``min_support`` samples and fail on at least as many (count
+        bounds applied with the fractions' at every length; 0: no bound besides ``0 < T < 1``).
     """
     prepared = labels_t if isinstance(labels_t, PreparedLabels) else prepare_labels(labels_t, backend)
     n_samples, n_concepts = prepared.n_samples, prepared.n_concepts
@@ -342,7 +346,7 @@ def beam_search(
     # rank sums of every concept: [F, K], exact (float64 sums of integers below 2**53)
     concept_rank_sums = _concept_rank_sums(doubled, prepared, sums_chunk, backend)
 
-    settings = _Settings(L, B, limit_search, *_count_bounds(n_samples, min_fraction, max_fraction),
+    settings = _Settings(L, B, limit_search, *_count_bounds(n_samples, min_fraction, max_fraction, min_support),
                          1.0 if mode == "positive" else -1.0, memorize_states, list_elements)
     # (a batch without features is searched as one empty chunk)
     parts = [
@@ -493,10 +497,11 @@ def _concatenate_states(states: list[BeamState]) -> BeamState:
                        for name in ("primitives", "operators", "length", "n_positive", "auc")))
 
 
-def _count_bounds(n_samples: int, min_fraction: float, max_fraction: float) -> tuple:
-    """The allowed range of positive counts: fraction in [min, max] and 0 < T < 1."""
-    low = max(1.0, min_fraction * n_samples)
-    high = min(n_samples - 1.0, max_fraction * n_samples)
+def _count_bounds(n_samples: int, min_fraction: float, max_fraction: float, min_support: int = 0) -> tuple:
+    """The allowed range of positive counts: fraction in [min, max], 0 < T < 1, and at least ``min_support``
+    samples where the formula holds and as many where it fails."""
+    low = max(1.0, min_fraction * n_samples, float(min_support))
+    high = min(n_samples - 1.0, max_fraction * n_samples, float(n_samples - min_support))
     # counts are integers; tolerate the rounding of fraction * N
     eps = 1e-9 * n_samples
     return low - eps, high + eps
