@@ -80,7 +80,8 @@ def _itemsize(activations: Any) -> int:
     """Bytes per value of a column batch as read (integers are converted to float64)."""
     dtype = getattr(activations, "dtype", None)
     if isinstance(dtype, torch.dtype):
-        return dtype.itemsize if dtype.is_floating_point else 8
+        # torch.dtype.itemsize needs torch >= 2.1; element_size() works on the declared floor 2.0
+        return torch.empty((), dtype=dtype).element_size() if dtype.is_floating_point else 8
     try:
         dtype = np.dtype(dtype)
     except TypeError:
