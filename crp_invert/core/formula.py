@@ -180,6 +180,13 @@ class Formula:
         -------
         torch.Tensor
             Boolean ``[N]``.
+
+        Examples
+        --------
+        >>> red = torch.tensor([True, True, False, False])
+        >>> circle = torch.tensor([True, False, True, False])
+        >>> Formula.parse("red AND NOT circle").evaluate({"red": red, "circle": circle}).tolist()
+        [False, True, False, False]
         """
         if hasattr(concepts, "mask") and callable(concepts.mask):
             lookup: Callable[[str], torch.Tensor] = concepts.mask
