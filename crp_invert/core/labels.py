@@ -391,6 +391,12 @@ class LayerLabels:
             writer.writerow({key: ("" if row.get(key) is None else row.get(key, "")) for key in columns})
         write_text_atomically(path, buffer.getvalue())
 
+    def _repr_html_(self) -> str:
+        from .html import html_table
+        return html_table(["feature", "formula", "AUC", "fraction", "p (Bonf.)", "q (BH)"], ([r["feature"], r.get(
+            "formula"), r.get("auc"), r.get("fraction"), r.get("p_value_bonferroni"), r.get("p_value_bh")] for r in
+            self.rows()), caption=f"{self.layer}: {self.n_features} features")
+
 
 def _read_beams(beams: Any, known: set, where: str) -> list[list[Explanation]]:
     """The explanations of every feature from JSON, each checked (errors name the feature and position)."""
