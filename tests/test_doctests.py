@@ -5,8 +5,8 @@ import importlib
 import pytest
 
 # every module with Examples in its docstrings; a new one is added here
-MODULES = ["core.metrics", "core.formula", "core.html", "core.concepts", "core.labeling", "core.search", "labeler", "find",
-           "audit", "fuzzy", "storage.cache", "storage.flat", "integration.glocal", "parallel.group"]
+MODULES = ["core.metrics", "core.formula", "core.html", "core.concepts", "core.labeling", "core.search", "labeler",
+           "find", "audit", "fuzzy", "storage.cache", "storage.flat", "integration.glocal", "parallel.group"]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
