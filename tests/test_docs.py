@@ -137,3 +137,10 @@ def test_search_in_chromium(site, tmp_path, query, page):
     results = re.search(r"<ul[^>]*class=\"search\"[^>]*>(.*?)</ul>", dom, re.S)
     assert results is not None, dom[-3000:]
     assert f'href="{page}' in results.group(1) or f'href="./{page}' in results.group(1), results.group(1)[:2000]
+
+
+def test_every_tutorial_is_listed():
+    """tutorials/README.md names every tutorial notebook (the docs list them by glob)."""
+    listing = (ROOT / "tutorials" / "README.md").read_text()
+    for script in sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py")):
+        assert f"{script.stem}.ipynb" in listing, script.name
