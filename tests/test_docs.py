@@ -144,3 +144,33 @@ def test_every_tutorial_is_listed():
     listing = (ROOT / "tutorials" / "README.md").read_text()
     for script in sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py")):
         assert f"{script.stem}.ipynb" in listing, script.name
+
+
+# pages whose Python blocks run on their own (the others need a recording or the demo's files; the torchrun
+# guide is run by tests/test_howto_torchrun.py)
+SELF_CONTAINED = ["explanation/statistics.md", "explanation/beam-search.md", "howto/label-existing-file.md",
+                  "howto/concepts-from-targets.md"]
+
+
+def _python_blocks(page: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", (ROOT / "docs" / page).read_text(), re.S | re.M)
+
+
+@pytest.mark.parametrize("page", SELF_CONTAINED)
+def test_page_examples_run(page, tmp_path, monkeypatch, capsys):
+    """The page's first Python block runs as written (in an empty folder) and prints something."""
+    monkeypatch.chdir(tmp_path)
+    blocks = _python_blocks(page)
+    assert blocks, page
+    exec(compile(blocks[0], page, "exec"), {})
+    assert capsys.readouterr().out.strip()
+
+
+def test_held_out_example_says_what_the_page_says(tmp_path, monkeypatch, capsys):
+    """statistics.md: the real channel keeps its held-out AUC, the noise channel falls back and is no finding."""
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_python_blocks("explanation/statistics.md")[0], "statistics.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    values = [dict(re.findall(r"(held-out AUC|AUC|q) ([0-9.e+-]+)", line)) for line in lines]
+    assert float(values[0]["held-out AUC"]) > 0.7 and float(values[0]["q"]) < 0.05
+    assert abs(float(values[1]["held-out AUC"]) - 0.5) < 0.05 and float(values[1]["q"]) > 0.05
