@@ -38,6 +38,7 @@ extensions = [
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+templates_path = ["_templates"]
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "make_readme_figure.py"]
 root_doc = "index"
 
@@ -88,11 +89,11 @@ def _copy_notebooks() -> None:
 
 
 def _module_summary(module_name: str) -> str:
-    """The first line of a module's docstring, without importing anything heavy at build time twice."""
+    """The first paragraph of a module's docstring, on one line."""
     import importlib
 
     doc = importlib.import_module(f"crp_invert.{module_name}").__doc__ or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 def _write_api_page() -> None:
