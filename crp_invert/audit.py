@@ -214,6 +214,11 @@ class Audit:
     def from_json(cls, text_or_path: str | os.PathLike) -> Audit:
         return cls.from_dict(read_json(text_or_path))
 
+    def _repr_html_(self) -> str:
+        from .core.html import html_table
+        return html_table(["class", "channel", "share", "flag", "label"], ([c.name, f"{x.layer}:{x.channel}", x.share,
+                          x.flag, x.label] for c in self.classes for x in c.channels), f"audit of {self.layer}", 50)
+
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:
     return {key: (None if isinstance(value, float) and math.isnan(value) else value) for key, value in row.items()}

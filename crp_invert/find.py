@@ -232,6 +232,12 @@ class ChannelSearch:
         """Read a result from JSON text or a file."""
         return cls.from_dict(read_json(text_or_path))
 
+    def _repr_html_(self) -> str:
+        from .core.html import html_table
+        return html_table(["rank", "layer", "channel", "AUC", "p", "q (BH)", "label"], (
+            [i + 1, m.layer, m.channel, m.auc, m.p_value, m.p_value_bh, m.label] for i, m in enumerate(self.matches)),
+            caption=f"{self.formula} ({self.source}, {self.mode})")
+
 
 def _json_float(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value

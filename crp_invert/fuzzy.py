@@ -114,6 +114,11 @@ def fuzzify(activations, mean, std, eps: float = 1e-12) -> torch.Tensor:
 class Fuzzifier:
     """Maps neuron outputs to truth degrees with the mean and std fitted over a dataset.
 
+    Parameters
+    ----------
+    mean, std : array-like, optional
+        ``[F]`` mean and standard deviation of every feature, if known; otherwise call :meth:`fit`.
+
     Examples
     --------
     >>> fuzzifier = Fuzzifier().fit(train_activations)   # doctest: +SKIP
@@ -125,7 +130,18 @@ class Fuzzifier:
         self.std = None if std is None else _tensor(std)
 
     def fit(self, activations) -> "Fuzzifier":
-        """Fit mean and std over the samples (rows) of ``activations`` [N, F]; returns self."""
+        """Fit mean and std over the samples (rows) of ``activations`` [N, F].
+
+        Parameters
+        ----------
+        activations : array-like
+            ``[N, F]`` neuron outputs over a dataset.
+
+        Returns
+        -------
+        Fuzzifier
+            ``self``, fitted.
+        """
         x = _tensor(activations)
         if x.dim() != 2:
             raise ValueError(f"activations must have shape [N, F], got {tuple(x.shape)}")
@@ -276,7 +292,20 @@ class FuzzyCircuit:
         return fuzzy_or(*operands, logic=self.logic, p=self.p)
 
     def score(self, memberships, concept) -> float:
-        """AUROC of the circuit's truth degree against a boolean concept mask [N] (ties count one half)."""
+        """AUROC of the circuit's truth degree against a boolean concept mask [N] (ties count one half).
+
+        Parameters
+        ----------
+        memberships : array-like
+            ``[N, F]`` truth degrees of the neurons (a :class:`Fuzzifier`'s output).
+        concept : array-like of bool
+            ``[N]`` mask of the samples where the concept holds.
+
+        Returns
+        -------
+        float
+            The AUC.
+        """
         from .core.metrics import auroc
 
         degrees = self(memberships)

@@ -129,7 +129,7 @@ class ConceptLabeler:
         feature_batch_size : int, optional
             Features searched together; bounds memory. By default chosen from the free memory
             of the device (see :func:`~crp_invert.core.labeling.default_feature_batch_size`).
-        validation : float or boolean mask, optional
+        validation : float or bool mask, optional
             Held-out samples: a share in (0, 1) drawn at random with ``seed``, or a boolean ``[N]``
             mask (True = held out). The search sees only the other samples; every explanation also
             reports AUC and p-value on the held-out ones.
@@ -143,6 +143,7 @@ class ConceptLabeler:
         Returns
         -------
         LayerLabels
+            Per feature the B best explanations, best first.
         """
         params = SearchParams(L=L, B=B, limit_search=limit_search, min_fraction=min_fraction,
                               max_fraction=max_fraction, mode=mode, min_support=min_support,
@@ -153,19 +154,76 @@ class ConceptLabeler:
 
     def label_with(self, activations: Any, params: SearchParams, *, validation: Any = None,
                    layer: str | None = None, progress: bool = True, seed: int = 0) -> LayerLabels:
-        """:meth:`label` with the search parameters given as one :class:`SearchParams`."""
+        """:meth:`label` with the search parameters given as one :class:`SearchParams`.
+
+        Parameters
+        ----------
+        activations : array-like
+            ``[N, F]`` activations, as for :meth:`label`.
+        params : SearchParams
+            The search's parameters.
+        validation : float or bool mask, optional
+            Held-out samples, as for :meth:`label`.
+        layer : str, optional
+            Stored in the result.
+        progress : bool
+            Show a progress bar over feature batches.
+        seed : int
+            Seed of the random validation split.
+
+        Returns
+        -------
+        LayerLabels
+            Per feature the B best explanations, best first.
+        """
         prepared = self._prepared_labels() if validation is None else None
         return label_array(activations, self.concepts, params, device=self.device, validation=validation,
                            layer=layer, progress=progress, seed=seed, prepared=prepared, backend=self.backend)
 
     def label_cache(self, cache: Any, layers: Sequence[str] | None = None, source: str = "activation",
                     progress: bool = True, **label_kwargs: Any) -> LabelsByLayer:
-        """Label every channel of the layers of an :class:`~crp_invert.ActivationCache` (see :func:`label_cache`)."""
+        """Label every channel of the layers of an :class:`~crp_invert.ActivationCache` (see :func:`label_cache`).
+
+        Parameters
+        ----------
+        cache : ActivationCache, str or os.PathLike
+            The cache (a path is opened read-only and closed afterwards).
+        layers : sequence of str, optional
+            Layers to label (default: all, in cache order).
+        source : {"activation", "relevance"}
+            Label what a channel's activation detects, or what its relevance detects.
+        progress : bool
+            Show progress bars.
+        **label_kwargs
+            Passed to :meth:`label` (``L``, ``B``, ``feature_batch_size``, ...).
+
+        Returns
+        -------
+        LabelsByLayer
+            A dict of layer name to LayerLabels, in the order of ``layers``; a wrong key names the layers.
+        """
         return label_cache(self, cache, layers=layers, source=source, progress=progress, **label_kwargs)
 
     def label_h5(self, path: str | os.PathLike, dataset: str = "Y", progress: bool = True,
                  **label_kwargs: Any) -> LayerLabels:
-        """Label every column of the INVERT release's single-file HDF5 format (see :func:`label_h5`)."""
+        """Label every column of the INVERT release's single-file HDF5 format (see :func:`label_h5`).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The HDF5 file.
+        dataset : str
+            The name of its ``[N, D]`` dataset.
+        progress : bool
+            Show a progress bar over feature batches.
+        **label_kwargs
+            Passed to :meth:`label`.
+
+        Returns
+        -------
+        LayerLabels
+            Per column the B best explanations, best first.
+        """
         return label_h5(self, path, dataset=dataset, progress=progress, **label_kwargs)
 
 
@@ -250,6 +308,24 @@ def label_h5(
 
     ``layer`` defaults to ``dataset``; other keyword arguments go to :meth:`ConceptLabeler.label`. Under
     torchrun the columns are split across the ranks (see :func:`label_cache`).
+
+    Parameters
+    ----------
+    labeler : ConceptLabeler
+        Holds the concept labels; their N must equal the dataset's.
+    path : str or os.PathLike
+        The HDF5 file.
+    dataset : str
+        The name of its ``[N, D]`` dataset.
+    progress : bool
+        Show a progress bar over feature batches.
+    **label_kwargs
+        Passed to :meth:`ConceptLabeler.label`.
+
+    Returns
+    -------
+    LayerLabels
+        Per column the B best explanations, best first.
     """
     labeler = _check_labeler(labeler)
     layer = label_kwargs.pop("layer", dataset)

@@ -59,7 +59,7 @@ layer_map = {name: ChannelConcept() for name in model.layer_names}
 from crp_invert import InvertFeatureVisualization
 
 fv = InvertFeatureVisualization(attribution, dataset, layer_map, path=str(work / "crp"),
-                                activation_cache=str(work / "activations.h5"), device=device)
+                                activation_cache=str(work / "activations.h5"), device=device, progress=False)
 files = fv.run(composite, 0, len(dataset), batch_size=100)
 print("CRP wrote", {kind: len(paths) for kind, paths in files.items()}, "result files")
 
@@ -74,7 +74,7 @@ from crp_invert import ConceptLabeler
 
 labeler = ConceptLabeler(concepts, device=device)
 labels = labeler.label_cache(str(work / "activations.h5"), L=3, B=3, progress=False)
-print(labels["conv3"].table(max_rows=8))
+labels["conv3"]  # a table in Jupyter; print(labels["conv3"].table()) gives the same as text
 
 # %% [markdown]
 # One row per channel: its best formula, the AUC with which the channel's activation separates the samples where

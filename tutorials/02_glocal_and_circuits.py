@@ -77,6 +77,13 @@ print("completeness error:", glocal.completeness_error())
 plot_glocal(glocal.to("cpu"), image=image, class_name=dataset.class_names[target])
 
 # %% [markdown]
+# In Jupyter a decomposition shows as a table of its parts: channel, share of the class relevance, relevance and
+# label.
+
+# %%
+glocal
+
+# %% [markdown]
 # `decompose_batch` does the same for several samples with batched passes.
 
 # %%

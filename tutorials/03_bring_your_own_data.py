@@ -91,7 +91,7 @@ finally:
 
 labeler = ConceptLabeler(class_concepts, device=device)
 labels = labeler.label_h5(work / "linear1.h5", dataset="Y", L=2, B=2, progress=False)
-print(labels.table(max_rows=6))
+labels  # a table in Jupyter (the first 20 channels); labels.table() for text
 
 # %% [markdown]
 # The same from the shell: `crp-invert label linear1.h5 concepts.npz --dataset Y --out linear1.json`

@@ -309,14 +309,17 @@ class ConceptLabels:
 
     @property
     def n_samples(self) -> int:
+        """Number of samples N (rows)."""
         return self._matrix.shape[0]
 
     @property
     def n_concepts(self) -> int:
+        """Number of concepts K (columns)."""
         return self._matrix.shape[1]
 
     @property
     def shape(self) -> tuple:
+        """``(N, K)``."""
         return self._matrix.shape
 
     def __len__(self) -> int:

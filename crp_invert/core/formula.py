@@ -52,6 +52,15 @@ class Formula:
     Build formulas with :meth:`concept`, ``~`` (NOT), ``&`` (AND) and ``|`` (OR), or with
     :meth:`parse`. Do not call the constructor directly.
 
+    Parameters
+    ----------
+    kind : str
+        ``"concept"``, ``"not"``, ``"and"`` or ``"or"``.
+    name : str or None
+        The concept name of an atom, None otherwise.
+    children : tuple of Formula
+        The operands, already canonical.
+
     Attributes
     ----------
     kind : str
@@ -88,7 +97,18 @@ class Formula:
     # construction -------------------------------------------------------------------------------
     @classmethod
     def concept(cls, name: str) -> Formula:
-        """The atom for the concept ``name``."""
+        """The atom for the concept ``name``.
+
+        Parameters
+        ----------
+        name : str
+            A concept name (not empty).
+
+        Returns
+        -------
+        Formula
+            The atom.
+        """
         if not isinstance(name, str):
             raise TypeError(f"a concept name must be a str, got {type(name).__name__}: {name!r}")
         if not name:
@@ -97,7 +117,18 @@ class Formula:
 
     @classmethod
     def not_(cls, operand: Formula) -> Formula:
-        """``NOT operand``; ``NOT NOT x`` is ``x``."""
+        """``NOT operand``; ``NOT NOT x`` is ``x``.
+
+        Parameters
+        ----------
+        operand : Formula
+            The formula to negate.
+
+        Returns
+        -------
+        Formula
+            The negation.
+        """
         _check_formula(operand)
         if operand.kind == NOT:
             return operand.children[0]
@@ -105,12 +136,34 @@ class Formula:
 
     @classmethod
     def and_(cls, *operands: Formula) -> Formula:
-        """Conjunction of the operands (flattened, deduplicated, canonical order)."""
+        """Conjunction of the operands (flattened, deduplicated, canonical order).
+
+        Parameters
+        ----------
+        *operands : Formula
+            The formulas to join.
+
+        Returns
+        -------
+        Formula
+            ``a AND b AND ...``.
+        """
         return cls._junction(AND, operands)
 
     @classmethod
     def or_(cls, *operands: Formula) -> Formula:
-        """Disjunction of the operands (flattened, deduplicated, canonical order)."""
+        """Disjunction of the operands (flattened, deduplicated, canonical order).
+
+        Parameters
+        ----------
+        *operands : Formula
+            The formulas to join.
+
+        Returns
+        -------
+        Formula
+            ``a OR b OR ...``.
+        """
         return cls._junction(OR, operands)
 
     @classmethod
@@ -180,6 +233,13 @@ class Formula:
         -------
         torch.Tensor
             Boolean ``[N]``.
+
+        Examples
+        --------
+        >>> red = torch.tensor([True, True, False, False])
+        >>> circle = torch.tensor([True, False, True, False])
+        >>> Formula.parse("red AND NOT circle").evaluate({"red": red, "circle": circle}).tolist()
+        [False, True, False, False]
         """
         if hasattr(concepts, "mask") and callable(concepts.mask):
             lookup: Callable[[str], torch.Tensor] = concepts.mask
@@ -261,7 +321,13 @@ class Formula:
 
     # JSON ---------------------------------------------------------------------------------------
     def to_json(self) -> Any:
-        """A JSON-able nested structure: ``{"concept": name}``, ``{"not": x}``, ``{"and": [...]}``."""
+        """A JSON-able nested structure: ``{"concept": name}``, ``{"not": x}``, ``{"and": [...]}``.
+
+        Returns
+        -------
+        dict
+            The nested structure; :meth:`from_json` reads it back.
+        """
         if self.kind == CONCEPT:
             return {"concept": self.name}
         if self.kind == NOT:
@@ -274,6 +340,16 @@ class Formula:
 
         Chains of ``{"not": ...}`` of any length are read without recursion; AND / OR nesting deeper
         than :data:`MAX_DEPTH` is refused with a ValueError.
+
+        Parameters
+        ----------
+        data : dict or str
+            What :meth:`to_json` returned, or formula text.
+
+        Returns
+        -------
+        Formula
+            The formula.
         """
         return cls._from_json(data, 0)
 

@@ -606,6 +606,12 @@ class LayerLabels:
             })
         return rows
 
+    def _repr_html_(self) -> str:
+        from .html import html_table
+        return html_table(["feature", "label", "AUC", "support", "p (Bonf.)", "q (BH)"], ([r["feature"], r.get(
+            "formula"), r.get("auc"), r.get("support"), r.get("p_value_bonferroni"), r.get("p_value_bh")] for r in
+            self.rows()), caption=f"{self.layer}: {self.n_features} features")
+
 
 class LabelsByLayer(dict):
     """A ``dict`` of layer name to :class:`LayerLabels` whose ``KeyError`` names the layers it has.

@@ -227,7 +227,13 @@ def rank_scores(scores: torch.Tensor) -> RankedScores:
 
 
 def midranks(scores: torch.Tensor) -> torch.Tensor:
-    """1-based ranks of every column of ``scores``, ties get the mean of their ranks (float64)."""
+    """1-based ranks of every column of ``scores``, ties get the mean of their ranks (float64).
+
+    Examples
+    --------
+    >>> midranks(torch.tensor([0.5, 0.1, 0.5, 0.9])).flatten().tolist()
+    [2.5, 1.0, 2.5, 4.0]
+    """
     return rank_scores(scores).ranks
 
 
@@ -247,6 +253,18 @@ def auc_from_rank_sums(
         Number of positive samples, broadcastable against ``rank_sum``.
     n_samples : int
         Number of samples ``N``.
+
+    Returns
+    -------
+    torch.Tensor
+        The AUCs, float64, shaped like the broadcast of ``rank_sum`` and ``n_positive``.
+
+    Examples
+    --------
+    The positives hold midranks 2.5 and 4 of the scores ``[0.1, 0.4, 0.4, 0.9]``:
+
+    >>> auc_from_rank_sums(torch.tensor([6.5], dtype=torch.float64), torch.tensor([2]), 4)
+    tensor([0.8750], dtype=torch.float64)
     """
     n_positive = n_positive.to(torch.float64)
     # every step is exact (integers and half-integers below 2**53) but the final division; in place
@@ -329,6 +347,21 @@ def mann_whitney_pvalue(
         "greater": positives score higher than negatives.
     use_continuity : bool
         Apply the continuity correction of 0.5 (scipy's default).
+
+    Returns
+    -------
+    torch.Tensor
+        The p-values, float64, in ``[0, 1]``.
+
+    Examples
+    --------
+    The same p-value as scipy's for positives ``[3, 4, 5]`` against negatives ``[1, 2, 2]``:
+
+    >>> from scipy.stats import mannwhitneyu
+    >>> p = mann_whitney_pvalue(torch.tensor(1.0), 3, 6, torch.tensor(6.0), "greater")
+    >>> expected = mannwhitneyu([3, 4, 5], [1, 2, 2], alternative="greater", method="asymptotic").pvalue
+    >>> bool(abs(p.item() - expected) < 1e-12)
+    True
     """
     if alternative not in ALTERNATIVES:
         raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
@@ -363,6 +396,25 @@ def benjamini_hochberg(p_values: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Benjamini-Hochberg adjusted p-values (q-values) along ``dim``.
 
     Equal to ``scipy.stats.false_discovery_control(p, method="bh")``; NaNs are not allowed.
+
+    Parameters
+    ----------
+    p_values : torch.Tensor
+        The p-values; each slice along ``dim`` is one family.
+    dim : int
+        The dimension of the family.
+
+    Returns
+    -------
+    torch.Tensor
+        The q-values, float64, shaped like ``p_values``.
+
+    Examples
+    --------
+    Sorted, ``p * m / rank`` is ``0.04, 0.06, 0.0533, 0.5``; the running minimum from the top makes them monotone:
+
+    >>> [round(q, 4) for q in benjamini_hochberg(torch.tensor([0.01, 0.04, 0.03, 0.5])).tolist()]
+    [0.04, 0.0533, 0.0533, 0.5]
     """
     p_values = torch.as_tensor(p_values, dtype=torch.float64)
     if p_values.numel() == 0:

@@ -781,6 +781,11 @@ class GlocalExplanation:
         """Read an explanation from JSON text or from a file path."""
         return cls.from_dict(_read_json(text_or_path))
 
+    def _repr_html_(self) -> str:
+        from ..core.html import html_table
+        return html_table(["channel", "share", "relevance", "label"], zip(self.channels.tolist(), self.share.tolist(),
+                          self.relevance.tolist(), self.label_strings()), f"class {self.target} in {self.layer}")
+
 
 def decompose_batch(attribution, samples: torch.Tensor, target, layer: str, composite, labels=None,
                     top_k: int = 8, rank_by: str = "signed", batch_size: int = 32, device=None,

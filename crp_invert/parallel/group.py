@@ -40,7 +40,16 @@ def get_world_size() -> int:
 
 
 def local_device(device: str = "cuda") -> str:
-    """``"cuda:LOCAL_RANK"`` for ``device="cuda"`` under torchrun (one GPU per process), else ``device``."""
+    """``"cuda:LOCAL_RANK"`` for ``device="cuda"`` under torchrun (one GPU per process), else ``device``.
+
+    Examples
+    --------
+    >>> import os
+    >>> local_device("cpu")
+    'cpu'
+    >>> "LOCAL_RANK" in os.environ or local_device("cuda") == "cuda"
+    True
+    """
     if str(device) == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return str(device)

@@ -95,7 +95,13 @@ class FlatActivationWriter:
         return None if self._dataset is None else int(self._dataset.shape[1])
 
     def append(self, batch: np.ndarray | torch.Tensor) -> None:
-        """Append a batch [B, ...] (torch or numpy), flattened to [B, D] float32, and flush."""
+        """Append a batch [B, ...] (torch or numpy), flattened to [B, D] float32, and flush.
+
+        Parameters
+        ----------
+        batch : numpy.ndarray or torch.Tensor
+            ``[B, ...]`` activations of the next B samples; every batch has the same D after flattening.
+        """
         if isinstance(batch, torch.Tensor):
             batch = batch.detach().cpu().float().numpy()
         batch = np.asarray(batch, dtype=np.float32)
