@@ -58,6 +58,7 @@ from ..storage.cache import ActivationCache
 from ..storage.fingerprint import model_hash
 from .checkpoints import KINDS, CheckpointLog, after_collect, deferred_removal, finish_collect
 from .guard import restored_on_error
+from .layouts import layer_layouts
 from .recorder import (
     Pooling,
     Recorder,
@@ -158,6 +159,11 @@ class InvertFeatureVisualization(FeatureVisualization):
         Seconds between flushes to disk; rows become ``complete`` at a flush. 0 flushes every batch.
     progress : bool
         Show CRP's progress bars (named).
+    layouts : str or dict of layer name to str, optional
+        Unit layout per layer (:mod:`~crp_invert.integration.layouts`): ``"channels"`` (default) or ``"tokens"``
+        ([B, T, D] outputs, units last; e.g. ``"tokens:cls"``). A tokens layer needs the concept
+        :class:`~crp_invert.integration.layouts.TokenConcept` in ``layer_map``. A 3-D output of a layer
+        without a layout is refused at the first batch.
 
     Notes
     -----
@@ -187,6 +193,7 @@ class InvertFeatureVisualization(FeatureVisualization):
         overwrite: bool = False,
         flush_interval: float = 2.0,
         progress: bool = True,
+        layouts: str | Mapping[str, str] | None = None,
     ) -> None:
         if isinstance(cache, (str, os.PathLike, ActivationCache)):
             if activation_cache is not None:
@@ -207,6 +214,8 @@ class InvertFeatureVisualization(FeatureVisualization):
         check_layer_names(layer_map)
         self.poolings = layer_poolings(layer_map, pooling)
         check_layers(attribution.model, layer_map)
+        self.layouts, self.poolings, self._declared = layer_layouts(attribution.model, layer_map, self.poolings,
+                                                                    layouts)
         super().__init__(attribution, dataset, layer_map, preprocess_fn, max_target, abs_norm, path, device, cache)
         self.activation_cache = activation_cache
         self.record_relevance = bool(record_relevance)
@@ -215,6 +224,8 @@ class InvertFeatureVisualization(FeatureVisualization):
         self.flush_interval = float(flush_interval)
         self.progress = bool(progress)
         self._run: _Run | None = None
+        self._times_activation = bool(getattr(attribution, "relevance_times_activation", False))
+        self._last_activation: dict[str, torch.Tensor] = {}
 
     # -- the methods CRP's loop calls ----------------------------------------------------------------------------
 
@@ -229,12 +240,16 @@ class InvertFeatureVisualization(FeatureVisualization):
 
     @torch.no_grad()
     def analyze_activation(self, act, layer_name, concept, data_indices, targets):
+        if self._times_activation:  # gradient x input (vit.GradientTimesInput): relevance = a * df/da
+            self._last_activation[layer_name] = act
         if self._run is not None:
             self._run.recorder.activation(layer_name, act, data_indices)
         return super().analyze_activation(act, layer_name, concept, data_indices, targets)
 
     @torch.no_grad()
     def analyze_relevance(self, rel, layer_name, concept, data_indices, targets):
+        if self._times_activation:
+            rel = rel * self._last_activation[layer_name]
         if self._run is not None:
             self._run.recorder.relevance(layer_name, rel, data_indices)
         return super().analyze_relevance(rel, layer_name, concept, data_indices, targets)
@@ -395,9 +410,11 @@ class InvertFeatureVisualization(FeatureVisualization):
         sample, target = self.get_data_sample(0, preprocessing=True)
         data = input_hash(sample, target)
         relevance = RELEVANCE if self.record_relevance else ""
+        if relevance and self._times_activation:
+            relevance = f"activation x gradient (gradient x input); {RELEVANCE}"
         return {
             name: recording_meta(digest, name, concept, self.poolings[name], composite, len(self.dataset),
-                                 relevance, data, callable_name(self.preprocess_fn))
+                                 relevance, data, callable_name(self.preprocess_fn), self.layouts[name])
             for name, concept in self.layer_map.items()
         }
 
@@ -417,7 +434,7 @@ class InvertFeatureVisualization(FeatureVisualization):
             meta = self._meta(composite)
             check_recorded_layers(cache, meta, self.record_relevance)
             recorder = Recorder(cache, self.layer_map, self.poolings, self.record_relevance, meta,
-                                self.flush_interval)
+                                self.flush_interval, self.layouts, self._declared)
             log = CheckpointLog(self._crp_root(), self.sample_range)
             log.start(data_start, data_end)
         except BaseException:
