@@ -29,7 +29,7 @@ import torch
 from crp.concepts import ChannelConcept, Concept
 
 __all__ = ["LAYOUTS", "TOKEN_POOLINGS", "Layout", "TokenConcept", "parse_layout", "layer_layouts",
-           "units_first", "pool_units", "check_output_layout", "CHANNELS_FIRST_1D"]
+           "units_first", "check_output_layout", "CHANNELS_FIRST_1D", "layout_concepts"]
 
 LAYOUTS = ("channels", "tokens")
 TOKEN_POOLINGS = ("cls", "mean", "max", "sum")
@@ -116,6 +116,12 @@ def layer_layouts(
     return kinds, pooled, declared
 
 
+def layout_concepts(layers: list[str], layouts: Mapping[str, str]) -> dict[str, Concept]:
+    """CRP's ``layer_map`` for ``layers``: a :class:`TokenConcept` for tokens layers, ``ChannelConcept`` else."""
+    return {name: TokenConcept() if name in layouts and parse_layout(layouts[name])[0] == "tokens"
+            else ChannelConcept() for name in layers}
+
+
 def check_output_layout(layer: str, output: torch.Tensor, layout: str, declared: bool) -> None:
     """ValueError for an output the layout cannot read: a 3-D output of an undeclared layer, or a tokens layer
     whose output is not [B, T, D]."""
@@ -134,16 +140,6 @@ def units_first(tensor: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "tokens":
         return tensor.movedim(-1, 1)
     return tensor
-
-
-def pool_units(output: torch.Tensor, layout: str, pooling: Pooling) -> torch.Tensor:
-    """One value per unit [B, units]: tokens reduced by ``pooling`` (``"cls"``: token 0), or channels pooled
-    over space (:func:`crp_invert.integration.recorder.pool`)."""
-    from .recorder import pool
-
-    if layout == "tokens" and pooling == "cls":
-        return output[:, 0, :]
-    return pool(units_first(output, layout), pooling)
 
 
 class TokenConcept(Concept):

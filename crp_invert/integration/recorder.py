@@ -21,9 +21,9 @@ from crp.concepts import ChannelConcept
 
 from ..storage.cache import ActivationCache
 from ..storage.fingerprint import fingerprint
-from .layouts import TokenConcept, check_output_layout, pool_units
+from .layouts import TokenConcept, check_output_layout, units_first
 
-__all__ = ["pool", "POOLINGS", "Pooling", "Recorder", "layer_poolings", "check_layers", "recording_meta",
+__all__ = ["pool", "pool_units", "POOLINGS", "Pooling", "Recorder", "layer_poolings", "check_layers", "recording_meta",
            "input_hash", "callable_name", "open_cache", "check_recorded_layers"]
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,15 @@ def pool(output: torch.Tensor, pooling: Pooling = "mean") -> torch.Tensor:
     if pooling == "max":
         return flat.amax(-1)
     return flat.sum(-1)
+
+
+def pool_units(output: torch.Tensor, layout: str, pooling: Pooling) -> torch.Tensor:
+    """One value per unit [B, units] for a layer of the given layout (:mod:`.layouts`): tokens [B, T, D]
+    reduced over the tokens (``"cls"``: token 0; a callable sees the output units first, [B, D, T]), or
+    channels pooled over space (:func:`pool`)."""
+    if layout == "tokens" and pooling == "cls":
+        return output[:, 0, :]
+    return pool(units_first(output, layout), pooling)
 
 
 def callable_name(function: Any) -> str:
