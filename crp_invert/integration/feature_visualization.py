@@ -25,7 +25,10 @@ Relevance
     sample (relevance initialised with the target logit, ``{"y": [target]}``), reduced per concept by the
     concept itself: ``concept.attribute(relevance, abs_norm=False)``, which for ``ChannelConcept`` is the sum
     over the spatial dimensions. If ``multitarget_to_single`` yields several targets for a sample, the row
-    holds the *sum* over its targets. The activation of such a sample is stored once.
+    holds the *sum* over its targets. The activation of such a sample is stored once. With an attribution
+    whose relevance is activation times gradient (:class:`~crp_invert.integration.vit.GradientTimesInput`,
+    for transformers) the cache holds ``a * df/da`` reduced by the concept; CRP's own results keep the
+    gradient its hooks see, as in plain CRP.
 Modules called several times per forward pass
     (torchvision's BasicBlock applies one ``relu`` twice): CRP's hooks see every call and CRP's ActMax/RelMax
     use them all; the cache holds the output of the **last** call and the relevance at that output, as CRP's
@@ -248,10 +251,10 @@ class InvertFeatureVisualization(FeatureVisualization):
 
     @torch.no_grad()
     def analyze_relevance(self, rel, layer_name, concept, data_indices, targets):
-        if self._times_activation:
-            rel = rel * self._last_activation[layer_name]
         if self._run is not None:
-            self._run.recorder.relevance(layer_name, rel, data_indices)
+            # CRP's own results keep its gradient, as in plain CRP; the cache gets a * df/da
+            recorded = rel * self._last_activation[layer_name] if self._times_activation else rel
+            self._run.recorder.relevance(layer_name, recorded, data_indices)
         return super().analyze_relevance(rel, layer_name, concept, data_indices, targets)
 
     def _save_results(self, d_index=None):
