@@ -18,7 +18,6 @@ from crp.concepts import ChannelConcept  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from crp_invert.cli import main  # noqa: E402
-from crp_invert.core.concepts import ConceptLabels  # noqa: E402
 from crp_invert.demo.data import ShapesDataset  # noqa: E402
 from crp_invert.fuzzy import Fuzzifier, FuzzyCircuit  # noqa: E402
 from crp_invert.integration.feature_visualization import InvertFeatureVisualization  # noqa: E402
@@ -248,8 +247,8 @@ def test_decompose_units_is_complete_and_matches_autograd(layer, shapes):
         assert part.completeness_error() < 1e-4
         torch.testing.assert_close(part.channel_relevance, relevance[i].sum(0), rtol=1e-4, atol=1e-5)
         unit = int(part.channels[0])
-        torch.testing.assert_close(part.channel_heatmaps[0], unit_heatmap(model, images[i], int(targets[i]), layer, unit),
-                                   rtol=1e-4, atol=1e-6)
+        expected = unit_heatmap(model, images[i], int(targets[i]), layer, unit)
+        torch.testing.assert_close(part.channel_heatmaps[0], expected, rtol=1e-4, atol=1e-6)
     assert [name for name, _ in model.named_modules()] == [name for name, _ in tiny_vit().named_modules()]
 
 
@@ -339,8 +338,10 @@ def test_end_to_end_cli(tmp_path, shapes):
     for source in ("activation", "relevance"):
         out = tmp_path / source
         result = runner.invoke(main, ["label", str(cache), str(concepts_path), "--source", source, "-L", "1",
-                                      "-B", "1", "--out", str(out), "-q"])
+                                      "-B", "1", "--out", str(out)])
         assert result.exit_code == 0, result.output
+        assert f"## encoder ({source}, tokens:cls)" in result.output
+        assert f"## {BLOCK} ({source}, tokens:mean)" in result.output
         index = json.loads((out / "index.json").read_text())
         assert set(index) == {BLOCK, "encoder"}
     result = runner.invoke(main, ["find", str(cache), str(concepts_path), "red AND circle", "--layer", "encoder",
@@ -392,3 +393,44 @@ def test_end_to_end_api(tmp_path, shapes):
             assert part.completeness_error() < 1e-4
             for item in part.evidence:
                 assert item.activation == pytest.approx(float(acts[parts.index(part), item.channel]), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["integration.layouts", "integration.vit"])
+def test_docstring_examples(name):
+    """The examples in the docstrings of the layout and ViT modules run and print what they say."""
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"crp_invert.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_callable_token_pooling_sees_units_first(tmp_path, shapes):
+    """``"tokens"`` with a callable pooling: the callable gets [B, D, T] (here: the mean of the patch tokens)."""
+    model = tiny_vit()
+    cache = record_activations(model, loader(shapes), [BLOCK], tmp_path / "a.h5", layouts={BLOCK: "tokens"},
+                               pooling={BLOCK: lambda units: units[:, :, 1:].mean(-1)}, progress=False)
+    images, _ = shapes.tensors()
+    torch.testing.assert_close(cache.activations(BLOCK), direct_outputs(model, images, [BLOCK])[BLOCK][:, 1:].mean(1))
+    assert cache.info(BLOCK)["pooling"].startswith("callable:")
+    cache.close()
+
+
+@pytest.mark.parametrize("spec, error", [("token", ValueError), ("channels:cls", ValueError),
+                                         ("tokens:median", ValueError), (3, TypeError)])
+def test_bad_layouts_are_refused(spec, error):
+    """Unknown layouts, poolings a layout does not have, and non-strings are refused naming the choices."""
+    with pytest.raises(error, match="layout"):
+        parse_layout(spec)
+
+
+def test_tokens_layout_needs_a_token_concept(tmp_path, shapes):
+    """A tokens layer with CRP's ChannelConcept would condition over tokens: refused before any work."""
+    model = tiny_vit()
+    with pytest.raises(TypeError, match="TokenConcept"):
+        InvertFeatureVisualization(GradientTimesInput(model), shapes, {BLOCK: ChannelConcept()}, path=str(tmp_path),
+                                   layouts={BLOCK: "tokens:mean"}, progress=False)
+    with pytest.raises(KeyError, match="not in the layer map"):
+        record_activations(model, loader(shapes), [BLOCK], tmp_path / "a.h5", layouts={"encoder": "tokens"},
+                           progress=False)
