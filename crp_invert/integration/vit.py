@@ -123,11 +123,15 @@ def vit_layer_map(layouts: Mapping[str, str]) -> dict[str, TokenConcept]:
 
 
 class _Transpose(torch.nn.Module):
-    """Moves axis ``source`` to ``destination`` (a module, so that CRP and hooks can name its output)."""
+    """Moves axis ``source`` to ``destination`` (a module, so that CRP and hooks can name its output).
+
+    ``units_first`` marks the module whose 3-D output has its units on axis 1 (what a check for 3-D outputs of
+    undeclared layout can accept)."""
 
     def __init__(self, source: int, destination: int) -> None:
         super().__init__()
         self.source, self.destination = source, destination
+        self.units_first = destination == 1
 
     def forward(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.movedim(self.source, self.destination)
