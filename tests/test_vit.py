@@ -434,3 +434,14 @@ def test_tokens_layout_needs_a_token_concept(tmp_path, shapes):
     with pytest.raises(KeyError, match="not in the layer map"):
         record_activations(model, loader(shapes), [BLOCK], tmp_path / "a.h5", layouts={"encoder": "tokens"},
                            progress=False)
+
+
+def test_token_concept_in_the_layer_map_declares_the_tokens_layout(tmp_path, shapes):
+    """A TokenConcept in the layer map is a declaration: units on the last axis, reduced by the pooling."""
+    model = tiny_vit()
+    cache = record_activations(model, loader(shapes), {BLOCK: TokenConcept()}, tmp_path / "a.h5", pooling="max",
+                               progress=False)
+    images, _ = shapes.tensors()
+    torch.testing.assert_close(cache.activations(BLOCK), direct_outputs(model, images, [BLOCK])[BLOCK].amax(1))
+    assert cache.info(BLOCK)["layout"] == "tokens"
+    cache.close()

@@ -9,7 +9,7 @@
     ``"max"``, ``"sum"`` or a callable ``output [B, D, T] -> [B, D]`` (it sees the units first).
 
 A layer's layout is chosen per layer (``layouts={"encoder": "tokens:cls"}``; ``"tokens"`` alone takes the
-layer's ``pooling``). Without a choice a layer is ``"channels"``, and a 3-D output is refused at the first batch
+layer's ``pooling``), or by the layer map: a :class:`TokenConcept` there means ``"tokens"``. Without a choice a layer is ``"channels"``, and a 3-D output is refused at the first batch
 with a message naming the choices: a ``[B, T, D]`` tensor must never be recorded over the wrong axis by default.
 Modules whose type says the layout (``Conv1d``, ``BatchNorm1d``, 1-D pooling: channels first) are exempt.
 
@@ -80,9 +80,11 @@ def layer_layouts(
 ) -> tuple[dict[str, str], dict[str, Pooling], dict[str, bool]]:
     """Per layer: its layout, its pooling (a layout's own pooling wins) and whether the layout was declared.
 
-    A layer without a declared layout is ``"channels"``; it is marked undeclared unless its module says the
-    layout (:data:`CHANNELS_FIRST_1D`), so that a 3-D output is refused at the first batch
-    (:func:`check_output_layout`). A ``"tokens"`` layer with a CRP concept needs a :class:`TokenConcept`.
+    A layer whose concept in ``layer_map`` is a :class:`TokenConcept` is ``"tokens"`` (reduced by its
+    ``pooling``) unless ``layouts`` says more. Any other layer without a declared layout is ``"channels"``; it is
+    marked undeclared unless its module says the layout (:data:`CHANNELS_FIRST_1D`), so that a 3-D output is
+    refused at the first batch (:func:`check_output_layout`). A ``"tokens"`` layer with a CRP concept needs a
+    :class:`TokenConcept`.
     """
     if layouts is None:
         layouts = {}
@@ -98,6 +100,9 @@ def layer_layouts(
     for name, concept in layer_map.items():
         if name in layouts:
             kind, pooling = parse_layout(layouts[name])
+            declared[name] = True
+        elif isinstance(concept, TokenConcept):  # the layer map says it: units on the last axis
+            kind, pooling = "tokens", None
             declared[name] = True
         else:
             kind, pooling = "channels", None
