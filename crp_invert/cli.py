@@ -29,7 +29,8 @@ LAZY_COMMANDS: dict[str, str] = {
     "report": "crp_invert.report:report_command",
     "find": "crp_invert.commands:find_command",
     "audit": "crp_invert.commands:audit_command",
-    "record": "crp_invert.record_command:record_command",
+    "record": "crp_invert.model_commands:record_command",
+    "decompose": "crp_invert.model_commands:decompose_command",
 }
 
 

@@ -321,7 +321,8 @@ def data():
 
 @pytest.mark.slow
 def test_end_to_end_cli(tmp_path, shapes):
-    """CLI: record (with relevances) -> label (activation, relevance) -> find -> audit on a tiny ViT."""
+    """CLI: record (with relevances) -> label (activation, relevance) -> find -> audit -> decompose -> report on a
+    tiny ViT."""
     spec = write_model_file(tmp_path)
     runner = CliRunner()
     cache = tmp_path / "vit.h5"
@@ -356,6 +357,17 @@ def test_end_to_end_cli(tmp_path, shapes):
                                   str(tmp_path / "targets.npy"), "--classes", str(tmp_path / "classes.json"),
                                   "--concepts", str(concepts_path), "--layer", "encoder",
                                   "--out", str(tmp_path / "audit.json"), "-q"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["decompose", str(cache), "--model", f"{spec}:model", "--data", f"{spec}:data",
+                                  "--layer", "encoder", "--labels", str(tmp_path / "relevance" / "index.json"),
+                                  "--concepts", str(concepts_path), "--sample", "0", "--sample", "5",
+                                  "--top-k", "3", "--out", str(tmp_path / "glocal.json")])
+    assert result.exit_code == 0, result.output
+    parts = json.loads((tmp_path / "glocal.json").read_text())
+    assert [part["layer"] for part in parts] == ["encoder", "encoder"]
+    assert all(len(part["evidence"]) == 3 and len(part["channel_relevance"]["values"]) == HIDDEN for part in parts)
+    result = runner.invoke(main, ["report", str(cache), str(tmp_path / "activation" / "index.json"), "--concepts",
+                                  str(concepts_path), "--out", str(tmp_path / "report.html"), "-q"])
     assert result.exit_code == 0, result.output
 
 

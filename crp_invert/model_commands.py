@@ -1,4 +1,5 @@
-"""``crp-invert record``: record a model's layers into an activation cache from the command line.
+"""The commands that need the model: ``crp-invert record`` (a model's layers into an activation cache) and
+``crp-invert decompose`` (a prediction split into the labeled heatmaps of a layer's units).
 
 The model and the dataset come from Python: ``--model FILE.py:function`` (or ``package.module:function``)
 returns a ``torch.nn.Module``, ``--data`` a dataset of ``(input, target)`` pairs (a torch ``Dataset``).
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import click
 
-__all__ = ["record_command", "load_callable", "parse_layout_options"]
+__all__ = ["record_command", "decompose_command", "load_callable", "parse_layout_options"]
 
 
 def load_callable(spec: str) -> Callable:
@@ -130,3 +131,73 @@ def record_command(cache: str, model_spec: str, data_spec: str, layers: tuple[st
         raise click.ClickException(" ".join(message.split())) from None
     if not quiet:
         click.echo(f"wrote {cache}", err=True)
+
+
+def _decompose(model, dataset, layer: str, cache: str, labels_paths: tuple[str, ...], concepts_path: str | None,
+               samples: list[int], top_k: int) -> list:
+    """Decompose the samples' heatmaps over ``layer``'s units (gradient x input), labeled, with evidence."""
+    import torch
+
+    from .core.concepts import ConceptLabels
+    from .integration.glocal import Evidence, decompose_batch
+    from .integration.vit import GradientTimesInput, decompose_units
+    from .report import load_labels
+    from .storage.cache import ActivationCache
+
+    layer_labels = load_labels(labels_paths).get(layer) if labels_paths else None
+    concepts = ConceptLabels.load(concepts_path) if concepts_path else None
+    for index in samples:
+        if not 0 <= index < len(dataset):
+            raise ValueError(f"--sample {index} is out of range: the dataset has {len(dataset)} samples")
+    images = torch.stack([dataset[index][0] for index in samples])
+    with ActivationCache(cache) as opened:
+        if layer not in opened:
+            raise KeyError(f"layer {layer!r} is not in {cache}; layers: {opened.layers}")
+        evidence = Evidence(opened, concepts=concepts, sample_index=samples)
+        tokens = opened.info(layer).get("layout", "channels") == "tokens"
+        decompose = decompose_units if tokens else decompose_batch
+        return decompose(GradientTimesInput(model), images, None, layer, None, labels=layer_labels, top_k=top_k,
+                         evidence=evidence)
+
+
+@click.command("decompose")
+@click.argument("cache", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "model_spec", required=True, help="FILE.py:function or module:function (the model).")
+@click.option("--data", "data_spec", required=True, help="FILE.py:function or module:function (the dataset).")
+@click.option("--layer", required=True, help="The layer whose units decompose the heatmap (recorded in CACHE).")
+@click.option("--labels", "labels_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="LayerLabels JSON files or an index.json (crp-invert label --out): label each unit.")
+@click.option("--concepts", "concepts_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Concepts (.npz) of CACHE's samples: does each unit's label hold for the sample?")
+@click.option("--sample", "samples", multiple=True, type=click.IntRange(min=0), required=True,
+              help="Dataset index of a sample to explain (repeatable).")
+@click.option("--top-k", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="JSON file: a list of glocal explanations, one per sample.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def decompose_command(cache: str, model_spec: str, data_spec: str, layer: str, labels_paths: tuple[str, ...],
+                      concepts_path: str | None, samples: tuple[int, ...], top_k: int, out: str | None,
+                      overwrite: bool) -> None:
+    """Split the heatmaps of the predicted classes of SAMPLEs into the conditional heatmaps of a layer's top
+    units (gradient x input; the unit layout is read from CACHE), with their labels and evidence."""
+    import json
+
+    from .core.checks import check_output
+
+    try:
+        if out is not None:
+            check_output(out, overwrite=overwrite)
+        parts = _decompose(load_callable(model_spec)(), load_callable(data_spec)(), layer, cache, labels_paths,
+                           concepts_path, list(samples), top_k)
+    except (KeyError, ValueError, TypeError, OSError) as err:
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        raise click.ClickException(" ".join(message.split())) from None
+    for index, part in zip(samples, parts, strict=True):
+        click.echo(f"## sample {index}, class {part.target}, layer {part.layer} "
+                   f"(completeness error {part.completeness_error():.1e})")
+        for unit, share, label in zip(part.channels.tolist(), part.share.tolist(), part.label_strings(), strict=True):
+            click.echo(f"unit {unit:5d}  share {share:+.3f}  {label if label is not None else '-'}")
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps([part.to_dict() for part in parts]), encoding="utf-8")
+        click.echo(f"wrote {out}", err=True)
