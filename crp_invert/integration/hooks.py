@@ -84,13 +84,13 @@ def record_activations(
     cache: ActivationCache | str | os.PathLike,
     pooling: Pooling | Mapping[str, Pooling] = "mean",
     composite=None,
-    *,
-    layouts: str | Mapping[str, str] | None = None,
     device: torch.device | str | None = None,
     n_samples: int | None = None,
     overwrite: bool = False,
     flush_interval: float = 2.0,
     progress: bool = True,
+    *,
+    layouts: str | Mapping[str, str] | None = None,
 ) -> ActivationCache:
     """Record pooled activations of ``layers`` for every sample of a DataLoader with plain forward hooks.
 
@@ -115,11 +115,6 @@ def record_activations(
     composite : zennit Composite, optional
         Registered during the forward passes so that its canonizers apply (e.g. merged BatchNorms), giving the
         activations CRP records. Without it the plain model's outputs are recorded.
-    layouts : str or dict of layer name to str, optional
-        Unit layout per layer (:mod:`~crp_invert.integration.layouts`): ``"channels"`` (default) or
-        ``"tokens"`` for [B, T, D] outputs (units last), optionally with the reduction over the tokens,
-        ``"tokens:cls"`` (class token), ``"tokens:mean"``, ``"tokens:max"``. A 3-D output of a layer without a
-        layout is refused (ValueError) unless its module is channels first by type (``Conv1d``, ...).
     device : torch.device or str, optional
         Where inputs go (default: the device of the model's first parameter, else CPU).
     n_samples : int, optional
@@ -130,6 +125,11 @@ def record_activations(
         Seconds between flushes (rows become complete at a flush).
     progress : bool
         Show a tqdm bar.
+    layouts : str or dict of layer name to str, optional
+        Unit layout per layer (:mod:`~crp_invert.integration.layouts`): ``"channels"`` (default) or
+        ``"tokens"`` for [B, T, D] outputs (units last), optionally with the reduction over the tokens,
+        ``"tokens:cls"`` (class token), ``"tokens:mean"``, ``"tokens:max"``. A 3-D output of a layer without a
+        layout is refused (ValueError) unless its module is channels first by type (``Conv1d``, ...).
 
     Returns
     -------

@@ -9,8 +9,9 @@
     ``"max"``, ``"sum"`` or a callable ``output [B, D, T] -> [B, D]`` (it sees the units first).
 
 A layer's layout is chosen per layer (``layouts={"encoder": "tokens:cls"}``; ``"tokens"`` alone takes the
-layer's ``pooling``), or by the layer map: a :class:`TokenConcept` there means ``"tokens"``. Without a choice a layer is ``"channels"``, and a 3-D output is refused at the first batch
-with a message naming the choices: a ``[B, T, D]`` tensor must never be recorded over the wrong axis by default.
+layer's ``pooling``), or by the layer map: a :class:`TokenConcept` there means ``"tokens"``. Without a choice a
+layer is ``"channels"``, and a 3-D output is refused at the first batch with a message naming the choices: a
+``[B, T, D]`` tensor must never be recorded over the wrong axis by default.
 Modules whose type says the layout (``Conv1d``, ``BatchNorm1d``, 1-D pooling: channels first) are exempt.
 
 The layout is stored with the layer in the activation cache (attribute ``layout``, part of the fingerprint),
