@@ -29,6 +29,8 @@ LAZY_COMMANDS: dict[str, str] = {
     "report": "crp_invert.commands:report_command",
     "find": "crp_invert.commands:find_command",
     "audit": "crp_invert.commands:audit_command",
+    "record": "crp_invert.model_commands:record_command",
+    "decompose": "crp_invert.model_commands:decompose_command",
 }
 
 
@@ -161,6 +163,13 @@ def search_options(command: Callable) -> Callable:
     return wrapper
 
 
+def _layout_text(info: dict[str, Any]) -> str:
+    """``", tokens:cls"`` for a layer whose units are on the last axis (its layout and reduction), else ``""``."""
+    if info.get("layout", "channels") == "channels":
+        return ""
+    return f", {info['layout']}:{info.get('pooling', '?')}"
+
+
 def _safe_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".") or "layer"
 
@@ -245,6 +254,7 @@ def label_command(
             labeler = ConceptLabeler(concepts, device=local_device(device), backend=backend)
             if is_activation_cache(cache):
                 with open_for_labeling(cache, list(layers) or None, source, concepts.n_samples) as (opened, names):
+                    layouts = {name: _layout_text(opened.info(name)) for name in names}
                     planned = _out_files(out_path, names, overwrite) if rank == 0 else []
                     results = label_cache(labeler, opened, layers=names, source=source, **kwargs)
             else:
@@ -254,6 +264,7 @@ def label_command(
                         f"{cache} is a plain HDF5 file (use --dataset)"
                     )
                 planned = _out_files(out_path, [dataset], overwrite) if rank == 0 else []
+                layouts = {}
                 # label_h5 checks the dataset (N, dtype, finite values) before the labeling starts
                 results = {dataset: label_h5(labeler, cache, dataset=dataset, **kwargs)}
         except (KeyError, ValueError, TypeError, OSError) as err:
@@ -273,8 +284,8 @@ def label_command(
         raise click.ClickException(f"cannot write --out {out!r}: {_one_line(err)}") from None
     if not quiet:
         for name, result in results.items():
-            click.echo(f"## {_printable(name)} ({source}): {result.n_reliable()} of {result.n_features} channels "
-                       "have a reliable label")
+            click.echo(f"## {_printable(name)} ({source}{_printable(layouts.get(name, ''))}): {result.n_reliable()} of "
+                       f"{result.n_features} channels have a reliable label")
             click.echo(result.table())
         for _, path in planned:
             click.echo(f"wrote {path}", err=True)

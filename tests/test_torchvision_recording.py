@@ -243,3 +243,57 @@ def test_every_layer_name_plain_crp_accepts_is_recorded(runs):
         for layer in MODELS[runs["name"]][2]:
             for values in (cache.activations(layer), cache.relevances(layer)):
                 assert values.shape[0] == N and np.isfinite(values.numpy()).all(), layer
+
+
+def tiny_vit(seed=0):
+    """torchvision's VisionTransformer (random weights, random head: torchvision's is zero)."""
+    torch.manual_seed(seed)
+    model = tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                        mlp_dim=64, num_classes=CLASSES)
+    torch.nn.init.normal_(model.heads.head.weight, std=0.3)
+    return model.eval()
+
+
+def test_vit_records_units_and_leaves_crp_files_as_plain_crp(tmp_path):
+    """ViT through CRP with TokenConcept and gradient x input: CRP's files equal plain CRP's, the cache holds the
+    units (last axis) of the blocks and the class token of the feature extractor as forward hooks see them."""
+    from crp_invert.integration.layouts import TokenConcept
+    from crp_invert.integration.vit import GradientTimesInput
+
+    model = tiny_vit()
+    layouts = {"encoder.layers.encoder_layer_1": "tokens:max", "encoder": "tokens:cls"}
+    x, y = data()
+    dataset = ListDataset(x, y)
+    plain = FeatureVisualization(GradientTimesInput(model), dataset, {k: TokenConcept() for k in layouts},
+                                 path=str(tmp_path / "plain"))
+    plain.run(None, 0, N, BATCH, 4)
+    ours = InvertFeatureVisualization(GradientTimesInput(model), dataset, {k: TokenConcept() for k in layouts},
+                                      path=str(tmp_path / "ours"), activation_cache=tmp_path / "acts.h5",
+                                      layouts=layouts, progress=False)
+    ours.run(None, 0, N, BATCH, 4)
+    assert_same_crp_files(tmp_path / "ours", tmp_path / "plain")
+    outputs = {}
+    handles = [model.get_submodule(k).register_forward_hook(
+        lambda m, i, o, k=k: outputs.__setitem__(k, o.detach())) for k in layouts]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    assert hooks_left(model) == 0
+    with ActivationCache(tmp_path / "acts.h5") as cache:
+        torch.testing.assert_close(cache.activations("encoder.layers.encoder_layer_1"),
+                                   outputs["encoder.layers.encoder_layer_1"].amax(1))
+        torch.testing.assert_close(cache.activations("encoder"), outputs["encoder"][:, 0])
+        assert cache.n_channels("encoder") == 32 and cache.info("encoder")["layout"] == "tokens"
+
+
+def test_vit_block_without_layout_is_refused_in_feature_visualization(tmp_path):
+    """CRP's usual ChannelConcept on a [B, T, D] block: refused at the first batch, the model left clean."""
+    model = tiny_vit()
+    x, y = data()
+    fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y),
+                                    {"encoder.layers.encoder_layer_0": ChannelConcept()}, path=str(tmp_path),
+                                    progress=False)
+    with pytest.raises(ValueError, match="tokens:mean"):
+        fv.run(None, 0, N, BATCH, 4)
+    assert hooks_left(model) == 0

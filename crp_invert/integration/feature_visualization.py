@@ -25,7 +25,10 @@ Relevance
     sample (relevance initialised with the target logit, ``{"y": [target]}``), reduced per concept by the
     concept itself: ``concept.attribute(relevance, abs_norm=False)``, which for ``ChannelConcept`` is the sum
     over the spatial dimensions. If ``multitarget_to_single`` yields several targets for a sample, the row
-    holds the *sum* over its targets. The activation of such a sample is stored once.
+    holds the *sum* over its targets. The activation of such a sample is stored once. With an attribution
+    whose relevance is activation times gradient (:class:`~crp_invert.integration.vit.GradientTimesInput`,
+    for transformers) the cache holds ``a * df/da`` reduced by the concept; CRP's own results keep the
+    gradient its hooks see, as in plain CRP.
 Modules called several times per forward pass
     (torchvision's BasicBlock applies one ``relu`` twice): CRP's hooks see every call and CRP's ActMax/RelMax
     use them all; the cache holds the output of the **last** call and the relevance at that output, as CRP's
@@ -58,6 +61,7 @@ from ..storage.cache import ActivationCache
 from ..storage.fingerprint import model_hash
 from .checkpoints import KINDS, CheckpointLog, after_collect, deferred_removal, finish_collect
 from .guard import restored_on_error
+from .layouts import layer_layouts
 from .recorder import (
     Pooling,
     Recorder,
@@ -158,6 +162,11 @@ class InvertFeatureVisualization(FeatureVisualization):
         Seconds between flushes to disk; rows become ``complete`` at a flush. 0 flushes every batch.
     progress : bool
         Show CRP's progress bars (named).
+    layouts : str or dict of layer name to str, optional
+        Unit layout per layer (:mod:`~crp_invert.integration.layouts`): ``"channels"`` (default) or ``"tokens"``
+        ([B, T, D] outputs, units last; e.g. ``"tokens:cls"``). A tokens layer needs the concept
+        :class:`~crp_invert.integration.layouts.TokenConcept` in ``layer_map``. A 3-D output of a layer
+        without a layout is refused at the first batch.
 
     Notes
     -----
@@ -187,6 +196,7 @@ class InvertFeatureVisualization(FeatureVisualization):
         overwrite: bool = False,
         flush_interval: float = 2.0,
         progress: bool = True,
+        layouts: str | Mapping[str, str] | None = None,
     ) -> None:
         if isinstance(cache, (str, os.PathLike, ActivationCache)):
             if activation_cache is not None:
@@ -207,6 +217,8 @@ class InvertFeatureVisualization(FeatureVisualization):
         check_layer_names(layer_map)
         self.poolings = layer_poolings(layer_map, pooling)
         check_layers(attribution.model, layer_map)
+        self.layouts, self.poolings, self._declared = layer_layouts(attribution.model, layer_map, self.poolings,
+                                                                    layouts)
         super().__init__(attribution, dataset, layer_map, preprocess_fn, max_target, abs_norm, path, device, cache)
         self.activation_cache = activation_cache
         self.record_relevance = bool(record_relevance)
@@ -215,6 +227,8 @@ class InvertFeatureVisualization(FeatureVisualization):
         self.flush_interval = float(flush_interval)
         self.progress = bool(progress)
         self._run: _Run | None = None
+        self._times_activation = bool(getattr(attribution, "relevance_times_activation", False))
+        self._last_activation: dict[str, torch.Tensor] = {}
 
     # -- the methods CRP's loop calls ----------------------------------------------------------------------------
 
@@ -229,6 +243,8 @@ class InvertFeatureVisualization(FeatureVisualization):
 
     @torch.no_grad()
     def analyze_activation(self, act, layer_name, concept, data_indices, targets):
+        if self._times_activation:  # gradient x input (vit.GradientTimesInput): relevance = a * df/da
+            self._last_activation[layer_name] = act
         if self._run is not None:
             self._run.recorder.activation(layer_name, act, data_indices)
         return super().analyze_activation(act, layer_name, concept, data_indices, targets)
@@ -236,7 +252,9 @@ class InvertFeatureVisualization(FeatureVisualization):
     @torch.no_grad()
     def analyze_relevance(self, rel, layer_name, concept, data_indices, targets):
         if self._run is not None:
-            self._run.recorder.relevance(layer_name, rel, data_indices)
+            # CRP's own results keep its gradient, as in plain CRP; the cache gets a * df/da
+            recorded = rel * self._last_activation[layer_name] if self._times_activation else rel
+            self._run.recorder.relevance(layer_name, recorded, data_indices)
         return super().analyze_relevance(rel, layer_name, concept, data_indices, targets)
 
     def _save_results(self, d_index=None):
@@ -395,9 +413,11 @@ class InvertFeatureVisualization(FeatureVisualization):
         sample, target = self.get_data_sample(0, preprocessing=True)
         data = input_hash(sample, target)
         relevance = RELEVANCE if self.record_relevance else ""
+        if relevance and self._times_activation:
+            relevance = f"activation x gradient (gradient x input); {RELEVANCE}"
         return {
             name: recording_meta(digest, name, concept, self.poolings[name], composite, len(self.dataset),
-                                 relevance, data, callable_name(self.preprocess_fn))
+                                 relevance, data, callable_name(self.preprocess_fn), self.layouts[name])
             for name, concept in self.layer_map.items()
         }
 
@@ -417,7 +437,7 @@ class InvertFeatureVisualization(FeatureVisualization):
             meta = self._meta(composite)
             check_recorded_layers(cache, meta, self.record_relevance)
             recorder = Recorder(cache, self.layer_map, self.poolings, self.record_relevance, meta,
-                                self.flush_interval)
+                                self.flush_interval, self.layouts, self._declared)
             log = CheckpointLog(self._crp_root(), self.sample_range)
             log.start(data_start, data_end)
         except BaseException:

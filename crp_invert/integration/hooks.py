@@ -19,6 +19,7 @@ import torch
 from ..storage.cache import ActivationCache
 from ..storage.fingerprint import model_hash
 from .guard import restored_on_error
+from .layouts import layer_layouts
 from .recorder import (
     DATA_KEYS,
     Pooling,
@@ -88,6 +89,8 @@ def record_activations(
     overwrite: bool = False,
     flush_interval: float = 2.0,
     progress: bool = True,
+    *,
+    layouts: str | Mapping[str, str] | None = None,
 ) -> ActivationCache:
     """Record pooled activations of ``layers`` for every sample of a DataLoader with plain forward hooks.
 
@@ -122,6 +125,11 @@ def record_activations(
         Seconds between flushes (rows become complete at a flush).
     progress : bool
         Show a tqdm bar.
+    layouts : str or dict of layer name to str, optional
+        Unit layout per layer (:mod:`~crp_invert.integration.layouts`): ``"channels"`` (default) or
+        ``"tokens"`` for [B, T, D] outputs (units last), optionally with the reduction over the tokens,
+        ``"tokens:cls"`` (class token), ``"tokens:mean"``, ``"tokens:max"``. A 3-D output of a layer without a
+        layout is refused (ValueError) unless its module is channels first by type (``Conv1d``, ...).
 
     Returns
     -------
@@ -135,6 +143,7 @@ def record_activations(
         raise ValueError("layers must name at least one module")
     poolings = layer_poolings(layer_map, pooling)
     check_layers(model, layer_map)
+    kinds, poolings, declared = layer_layouts(model, layer_map, poolings, layouts)
     if n_samples is None:
         dataset = getattr(data_loader, "dataset", None)
         if dataset is None:
@@ -148,11 +157,12 @@ def record_activations(
     try:
         store.initialize((0, int(n_samples)))
         digest = model_hash(model)
-        meta = {name: recording_meta(digest, name, concept, poolings[name], composite, n_samples)
+        meta = {name: recording_meta(digest, name, concept, poolings[name], composite, n_samples,
+                                       layout=kinds[name])
                 for name, concept in layer_map.items()}
         check_recorded_layers(store, meta, relevances=False)  # all but the data: refused before any work
         done = store.complete() if all(name in store for name in layer_map) else np.zeros(n_samples, dtype=bool)
-        recorder = Recorder(store, layer_map, poolings, False, meta, flush_interval)
+        recorder = Recorder(store, layer_map, poolings, False, meta, flush_interval, kinds, declared)
         modules = dict(model.named_modules())
         current: dict[str, np.ndarray] = {}
 

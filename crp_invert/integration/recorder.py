@@ -21,8 +21,9 @@ from crp.concepts import ChannelConcept
 
 from ..storage.cache import ActivationCache
 from ..storage.fingerprint import fingerprint
+from .layouts import TokenConcept, check_output_layout, units_first
 
-__all__ = ["pool", "POOLINGS", "Pooling", "Recorder", "layer_poolings", "check_layers", "recording_meta",
+__all__ = ["pool", "pool_units", "POOLINGS", "Pooling", "Recorder", "layer_poolings", "check_layers", "recording_meta",
            "input_hash", "callable_name", "open_cache", "check_recorded_layers"]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,15 @@ def pool(output: torch.Tensor, pooling: Pooling = "mean") -> torch.Tensor:
     return flat.sum(-1)
 
 
+def pool_units(output: torch.Tensor, layout: str, pooling: Pooling) -> torch.Tensor:
+    """One value per unit [B, units] for a layer of the given layout (:mod:`.layouts`): tokens [B, T, D]
+    reduced over the tokens (``"cls"``: token 0; a callable sees the output units first, [B, D, T]), or
+    channels pooled over space (:func:`pool`)."""
+    if layout == "tokens" and pooling == "cls":
+        return output[:, 0, :]
+    return pool(units_first(output, layout), pooling)
+
+
 def callable_name(function: Any) -> str:
     """``module.qualname`` of a function (what identifies a pooling or a ``preprocess_fn``), or ``"none"``."""
     if function is None:
@@ -85,8 +95,9 @@ def _pooling_name(pooling: Pooling) -> str:
 
 
 def layer_poolings(layer_map: Mapping[str, Any], pooling: Pooling | Mapping[str, Pooling]) -> dict[str, Pooling]:
-    """Per-layer pooling, checked against the layer's concept (a named pooling needs ``None`` or a CRP
-    ``ChannelConcept``; other concept classes need a callable)."""
+    """Per-layer pooling, checked against the layer's concept (a named pooling needs ``None``, a CRP
+    ``ChannelConcept`` or a :class:`~crp_invert.integration.layouts.TokenConcept`; other concept classes need a
+    callable)."""
     result = {}
     for name, concept in layer_map.items():
         chosen = pooling.get(name, "mean") if isinstance(pooling, Mapping) else pooling
@@ -95,7 +106,7 @@ def layer_poolings(layer_map: Mapping[str, Any], pooling: Pooling | Mapping[str,
                 raise ValueError(
                     f"pooling of layer {name!r} must be one of {POOLINGS} or a callable, got {chosen!r}"
                 )
-            if concept is not None and not isinstance(concept, ChannelConcept):
+            if concept is not None and not isinstance(concept, (ChannelConcept, TokenConcept)):
                 raise TypeError(
                     f"layer {name!r} uses concept class {type(concept).__name__}; pooling {chosen!r} is defined for "
                     "ChannelConcept only, pass a callable pooling(output) -> [B, C] for this layer"
@@ -148,6 +159,7 @@ def recording_meta(
     relevance: str = "",
     data_hash: str | None = None,
     preprocess: str | None = None,
+    layout: str = "channels",
 ) -> dict[str, Any]:
     """The attributes that describe how one layer was recorded (what a resumed recording must match).
 
@@ -165,6 +177,9 @@ def recording_meta(
         How relevances were computed ("" for none).
     data_hash, preprocess : str, optional
         :func:`input_hash` of the first sample and the name of the preprocessing function.
+    layout : {"channels", "tokens"}
+        Where the layer's units are (:mod:`.layouts`); stored as ``layout``. A tokens layer's fingerprint
+        covers it; a channels layer's fingerprint is the one of caches written before layouts existed.
     """
     pooling_name = _pooling_name(pooling)
     concept_name = type(concept).__name__ if concept is not None else "ChannelConcept"
@@ -174,13 +189,15 @@ def recording_meta(
         canonizers = [type(c).__name__ for c in getattr(composite, "canonizers", None) or []]
         composite_name = f"{type(composite).__name__}(canonizers=[{', '.join(canonizers)}])"
     meta = {
+        "layout": layout,
         "pooling": pooling_name,
         "concept": concept_name,
         "model_hash": digest,
         "relevance": relevance,
         "composite": composite_name,
         "fingerprint": fingerprint(
-            digest, layer, dataset_length, pooling_name, concept_name, composite_name, relevance
+            digest, layer, dataset_length, pooling_name if layout == "channels" else f"{layout}:{pooling_name}",
+            concept_name, composite_name, relevance
         ),
     }
     for key, value in zip(DATA_KEYS, (data_hash, preprocess), strict=True):
@@ -202,6 +219,7 @@ def check_recorded_layers(cache: ActivationCache, meta: Mapping[str, dict], rele
         if name not in cache:
             continue
         info = cache.info(name)
+        _check_layout(cache, name, info, layer_meta)
         for key in DATA_KEYS:
             if key not in layer_meta:
                 continue
@@ -222,6 +240,20 @@ def check_recorded_layers(cache: ActivationCache, meta: Mapping[str, dict], rele
             "cache %s: layers %s were recorded without a fingerprint of the data; continuing them without "
             "checking that the data are the same", cache.path, sorted(set(legacy)),
         )
+
+
+def _check_layout(cache: ActivationCache, name: str, info: Mapping[str, Any], layer_meta: dict) -> None:
+    """A layer recorded before layouts existed is a channels layer: continue it as one (``layer_meta`` loses
+    ``layout``, so that it is not compared), refuse to continue it as another layout."""
+    if "layout" in info or "layout" not in layer_meta:
+        return
+    if layer_meta["layout"] != "channels":
+        raise ValueError(
+            f"cache {str(cache.path)!r} layer {name!r} was recorded with the channels layout (a cache written "
+            f"before unit layouts existed), now with layout {layer_meta['layout']!r}: refusing to mix them "
+            "(use another file or overwrite=True)"
+        )
+    del layer_meta["layout"]
 
 
 def open_cache(cache: ActivationCache | str | os.PathLike, overwrite: bool) -> tuple[ActivationCache, bool]:
@@ -270,8 +302,13 @@ class Recorder:
         record_relevance: bool,
         meta: Mapping[str, Mapping[str, Any]],
         flush_interval: float,
+        layouts: Mapping[str, str] | None = None,
+        declared: Mapping[str, bool] | None = None,
     ) -> None:
         self.cache = cache
+        # undeclared layers are channels; their 3-D outputs are refused (never pooled over a guessed axis)
+        self.layouts = {name: "channels" for name in layer_map} | dict(layouts or {})
+        self.declared = {name: False for name in layer_map} | dict(declared or {})
         self.layer_map = dict(layer_map)
         self.poolings = dict(poolings)
         self.record_relevance = record_relevance
@@ -301,7 +338,9 @@ class Recorder:
         if unique.size != data_indices.size or not np.array_equal(unique, data_indices):
             # several targets per sample: CRP repeats the sample, its activation is stored once
             output = output[torch.from_numpy(first).to(output.device)]
-        self._store("act", layer, unique, pool(output, self.poolings[layer]), keep="last")
+        check_output_layout(layer, output, self.layouts[layer], self.declared[layer])
+        self._store("act", layer, unique, pool_units(output, self.layouts[layer], self.poolings[layer]),
+                    keep="last")
 
     @torch.no_grad()
     def relevance(self, layer: str, relevance: torch.Tensor, data_indices: np.ndarray) -> None:
