@@ -347,7 +347,7 @@ def test_circuit_by_relevance_and_json_roundtrip(tmp_path):
     assert set(data["edges"][0]) == {"source", "target", "relevance"}
     assert data["nodes"][1] == {"id": f"conv2:{circuit.nodes[1].channel}", "layer": "conv2",
                                 "channel": circuit.nodes[1].channel, "label": None, "auc": None,
-                                "value": circuit.nodes[1].value}
+                                "value": circuit.nodes[1].value, "support": None, "q": None, "note": None}
     assert Circuit.from_json(tmp_path / "circuit.json") == circuit
     assert Circuit.from_json(circuit.to_json()) == circuit
     with pytest.raises(ValueError, match="no sample has target"):
@@ -461,7 +461,18 @@ def _direct_pooled(attribution, composite, sample, target, layer="conv2"):
     return activation.flatten(2).mean(-1)[0].double()
 
 
+def _expected_choice(beam, concepts, index):
+    """Slowly: the first reliable explanation of the beam that holds on sample ``index`` of the whole data set,
+    whether one holds, and how many are reliable and hold."""
+    reliable = [e for e in beam if getattr(e, "reliable", True)]
+    holding = [e for e in reliable if bool(e.formula.evaluate(concepts)[index])]
+    holds = None if not reliable else bool(holding)
+    return (holding[0] if holding else None), holds, len(reliable), len(holding)
+
+
 def test_evidence_matches_the_cache_and_formula_evaluate(setup, labeled_reference):
+    """Evidence: activation and percentile as the cache holds them; each part shows the first reliable label
+    of its beam that holds on the sample (or none, label_holds False)."""
     from scipy.stats import percentileofscore
 
     from crp_invert import ActivationCache, Evidence
@@ -469,9 +480,9 @@ def test_evidence_matches_the_cache_and_formula_evaluate(setup, labeled_referenc
     _, model, attribution, composite, _ = setup
     inputs, reference, concepts, labels, path = labeled_reference
     hooks = hooks_of(model)
-    holds_seen = set()
+    holds_seen, beam_firsts = set(), set()
     with ActivationCache(path) as cache:
-        for index in (3, 17, 29):
+        for index in (3, 17, 29, 30, 31):
             sample = inputs[index:index + 1]
             g = decompose(attribution, sample, 1, "conv2", composite, labels=labels, top_k=4,
                           evidence=Evidence(cache, concepts=concepts, sample_index=index))
@@ -483,10 +494,12 @@ def test_evidence_matches_the_cache_and_formula_evaluate(setup, labeled_referenc
                 assert part.activation == pytest.approx(float(column[index]), rel=1e-5, abs=1e-7)
                 assert part.percentile == pytest.approx(percentileofscore(column, part.activation, kind="mean"))
                 assert part.n_reference == N_REFERENCE
-                expected = bool(label.formula.evaluate(concepts)[index])
-                assert part.label_holds is expected
-                assert part.unexplained == (not expected and part.percentile < 50)
-                holds_seen.add(expected)
+                shown, holds, n_reliable, n_holding = _expected_choice(labels[part.channel], concepts, index)
+                assert label is shown and part.label_holds is holds
+                assert (part.n_reliable, part.n_holding) == (n_reliable, n_holding)
+                assert part.unexplained == (holds is False and part.percentile < 50)
+                holds_seen.add(holds)
+                beam_firsts.add(label is labels[part.channel][0])
             assert g.unexplained() == [part.channel for part in g.evidence if part.unexplained]
             # the same from an [N, C] tensor and the sample's concepts as a mapping
             row = {name: bool(concepts.mask(name)[index]) for name in concepts.names}
@@ -497,7 +510,7 @@ def test_evidence_matches_the_cache_and_formula_evaluate(setup, labeled_referenc
             from_path = decompose(attribution, sample, 1, "conv2", composite, labels=labels, top_k=4,
                                   evidence=Evidence(str(path), concepts=concepts, sample_index=index))
             assert from_path.evidence == g.evidence
-    assert holds_seen == {True, False}  # both outcomes were checked
+    assert True in holds_seen and beam_firsts == {True, False}  # a label behind the beam's first was shown
     assert hooks_of(model) == hooks
 
 
@@ -590,7 +603,7 @@ def test_evidence_bad_input(setup, labeled_reference, caplog):
     # the sample's stored row differs from its activation: recorded another way -> a warning
     shifted = reference.clone()
     shifted[0] += 1.0
-    with caplog.at_level("WARNING", logger="crp_invert.integration.glocal"):
+    with caplog.at_level("WARNING", logger="crp_invert.integration.evidence"):
         run(Evidence(shifted, sample_index=0))
     assert "recorded with another composite or pooling" in caplog.text
     # the mark: label fails and the activation is below the threshold
