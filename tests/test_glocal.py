@@ -1,5 +1,6 @@
 """Glocal explanations and circuits, checked against direct CRP calls on small random models."""
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -185,12 +186,14 @@ def _layer_labels(model, data, layer, seed=0):
 
 
 def test_labels_attached_are_the_layer_labels(setup):
+    """Without evidence each part shows its channel's best reliable explanation (None without labels)."""
     _, model, attribution, composite, data = setup
     labels = _layer_labels(model, data, "conv2")
     g = decompose(attribution, data[:1], 0, "conv2", composite, labels=labels, top_k=3)
+    best = {c: next((e for e in labels[c] if getattr(e, "reliable", True)), None) for c in range(len(labels))}
     for channel, label in zip(g.channels.tolist(), g.labels):
-        assert label is labels[channel][0]
-    assert g.label_strings() == [str(labels[c][0].formula) for c in g.channels.tolist()]
+        assert label is best[channel]
+    assert g.label_strings() == [None if best[c] is None else str(best[c].formula) for c in g.channels.tolist()]
     # a mapping of layer -> LayerLabels works the same
     g2 = decompose(attribution, data[:1], 0, "conv2", composite, labels={"conv2": labels}, top_k=3)
     assert [id(x) for x in g2.labels] == [id(x) for x in g.labels]
@@ -612,3 +615,161 @@ def test_evidence_bad_input(setup, labeled_reference, caplog):
     assert not ChannelEvidence(0, 0.1, 10.0, 40, label_holds=None).unexplained
     assert not ChannelEvidence(0, 2.0, 90.0, 40, label_holds=False).unexplained
     assert ChannelEvidence(0, 2.0, 60.0, 40, label_holds=False, low_percentile=75).unexplained
+
+
+# ------------------------------------------------------------------------------------------------
+# which label a part shows: reliable ones only, the one that holds on the sample, act or rel
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Marked:
+    """An explanation with a reliability flag set by the test (whatever the rule would say)."""
+
+    formula: object
+    auc: float
+    reliable: bool
+    p_value_bh: float = float("nan")
+
+    def to_json(self):
+        return {"text": str(self.formula), "auc": self.auc}
+
+
+class MarkedLabels:
+    """LayerLabels-like: each beam of ``labels`` with every explanation whose (channel, rank) is in
+    ``unreliable`` marked unreliable; AUCs shifted by ``shift`` (to make the other source win)."""
+
+    def __init__(self, labels, unreliable, shift=0.0):
+        self.layer = labels.layer
+        self.beams = [[Marked(e.formula, float(e.auc) + shift, (c, j) not in unreliable) for j, e in enumerate(beam)]
+                      for c, beam in enumerate(labels)]
+
+    def __len__(self):
+        return len(self.beams)
+
+    def explanations(self, channel):
+        return list(self.beams[channel])
+
+
+def _slow_choice(sources, channel, holds):
+    """Per source the first reliable explanation that holds (``holds`` None: the first reliable one), then the
+    higher AUC, activation first on ties; and whether a reliable one holds, as the figure says."""
+    offers, n_reliable, n_holding = [], 0, 0
+    for rank, source in enumerate(("act", "rel")):
+        if sources.get(source) is None:
+            continue
+        reliable = [e for e in sources[source].explanations(channel) if e.reliable]
+        n_reliable += len(reliable)
+        chosen = reliable if holds is None else [e for e in reliable if holds(e)]
+        n_holding += len(chosen)
+        if chosen:
+            offers.append((-chosen[0].auc, rank, source, chosen[0]))
+    best = min(offers, key=lambda offer: offer[:2]) if offers else None
+    state = None if holds is None or not n_reliable else n_holding > 0
+    return (best[3] if best else None), (best[2] if best else None), state
+
+
+def test_parts_show_reliable_labels_only(setup, labeled_reference):
+    """Unreliable explanations are never shown: a part shows the first reliable one of the beam, or none."""
+    _, model, attribution, composite, _ = setup
+    inputs, _, _, labels, _ = labeled_reference
+    unreliable = {(c, 0) for c in range(0, len(labels), 2)} | {(1, 1)} | {(0, rank) for rank in range(5)}
+    marked = MarkedLabels(labels, unreliable)
+    results = decompose_batch(attribution, inputs[:3], 0, "conv2", composite, labels=marked, top_k=len(labels))
+    shown = set()
+    for g in results:
+        for channel, label, source in zip(g.channels.tolist(), g.labels, g.sources()):
+            expected, expected_source, _ = _slow_choice({"act": marked}, channel, None)
+            assert label is expected and source == expected_source
+            shown.add(label is None)
+        assert g.completeness_error() < 1e-5
+    assert shown == {True, False}  # both a label and "no reliable label" were shown
+    assert all("no reliable label" in g.shown_texts() for g in results)  # channel 0 has no reliable label
+
+
+def test_parts_choose_per_sample_between_activation_and_relevance_labels(setup, labeled_reference):
+    """With evidence each part shows, of both sources, the reliable label that holds on the sample with the
+    higher AUC (slow reference on the whole data set's concepts); the source is kept in the JSON too."""
+    from crp_invert import ConceptLabeler, Evidence
+
+    _, model, attribution, composite, _ = setup
+    inputs, reference, concepts, labels, _ = labeled_reference
+    scores = reference + torch.randn(reference.shape, generator=torch.Generator().manual_seed(3))
+    relevance = ConceptLabeler(concepts).label(scores, L=2, B=2, layer="conv2", progress=False)
+    act = MarkedLabels(labels, {(c, 0) for c in range(1, len(labels), 3)})
+    rel = MarkedLabels(relevance, {(c, 1) for c in range(0, len(labels), 2)}, shift=0.01)
+    indices = [2, 9, 21, 33]
+    results = decompose_batch(attribution, inputs[indices], None, "conv2", composite, labels=act,
+                              relevance_labels=rel, top_k=len(labels),
+                              evidence=Evidence(reference, concepts=concepts, sample_index=indices))
+    seen_sources, seen_states = set(), set()
+    for g, index in zip(results, indices):
+        def holds(e, index=index):
+            return bool(e.formula.evaluate(concepts)[index])
+
+        for channel, label, source, part in zip(g.channels.tolist(), g.labels, g.sources(), g.evidence):
+            expected, expected_source, state = _slow_choice({"act": act, "rel": rel}, channel, holds)
+            assert label is expected and source == expected_source and part.label_holds is state
+            seen_sources.add(source)
+            seen_states.add(state)
+        assert g.completeness_error() < 1e-5
+        data = json.loads(json.dumps(g.to_dict()))
+        assert data["label_sources"] == g.sources() and data["shown"] == g.shown_texts()
+    assert {"act", "rel"} <= seen_sources and True in seen_states
+    # without evidence: the best reliable label of either source, by AUC
+    plain = decompose_batch(attribution, inputs[indices], None, "conv2", composite, labels=act,
+                            relevance_labels=rel, top_k=len(labels))
+    for g in plain:
+        for channel, label, source in zip(g.channels.tolist(), g.labels, g.sources()):
+            assert (label, source) == _slow_choice({"act": act, "rel": rel}, channel, None)[:2]
+    with pytest.raises(ValueError, match="labels are for layer 'linear1'"):
+        decompose(attribution, inputs[:1], 0, "conv2", composite, top_k=2,
+                  relevance_labels=_layer_labels(model, inputs, "linear1"))
+
+
+def test_old_glocal_json_without_sources_loads(setup):
+    """JSON written before label sources and reliable-label counts existed still loads (all "act")."""
+    _, model, attribution, composite, data = setup
+    labels = _layer_labels(model, data, "conv2")
+    g = decompose(attribution, data[:1], 0, "conv2", composite, labels=labels, top_k=2)
+    old = g.to_dict()
+    del old["label_sources"], old["shown"]
+    restored = GlocalExplanation.from_dict(old)
+    assert restored.label_sources is None
+    assert restored.sources() == [None if label is None else "act" for label in g.labels]
+    with pytest.raises(ValueError, match="label_sources"):
+        GlocalExplanation.from_dict(dict(g.to_dict(), label_sources=["activation", None]))
+
+
+def test_model_guard_restores_always_or_on_error_only():
+    """model_guard: hooks, parameters, buffers and attributes come back on every exit, or only after an
+    error with only_on_error=True; restored_on_error is that guard."""
+    from crp_invert.integration.guard import model_guard, restored_on_error
+
+    def snapshot(model):
+        return [(name, dict(m._forward_hooks), dict(m._parameters), dict(m._buffers), m.forward)
+                for name, m in model.named_modules()]
+
+    def tamper(model):
+        model[0].register_forward_hook(lambda *args: None)
+        model[0].bias = nn.Parameter(torch.zeros(3))
+        model[1].running_mean.data = torch.ones(3)
+        model[0].weight.data = model[0].weight.data * 2
+        model[1].forward = lambda x: x
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    before = snapshot(model)
+    weight = model[0].weight.detach().clone()
+    with model_guard(model):
+        tamper(model)
+    assert snapshot(model) == before and torch.equal(model[0].weight, weight)
+    with model_guard(model, only_on_error=True):
+        tamper(model)
+    assert snapshot(model) != before
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    before = snapshot(model)
+    for guard in (model_guard(model, only_on_error=True), restored_on_error(model)):
+        with pytest.raises(RuntimeError):
+            with guard:
+                tamper(model)
+                raise RuntimeError("a canonizer failed")
+        assert snapshot(model) == before and float(model[1].running_mean.abs().sum()) == 0

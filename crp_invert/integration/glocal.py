@@ -457,7 +457,8 @@ def _explanation(passes: _Passes, i: int, layer: str, target: int, prediction: t
 
 def decompose(attribution, sample: torch.Tensor, target, layer: str, composite, labels=None, top_k: int = 8,
               rank_by: str = "signed", batch_size: int = 32, device=None,
-              progress: bool = False, evidence: Evidence | None = None) -> GlocalExplanation:
+              progress: bool = False, evidence: Evidence | None = None,
+              relevance_labels=None) -> GlocalExplanation:
     """Decompose the heatmap of one sample into the labeled conditional heatmaps of ``layer``'s channels.
 
     ``channel_heatmaps`` has shape [top_k, H, W]; for a batch of samples use :py:func:`decompose_batch`,
@@ -473,8 +474,10 @@ def decompose(attribution, sample: torch.Tensor, target, layer: str, composite, 
     layer, composite, labels, top_k, rank_by, batch_size, device, progress
         As in :py:func:`decompose_batch` (``layer`` may be a container or a module called twice).
     evidence : Evidence, optional
-        Check each channel part against the labeling data: the sample's activation percentile and whether
-        the channel's label holds for it (``GlocalExplanation.evidence``).
+        Check each channel part against the labeling data: show the channel's reliable label that holds on
+        the sample (or say none does), with the sample's activation percentile (``GlocalExplanation.evidence``).
+    relevance_labels : LayerLabels or mapping, optional
+        Labels searched on relevances, competing with ``labels`` per part (see :py:func:`decompose_batch`).
 
     Returns
     -------
@@ -504,7 +507,7 @@ def decompose(attribution, sample: torch.Tensor, target, layer: str, composite, 
         raise TypeError("decompose takes one int target (or None); use decompose_batch for several")
     return decompose_batch(attribution, sample, target, layer, composite, labels=labels, top_k=top_k,
                            rank_by=rank_by, batch_size=batch_size, device=device, progress=progress,
-                           evidence=evidence)[0]
+                           evidence=evidence, relevance_labels=relevance_labels)[0]
 
 
 def channel_relevances(attribution, data, target, layer: str, composite, batch_size: int = 32,
