@@ -233,7 +233,7 @@ def plot_glocal(glocal, image=None, class_name: str | None = None, show_rest: bo
         One color scale for all heatmaps (the class heatmap's maximum), so channel heatmaps show their
         share; by default each heatmap is scaled to its own maximum.
     ncols : int, optional
-        Panels per row (default: all in one row up to 6).
+        Panels per row (default: rows of at most 6 panels, as even as can be: 7 panels in rows of 4 and 3).
     panel_size : float
         Inches per panel; the figure is ``ncols`` panels wide and as tall as its rows and their titles.
     max_label_chars : int, optional
@@ -260,7 +260,9 @@ def plot_glocal(glocal, image=None, class_name: str | None = None, show_rest: bo
     width = _chars_per_line(panel_size - PANEL_GAP, fontsize) if max_label_chars is None else int(max_label_chars)
     scale = float(np.abs(heatmap).max()) if shared_scale else None
     panels = _glocal_panels(glocal, image, class_name, show_rest, cmap, scale, width)
-    ncols = min(len(panels), 6) if ncols is None else max(1, int(ncols))
+    if ncols is None:  # balanced rows of at most 6 panels
+        ncols = math.ceil(len(panels) / math.ceil(len(panels) / 6))
+    ncols = max(1, int(ncols))
     figure, axes = _panel_grid([title for title, _, _ in panels], ncols, panel_size, fontsize)
     for ax, (title, picture, unexplained) in zip(axes, panels):
         ax.imshow(picture, interpolation="nearest")

@@ -119,7 +119,6 @@ def rank_channels(values: torch.Tensor, rank_by: str) -> torch.Tensor:
     return torch.sort(key, dim=-1, descending=True, stable=True).indices
 
 
-
 class Probe(NamedTuple):
     """What one forward pass tells: the model output, each layer's output shape and number of calls."""
 
