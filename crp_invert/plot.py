@@ -116,12 +116,17 @@ def _input_image(image) -> np.ndarray:
 UNEXPLAINED_COLOR = "tab:red"
 
 
+def _q_text(q: float) -> str:
+    """``"q 2e-04"``; a q-value that underflowed to zero is ``"q < 1e-300"``, not a claim of certainty."""
+    return f"q {q:.1g}" if q > 0 else "q < 1e-300"
+
+
 def _statistics(label) -> str:
     """``"AUC 0.91 | q 2e-04 | n 120"``: the label's AUC, and its q-value and support where known."""
     parts = [f"AUC {float(label.auc):.2f}"]
     q = getattr(label, "p_value_bh", None)
     if q is not None and math.isfinite(float(q)):
-        parts.append(f"q {float(q):.1g}")
+        parts.append(_q_text(float(q)))
     support = getattr(label, "support", None)
     if support is not None:
         parts.append(f"n {int(support)}")
@@ -380,7 +385,7 @@ def _node_text(node, width: int) -> str:
     if node.auc is not None:
         statistics = [f"AUC {node.auc:.2f}"]
         if getattr(node, "q", None) is not None and math.isfinite(node.q):
-            statistics.append(f"q {node.q:.1g}")
+            statistics.append(_q_text(node.q))
         if getattr(node, "support", None) is not None:
             statistics.append(f"n {node.support}")
         lines += _wrap(" | ".join(statistics), width)
