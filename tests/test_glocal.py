@@ -83,6 +83,7 @@ def hooks_of(model):
 # ------------------------------------------------------------------------------------------------
 
 def test_all_channels_of_a_bottleneck_sum_to_the_class_heatmap(setup):
+    """All channel heatmaps of a bottleneck layer sum to CRP's class heatmap, with nothing left over."""
     _, model, attribution, composite, data = setup
     hooks = hooks_of(model)
     channels = n_channels(model, "linear1")
@@ -101,6 +102,7 @@ def test_all_channels_of_a_bottleneck_sum_to_the_class_heatmap(setup):
 
 @pytest.mark.parametrize("layer", ["conv1", "conv2", "linear1"])
 def test_top_k_plus_rest_is_the_class_heatmap(setup, layer):
+    """Completeness: the top-k channel heatmaps plus the rest equal the class heatmap."""
     name, model, attribution, composite, data = setup
     results = decompose_batch(attribution, data, [1, 0, 3], layer, composite, top_k=3, batch_size=4)
     assert len(results) == 3
@@ -122,6 +124,7 @@ def test_top_k_plus_rest_is_the_class_heatmap(setup, layer):
 
 @pytest.mark.parametrize("layer", ["conv2", "linear1"])
 def test_channel_heatmaps_equal_direct_conditional_attribution(setup, layer):
+    """Each channel heatmap equals a direct CondAttribution call with that channel's condition."""
     _, model, attribution, composite, data = setup
     g = decompose(attribution, data[1:2], 2, layer, composite, top_k=4, batch_size=3)
     assert g.channel_heatmaps.shape[0] == 4
@@ -132,6 +135,7 @@ def test_channel_heatmaps_equal_direct_conditional_attribution(setup, layer):
 
 @pytest.mark.parametrize("rank_by", ["signed", "absolute"])
 def test_ranking_equals_channel_concept_attribute(setup, rank_by):
+    """Channels are ranked by ChannelConcept.attribute (signed or absolute), stable by index."""
     _, model, attribution, composite, data = setup
     layer, top_k = "conv2", 4
     for i in range(len(data)):
@@ -152,6 +156,7 @@ def test_ranking_equals_channel_concept_attribute(setup, rank_by):
 
 
 def test_batch_equals_single_samples_and_predicted_target(setup):
+    """A batch decomposes as its samples one by one; target None takes the predicted class."""
     _, model, attribution, composite, data = setup
     batch = decompose_batch(attribution, data, None, "conv2", composite, top_k=2, batch_size=5)
     predicted = model(data).argmax(1).tolist()
@@ -202,6 +207,7 @@ def test_labels_attached_are_the_layer_labels(setup):
 
 
 def test_bad_input(setup):
+    """Bad layers, targets, top_k, rank_by and samples are refused with errors naming them."""
     _, model, attribution, composite, data = setup
     hooks = hooks_of(model)
     sample = data[:1]
@@ -227,6 +233,7 @@ def test_bad_input(setup):
 
 
 def test_labels_of_another_layer_are_refused(setup):
+    """Labels of another layer or channel count are refused."""
     _, model, attribution, composite, data = setup
     labels = _layer_labels(model, data, "linear1")
     with pytest.raises(ValueError, match="labels have 1[02] features but layer 'conv2' has [68] channels"):
@@ -252,6 +259,7 @@ class _Unnamed:
 
 
 def test_hooks_are_removed_when_a_pass_fails(setup):
+    """A failing pass leaves no hook behind (plain CRP would)."""
     _, model, attribution, composite, data = setup
     hooks = hooks_of(model)
 
@@ -270,6 +278,7 @@ def test_hooks_are_removed_when_a_pass_fails(setup):
 
 
 def test_channel_relevances_equal_channel_concept(setup):
+    """channel_relevances equals ChannelConcept.attribute of CRP's recorded relevance."""
     _, model, attribution, composite, data = setup
     targets = [0, 1, 2]
     result = channel_relevances(attribution, data, targets, "conv2", composite, batch_size=2)
@@ -288,6 +297,7 @@ def test_channel_relevances_equal_channel_concept(setup):
 # ------------------------------------------------------------------------------------------------
 
 def test_circuit_by_weight_is_an_argsort_of_the_weight_row():
+    """circuit_by_weight picks the largest weights of the class row, each with its label."""
     model = sequential_cnn()
     weight = model.linear2.weight.detach().numpy()
     labels = _layer_labels(model, torch.zeros(1, 1, 13, 13), "linear1")
@@ -324,6 +334,7 @@ def test_circuit_by_weight_is_an_argsort_of_the_weight_row():
 
 
 def test_circuit_by_relevance_and_json_roundtrip(tmp_path):
+    """circuit_by_relevance averages the target's rows; its JSON round-trips."""
     generator = torch.Generator().manual_seed(5)
     relevances = torch.randn(40, 7, generator=generator)
     sample_targets = torch.randint(0, 3, (40,), generator=generator)
@@ -364,6 +375,7 @@ def test_circuit_by_relevance_and_json_roundtrip(tmp_path):
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # the reference's trace_model_graph
 @pytest.mark.parametrize("target", [None, 1])
 def test_concept_circuit_follows_the_attribution_graph(setup, target):
+    """concept_circuit gives the nodes and edges of CRP's AttributionGraph."""
     name, model, attribution, composite, data = setup
     layers = ["conv1", "conv2", "linear1"]
     sample = data[:1]
@@ -409,6 +421,7 @@ def test_concept_circuit_follows_the_attribution_graph(setup, target):
 
 
 def test_circuit_by_relevance_reads_a_real_activation_cache(tmp_path):
+    """circuit_by_relevance reads the relevances of a real activation cache."""
     from crp_invert import ActivationCache
     from crp_invert.integration.circuits import circuit_by_relevance
 
@@ -518,6 +531,7 @@ def test_evidence_matches_the_cache_and_formula_evaluate(setup, labeled_referenc
 
 
 def test_evidence_of_a_batch_equals_single_samples(setup, labeled_reference):
+    """Evidence of a batch equals that of single samples, whatever form the concepts take."""
     from scipy.stats import percentileofscore
 
     from crp_invert import Evidence
@@ -553,6 +567,7 @@ def test_evidence_of_a_batch_equals_single_samples(setup, labeled_reference):
 
 
 def test_glocal_json_roundtrip(setup, labeled_reference, tmp_path):
+    """A GlocalExplanation (with and without evidence) survives its JSON unchanged."""
     from crp_invert import Evidence
 
     _, model, attribution, composite, _ = setup
@@ -575,6 +590,7 @@ def test_glocal_json_roundtrip(setup, labeled_reference, tmp_path):
 
 
 def test_evidence_bad_input(setup, labeled_reference, caplog):
+    """Evidence that does not fit the layer, samples or pooling is refused; a mismatching cache row warns."""
     from crp_invert import ActivationCache, ChannelEvidence, Evidence
 
     _, model, attribution, composite, _ = setup
