@@ -1,5 +1,6 @@
 """Glocal explanations and circuits, checked against direct CRP calls on small random models."""
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -82,6 +83,7 @@ def hooks_of(model):
 # ------------------------------------------------------------------------------------------------
 
 def test_all_channels_of_a_bottleneck_sum_to_the_class_heatmap(setup):
+    """All channel heatmaps of a bottleneck layer sum to CRP's class heatmap, with nothing left over."""
     _, model, attribution, composite, data = setup
     hooks = hooks_of(model)
     channels = n_channels(model, "linear1")
@@ -100,6 +102,7 @@ def test_all_channels_of_a_bottleneck_sum_to_the_class_heatmap(setup):
 
 @pytest.mark.parametrize("layer", ["conv1", "conv2", "linear1"])
 def test_top_k_plus_rest_is_the_class_heatmap(setup, layer):
+    """Completeness: the top-k channel heatmaps plus the rest equal the class heatmap."""
     name, model, attribution, composite, data = setup
     results = decompose_batch(attribution, data, [1, 0, 3], layer, composite, top_k=3, batch_size=4)
     assert len(results) == 3
@@ -121,6 +124,7 @@ def test_top_k_plus_rest_is_the_class_heatmap(setup, layer):
 
 @pytest.mark.parametrize("layer", ["conv2", "linear1"])
 def test_channel_heatmaps_equal_direct_conditional_attribution(setup, layer):
+    """Each channel heatmap equals a direct CondAttribution call with that channel's condition."""
     _, model, attribution, composite, data = setup
     g = decompose(attribution, data[1:2], 2, layer, composite, top_k=4, batch_size=3)
     assert g.channel_heatmaps.shape[0] == 4
@@ -131,6 +135,7 @@ def test_channel_heatmaps_equal_direct_conditional_attribution(setup, layer):
 
 @pytest.mark.parametrize("rank_by", ["signed", "absolute"])
 def test_ranking_equals_channel_concept_attribute(setup, rank_by):
+    """Channels are ranked by ChannelConcept.attribute (signed or absolute), stable by index."""
     _, model, attribution, composite, data = setup
     layer, top_k = "conv2", 4
     for i in range(len(data)):
@@ -151,6 +156,7 @@ def test_ranking_equals_channel_concept_attribute(setup, rank_by):
 
 
 def test_batch_equals_single_samples_and_predicted_target(setup):
+    """A batch decomposes as its samples one by one; target None takes the predicted class."""
     _, model, attribution, composite, data = setup
     batch = decompose_batch(attribution, data, None, "conv2", composite, top_k=2, batch_size=5)
     predicted = model(data).argmax(1).tolist()
@@ -185,12 +191,14 @@ def _layer_labels(model, data, layer, seed=0):
 
 
 def test_labels_attached_are_the_layer_labels(setup):
+    """Without evidence each part shows its channel's best reliable explanation (None without labels)."""
     _, model, attribution, composite, data = setup
     labels = _layer_labels(model, data, "conv2")
     g = decompose(attribution, data[:1], 0, "conv2", composite, labels=labels, top_k=3)
+    best = {c: next((e for e in labels[c] if getattr(e, "reliable", True)), None) for c in range(len(labels))}
     for channel, label in zip(g.channels.tolist(), g.labels):
-        assert label is labels[channel][0]
-    assert g.label_strings() == [str(labels[c][0].formula) for c in g.channels.tolist()]
+        assert label is best[channel]
+    assert g.label_strings() == [None if best[c] is None else str(best[c].formula) for c in g.channels.tolist()]
     # a mapping of layer -> LayerLabels works the same
     g2 = decompose(attribution, data[:1], 0, "conv2", composite, labels={"conv2": labels}, top_k=3)
     assert [id(x) for x in g2.labels] == [id(x) for x in g.labels]
@@ -199,6 +207,7 @@ def test_labels_attached_are_the_layer_labels(setup):
 
 
 def test_bad_input(setup):
+    """Bad layers, targets, top_k, rank_by and samples are refused with errors naming them."""
     _, model, attribution, composite, data = setup
     hooks = hooks_of(model)
     sample = data[:1]
@@ -224,6 +233,7 @@ def test_bad_input(setup):
 
 
 def test_labels_of_another_layer_are_refused(setup):
+    """Labels of another layer or channel count are refused."""
     _, model, attribution, composite, data = setup
     labels = _layer_labels(model, data, "linear1")
     with pytest.raises(ValueError, match="labels have 1[02] features but layer 'conv2' has [68] channels"):
@@ -249,6 +259,7 @@ class _Unnamed:
 
 
 def test_hooks_are_removed_when_a_pass_fails(setup):
+    """A failing pass leaves no hook behind (plain CRP would)."""
     _, model, attribution, composite, data = setup
     hooks = hooks_of(model)
 
@@ -267,6 +278,7 @@ def test_hooks_are_removed_when_a_pass_fails(setup):
 
 
 def test_channel_relevances_equal_channel_concept(setup):
+    """channel_relevances equals ChannelConcept.attribute of CRP's recorded relevance."""
     _, model, attribution, composite, data = setup
     targets = [0, 1, 2]
     result = channel_relevances(attribution, data, targets, "conv2", composite, batch_size=2)
@@ -285,6 +297,7 @@ def test_channel_relevances_equal_channel_concept(setup):
 # ------------------------------------------------------------------------------------------------
 
 def test_circuit_by_weight_is_an_argsort_of_the_weight_row():
+    """circuit_by_weight picks the largest weights of the class row, each with its label."""
     model = sequential_cnn()
     weight = model.linear2.weight.detach().numpy()
     labels = _layer_labels(model, torch.zeros(1, 1, 13, 13), "linear1")
@@ -321,6 +334,7 @@ def test_circuit_by_weight_is_an_argsort_of_the_weight_row():
 
 
 def test_circuit_by_relevance_and_json_roundtrip(tmp_path):
+    """circuit_by_relevance averages the target's rows; its JSON round-trips."""
     generator = torch.Generator().manual_seed(5)
     relevances = torch.randn(40, 7, generator=generator)
     sample_targets = torch.randint(0, 3, (40,), generator=generator)
@@ -347,7 +361,7 @@ def test_circuit_by_relevance_and_json_roundtrip(tmp_path):
     assert set(data["edges"][0]) == {"source", "target", "relevance"}
     assert data["nodes"][1] == {"id": f"conv2:{circuit.nodes[1].channel}", "layer": "conv2",
                                 "channel": circuit.nodes[1].channel, "label": None, "auc": None,
-                                "value": circuit.nodes[1].value}
+                                "value": circuit.nodes[1].value, "support": None, "q": None, "note": None}
     assert Circuit.from_json(tmp_path / "circuit.json") == circuit
     assert Circuit.from_json(circuit.to_json()) == circuit
     with pytest.raises(ValueError, match="no sample has target"):
@@ -361,6 +375,7 @@ def test_circuit_by_relevance_and_json_roundtrip(tmp_path):
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # the reference's trace_model_graph
 @pytest.mark.parametrize("target", [None, 1])
 def test_concept_circuit_follows_the_attribution_graph(setup, target):
+    """concept_circuit gives the nodes and edges of CRP's AttributionGraph."""
     name, model, attribution, composite, data = setup
     layers = ["conv1", "conv2", "linear1"]
     sample = data[:1]
@@ -406,6 +421,7 @@ def test_concept_circuit_follows_the_attribution_graph(setup, target):
 
 
 def test_circuit_by_relevance_reads_a_real_activation_cache(tmp_path):
+    """circuit_by_relevance reads the relevances of a real activation cache."""
     from crp_invert import ActivationCache
     from crp_invert.integration.circuits import circuit_by_relevance
 
@@ -461,7 +477,18 @@ def _direct_pooled(attribution, composite, sample, target, layer="conv2"):
     return activation.flatten(2).mean(-1)[0].double()
 
 
+def _expected_choice(beam, concepts, index):
+    """Slowly: the first reliable explanation of the beam that holds on sample ``index`` of the whole data set,
+    whether one holds, and how many are reliable and hold."""
+    reliable = [e for e in beam if getattr(e, "reliable", True)]
+    holding = [e for e in reliable if bool(e.formula.evaluate(concepts)[index])]
+    holds = None if not reliable else bool(holding)
+    return (holding[0] if holding else None), holds, len(reliable), len(holding)
+
+
 def test_evidence_matches_the_cache_and_formula_evaluate(setup, labeled_reference):
+    """Evidence: activation and percentile as the cache holds them; each part shows the first reliable label
+    of its beam that holds on the sample (or none, label_holds False)."""
     from scipy.stats import percentileofscore
 
     from crp_invert import ActivationCache, Evidence
@@ -469,9 +496,9 @@ def test_evidence_matches_the_cache_and_formula_evaluate(setup, labeled_referenc
     _, model, attribution, composite, _ = setup
     inputs, reference, concepts, labels, path = labeled_reference
     hooks = hooks_of(model)
-    holds_seen = set()
+    holds_seen, beam_firsts = set(), set()
     with ActivationCache(path) as cache:
-        for index in (3, 17, 29):
+        for index in (3, 17, 29, 30, 31):
             sample = inputs[index:index + 1]
             g = decompose(attribution, sample, 1, "conv2", composite, labels=labels, top_k=4,
                           evidence=Evidence(cache, concepts=concepts, sample_index=index))
@@ -483,10 +510,12 @@ def test_evidence_matches_the_cache_and_formula_evaluate(setup, labeled_referenc
                 assert part.activation == pytest.approx(float(column[index]), rel=1e-5, abs=1e-7)
                 assert part.percentile == pytest.approx(percentileofscore(column, part.activation, kind="mean"))
                 assert part.n_reference == N_REFERENCE
-                expected = bool(label.formula.evaluate(concepts)[index])
-                assert part.label_holds is expected
-                assert part.unexplained == (not expected and part.percentile < 50)
-                holds_seen.add(expected)
+                shown, holds, n_reliable, n_holding = _expected_choice(labels[part.channel], concepts, index)
+                assert label is shown and part.label_holds is holds
+                assert (part.n_reliable, part.n_holding) == (n_reliable, n_holding)
+                assert part.unexplained == (holds is False and part.percentile < 50)
+                holds_seen.add(holds)
+                beam_firsts.add(label is labels[part.channel][0])
             assert g.unexplained() == [part.channel for part in g.evidence if part.unexplained]
             # the same from an [N, C] tensor and the sample's concepts as a mapping
             row = {name: bool(concepts.mask(name)[index]) for name in concepts.names}
@@ -497,11 +526,12 @@ def test_evidence_matches_the_cache_and_formula_evaluate(setup, labeled_referenc
             from_path = decompose(attribution, sample, 1, "conv2", composite, labels=labels, top_k=4,
                                   evidence=Evidence(str(path), concepts=concepts, sample_index=index))
             assert from_path.evidence == g.evidence
-    assert holds_seen == {True, False}  # both outcomes were checked
+    assert True in holds_seen and beam_firsts == {True, False}  # a label behind the beam's first was shown
     assert hooks_of(model) == hooks
 
 
 def test_evidence_of_a_batch_equals_single_samples(setup, labeled_reference):
+    """Evidence of a batch equals that of single samples, whatever form the concepts take."""
     from scipy.stats import percentileofscore
 
     from crp_invert import Evidence
@@ -537,6 +567,7 @@ def test_evidence_of_a_batch_equals_single_samples(setup, labeled_reference):
 
 
 def test_glocal_json_roundtrip(setup, labeled_reference, tmp_path):
+    """A GlocalExplanation (with and without evidence) survives its JSON unchanged."""
     from crp_invert import Evidence
 
     _, model, attribution, composite, _ = setup
@@ -559,6 +590,7 @@ def test_glocal_json_roundtrip(setup, labeled_reference, tmp_path):
 
 
 def test_evidence_bad_input(setup, labeled_reference, caplog):
+    """Evidence that does not fit the layer, samples or pooling is refused; a mismatching cache row warns."""
     from crp_invert import ActivationCache, ChannelEvidence, Evidence
 
     _, model, attribution, composite, _ = setup
@@ -590,7 +622,7 @@ def test_evidence_bad_input(setup, labeled_reference, caplog):
     # the sample's stored row differs from its activation: recorded another way -> a warning
     shifted = reference.clone()
     shifted[0] += 1.0
-    with caplog.at_level("WARNING", logger="crp_invert.integration.glocal"):
+    with caplog.at_level("WARNING", logger="crp_invert.integration.evidence"):
         run(Evidence(shifted, sample_index=0))
     assert "recorded with another composite or pooling" in caplog.text
     # the mark: label fails and the activation is below the threshold
@@ -599,3 +631,161 @@ def test_evidence_bad_input(setup, labeled_reference, caplog):
     assert not ChannelEvidence(0, 0.1, 10.0, 40, label_holds=None).unexplained
     assert not ChannelEvidence(0, 2.0, 90.0, 40, label_holds=False).unexplained
     assert ChannelEvidence(0, 2.0, 60.0, 40, label_holds=False, low_percentile=75).unexplained
+
+
+# ------------------------------------------------------------------------------------------------
+# which label a part shows: reliable ones only, the one that holds on the sample, act or rel
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Marked:
+    """An explanation with a reliability flag set by the test (whatever the rule would say)."""
+
+    formula: object
+    auc: float
+    reliable: bool
+    p_value_bh: float = float("nan")
+
+    def to_json(self):
+        return {"text": str(self.formula), "auc": self.auc}
+
+
+class MarkedLabels:
+    """LayerLabels-like: each beam of ``labels`` with every explanation whose (channel, rank) is in
+    ``unreliable`` marked unreliable; AUCs shifted by ``shift`` (to make the other source win)."""
+
+    def __init__(self, labels, unreliable, shift=0.0):
+        self.layer = labels.layer
+        self.beams = [[Marked(e.formula, float(e.auc) + shift, (c, j) not in unreliable) for j, e in enumerate(beam)]
+                      for c, beam in enumerate(labels)]
+
+    def __len__(self):
+        return len(self.beams)
+
+    def explanations(self, channel):
+        return list(self.beams[channel])
+
+
+def _slow_choice(sources, channel, holds):
+    """Per source the first reliable explanation that holds (``holds`` None: the first reliable one), then the
+    higher AUC, activation first on ties; and whether a reliable one holds, as the figure says."""
+    offers, n_reliable, n_holding = [], 0, 0
+    for rank, source in enumerate(("act", "rel")):
+        if sources.get(source) is None:
+            continue
+        reliable = [e for e in sources[source].explanations(channel) if e.reliable]
+        n_reliable += len(reliable)
+        chosen = reliable if holds is None else [e for e in reliable if holds(e)]
+        n_holding += len(chosen)
+        if chosen:
+            offers.append((-chosen[0].auc, rank, source, chosen[0]))
+    best = min(offers, key=lambda offer: offer[:2]) if offers else None
+    state = None if holds is None or not n_reliable else n_holding > 0
+    return (best[3] if best else None), (best[2] if best else None), state
+
+
+def test_parts_show_reliable_labels_only(setup, labeled_reference):
+    """Unreliable explanations are never shown: a part shows the first reliable one of the beam, or none."""
+    _, model, attribution, composite, _ = setup
+    inputs, _, _, labels, _ = labeled_reference
+    unreliable = {(c, 0) for c in range(0, len(labels), 2)} | {(1, 1)} | {(0, rank) for rank in range(5)}
+    marked = MarkedLabels(labels, unreliable)
+    results = decompose_batch(attribution, inputs[:3], 0, "conv2", composite, labels=marked, top_k=len(labels))
+    shown = set()
+    for g in results:
+        for channel, label, source in zip(g.channels.tolist(), g.labels, g.sources()):
+            expected, expected_source, _ = _slow_choice({"act": marked}, channel, None)
+            assert label is expected and source == expected_source
+            shown.add(label is None)
+        assert g.completeness_error() < 1e-5
+    assert shown == {True, False}  # both a label and "no reliable label" were shown
+    assert all("no reliable label" in g.shown_texts() for g in results)  # channel 0 has no reliable label
+
+
+def test_parts_choose_per_sample_between_activation_and_relevance_labels(setup, labeled_reference):
+    """With evidence each part shows, of both sources, the reliable label that holds on the sample with the
+    higher AUC (slow reference on the whole data set's concepts); the source is kept in the JSON too."""
+    from crp_invert import ConceptLabeler, Evidence
+
+    _, model, attribution, composite, _ = setup
+    inputs, reference, concepts, labels, _ = labeled_reference
+    scores = reference + torch.randn(reference.shape, generator=torch.Generator().manual_seed(3))
+    relevance = ConceptLabeler(concepts).label(scores, L=2, B=2, layer="conv2", progress=False)
+    act = MarkedLabels(labels, {(c, 0) for c in range(1, len(labels), 3)})
+    rel = MarkedLabels(relevance, {(c, 1) for c in range(0, len(labels), 2)}, shift=0.01)
+    indices = [2, 9, 21, 33]
+    results = decompose_batch(attribution, inputs[indices], None, "conv2", composite, labels=act,
+                              relevance_labels=rel, top_k=len(labels),
+                              evidence=Evidence(reference, concepts=concepts, sample_index=indices))
+    seen_sources, seen_states = set(), set()
+    for g, index in zip(results, indices):
+        def holds(e, index=index):
+            return bool(e.formula.evaluate(concepts)[index])
+
+        for channel, label, source, part in zip(g.channels.tolist(), g.labels, g.sources(), g.evidence):
+            expected, expected_source, state = _slow_choice({"act": act, "rel": rel}, channel, holds)
+            assert label is expected and source == expected_source and part.label_holds is state
+            seen_sources.add(source)
+            seen_states.add(state)
+        assert g.completeness_error() < 1e-5
+        data = json.loads(json.dumps(g.to_dict()))
+        assert data["label_sources"] == g.sources() and data["shown"] == g.shown_texts()
+    assert {"act", "rel"} <= seen_sources and True in seen_states
+    # without evidence: the best reliable label of either source, by AUC
+    plain = decompose_batch(attribution, inputs[indices], None, "conv2", composite, labels=act,
+                            relevance_labels=rel, top_k=len(labels))
+    for g in plain:
+        for channel, label, source in zip(g.channels.tolist(), g.labels, g.sources()):
+            assert (label, source) == _slow_choice({"act": act, "rel": rel}, channel, None)[:2]
+    with pytest.raises(ValueError, match="labels are for layer 'linear1'"):
+        decompose(attribution, inputs[:1], 0, "conv2", composite, top_k=2,
+                  relevance_labels=_layer_labels(model, inputs, "linear1"))
+
+
+def test_old_glocal_json_without_sources_loads(setup):
+    """JSON written before label sources and reliable-label counts existed still loads (all "act")."""
+    _, model, attribution, composite, data = setup
+    labels = _layer_labels(model, data, "conv2")
+    g = decompose(attribution, data[:1], 0, "conv2", composite, labels=labels, top_k=2)
+    old = g.to_dict()
+    del old["label_sources"], old["shown"]
+    restored = GlocalExplanation.from_dict(old)
+    assert restored.label_sources is None
+    assert restored.sources() == [None if label is None else "act" for label in g.labels]
+    with pytest.raises(ValueError, match="label_sources"):
+        GlocalExplanation.from_dict(dict(g.to_dict(), label_sources=["activation", None]))
+
+
+def test_model_guard_restores_always_or_on_error_only():
+    """model_guard: hooks, parameters, buffers and attributes come back on every exit, or only after an
+    error with only_on_error=True; restored_on_error is that guard."""
+    from crp_invert.integration.guard import model_guard, restored_on_error
+
+    def snapshot(model):
+        return [(name, dict(m._forward_hooks), dict(m._parameters), dict(m._buffers), m.forward)
+                for name, m in model.named_modules()]
+
+    def tamper(model):
+        model[0].register_forward_hook(lambda *args: None)
+        model[0].bias = nn.Parameter(torch.zeros(3))
+        model[1].running_mean.data = torch.ones(3)
+        model[0].weight.data = model[0].weight.data * 2
+        model[1].forward = lambda x: x
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    before = snapshot(model)
+    weight = model[0].weight.detach().clone()
+    with model_guard(model):
+        tamper(model)
+    assert snapshot(model) == before and torch.equal(model[0].weight, weight)
+    with model_guard(model, only_on_error=True):
+        tamper(model)
+    assert snapshot(model) != before
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    before = snapshot(model)
+    for guard in (model_guard(model, only_on_error=True), restored_on_error(model)):
+        with pytest.raises(RuntimeError):
+            with guard:
+                tamper(model)
+                raise RuntimeError("a canonizer failed")
+        assert snapshot(model) == before and float(model[1].running_mean.abs().sum()) == 0

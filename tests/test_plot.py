@@ -3,12 +3,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import dataclasses  # noqa: E402
+import textwrap  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from crp_invert import ConceptLabeler, ConceptLabels, Explanation, Formula  # noqa: E402
+from crp_invert import ChannelEvidence, ConceptLabeler, ConceptLabels, Explanation, Formula  # noqa: E402
 from crp_invert.integration.circuits import Circuit, CircuitEdge, CircuitNode
 from crp_invert.integration.glocal import GlocalExplanation  # noqa: E402
 from crp_invert.plot import heatmap_image, plot_circuit, plot_explanation, plot_glocal  # noqa: E402
@@ -48,15 +51,21 @@ def _glocal(labels, top_k=3, size=9):
         rest_heatmap=rest, channel_relevance=channel_relevance, prediction=torch.zeros(4))
 
 
+def _statistics(label):
+    return f"AUC {label.auc:.2f} | q {label.p_value_bh:.1g}" + (
+        f" | n {label.support}" if hasattr(label, "support") else "")
+
+
 def test_glocal_figure_titles(labeled):
+    """Panel titles: input, class, one per part (source, label, AUC, q, share), rest; no label said so."""
     _, _, labels = labeled
     g = _glocal(labels)
     image = torch.rand(1, 1, 9, 9)
-    titles = _render(plot_glocal(g, image=image, class_name="Sneaker"))
+    titles = _render(plot_glocal(g, image=image, class_name="Sneaker", max_label_chars=200))
     assert titles[0] == "input"
     assert titles[1] == "class Sneaker\nconv2: top 3"
     for title, channel, label, share in zip(titles[2:5], g.channels.tolist(), g.labels, g.share.tolist()):
-        assert title == f"ch {channel}: {label.formula}\nAUC {label.auc:.2f} | R {share:+.0%}"
+        assert title == f"ch {channel} [act]: {label.formula}\n{_statistics(label)}\nR {share:+.0%}"
     assert titles[5] == "rest"
     assert len(titles) == 6
     # the share of channel 0 is 0.5 / 0.9
@@ -68,12 +77,15 @@ def test_glocal_figure_titles(labeled):
         plot_glocal(g, image=torch.rand(2, 1, 9, 9))
     # unlabeled, no input, no rest, a grid of 2 columns, one color scale
     titles = _render(plot_glocal(_glocal(None, top_k=2), show_rest=False, ncols=2, shared_scale=True))
-    assert titles == ["class 2\nconv2: top 2", "ch 0: (no label)\nR +56%", "ch 1: (no label)\nR +33%"]
+    assert titles == ["class 2\nconv2: top 2", "ch 0: no reliable label\nR +56%", "ch 1: no reliable label\nR +33%"]
+    # relevance labels are marked as such
+    relevance = dataclasses.replace(g, label_sources=("rel", "act", "rel"))
+    titles = _render(plot_glocal(relevance, max_label_chars=200))
+    assert [title.split(":")[0] for title in titles[1:4]] == ["ch 0 [rel]", "ch 1 [act]", "ch 3 [rel]"]
 
 
 def test_glocal_figure_shows_the_evidence(labeled):
-    import dataclasses
-
+    """Evidence lines (percentile, holds / fails / unknown / none of n) and the red mark of unexplained parts."""
     from matplotlib.colors import to_rgba
 
     from crp_invert import ChannelEvidence
@@ -84,10 +96,20 @@ def test_glocal_figure_shows_the_evidence(labeled):
     parts = (ChannelEvidence(0, 1.5, 91.2, 80, label_holds=True),
              ChannelEvidence(1, 0.1, 12.4, 80, label_holds=False),  # unexplained: fails and below the median
              ChannelEvidence(3, 2.0, 77.0, 80, label_holds=None))
-    titles = _render(plot_glocal(dataclasses.replace(g, evidence=parts)))
-    head = [_render(plot_glocal(g))[i + 1] for i in range(3)]  # the titles without evidence
+    titles = _render(plot_glocal(dataclasses.replace(g, evidence=parts), max_label_chars=200))
+    head = [_render(plot_glocal(g, max_label_chars=200))[i + 1] for i in range(3)]  # the titles without evidence
     assert titles[1:4] == [head[0] + "\nact p91 | label holds", head[1] + "\nact p12 | label fails !",
                            head[2] + "\nact p77 | label ?"]
+    # with the counts: none of the channel's reliable labels holds, so none is shown; no reliable label at all
+    counted = (ChannelEvidence(0, 0.1, 12.4, 80, label_holds=False, n_reliable=3, n_holding=0),
+               ChannelEvidence(1, 0.1, 40.0, 80, label_holds=None, n_reliable=0),
+               ChannelEvidence(3, 2.0, 77.0, 80, label_holds=True, n_reliable=2, n_holding=1))
+    none = dataclasses.replace(g, labels=(None, None, g.labels[2]), evidence=counted)
+    counted_titles = _render(plot_glocal(none, max_label_chars=200))
+    assert counted_titles[1] == "ch 0: no reliable label holds here\nR +56%\nact p12 | 0 of 3 hold !"
+    assert counted_titles[2] == "ch 1: no reliable label\nR +33%\nact p40"
+    assert counted_titles[3] == head[2] + "\nact p77 | label holds"
+    assert none.shown_texts() == ["no reliable label holds here", "no reliable label", str(g.labels[2].formula)]
     figure = plot_glocal(dataclasses.replace(g, evidence=parts))
     _render(figure)
     marked = [ax for ax in figure.axes if any(patch.get_gid() == "unexplained" for patch in ax.patches)]
@@ -123,6 +145,7 @@ def test_glocal_figure_shows_the_evidence(labeled):
 
 
 def test_heatmap_image_uses_zennit_colormap():
+    """heatmap_image equals zennit's imgify with its palette, symmetric around zero."""
     from zennit.image import imgify, palette
 
     heatmap = torch.tensor([[-2.0, 0.0], [1.0, 2.0]])
@@ -142,6 +165,7 @@ def test_heatmap_image_uses_zennit_colormap():
 
 
 def test_explanation_figure(labeled):
+    """The density figure's title and legend."""
     concepts, activations, labels = labeled
     explanation = labels[1][0]
     figure = plot_explanation(activations, concepts, explanation, feature=1)
@@ -162,6 +186,7 @@ def test_explanation_figure(labeled):
 
 
 def test_circuit_figure(labeled):
+    """Circuit nodes in layer columns with their labels, statistics and notes; one line per edge."""
     _, _, labels = labeled
     nodes = (CircuitNode("linear1", 3, label="stripes AND wheel", auc=0.91),
              CircuitNode("conv2", 0, label=str(labels[0][0].formula), auc=labels[0][0].auc),
@@ -179,3 +204,89 @@ def test_circuit_figure(labeled):
     assert len(ax.lines) == len(edges)
     with pytest.raises(ValueError, match="no nodes"):
         plot_circuit(Circuit((), ()))
+
+
+NAMES = ["a$^$", "$\\frac$", "_{x}", "$x$ and $y$", "100% $", "\\mathrm{z}"]
+
+
+def _all_texts(figure):
+    from matplotlib.text import Text
+
+    return [text for text in figure.findobj(Text) if text.get_text()]
+
+
+def test_plots_draw_any_name_as_written():
+    """Math text is off in every text: names that are broken mathtext draw as written (titles, nodes, ticks,
+    legends), and every text has parse_math and usetex off."""
+    from crp_invert.core.formula import quote_name
+
+    concepts = ConceptLabels(torch.rand(40, len(NAMES), generator=torch.Generator().manual_seed(0)) > 0.5, NAMES)
+    formula = Formula.parse(" AND ".join(quote_name(name) for name in NAMES[:3]))
+    explanation = Explanation(formula=formula, auc=0.7, fraction=0.2, length=3, p_value=0.01)
+    titled = plot_explanation(torch.randn(40), concepts, explanation, title=NAMES[3])
+    _render(titled)
+    assert titled.axes[0].get_title().startswith(NAMES[3]) and not titled.axes[0].title.get_parse_math()
+    figures = [plot_explanation(torch.randn(40), concepts, explanation)]
+    g = dataclasses.replace(_glocal(None), labels=(explanation, None, explanation), layer=NAMES[0])
+    figures.append(plot_glocal(g, class_name=NAMES[1], max_label_chars=500))
+    nodes = tuple(CircuitNode(name, i, label=str(formula), auc=0.8) for i, name in enumerate(NAMES))
+    edges = tuple(CircuitEdge(nodes[i].id, nodes[i + 1].id, 1.0) for i in range(len(NAMES) - 1))
+    figures.append(plot_circuit(Circuit(nodes, edges), max_label_chars=500))
+    for figure in figures:
+        _render(figure)
+        texts = _all_texts(figure)
+        assert all(not text.get_parse_math() and not text.get_usetex() for text in texts)
+        drawn = "\n".join(text.get_text() for text in texts)
+        for name in NAMES[:3]:
+            assert name in drawn.replace("\\\\", "\\")  # the formula's text escapes a backslash
+    assert [t.get_text() for t in figures[2].axes[0].get_xticklabels()] == NAMES
+
+
+def _extents(figure):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    return renderer, [(ax, ax.title.get_window_extent(renderer)) for ax in figure.axes if ax.get_title()]
+
+
+@pytest.mark.parametrize("top_k,ncols", [(3, None), (3, 2), (4, 7)])
+def test_glocal_titles_do_not_run_into_each_other(top_k, ncols):
+    """Long labels are wrapped: no two titles overlap, none overlaps another panel's image, all lie inside
+    the figure; the figure grows with the number of parts."""
+    long = Formula.parse(" AND ".join(f"concept_{i}_with_a_long_name" for i in range(4)) + " OR x" * 3)
+    explanation = Explanation(formula=long, auc=0.9, fraction=0.2, length=7, p_value=1e-5)
+    g = _glocal(None, top_k=top_k)
+    g = dataclasses.replace(g, labels=(explanation,) * top_k)
+    parts = tuple(ChannelEvidence(int(c), 1.0, 50.0, 10, label_holds=True) for c in g.channels.tolist())
+    figure = plot_glocal(dataclasses.replace(g, evidence=parts), image=torch.rand(9, 9), ncols=ncols)
+    renderer, titled = _extents(figure)
+    inside = figure.bbox
+    for ax, box in titled:
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+        for other, other_box in titled:
+            if other is not ax:
+                assert not box.overlaps(other_box) and not box.overlaps(other.get_window_extent(renderer))
+    # the whole label is in the title, wrapped
+    title = figure.axes[2].get_title()
+    assert " ".join(title.split("\n")[:-3]).replace(" [act]", "").endswith(str(long)) or \
+        str(long).replace(" ", "") in title.replace("\n", "").replace(" ", "")
+    assert max(len(line) for line in title.split("\n")) < len(str(long))
+    wide = plot_glocal(_glocal(None, top_k=3), ncols=5)
+    assert wide.get_figwidth() > plot_glocal(_glocal(None, top_k=2), ncols=4).get_figwidth()
+
+
+def test_circuit_figure_shows_whole_labels():
+    """Circuit node texts carry the whole label, wrapped, with q and support where known; the figure grows."""
+    label = " AND ".join(f"concept_{i}" for i in range(12))
+    nodes = (CircuitNode("out", 0, label="class"), CircuitNode("hidden", 1, label=label, auc=0.9, support=42, q=3e-4),
+             CircuitNode("hidden", 2, note="no reliable label"))
+    edges = (CircuitEdge("hidden:1", "out:0", 1.0), CircuitEdge("hidden:2", "out:0", -0.5))
+    figure = plot_circuit(Circuit(nodes, edges), max_label_chars=20)
+    _render(figure)
+    texts = {t.get_text() for t in figure.axes[0].texts}
+    expected = "\n".join(["hidden:1"] + textwrap.wrap(label, 20) + textwrap.wrap("AUC 0.90 | q 0.0003 | n 42", 20))
+    assert expected in texts and "hidden:2\nno reliable label" in texts
+    short = plot_circuit(Circuit((nodes[0], CircuitNode("hidden", 1, label="a", auc=0.9)), edges[:1]))
+    assert figure.get_figheight() > short.get_figheight()

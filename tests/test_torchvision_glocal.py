@@ -135,6 +135,7 @@ def assert_close(value, reference, rtol=1e-4):
 
 @pytest.mark.parametrize("kind", ["leaf", "container"])
 def test_decomposition_is_complete_and_equals_crp(setup, kind):
+    """On torchvision models, leaf and container decompositions are complete and equal CRP's."""
     _, spec, model, attribution, composite, sample = setup
     layer = getattr(spec, kind)
     before = model_state(model)
@@ -199,6 +200,7 @@ def _most_relevant(attribution, sample, composite, layer):
 
 
 def test_concept_circuit_on_container_names(setup):
+    """concept_circuit works on container names of torchvision models."""
     _, spec, model, attribution, composite, sample = setup
     layers, top = list(spec.circuit), spec.circuit[-1]
     width = (3,) * (len(layers) - 1)
@@ -212,6 +214,7 @@ def test_concept_circuit_on_container_names(setup):
 
 
 def test_vgg_container_circuit_equals_crp_attribution_graph_on_the_leaf():
+    """A VGG container circuit equals CRP's AttributionGraph on the leaf that is its output."""
     _, model, attribution, composite, sample = build("vgg11_bn")
     # "features" is the output of its last module, the max pool features.28, which CRP's graph knows
     leaf_layers = ["features.18", "features.28"]
@@ -249,6 +252,7 @@ def resnet():
 
 
 def test_module_called_twice_is_its_last_call(resnet):
+    """A module called twice (ResNet's relu) stands for its last call; the parts add up."""
     spec, model, attribution, composite, sample = resnet
     layer, block = "layer1.0.relu", spec.same_tensor["layer1.0.relu"]
     before = model_state(model)
@@ -270,6 +274,7 @@ def test_module_called_twice_is_its_last_call(resnet):
 
 
 def test_circuit_through_modules_called_twice(resnet):
+    """Circuits pass through modules called twice per forward pass."""
     spec, model, attribution, composite, sample = resnet
     layers = ["layer1.0.relu", "layer1.1.relu", "layer2.0.relu"]
     top = layers[-1]
@@ -294,6 +299,7 @@ class _Failing(CondAttribution):
 
 
 def test_failing_calls_leave_the_model_unchanged(setup, monkeypatch):
+    """Failing glocal and circuit calls leave the model unchanged (the one model guard)."""
     _, spec, model, attribution, composite, sample = setup
     before = model_state(model)
     with pytest.raises(ValueError, match="out of range"):
@@ -314,6 +320,7 @@ def test_failing_calls_leave_the_model_unchanged(setup, monkeypatch):
 
 
 def test_densenet_sequential_merge_fails_and_is_undone():
+    """SequentialMergeBatchNorm fails on DenseNet121: decompose undoes the merged batch norms, plain CRP does not."""
     torch.manual_seed(0)
     model = randomize_batch_norm(torchvision.models.densenet121(weights=None, num_classes=10), 0)
     attribution = CondAttribution(model)

@@ -18,21 +18,19 @@ import numpy as np
 import torch
 
 from ..core.checks import is_int
-from .glocal import (
-    _best_label,
-    _channel_count,
-    _check_rank_by,
-    _check_top_k,
-    _get_module,
-    _guard_model,
-    _LastCall,
-    _layer_labels,
-    _prepare,
-    _probe,
-    _rank,
-    _read_json,
-    _write_json,
+from ..core.jsonio import read_json, write_json
+from .guard import model_guard
+from .layers import (
+    LastCall,
+    channel_count,
+    check_rank_by,
+    check_top_k,
+    get_module,
+    prepare,
+    probe,
+    rank_channels,
 )
+from .shown_labels import NO_RELIABLE_LABEL, best_reliable, checked_layer_labels
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +39,26 @@ __all__ = ["CircuitNode", "CircuitEdge", "Circuit", "circuit_by_weight", "circui
 
 @dataclass(frozen=True)
 class CircuitNode:
-    """A channel in a circuit: its layer, index, label (formula text) and the label's AUC."""
+    """A channel in a circuit: its layer, index, best reliable label (formula text) and the label's statistics.
+
+    ``label`` is None where the node's layer has no labels or (``note == NO_RELIABLE_LABEL``) where the
+    channel has no reliable explanation; ``support`` (samples where the formula holds) and ``q`` (its
+    Benjamini-Hochberg q-value) come with the label. An output node's label is the class name.
+    """
 
     layer: str
     channel: int
     label: str | None = None
     auc: float | None = None
     value: float | None = None
+    support: int | None = None
+    q: float | None = None
+    note: str | None = None
+
+    @property
+    def shown_label(self) -> str | None:
+        """What a view shows under the node: the label, or the note ("no reliable label"), or None."""
+        return self.label if self.label is not None else self.note
 
     @property
     def id(self) -> str:
@@ -56,7 +67,7 @@ class CircuitNode:
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "layer": self.layer, "channel": self.channel, "label": self.label,
-                "auc": self.auc, "value": self.value}
+                "auc": self.auc, "value": self.value, "support": self.support, "q": self.q, "note": self.note}
 
 
 @dataclass(frozen=True)
@@ -106,13 +117,14 @@ class Circuit:
 
     def to_json(self, path=None, indent: int = 2) -> str:
         """The circuit as JSON text; also written to ``path`` when given."""
-        return _write_json(self.to_dict(), path, indent)
+        return write_json(self.to_dict(), path, indent)
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> "Circuit":
         quantity = obj["quantity"]
         nodes = tuple(CircuitNode(layer=node["layer"], channel=int(node["channel"]), label=node.get("label"),
-                                  auc=node.get("auc"), value=node.get("value")) for node in obj["nodes"])
+                                  auc=node.get("auc"), value=node.get("value"), support=node.get("support"),
+                                  q=node.get("q"), note=node.get("note")) for node in obj["nodes"])
         edges = tuple(CircuitEdge(edge["source"], edge["target"], float(edge[quantity]))
                       for edge in obj["edges"])
         return cls(nodes=nodes, edges=edges, quantity=quantity, meta=dict(obj.get("meta", {})))
@@ -120,19 +132,24 @@ class Circuit:
     @classmethod
     def from_json(cls, text_or_path) -> "Circuit":
         """Read a circuit from JSON text or from a file path."""
-        return cls.from_dict(_read_json(text_or_path))
+        return cls.from_dict(read_json(text_or_path))
 
 
 def _label_node(layer: str, channel: int, labels, value=None) -> CircuitNode:
-    best = _best_label(labels, channel)
-    return CircuitNode(layer=layer, channel=int(channel),
-                       label=None if best is None else str(best.formula),
-                       auc=None if best is None else float(best.auc),
-                       value=None if value is None else float(value))
+    """The node of ``channel`` with its best reliable label (or the note "no reliable label")."""
+    value = None if value is None else float(value)
+    best = best_reliable(labels, channel)
+    if best is None:
+        return CircuitNode(layer=layer, channel=int(channel), value=value,
+                           note=None if labels is None else NO_RELIABLE_LABEL)
+    support = getattr(best, "support", None)
+    q = getattr(best, "p_value_bh", None)
+    return CircuitNode(layer=layer, channel=int(channel), label=str(best.formula), auc=float(best.auc), value=value,
+                       support=None if support is None else int(support), q=None if q is None else float(q))
 
 
 def _top_channels(values: torch.Tensor, k: int, rank_by: str) -> list[int]:
-    return _rank(values, rank_by)[:k].tolist()
+    return rank_channels(values, rank_by)[:k].tolist()
 
 
 def _check_target(target, n_outputs: int) -> int:
@@ -183,11 +200,11 @@ def circuit_by_weight(linear: torch.nn.Module | str, target: int, k: int = 8, la
         ``quantity="weight"``: the output node first, then the k channels best first; node and edge value
         is the weight.
     """
-    rank_by = _check_rank_by(rank_by)
+    rank_by = check_rank_by(rank_by)
     if isinstance(linear, str):
         if model is None:
             raise ValueError(f"linear={linear!r} is a name: pass the model too (model=...)")
-        name, module = linear, _get_module(model, linear)
+        name, module = linear, get_module(model, linear)
     elif isinstance(linear, torch.nn.Module):
         module = linear
         name = "linear"
@@ -201,10 +218,10 @@ def circuit_by_weight(linear: torch.nn.Module | str, target: int, k: int = 8, la
                          f"(a torch.nn.Linear, or a Sequential ending with one, is expected)")
     target = _check_target(target, weight.shape[0])
     n_inputs = weight.shape[1]
-    k = _check_top_k(k, n_inputs, f"{name} (inputs)")
+    k = check_top_k(k, n_inputs, f"{name} (inputs)")
     if source_layer is None:
         source_layer = getattr(labels, "layer", None) or f"{name}.input"
-    layer_labels = _layer_labels(labels, source_layer, n_inputs)
+    layer_labels = checked_layer_labels(labels, source_layer, n_inputs)
     row = weight.detach()[target].cpu()
     channels = _top_channels(row, k, rank_by)
     output = CircuitNode(layer=name, channel=target, label=target_name)
@@ -247,7 +264,7 @@ def circuit_by_relevance(relevances, target: int, k: int = 8, labels=None, *, la
     Circuit
         ``quantity="relevance"``; node and edge value is the mean relevance.
     """
-    rank_by = _check_rank_by(rank_by)
+    rank_by = check_rank_by(rank_by)
     if hasattr(relevances, "relevances") and not isinstance(relevances, (torch.Tensor, np.ndarray)):
         if layer is None:
             raise ValueError("layer is required to read relevances from a cache")
@@ -266,8 +283,8 @@ def circuit_by_relevance(relevances, target: int, k: int = 8, labels=None, *, la
     if layer is None:
         layer = getattr(labels, "layer", None) or "layer"
     n_channels = matrix.shape[1]
-    k = _check_top_k(k, n_channels, layer)
-    layer_labels = _layer_labels(labels, layer, n_channels)
+    k = check_top_k(k, n_channels, layer)
+    layer_labels = checked_layer_labels(labels, layer, n_channels)
     rows = matrix.double()
     if sample_targets is not None:
         sample_targets = torch.as_tensor(np.asarray(sample_targets)).reshape(-1)
@@ -288,16 +305,16 @@ def circuit_by_relevance(relevances, target: int, k: int = 8, labels=None, *, la
 
 
 def _channel_of_concept(text: str, labels, layer: str) -> int:
-    """The channel whose best label is the formula ``text`` (highest AUC among several)."""
+    """The channel whose best reliable label is the formula ``text`` (highest AUC among several)."""
     from ..core.formula import Formula
 
     if labels is None:
         raise ValueError(f"channel={text!r} names a concept: pass labels for layer {layer!r}")
     formula = Formula.parse(text)
     matches = [(c, best.auc) for c in range(len(labels))
-               for best in [_best_label(labels, c)] if best is not None and best.formula == formula]
+               for best in [best_reliable(labels, c)] if best is not None and best.formula == formula]
     if not matches:
-        raise KeyError(f"no channel of layer {layer!r} has the best label {str(formula)!r}")
+        raise KeyError(f"no channel of layer {layer!r} has the best reliable label {str(formula)!r}")
     return max(matches, key=lambda match: (match[1], -match[0]))[0]
 
 
@@ -463,9 +480,9 @@ class _ClosingAttribution:
 
 class _LastCallConcept:
     """CRP's ChannelConcept whose mask acts on the last call of a module called several times (see
-    :py:class:`crp_invert.integration.glocal._LastCall`); relevances are read as ChannelConcept reads them."""
+    :py:class:`crp_invert.integration.layers.LastCall`); relevances are read as ChannelConcept reads them."""
 
-    def __init__(self, last_call: _LastCall) -> None:
+    def __init__(self, last_call: LastCall) -> None:
         from crp.concepts import ChannelConcept
 
         self._channel = ChannelConcept()
@@ -520,62 +537,78 @@ def concept_circuit(attribution, sample: torch.Tensor, composite, layer: str, ch
     Circuit
         ``quantity="relevance"``; the first node is the concept, edges go from sub-concept to concept.
     """
-    from crp.attribution import AttributionGraph
-    from crp.concepts import ChannelConcept
-
     model = attribution.model
     layers = list(dict.fromkeys(layers))
     for name in layers + [layer]:
-        _get_module(model, name)
+        get_module(model, name)
     if layer not in layers:
         raise ValueError(f"layer {layer!r} must be one of layers={layers}")
     if not width or any(not is_int(w) or w < 1 for w in width):
         raise ValueError(f"width must be a non-empty sequence of positive ints, got {width!r}")
     device = attribution.device if device is None else torch.device(device)
-    data = _prepare(sample, device)
+    data = prepare(sample, device)
     if data.shape[0] != 1:
         raise ValueError(f"concept_circuit explains one sample [1, ...], got a batch of {data.shape[0]}")
-    probe = _probe(model, data, layers)
-    n_channels = _channel_count(probe.shapes, layer)
+    found = probe(model, data, layers)
     if target is not None:
-        target = _check_target(target, probe.prediction.shape[1])
+        target = _check_target(target, found.prediction.shape[1])
     labels = dict(labels or {})
-    checked = {name: _layer_labels(labels[name], name, _channel_count(probe.shapes, name))
+    checked = {name: checked_layer_labels(labels[name], name, channel_count(found.shapes, name))
                for name in layers if name in labels}
+    channel = _checked_channel(channel, checked.get(layer), layer, channel_count(found.shapes, layer))
+    with model_guard(model):
+        operations = _trace_operations(model, data) if graph is None else _operations_of(graph)
+    last_call = LastCall(model, [name for name in layers if found.calls[name] > 1])
+    with model_guard(model), last_call.attached():
+        nodes, connections = _attribution_graph(attribution, _LayerGraph(operations, layers), last_call, layers)(
+            data.clone().requires_grad_(True), composite, channel, layer, target=target, width=list(width),
+            abs_norm=abs_norm, batch_size=batch_size, verbose=False)
+    return Circuit(nodes=_labeled_nodes(nodes, checked), edges=_graph_edges(connections), quantity="relevance",
+                   meta={"kind": "attribution_graph", "layer": layer, "channel": channel,
+                         "target": target, "width": list(width), "abs_norm": abs_norm})
+
+
+def _checked_channel(channel, labels, layer: str, n_channels: int) -> int:
+    """``channel`` as an index of ``layer``; a formula text names the channel whose best reliable label it is."""
     if isinstance(channel, str):
-        channel = _channel_of_concept(channel, checked.get(layer), layer)
+        channel = _channel_of_concept(channel, labels, layer)
     if not is_int(channel):
         raise TypeError(f"channel must be an int or a formula text, got {type(channel).__name__}")
     if not 0 <= channel < n_channels:
         raise ValueError(f"channel {channel} is out of range: layer {layer!r} has {n_channels} channels")
+    return int(channel)
 
-    with _guard_model(model):
-        operations = _trace_operations(model, data) if graph is None else _operations_of(graph)
-    layer_graph = _LayerGraph(operations, layers)
-    last_call = _LastCall(model, [name for name in layers if probe.calls[name] > 1])
+
+def _attribution_graph(attribution, layer_graph: "_LayerGraph", last_call: LastCall, layers: Sequence[str]):
+    """CRP's AttributionGraph over ``layer_graph``, as a call that closes CRP's generators on every exit."""
+    from crp.attribution import AttributionGraph
+    from crp.concepts import ChannelConcept
+
     concepts = {name: _LastCallConcept(last_call) if name in last_call.calls else ChannelConcept()
                 for name in layers}
-    closing = _ClosingAttribution(attribution)
-    with _guard_model(model), last_call.attached():
+
+    def run(*args, **kwargs):
+        closing = _ClosingAttribution(attribution)
         try:
-            attribution_graph = AttributionGraph(closing, layer_graph, concepts)
-            nodes, connections = attribution_graph(
-                data.clone().requires_grad_(True), composite, int(channel), layer, target=target,
-                width=list(width), abs_norm=abs_norm, batch_size=batch_size, verbose=False)
+            return AttributionGraph(closing, layer_graph, concepts)(*args, **kwargs)
         finally:
             closing.close()
 
-    circuit_nodes = {}
+    return run
+
+
+def _labeled_nodes(nodes, labels: Mapping[str, Any]) -> tuple[CircuitNode, ...]:
+    """AttributionGraph's ``(layer, channel)`` nodes, each once, with its best reliable label."""
+    circuit_nodes: dict[tuple[str, int], CircuitNode] = {}
     for node_layer, node_channel in nodes:
         key = (node_layer, int(node_channel))
         if key not in circuit_nodes:
-            circuit_nodes[key] = _label_node(node_layer, int(node_channel), checked.get(node_layer))
-    edges = []
-    for (upper_layer, upper_channel), children in connections.items():
-        upper = circuit_nodes[(upper_layer, int(upper_channel))]
-        for lower_layer, lower_channel, rel in children:
-            lower = circuit_nodes[(lower_layer, int(lower_channel))]
-            edges.append(CircuitEdge(lower.id, upper.id, float(rel)))
-    return Circuit(nodes=tuple(circuit_nodes.values()), edges=tuple(edges), quantity="relevance",
-                   meta={"kind": "attribution_graph", "layer": layer, "channel": int(channel),
-                         "target": target, "width": list(width), "abs_norm": abs_norm})
+            circuit_nodes[key] = _label_node(node_layer, int(node_channel), labels.get(node_layer))
+    return tuple(circuit_nodes.values())
+
+
+def _graph_edges(connections) -> tuple[CircuitEdge, ...]:
+    """AttributionGraph's connections as edges from sub-concept to concept."""
+    return tuple(CircuitEdge(f"{lower_layer}:{int(lower_channel)}", f"{upper_layer}:{int(upper_channel)}", float(rel))
+                 for (upper_layer, upper_channel), children in connections.items()
+                 for lower_layer, lower_channel, rel in children)

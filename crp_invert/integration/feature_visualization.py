@@ -60,7 +60,7 @@ from crp.visualization import FeatureVisualization
 from ..storage.cache import ActivationCache
 from ..storage.fingerprint import model_hash
 from .checkpoints import KINDS, CheckpointLog, after_collect, deferred_removal, finish_collect
-from .guard import restored_on_error
+from .guard import model_guard
 from .layouts import layer_layouts
 from .recorder import (
     Pooling,
@@ -293,7 +293,7 @@ class InvertFeatureVisualization(FeatureVisualization):
             if result.d_c_sorted:
                 result.delete_result_arrays()
         with self._recording(composite, int(data_start), int(data_end)):
-            with restored_on_error(self.attribution.model, composite), \
+            with model_guard(self.attribution.model, composite, only_on_error=True), \
                     _named_bars("CRP FeatureVisualization + recording", self.progress):
                 return super().run_distributed(composite, data_start, data_end, batch_size, checkpoint, on_device)
 

@@ -1,24 +1,25 @@
 """Glocal explanations: a class heatmap decomposed into labeled per-channel heatmaps.
 
 A local explanation (the heatmap of one prediction) is the sum of the conditional heatmaps of the
-channels of an earlier layer (CRP). Each channel carries its global INVERT label, which turns the
-heatmap into "recognized through channel 296 = box and channel 154 = Chinese text" (paper
-section 5.2). The circuits (paper figure 7 and appendix A.8) name the channels that matter most for
-a class logit, by direct weight, by mean relevance over a dataset, or by following CRP's
-:py:class:`crp.attribution.AttributionGraph` down from one labeled concept.
+channels of an earlier layer (CRP). Each channel part carries a global INVERT label, which turns the
+heatmap into "recognized through channel 296 = box and channel 154 = Chinese text" (paper section 5.2).
+
+A label is a claim about the labeling data, so a part shows only a *reliable* explanation of its channel
+(:py:mod:`crp_invert.integration.shown_labels`), and with :py:class:`Evidence` (the sample's concepts and
+the activation cache the labels came from) one that *holds on this sample*, or says that none does, with
+the evidence: the sample's activation percentile among the labeling data, holds or fails. Where relevance
+labels were recorded too (``relevance_labels=``), a part shows the source that describes the channel
+better, and says which (``"act"`` or ``"rel"``).
 
 All conditional heatmaps come from CRP's :py:class:`crp.attribution.CondAttribution`, with several
 conditions per backward pass. Every module name works as a layer: leaves, containers (``"layer4"``, whose
 output is the layer) and modules called several times per forward pass (their last call; see
-:py:func:`decompose_batch`). Each channel part can carry its evidence on the sample
-(:py:class:`Evidence`): the sample's activation percentile among the labeling data and whether the
-channel's label holds for it. Hooks that CRP would leave attached and canonizer changes that zennit would
-leave behind after an error are undone.
+:py:func:`decompose_batch`). The model is left as it was (:py:func:`~crp_invert.integration.guard.model_guard`):
+hooks that CRP would leave attached and canonizer changes that zennit would leave behind after an error are
+undone. The circuits live in :py:mod:`crp_invert.integration.circuits`.
 """
-import contextlib
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -27,9 +28,28 @@ import numpy as np
 import torch
 
 from ..core.checks import is_int
-from ..core.jsonio import read_json as _read_json
-from ..core.jsonio import write_json as _write_json
-from ..storage.cache import ActivationCache
+from ..core.jsonio import read_json, write_json
+from .evidence import ChannelEvidence, Evidence, collect_evidence, sample_concepts
+from .guard import model_guard
+from .layers import (
+    LastCall,
+    channel_count,
+    check_rank_by,
+    check_top_k,
+    get_module,
+    prepare,
+    probe,
+    rank_channels,
+)
+from .shown_labels import (
+    NO_RELIABLE_LABEL,
+    NONE_HOLDS,
+    SOURCES,
+    LabelChoice,
+    checked_layer_labels,
+    choose_label,
+    reliable_explanations,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,212 +61,6 @@ __all__ = [
     "decompose_batch",
     "channel_relevances",
 ]
-
-RANK_BY = ("signed", "absolute")
-
-
-# ------------------------------------------------------------------------------------------------
-# helpers: hooks, validation
-# ------------------------------------------------------------------------------------------------
-
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-_HOOK_EXTRAS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
-
-
-def _drop_new_hooks(module: torch.nn.Module, known: dict[str, set]) -> None:
-    for name in _HOOK_DICTS:
-        hooks = getattr(module, name, None)
-        if not hooks:
-            continue
-        for key in [key for key in hooks if key not in known[name]]:
-            hooks.pop(key, None)
-            for extra in _HOOK_EXTRAS:
-                getattr(module, extra, {}).pop(key, None)
-
-
-def _tensor_state(module: torch.nn.Module) -> dict[str, Any]:
-    """The parameter and buffer objects of a module and the storage their ``.data`` points to."""
-    state = {}
-    for kind in ("_parameters", "_buffers"):
-        for name, value in getattr(module, kind).items():
-            state[(kind, name)] = (value, None if value is None else value.data)
-    return state
-
-
-def _restore_tensors(module: torch.nn.Module, saved: dict[str, Any]) -> None:
-    for kind in ("_parameters", "_buffers"):
-        table = getattr(module, kind)
-        for name in [name for name in table if (kind, name) not in saved]:
-            del table[name]
-    for (kind, name), (value, data) in saved.items():
-        table = getattr(module, kind)
-        if table.get(name) is not value:
-            table[name] = value
-        if value is not None and (value.data_ptr() != data.data_ptr() or value.shape != data.shape
-                                  or value.stride() != data.stride()):
-            value.data = data
-
-
-@contextlib.contextmanager
-def _guard_model(model: torch.nn.Module):
-    """Leave the model as it was on exit, also after an error: no new hooks, no canonizer changes.
-
-    CRP's ``CondAttribution`` removes its recording hooks only when a pass succeeds, and zennit's
-    canonizers are undone only by the context that applied them: a canonizer that fails half way
-    (``SequentialMergeBatchNorm`` on DenseNet) leaves the batch norms it already merged, and an error
-    inside ``AttributionGraph`` leaves CRP's ``generate`` suspended inside its composite context. On exit
-    this context drops every module hook registered inside it, and restores each module's attributes,
-    children, parameters, buffers and the tensors their ``.data`` points to (zennit's canonizers change
-    exactly these; a canonizer that wrote into a tensor in place would not be undone).
-    """
-    modules = list(model.modules())
-    hooks = [{name: set(getattr(module, name, {}).keys()) for name in _HOOK_DICTS} for module in modules]
-    attributes = [dict(vars(module)) for module in modules]
-    children = [dict(module._modules) for module in modules]
-    tensors = [_tensor_state(module) for module in modules]
-    try:
-        yield
-    finally:
-        for module, known, attrs, kids, saved in zip(modules, hooks, attributes, children, tensors):
-            _drop_new_hooks(module, known)
-            for name in [name for name in vars(module) if name not in attrs]:
-                delattr(module, name)
-            for name, value in attrs.items():
-                if vars(module).get(name, _MISSING) is not value:
-                    object.__setattr__(module, name, value)
-            for name in [name for name in module._modules if name not in kids]:
-                del module._modules[name]
-            module._modules.update((name, kid) for name, kid in kids.items() if module._modules.get(name) is not kid)
-            _restore_tensors(module, saved)
-
-
-_MISSING = object()
-
-
-class _LastCall:
-    """Masks for modules called several times per forward pass that act on the last call only.
-
-    CRP's mask hook registers its gradient mask on the output of every call of a module: a condition on
-    ResNet's BasicBlock ``relu`` (applied after ``bn1`` and again after the residual sum) would mask the
-    same channel index in two unrelated tensors. CRP records (``record_layer``) the output of the last
-    call, so the layer *is* its last call's output: what its activations and relevances describe. While
-    attached, forward hooks count each module's calls in every forward pass and tag each call's output
-    with a gradient hook that notes which call the gradient arriving there belongs to; the masks made by
-    :meth:`mask_map` then mask only the gradient of the last call. For modules called once this is
-    CRP's ``ChannelConcept.mask``.
-    """
-
-    def __init__(self, model: torch.nn.Module, names: Sequence[str]) -> None:
-        self.model = model
-        self.names = list(names)
-        self.calls = {name: 0 for name in self.names}
-        self.current = {name: -1 for name in self.names}
-
-    def _reset(self, *_args) -> None:
-        for name in self.names:
-            self.calls[name] = 0
-
-    def _forward_hook(self, name: str):
-        def hook(_module, _inputs, output):
-            index = self.calls[name]
-            self.calls[name] = index + 1
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                def note(grad, index=index):
-                    self.current[name] = index
-                    return grad
-
-                output.register_hook(note)
-
-        return hook
-
-    @contextlib.contextmanager
-    def attached(self):
-        """Register the counting hooks (first in line, before CRP's mask hooks) until exit."""
-        modules = dict(self.model.named_modules())
-        handles = [self.model.register_forward_pre_hook(self._reset)]
-        try:
-            for name in self.names:
-                handles.append(modules[name].register_forward_hook(self._forward_hook(name), prepend=True))
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def is_last(self, name: str) -> bool:
-        """Whether the gradient being masked at ``name`` belongs to its last call of the forward pass."""
-        return self.current[name] == self.calls[name] - 1
-
-    def mask(self, batch_id: int, concept_ids: list[int], layer_name: str):
-        """CRP's ``mask_map`` signature: ``ChannelConcept.mask`` applied to the last call of ``layer_name``."""
-        from crp.concepts import ChannelConcept
-
-        channel_mask = ChannelConcept.mask(batch_id, concept_ids, layer_name)
-        if layer_name not in self.calls:
-            return channel_mask
-
-        def last_call_mask(grad):
-            return channel_mask(grad) if self.is_last(layer_name) else grad
-
-        return last_call_mask
-
-
-def _get_module(model: torch.nn.Module, layer: str) -> torch.nn.Module:
-    modules = dict(model.named_modules())
-    if not isinstance(layer, str) or layer not in modules or layer == "":
-        names = [name for name in modules if name]
-        shown = ", ".join(names[:30]) + (", ..." if len(names) > 30 else "")
-        raise KeyError(f"layer {layer!r} is not a module of the model; expected one of: {shown}")
-    return modules[layer]
-
-
-def _check_rank_by(rank_by: str) -> str:
-    if rank_by not in RANK_BY:
-        raise ValueError(f"rank_by={rank_by!r}; expected one of {RANK_BY}")
-    return rank_by
-
-
-def _check_top_k(top_k: int, n_channels: int, layer: str) -> int:
-    if not is_int(top_k):
-        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
-    if not 1 <= top_k <= n_channels:
-        raise ValueError(f"top_k={top_k} is out of range: layer {layer!r} has {n_channels} channels "
-                         f"(expected 1 <= top_k <= {n_channels})")
-    return int(top_k)
-
-
-def _layer_labels(labels: Any, layer: str, n_channels: int):
-    """Return the LayerLabels for ``layer`` (or None), checked against the layer's channel count."""
-    if labels is None:
-        return None
-    if isinstance(labels, Mapping):
-        if layer not in labels:
-            raise KeyError(f"no labels for layer {layer!r}; labels are given for {sorted(labels)}")
-        labels = labels[layer]
-    label_layer = getattr(labels, "layer", None)
-    if label_layer is not None and label_layer != layer:
-        raise ValueError(f"labels are for layer {label_layer!r}, not for layer {layer!r}")
-    if len(labels) != n_channels:
-        raise ValueError(f"labels have {len(labels)} features but layer {layer!r} has {n_channels} channels; "
-                         f"labels of another layer?")
-    return labels
-
-
-def _best_label(labels, channel: int):
-    """The best Explanation of ``channel`` in ``labels`` or None."""
-    if labels is None:
-        return None
-    explanations = labels[int(channel)]
-    return explanations[0] if len(explanations) else None
-
-
-def _rank(values: torch.Tensor, rank_by: str) -> torch.Tensor:
-    key = values.abs() if rank_by == "absolute" else values
-    return torch.sort(key, dim=-1, descending=True, stable=True).indices
 
 
 def _as_targets(target, n_samples: int, n_outputs: int, prediction: torch.Tensor) -> list[int]:
@@ -271,58 +85,6 @@ def _as_targets(target, n_samples: int, n_outputs: int, prediction: torch.Tensor
             raise ValueError(f"target {value} is out of range: the model has {n_outputs} outputs "
                              f"(expected 0 <= target < {n_outputs})")
     return [int(value) for value in targets]
-
-
-class _Probe(NamedTuple):
-    prediction: torch.Tensor
-    shapes: dict[str, tuple[int, ...]]
-    calls: dict[str, int]
-
-
-def _probe(model: torch.nn.Module, data: torch.Tensor, layers: Sequence[str]) -> _Probe:
-    """One forward pass without gradients: the model output, the output shape of each layer (its last call)
-    and how often each layer is called."""
-    modules = {name: _get_module(model, name) for name in layers}
-    shapes: dict[str, tuple[int, ...]] = {}
-    calls = {name: 0 for name in modules}
-
-    def make_hook(name):
-        def hook(_module, _input, output):
-            calls[name] += 1
-            if not isinstance(output, torch.Tensor):
-                raise ValueError(f"layer {name!r} returns a {type(output).__name__}, not a tensor: CRP's "
-                                 f"conditions and recordings need a module with one output tensor")
-            shapes[name] = tuple(output.shape)
-
-        return hook
-
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
-    try:
-        with torch.no_grad():
-            prediction = model(data)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name in modules:
-        if not calls[name]:
-            raise ValueError(f"layer {name!r} was not called in the forward pass of the model")
-    if not isinstance(prediction, torch.Tensor) or prediction.dim() != 2:
-        raise ValueError(f"the model output must have shape [batch, classes], got "
-                         f"{tuple(getattr(prediction, 'shape', ())) or type(prediction).__name__}")
-    return _Probe(prediction, shapes, calls)
-
-
-def _channel_count(shapes: Mapping[str, tuple[int, ...]], layer: str) -> int:
-    shape = shapes[layer]
-    if len(shape) < 2:
-        raise ValueError(f"layer {layer!r} has output shape {shape}; expected [batch, channels, ...]")
-    return shape[1]
-
-
-def _prepare(sample: torch.Tensor, device) -> torch.Tensor:
-    if not isinstance(sample, torch.Tensor):
-        raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
-    return sample.detach().to(device)
 
 
 def _attribute(attribution, data: torch.Tensor, conditions: list[dict[str, list[int]]], composite, layer,
@@ -352,297 +114,6 @@ def _attribute(attribution, data: torch.Tensor, conditions: list[dict[str, list[
     if not record:
         return heatmap, None, None
     return heatmap, torch.cat(relevances, dim=0), torch.cat(activations, dim=0)
-
-
-# ------------------------------------------------------------------------------------------------
-# evidence: does the channel's label hold for this sample, how strongly does the channel fire
-# ------------------------------------------------------------------------------------------------
-
-LOW_PERCENTILE = 50.0
-"""Default threshold of a low activation: below the channel's median over the labeling data."""
-
-
-@dataclass(frozen=True)
-class ChannelEvidence:
-    """How one channel part of a glocal explanation relates to the channel's global label, on this sample.
-
-    Attributes
-    ----------
-    channel : int
-        The channel.
-    activation : float
-        This sample's activation of the channel, pooled as the reference was (e.g. the spatial mean).
-    percentile : float
-        Where ``activation`` lies among the channel's activations on the labeling data, 0 to 100:
-        ``100 * (#below + #equal / 2) / n_reference`` (``scipy.stats.percentileofscore(kind="mean")``).
-    n_reference : int
-        Number of reference activations (non-finite values, e.g. unrecorded cache rows, are left out).
-    label_holds : bool or None
-        Whether the channel's label formula holds for this sample (:py:meth:`Formula.evaluate` on the
-        sample's concept labels); None where the label or the sample's concepts are unknown.
-    low_percentile : float
-        The activation counts as low below this percentile (default 50: below the channel's median).
-    """
-
-    channel: int
-    activation: float
-    percentile: float
-    n_reference: int
-    label_holds: bool | None = None
-    low_percentile: float = LOW_PERCENTILE
-
-    @property
-    def low(self) -> bool:
-        """The activation is below ``low_percentile`` of the channel's reference activations."""
-        return self.percentile < self.low_percentile
-
-    @property
-    def unexplained(self) -> bool:
-        """The label does not hold and the channel barely fires: its heatmap here is not what the label says."""
-        return self.label_holds is False and self.low
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (``unexplained`` included for readers; ignored by :meth:`from_dict`)."""
-        return {"channel": self.channel, "activation": self.activation, "percentile": self.percentile,
-                "n_reference": self.n_reference, "label_holds": self.label_holds,
-                "low_percentile": self.low_percentile, "unexplained": self.unexplained}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ChannelEvidence":
-        holds = data.get("label_holds")
-        return cls(channel=int(data["channel"]), activation=float(data["activation"]),
-                   percentile=float(data["percentile"]), n_reference=int(data["n_reference"]),
-                   label_holds=None if holds is None else bool(holds),
-                   low_percentile=float(data.get("low_percentile", LOW_PERCENTILE)))
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """Where :py:func:`decompose` finds the evidence it attaches to every channel part.
-
-    Parameters
-    ----------
-    reference : ActivationCache, torch.Tensor or numpy.ndarray
-        The channel activations of the labeling data: a cache holding the layer (its pooled activations,
-        the ones the labels were computed from), or an [N, C] matrix of them.
-    concepts : ConceptLabels, optional
-        Concept labels of the labeled dataset; with ``sample_index`` they give the sample's concepts.
-    sample_index : int or sequence of int, optional
-        The explained sample's index in the labeled dataset (one per sample for
-        :py:func:`decompose_batch`). Also used to check the computed activation against the cache's row.
-    concept_row : mapping or boolean vector, or a sequence of them, optional
-        The sample's concepts when it is not in the labeled dataset: ``{"stripes": True, ...}``, a
-        one-row :py:class:`ConceptLabels`, or a boolean vector [K] in the order of ``concepts.names``
-        (for :py:func:`decompose_batch` one per sample, a [B, K] matrix or a B-row ConceptLabels).
-    layer : str, optional
-        The layer's name in ``reference`` (default: the decomposed layer).
-    pooling : {"mean", "max", "sum"} or callable, optional
-        How the sample's layer output is pooled to one value per channel: must be the pooling of the
-        reference (default: the cache layer's ``pooling`` attribute, ``"mean"`` for a matrix).
-    low_percentile : float
-        An activation below this percentile of the channel's reference is low (default 50: the median).
-
-    Notes
-    -----
-    The sample's activation is the layer output CRP records in the decomposition's class pass, after the
-    composite's canonizers (e.g. a merged batch norm), as :py:class:`InvertFeatureVisualization` records
-    it: record the reference with the same composite. Labels of ``mode="negative"`` searches describe low
-    activations; the ``unexplained`` mark assumes positive labels.
-
-    Examples
-    --------
-    >>> evidence = Evidence(ActivationCache("acts.h5"), concepts=concepts, sample_index=17)  # doctest: +SKIP
-    >>> g = decompose(attribution, dataset[17][0][None], None, "layer4", composite, labels=labels,
-    ...               evidence=evidence)                                                    # doctest: +SKIP
-    >>> [(e.channel, round(e.percentile), e.label_holds, e.unexplained) for e in g.evidence]  # doctest: +SKIP
-    [(12, 97, True, False), (40, 8, False, True), ...]
-    """
-
-    reference: Any
-    concepts: Any = None
-    sample_index: Any = None
-    concept_row: Any = None
-    layer: str | None = None
-    pooling: Any = None
-    low_percentile: float = LOW_PERCENTILE
-
-    def __post_init__(self) -> None:
-        if isinstance(self.reference, (str, os.PathLike)):
-            # a path, like label_cache takes: opened read-only (closed with the Evidence's cache)
-            object.__setattr__(self, "reference", ActivationCache(self.reference))
-        if isinstance(self.low_percentile, bool) or not isinstance(self.low_percentile, (int, float)) or \
-                not 0 <= self.low_percentile <= 100:
-            raise ValueError(f"low_percentile must be a number in [0, 100], got {self.low_percentile!r}")
-        if not (_is_cache(self.reference) or isinstance(self.reference, (torch.Tensor, np.ndarray))):
-            raise TypeError(f"reference must be an ActivationCache or an [N, C] tensor or array, "
-                            f"got {type(self.reference).__name__}")
-
-
-def _is_cache(value: Any) -> bool:
-    return callable(getattr(value, "activations", None)) and callable(getattr(value, "info", None))
-
-
-def _per_sample(value: Any, n_samples: int, what: str, single) -> list[Any]:
-    """``value`` as a list of one entry per sample (``single(value)``: whether it is one entry)."""
-    if value is None:
-        return [None] * n_samples
-    if single(value):
-        if n_samples != 1:
-            raise ValueError(f"{what} is given for one sample but {n_samples} are decomposed: pass one per sample")
-        return [value]
-    values = list(value)
-    if len(values) != n_samples:
-        raise ValueError(f"{what} has {len(values)} entries for {n_samples} samples")
-    return values
-
-
-def _row_mapping(row: Any, names: Sequence[str] | None):
-    """One sample's concepts as something :py:meth:`Formula.evaluate` reads (one-row ConceptLabels or a mapping)."""
-    if row is None:
-        return None
-    if callable(getattr(row, "mask", None)):
-        if getattr(row, "n_samples", 1) != 1:
-            raise ValueError(f"concept_row must hold one sample, got ConceptLabels with {row.n_samples} rows")
-        return row
-    if isinstance(row, Mapping):
-        return {str(name): torch.tensor([bool(value)]) for name, value in row.items()}
-    vector = row.detach().cpu().numpy() if isinstance(row, torch.Tensor) else np.asarray(row)
-    if vector.ndim != 1:
-        raise ValueError(f"concept_row must be a boolean vector [K], got shape {vector.shape}")
-    if names is None:
-        raise ValueError("a boolean concept_row needs the concept names: pass concepts= (ConceptLabels) or "
-                         "a mapping {name: bool}")
-    if len(vector) != len(names):
-        raise ValueError(f"concept_row has {len(vector)} entries for {len(names)} concepts")
-    return {name: torch.tensor([bool(value)]) for name, value in zip(names, vector.tolist())}
-
-
-def _sample_concepts(evidence: Evidence, n_samples: int) -> tuple[list[Any], list[int | None]]:
-    """Per sample: its concepts (or None) and its index in the labeled dataset (or None)."""
-    def is_index(value):
-        return is_int(value)
-
-    sample_index = evidence.sample_index
-    if isinstance(sample_index, (torch.Tensor, np.ndarray)):
-        sample_index = sample_index.tolist()
-    indices = _per_sample(sample_index, n_samples, "sample_index", is_index)
-    for index in indices:
-        if index is not None and not is_index(index):
-            raise TypeError(f"sample_index must be an int or a sequence of ints, got {index!r}")
-    names = getattr(evidence.concepts, "names", None)
-    row_labels = evidence.concept_row
-    if callable(getattr(row_labels, "subset", None)) and n_samples > 1 and row_labels.n_samples == n_samples:
-        row_labels = [row_labels.subset([i]) for i in range(n_samples)]  # ConceptLabels, one row per sample
-    if row_labels is not None:
-        def one_row(value):
-            if isinstance(value, Mapping) or callable(getattr(value, "mask", None)):
-                return True
-            if isinstance(value, (torch.Tensor, np.ndarray)):
-                return value.ndim == 1
-            return all(isinstance(entry, (bool, int, float, np.bool_, np.number)) for entry in value)
-
-        rows = [_row_mapping(row, names) for row in
-                _per_sample(row_labels, n_samples, "concept_row", one_row)]
-    elif evidence.concepts is not None and evidence.sample_index is not None:
-        if not callable(getattr(evidence.concepts, "subset", None)):
-            raise TypeError(f"concepts must be a ConceptLabels, got {type(evidence.concepts).__name__}")
-        rows = []
-        for index in indices:
-            if not 0 <= index < evidence.concepts.n_samples:
-                raise ValueError(f"sample_index {index} is out of range: concepts hold "
-                                 f"{evidence.concepts.n_samples} samples")
-            rows.append(evidence.concepts.subset([int(index)]))
-    else:
-        rows = [None] * n_samples
-    return rows, [None if index is None else int(index) for index in indices]
-
-
-def _evidence_pooling(evidence: Evidence, reference_layer: str):
-    """The pooling of the reference: the cache's (checked against ``evidence.pooling``) or the given one."""
-    from .recorder import POOLINGS
-
-    recorded = None
-    if _is_cache(evidence.reference):
-        recorded = evidence.reference.info(reference_layer).get("pooling")
-    if evidence.pooling is not None:
-        if not callable(evidence.pooling) and evidence.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS} or a callable, got {evidence.pooling!r}")
-        if recorded in POOLINGS and evidence.pooling != recorded:
-            raise ValueError(f"pooling={evidence.pooling!r} but layer {reference_layer!r} of the cache was "
-                             f"recorded with pooling {recorded!r}")
-        return evidence.pooling
-    if recorded is None:
-        return "mean"
-    if recorded not in POOLINGS:
-        raise ValueError(f"layer {reference_layer!r} of the cache was recorded with pooling {recorded!r}: "
-                         f"pass the same function as Evidence(pooling=...)")
-    return recorded
-
-
-def _reference_columns(evidence: Evidence, reference_layer: str, n_channels: int, columns: list[int]):
-    """The reference activations [N, len(columns)] (float64 numpy) and the dataset index of row 0."""
-    reference = evidence.reference
-    cache = _is_cache(reference)
-    if not cache and reference.ndim != 2:
-        raise ValueError(f"reference must be an [N, C] matrix, got shape {tuple(reference.shape)}")
-    stored = reference.n_channels(reference_layer) if cache else reference.shape[1]
-    if stored != n_channels:
-        raise ValueError(f"the reference of layer {reference_layer!r} has {stored} channels but the decomposed "
-                         f"layer has {n_channels}: a reference of another layer?")
-    if cache:
-        start = int(reference.sample_range[0]) if hasattr(reference, "sample_range") else 0
-        values = reference.activations(reference_layer, columns=columns)
-    else:
-        start, values = 0, reference[:, columns]
-    if isinstance(values, torch.Tensor):
-        return values.detach().cpu().double().numpy(), start
-    return np.asarray(values, dtype=np.float64), start
-
-
-def _percentile(reference: np.ndarray, value: float) -> tuple[float, int]:
-    """``scipy.stats.percentileofscore(kind="mean")`` over the finite reference values, and their number."""
-    finite = reference[np.isfinite(reference)]
-    if finite.size == 0:
-        raise ValueError("the reference holds no recorded (finite) activation of this channel")
-    below = np.count_nonzero(finite < value)
-    equal = np.count_nonzero(finite == value)
-    return float(100.0 * (below + 0.5 * equal) / finite.size), int(finite.size)
-
-
-def _collect_evidence(evidence: Evidence, layer: str, activation: torch.Tensor, orders: torch.Tensor,
-                      labels: Sequence[Sequence[Any]]) -> list[tuple[ChannelEvidence, ...]]:
-    """The evidence of each sample's top channels. ``activation`` is the layer output [B, C, ...]."""
-    from .recorder import pool
-
-    n_samples, n_channels = activation.shape[0], activation.shape[1]
-    reference_layer = evidence.layer or layer
-    pooled = pool(activation.detach(), _evidence_pooling(evidence, reference_layer)).double().cpu()
-    rows, indices = _sample_concepts(evidence, n_samples)
-    columns = sorted(set(orders.reshape(-1).tolist()))
-    reference, start = _reference_columns(evidence, reference_layer, n_channels, columns)
-    position = {channel: i for i, channel in enumerate(columns)}
-    results = []
-    for i in range(n_samples):
-        parts = []
-        for k, channel in enumerate(orders[i].tolist()):
-            value = float(pooled[i, channel])
-            column = reference[:, position[channel]]
-            percentile, n_reference = _percentile(column, value)
-            row = indices[i] - start if indices[i] is not None else None
-            if row is not None and 0 <= row < len(column) and np.isfinite(column[row]) and \
-                    abs(column[row] - value) > 1e-3 * abs(value) + 1e-5 * float(np.nanmax(np.abs(column))):
-                logger.warning("sample %d, channel %d of layer %r: activation %.6g but the reference holds "
-                               "%.6g; recorded with another composite or pooling?", indices[i], channel,
-                               reference_layer, value, column[row])
-            label = labels[i][k]
-            holds = None
-            if label is not None and rows[i] is not None:
-                holds = bool(label.formula.evaluate(rows[i]).reshape(-1)[0])
-            parts.append(ChannelEvidence(channel=int(channel), activation=value, percentile=percentile,
-                                         n_reference=n_reference, label_holds=holds,
-                                         low_percentile=float(evidence.low_percentile)))
-        results.append(tuple(parts))
-    return results
 
 
 # ------------------------------------------------------------------------------------------------
@@ -690,7 +161,9 @@ class GlocalExplanation:
         [top_k] the channel's relevance divided by the layer total (:py:attr:`total_relevance`; zero if
         the total is zero). Signed: shares of all channels sum to one.
     labels : tuple
-        The best :py:class:`~crp_invert.Explanation` of each channel (``layer_labels[c][0]``) or None.
+        The :py:class:`~crp_invert.Explanation` each part shows, or None ("no reliable label", or with
+        evidence "no reliable label holds here"): a reliable explanation of the channel, with evidence one
+        that holds on this sample (:py:func:`~crp_invert.integration.shown_labels.choose_label`).
     rest_heatmap : torch.Tensor
         Heatmap of everything except the ``top_k`` channels: one conditional pass with the complement
         channel set, without excluding parallel paths, so it also holds relevance that bypasses the layer
@@ -704,6 +177,10 @@ class GlocalExplanation:
     evidence : tuple of ChannelEvidence or None
         Per channel part (same order as ``channels``): the sample's activation percentile and whether the
         label holds (:py:class:`Evidence`); None when decomposed without ``evidence=``.
+    label_sources : tuple of str or None, or None
+        Per part, where its label comes from: ``"act"`` (activation labels, ``labels=``), ``"rel"``
+        (relevance labels, ``relevance_labels=``) or None (nothing shown). None: all ``"act"`` (explanations
+        made before the sources existed).
     """
 
     layer: str
@@ -719,6 +196,7 @@ class GlocalExplanation:
     prediction: torch.Tensor
     rank_by: str = "signed"
     evidence: tuple[ChannelEvidence, ...] | None = None
+    label_sources: tuple[str | None, ...] | None = None
 
     @property
     def top_k(self) -> int:
@@ -738,8 +216,25 @@ class GlocalExplanation:
         return float((total - reference).norm()) / (norm if norm > 0 else 1.0)
 
     def label_strings(self) -> list[str | None]:
-        """The formula of each channel's label as text (None where unlabeled)."""
+        """The formula of each part's shown label as text (None where nothing is shown)."""
         return [None if label is None else str(label.formula) for label in self.labels]
+
+    def sources(self) -> list[str | None]:
+        """Per part, the source of its shown label: ``"act"``, ``"rel"`` or None (nothing shown)."""
+        if self.label_sources is not None:
+            return list(self.label_sources)
+        return [None if label is None else "act" for label in self.labels]
+
+    def shown_texts(self) -> list[str]:
+        """What each part's title says: the formula, "no reliable label holds here" (evidence: none of the
+        channel's reliable labels holds on the sample) or "no reliable label"."""
+        texts = []
+        for i, label in enumerate(self.labels):
+            part = self.evidence[i] if self.evidence is not None else None
+            holds = getattr(part, "label_holds", None)
+            texts.append(str(label.formula) if label is not None else
+                         NONE_HOLDS if holds is False else NO_RELIABLE_LABEL)
+        return texts
 
     def unexplained(self) -> list[int]:
         """Channels whose label does not hold for this sample while their activation is low (needs evidence)."""
@@ -758,6 +253,8 @@ class GlocalExplanation:
         for name in _TENSOR_FIELDS:
             data[name] = _tensor_to_json(getattr(self, name))
         data["labels"] = [None if label is None else label.to_json() for label in self.labels]
+        data["label_sources"] = self.sources()
+        data["shown"] = self.shown_texts()  # for readers of the JSON; ignored by from_dict
         data["evidence"] = None if self.evidence is None else [part.to_dict() for part in self.evidence]
         return data
 
@@ -766,20 +263,23 @@ class GlocalExplanation:
         """Rebuild from :py:meth:`to_dict` output."""
         from ..core.labels import Explanation
 
-        evidence = data.get("evidence")
+        evidence, sources = data.get("evidence"), data.get("label_sources")
+        if sources is not None and any(source not in SOURCES + (None,) for source in sources):
+            raise ValueError(f"label_sources must be {SOURCES} or null, got {sources!r}")
         return cls(layer=data["layer"], target=int(data["target"]), rank_by=data.get("rank_by", "signed"),
                    labels=tuple(None if label is None else Explanation.from_json(label) for label in data["labels"]),
                    evidence=None if evidence is None else tuple(ChannelEvidence.from_dict(e) for e in evidence),
+                   label_sources=None if sources is None else tuple(sources),
                    **{name: _tensor_from_json(data[name]) for name in _TENSOR_FIELDS})
 
     def to_json(self, path=None) -> str:
         """The explanation as JSON text; also written to ``path`` when given."""
-        return _write_json(self.to_dict(), path)
+        return write_json(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, text_or_path) -> "GlocalExplanation":
         """Read an explanation from JSON text or from a file path."""
-        return cls.from_dict(_read_json(text_or_path))
+        return cls.from_dict(read_json(text_or_path))
 
     def _repr_html_(self) -> str:
         from ..core.html import html_table
@@ -789,7 +289,8 @@ class GlocalExplanation:
 
 def decompose_batch(attribution, samples: torch.Tensor, target, layer: str, composite, labels=None,
                     top_k: int = 8, rank_by: str = "signed", batch_size: int = 32, device=None,
-                    progress: bool = False, evidence: Evidence | None = None) -> list[GlocalExplanation]:
+                    progress: bool = False, evidence: Evidence | None = None,
+                    relevance_labels=None) -> list[GlocalExplanation]:
     """Decompose the heatmaps of a batch of samples into the conditional heatmaps of ``layer``'s channels.
 
     Each sample gets its own top channels. All conditional heatmaps (``top_k`` per sample, plus one
@@ -818,7 +319,8 @@ def decompose_batch(attribution, samples: torch.Tensor, target, layer: str, comp
     composite : zennit.core.Composite
         LRP composite (with canonizers) used by CRP.
     labels : LayerLabels, mapping of layer name to LayerLabels, or None
-        INVERT labels of the layer; each channel gets its best Explanation.
+        INVERT labels of the layer (searched on activations); each part shows a reliable explanation of its
+        channel: the best one, or with ``evidence`` the best one that holds on the sample.
     top_k : int
         Number of channels, 1 <= top_k <= number of channels of the layer.
     rank_by : {"signed", "absolute"}
@@ -830,8 +332,12 @@ def decompose_batch(attribution, samples: torch.Tensor, target, layer: str, comp
     progress : bool
         Show a tqdm progress bar over the passes.
     evidence : Evidence, optional
-        Attach, to every channel part, the sample's activation percentile among the labeling data and
-        whether the channel's label holds for the sample (``sample_index``/``concept_row`` one per sample).
+        Choose each part's label per sample (among the channel's reliable ones, one that holds on the
+        sample's concepts) and attach the evidence: the sample's activation percentile among the labeling
+        data and whether a reliable label holds (``sample_index``/``concept_row`` one per sample).
+    relevance_labels : LayerLabels, mapping of layer name to LayerLabels, or None
+        Labels of the layer searched on relevances (``label_cache(..., source="relevance")``). Where one
+        describes a part better (holds on the sample, higher AUC), the part shows it, marked ``"rel"``.
 
     Returns
     -------
@@ -844,7 +350,7 @@ def decompose_batch(attribution, samples: torch.Tensor, target, layer: str, comp
         ``layer`` is not a module of the model, or ``labels`` is a mapping without ``layer``.
     ValueError
         a target out of range, ``top_k`` out of range, labels with another channel count or layer,
-        an unknown ``rank_by``.
+        an unknown ``rank_by``, evidence that does not fit the samples.
 
     Notes
     -----
@@ -856,85 +362,108 @@ def decompose_batch(attribution, samples: torch.Tensor, target, layer: str, comp
     sequential, ``NamedMergeBatchNorm([(("features.conv0",), "features.norm0")] + [((f"{name}.conv1",),
     f"{name}.norm2") for each dense layer name])``, or use no canonizer.
     """
-    from crp.concepts import ChannelConcept
-
-    rank_by = _check_rank_by(rank_by)
+    rank_by = check_rank_by(rank_by)
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if evidence is not None and not isinstance(evidence, Evidence):
         raise TypeError(f"evidence must be an Evidence, got {type(evidence).__name__}")
     model = attribution.model
-    _get_module(model, layer)
+    get_module(model, layer)
     device = attribution.device if device is None else torch.device(device)
-    data = _prepare(samples, device)
+    data = prepare(samples, device)
     if data.dim() < 2:
         raise ValueError(f"samples must have a batch dimension, got shape {tuple(data.shape)}")
-    n_samples = data.shape[0]
-
-    probe = _probe(model, data, [layer])
-    n_channels = _channel_count(probe.shapes, layer)
-    targets = _as_targets(target, n_samples, probe.prediction.shape[1], probe.prediction)
-    top_k = _check_top_k(top_k, n_channels, layer)
-    layer_labels = _layer_labels(labels, layer, n_channels)
-    last_call = _LastCall(model, [layer] if probe.calls[layer] > 1 else [])
-
-    with _guard_model(model), last_call.attached():
-        # class heatmaps and the relevance of the layer
-        class_conditions = [{"y": [t]} for t in targets]
-        heatmaps, layer_relevance, layer_activation = _attribute(
-            attribution, data, class_conditions, composite, layer, record=True, exclude_parallel=True,
-            batch_size=batch_size, mask_map=last_call.mask)
-        channel_rel = ChannelConcept().attribute(layer_relevance, abs_norm=False)  # [B, C]
-        order = _rank(channel_rel, rank_by)[:, :top_k]  # [B, top_k]
-
-        # one row per (sample, top channel)
-        rows = data.repeat_interleave(top_k, dim=0)
-        conditions = [{"y": [targets[i]], layer: [int(c)]}
-                      for i in range(n_samples) for c in order[i].tolist()]
-        channel_heatmaps, _, _ = _attribute(attribution, rows, conditions, composite, layer, record=False,
-                                            exclude_parallel=True, batch_size=batch_size, progress=progress,
-                                            mask_map=last_call.mask)
-        channel_heatmaps = channel_heatmaps.reshape(n_samples, top_k, *channel_heatmaps.shape[1:])
-
-        # the rest: complement channels plus whatever bypasses the layer
-        rest_conditions = []
-        for i in range(n_samples):
-            chosen = set(order[i].tolist())
-            complement = [c for c in range(n_channels) if c not in chosen]
-            rest_conditions.append({"y": [targets[i]], layer: complement})
-        rest_heatmaps, _, _ = _attribute(attribution, data, rest_conditions, composite, layer, record=False,
-                                         exclude_parallel=False, batch_size=batch_size, mask_map=last_call.mask)
-
-    part_labels = [tuple(_best_label(layer_labels, c) for c in order[i].tolist()) for i in range(n_samples)]
-    parts_evidence = [None] * n_samples
+    found = probe(model, data, [layer])
+    n_channels = channel_count(found.shapes, layer)
+    targets = _as_targets(target, data.shape[0], found.prediction.shape[1], found.prediction)
+    top_k = check_top_k(top_k, n_channels, layer)
+    sources = {"act": checked_layer_labels(labels, layer, n_channels),
+               "rel": checked_layer_labels(relevance_labels, layer, n_channels)}
+    rows, indices = sample_concepts(evidence, len(data)) if evidence is not None else ([None] * len(data), None)
+    last_call = LastCall(model, [layer] if found.calls[layer] > 1 else [])
+    run = _Run(attribution, composite, layer, batch_size, last_call.mask)
+    with model_guard(model), last_call.attached():
+        passes = _conditional_heatmaps(run, data, targets, top_k, rank_by, n_channels, progress)
+    choices = [[choose_label(_candidates(sources, c), rows[i]) for c in passes.order[i].tolist()]
+               for i in range(len(data))]
+    parts_evidence = [None] * len(data)
     if evidence is not None:
-        parts_evidence = _collect_evidence(evidence, layer, layer_activation, order, part_labels)
-    results = []
+        parts_evidence = collect_evidence(evidence, layer, passes.activation, passes.order, choices, indices)
+    return [_explanation(passes, i, layer, targets[i], found.prediction[i], rank_by, choices[i], parts_evidence[i])
+            for i in range(len(data))]
+
+
+class _Run(NamedTuple):
+    """What every CondAttribution call of one decomposition shares."""
+
+    attribution: Any
+    composite: Any
+    layer: str
+    batch_size: int
+    mask_map: Any
+
+
+class _Passes(NamedTuple):
+    """The results of a decomposition's three kinds of passes, per sample (see :func:`decompose_batch`)."""
+
+    heatmaps: torch.Tensor  # [B, ...] class heatmaps
+    channel_relevance: torch.Tensor  # [B, C]
+    activation: torch.Tensor  # [B, C, ...] the layer output
+    order: torch.Tensor  # [B, top_k] each sample's top channels
+    channel_heatmaps: torch.Tensor  # [B, top_k, ...]
+    rest_heatmaps: torch.Tensor  # [B, ...]
+
+
+def _conditional_heatmaps(run: _Run, data: torch.Tensor, targets: list[int], top_k: int, rank_by: str,
+                          n_channels: int, progress: bool) -> _Passes:
+    """The class heatmaps (ranking the channels), one heatmap per top channel, and the rest's heatmap."""
+    from crp.concepts import ChannelConcept
+
+    def attribute(rows, conditions, record=False, exclude_parallel=True, show=False):
+        return _attribute(run.attribution, rows, conditions, run.composite, run.layer, record=record,
+                          exclude_parallel=exclude_parallel, batch_size=run.batch_size, progress=show,
+                          mask_map=run.mask_map)
+
+    n_samples, layer = len(data), run.layer
+    heatmaps, relevance, activation = attribute(data, [{"y": [t]} for t in targets], record=True)
+    channel_rel = ChannelConcept().attribute(relevance, abs_norm=False)  # [B, C]
+    order = rank_channels(channel_rel, rank_by)[:, :top_k]  # [B, top_k]
+    # one row per (sample, top channel)
+    conditions = [{"y": [targets[i]], layer: [int(c)]} for i in range(n_samples) for c in order[i].tolist()]
+    channel_heatmaps, _, _ = attribute(data.repeat_interleave(top_k, dim=0), conditions, show=progress)
+    channel_heatmaps = channel_heatmaps.reshape(n_samples, top_k, *channel_heatmaps.shape[1:])
+    # the rest: complement channels plus whatever bypasses the layer (not excluding parallel paths)
+    rest_conditions = []
     for i in range(n_samples):
-        total = channel_rel[i].sum()
-        relevance = channel_rel[i, order[i]]
-        share = relevance / total if total != 0 else torch.zeros_like(relevance)
-        results.append(GlocalExplanation(
-            layer=layer,
-            target=targets[i],
-            heatmap=heatmaps[i],
-            channels=order[i].clone(),
-            channel_heatmaps=channel_heatmaps[i],
-            relevance=relevance,
-            share=share,
-            labels=part_labels[i],
-            rest_heatmap=rest_heatmaps[i],
-            channel_relevance=channel_rel[i],
-            prediction=probe.prediction[i].detach(),
-            rank_by=rank_by,
-            evidence=parts_evidence[i],
-        ))
-    return results
+        chosen = set(order[i].tolist())
+        rest_conditions.append({"y": [targets[i]], layer: [c for c in range(n_channels) if c not in chosen]})
+    rest_heatmaps, _, _ = attribute(data, rest_conditions, exclude_parallel=False)
+    return _Passes(heatmaps, channel_rel, activation, order, channel_heatmaps, rest_heatmaps)
+
+
+def _candidates(sources: Mapping[str, Any], channel: int) -> dict[str, list[Any]]:
+    """The reliable explanations of ``channel`` per label source (best first)."""
+    return {source: reliable_explanations(labels, channel) for source, labels in sources.items()}
+
+
+def _explanation(passes: _Passes, i: int, layer: str, target: int, prediction: torch.Tensor, rank_by: str,
+                 choices: Sequence[LabelChoice], evidence) -> GlocalExplanation:
+    """Sample ``i``'s GlocalExplanation from the passes and the chosen labels of its parts."""
+    total = passes.channel_relevance[i].sum()
+    relevance = passes.channel_relevance[i, passes.order[i]]
+    share = relevance / total if total != 0 else torch.zeros_like(relevance)
+    return GlocalExplanation(
+        layer=layer, target=target, heatmap=passes.heatmaps[i], channels=passes.order[i].clone(),
+        channel_heatmaps=passes.channel_heatmaps[i], relevance=relevance, share=share,
+        labels=tuple(choice.explanation for choice in choices), rest_heatmap=passes.rest_heatmaps[i],
+        channel_relevance=passes.channel_relevance[i], prediction=prediction.detach(), rank_by=rank_by,
+        evidence=evidence, label_sources=tuple(choice.source for choice in choices))
 
 
 def decompose(attribution, sample: torch.Tensor, target, layer: str, composite, labels=None, top_k: int = 8,
               rank_by: str = "signed", batch_size: int = 32, device=None,
-              progress: bool = False, evidence: Evidence | None = None) -> GlocalExplanation:
+              progress: bool = False, evidence: Evidence | None = None,
+              relevance_labels=None) -> GlocalExplanation:
     """Decompose the heatmap of one sample into the labeled conditional heatmaps of ``layer``'s channels.
 
     ``channel_heatmaps`` has shape [top_k, H, W]; for a batch of samples use :py:func:`decompose_batch`,
@@ -950,8 +479,10 @@ def decompose(attribution, sample: torch.Tensor, target, layer: str, composite, 
     layer, composite, labels, top_k, rank_by, batch_size, device, progress
         As in :py:func:`decompose_batch` (``layer`` may be a container or a module called twice).
     evidence : Evidence, optional
-        Check each channel part against the labeling data: the sample's activation percentile and whether
-        the channel's label holds for it (``GlocalExplanation.evidence``).
+        Check each channel part against the labeling data: show the channel's reliable label that holds on
+        the sample (or say none does), with the sample's activation percentile (``GlocalExplanation.evidence``).
+    relevance_labels : LayerLabels or mapping, optional
+        Labels searched on relevances, competing with ``labels`` per part (see :py:func:`decompose_batch`).
 
     Returns
     -------
@@ -981,7 +512,7 @@ def decompose(attribution, sample: torch.Tensor, target, layer: str, composite, 
         raise TypeError("decompose takes one int target (or None); use decompose_batch for several")
     return decompose_batch(attribution, sample, target, layer, composite, labels=labels, top_k=top_k,
                            rank_by=rank_by, batch_size=batch_size, device=device, progress=progress,
-                           evidence=evidence)[0]
+                           evidence=evidence, relevance_labels=relevance_labels)[0]
 
 
 def channel_relevances(attribution, data, target, layer: str, composite, batch_size: int = 32,
@@ -1008,7 +539,7 @@ def channel_relevances(attribution, data, target, layer: str, composite, batch_s
     from crp.concepts import ChannelConcept
 
     model = attribution.model
-    _get_module(model, layer)
+    get_module(model, layer)
     device = attribution.device if device is None else torch.device(device)
     batches = [data] if isinstance(data, torch.Tensor) else data
     if isinstance(target, (torch.Tensor, np.ndarray)):
@@ -1017,14 +548,14 @@ def channel_relevances(attribution, data, target, layer: str, composite, batch_s
     for batch in batches:
         if isinstance(batch, (tuple, list)):
             batch = batch[0]
-        batch = _prepare(batch, device)
-        prediction = _probe(model, batch, [layer]).prediction
+        batch = prepare(batch, device)
+        prediction = probe(model, batch, [layer]).prediction
         if isinstance(target, Sequence) and not isinstance(target, str):
             batch_target = list(target[offset:offset + len(batch)])
         else:
             batch_target = target
         targets = _as_targets(batch_target, len(batch), prediction.shape[1], prediction)
-        with _guard_model(model):
+        with model_guard(model):
             _, rel, _ = _attribute(attribution, batch, [{"y": [t]} for t in targets], composite, layer,
                                    record=True, exclude_parallel=True, batch_size=batch_size, progress=progress)
         results.append(ChannelConcept().attribute(rel, abs_norm=False).cpu())

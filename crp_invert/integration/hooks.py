@@ -18,7 +18,7 @@ import torch
 
 from ..storage.cache import ActivationCache
 from ..storage.fingerprint import model_hash
-from .guard import restored_on_error
+from .guard import model_guard
 from .layouts import layer_layouts
 from .recorder import (
     DATA_KEYS,
@@ -175,7 +175,7 @@ def record_activations(
         row = 0
         handles = []
         try:
-            with restored_on_error(model, composite), torch.no_grad():
+            with model_guard(model, composite, only_on_error=True), torch.no_grad():
                 handles = [modules[name].register_forward_hook(make_hook(name)) for name in layer_map]
                 context = composite.context(model) if composite is not None else None
                 if context is not None:
