@@ -78,7 +78,8 @@ def find_command(cache: str, concepts: str, formula: str, layers: tuple, source:
     def run():
         if out is not None:
             check_output(out, overwrite=overwrite)
-        return find_channels(formula, cache, ConceptLabels.load(concepts), layers=list(layers) or None, source=source, mode=mode,
+        return find_channels(formula, cache, ConceptLabels.load(concepts), layers=list(layers) or None,
+                             source=source, mode=mode,
                              labels=_channel_labels(label_files), device=device)
 
     result = _errors_as_click(run).top(top or None)
@@ -136,7 +137,8 @@ def _read_classes(path: str):
               help="JSON: a list of class names (index = class), or an object class name -> its concepts.")
 @click.option("--artifact", "artifacts", multiple=True, help="A concept marked as an artifact (repeatable).")
 @click.option("--concepts", "concepts_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              metavar="CONCEPTS", help="The concepts (.npz) of CACHE's samples: class concepts from the data when --classes is a list "
+              metavar="CONCEPTS",
+              help="The concepts (.npz) of CACHE's samples: class concepts from the data when --classes is a list "
                    "(those of >= 90% of a class's samples), and a check of the artifact names.")
 @click.option("--layer", "layers", multiple=True, help="Layer to audit (repeatable; default: every labeled layer).")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Channels per class.")
@@ -182,7 +184,8 @@ def audit_command(cache: str, labels: tuple, targets_path: str, classes_path: st
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
 @click.argument("labels", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--concepts", "concepts_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              metavar="CONCEPTS", help="The concepts (.npz, as for `crp-invert label`) of the cache's samples: adds the density figures.")
+              metavar="CONCEPTS",
+              help="The concepts (.npz, as for `crp-invert label`) of the cache's samples: adds the density figures.")
 @click.option("--out", type=click.Path(dir_okay=False), default="report.html", show_default=True,
               help="The HTML file to write.")
 @click.option("--max-channels", type=click.IntRange(min=0), default=12, show_default=True,  # MAX_CHANNEL_FIGURES
