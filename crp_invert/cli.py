@@ -95,26 +95,33 @@ def _check_device(device: str) -> str:
     return device
 
 
-def _out_files(out: Path | None, names: list[str], overwrite: bool) -> list[tuple[str | None, Path]]:
-    """The files ``--out`` will be: ``(layer, file)`` (layer None for ``index.json``), each checked now,
-    before the labeling: existing files are kept unless ``--overwrite``."""
+class _OutFile(NamedTuple):
+    """One file ``--out`` will be: a layer's LayerLabels JSON, or the folder's ``index.json`` (layer None)."""
+
+    layer: str | None
+    path: Path
+
+
+def _out_files(out: Path | None, names: list[str], overwrite: bool) -> list[_OutFile]:
+    """The files ``--out`` will be, each checked now, before the labeling: existing files are kept unless
+    ``--overwrite``."""
     from .core.checks import check_output
 
     if out is None:
         return []
     if len(names) == 1 and out.suffix.lower() == ".json":
         check_output(out, overwrite=overwrite)
-        return [(names[0], out)]
+        return [_OutFile(names[0], out)]
     check_output(out, folder=True)
-    planned: list[tuple[str | None, Path]] = []
+    planned: list[_OutFile] = []
     used: set[str] = set()
     for name in names:
         stem = _safe_filename(name)
         while stem in used or stem == "index":
             stem += "_"
         used.add(stem)
-        planned.append((name, out / f"{stem}.json"))
-    planned.append((None, out / "index.json"))
+        planned.append(_OutFile(name, out / f"{stem}.json"))
+    planned.append(_OutFile(None, out / "index.json"))
     for _, path in planned:
         check_output(path, overwrite=overwrite)
     return planned
@@ -166,10 +173,10 @@ def _safe_filename(name: str) -> str:
 
 
 class _Labeled(NamedTuple):
-    """The labels of every layer and the files ``--out`` will be (``(layer, file)``, layer None for the index)."""
+    """The labels of every layer and the files ``--out`` will be."""
 
     results: dict[str, Any]
-    planned: list[tuple[str | None, Path]]
+    planned: list[_OutFile]
 
 
 @main.command("label")
@@ -290,9 +297,10 @@ def _write_labels(labeled: _Labeled) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if name is not None:
             labeled.results[name].to_json(path)
-    if labeled.planned and labeled.planned[-1][0] is None:
-        index = {name: path.name for name, path in labeled.planned if name is not None}
-        write_text_atomically(labeled.planned[-1][1], json.dumps(index, indent=2))
+    index = labeled.planned[-1] if labeled.planned else None
+    if index is not None and index.layer is None:
+        layers = {name: path.name for name, path in labeled.planned if name is not None}
+        write_text_atomically(index.path, json.dumps(layers, indent=2))
 
 
 def _show_labels(labeled: _Labeled, source: str) -> None:
