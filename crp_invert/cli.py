@@ -168,15 +168,23 @@ def search_options(command: Callable) -> Callable:
     return wrapper
 
 
+def _layout_text(info: dict[str, Any]) -> str:
+    """``", tokens:cls"`` for a layer whose units are on the last axis (its layout and reduction), else ``""``."""
+    if info.get("layout", "channels") == "channels":
+        return ""
+    return f", {info['layout']}:{info.get('pooling', '?')}"
+
+
 def _safe_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".") or "layer"
 
 
 class _Labeled(NamedTuple):
-    """The labels of every layer and the files ``--out`` will be."""
+    """The labels of every layer, the files ``--out`` will be, and each layer's layout text (``_layout_text``)."""
 
     results: dict[str, Any]
     planned: list[_OutFile]
+    layouts: dict[str, str]
 
 
 @main.command("label")
@@ -278,15 +286,16 @@ def _label_files(cache: str, concepts: tuple[str, ...], layers: tuple[str, ...],
     labeler = ConceptLabeler(loaded, device=local_device(device), backend=backend)
     if is_activation_cache(cache):
         with open_for_labeling(cache, list(layers) or None, source, loaded.n_samples) as (opened, names):
+            layouts = {name: _layout_text(opened.info(name)) for name in names}
             planned = _out_files(out, names, overwrite) if writes else []
-            return _Labeled(label_cache(labeler, opened, layers=names, source=source, **kwargs), planned)
+            return _Labeled(label_cache(labeler, opened, layers=names, source=source, **kwargs), planned, layouts)
     if layers or source != "activation":
         raise click.UsageError(
             f"--layer and --source apply to activation caches; {cache} is a plain HDF5 file (use --dataset)"
         )
     planned = _out_files(out, [dataset], overwrite) if writes else []
     # label_h5 checks the dataset (N, dtype, finite values) before the labeling starts
-    return _Labeled({dataset: label_h5(labeler, cache, dataset=dataset, **kwargs)}, planned)
+    return _Labeled({dataset: label_h5(labeler, cache, dataset=dataset, **kwargs)}, planned, {})
 
 
 def _write_labels(labeled: _Labeled) -> None:
@@ -306,7 +315,8 @@ def _write_labels(labeled: _Labeled) -> None:
 def _show_labels(labeled: _Labeled, source: str) -> None:
     """Print each layer's table of labels, and the files written (to stderr)."""
     for name, result in labeled.results.items():
-        click.echo(f"## {_printable(name)} ({source}): {result.n_reliable()} of {result.n_features} channels "
+        layout = _printable(labeled.layouts.get(name, ""))
+        click.echo(f"## {_printable(name)} ({source}{layout}): {result.n_reliable()} of {result.n_features} channels "
                    "have a reliable label")
         click.echo(result.table())
     for _, path in labeled.planned:
