@@ -9,7 +9,7 @@ ActivationCache on disk with ``crp-invert label``, in fresh processes, and measu
 Writes a synthetic layer (``benchmarks/synthetic.py``: 1,000 classes + 481 parents, K = 1,481, about
 8.6 positive concepts per sample; every feature a ReLU of one concept plus noise) into an ActivationCache
 in ``--dir`` (default under /tmp; removed afterwards unless ``--keep``) and the concepts into an ``.npz``,
-then runs ``crp-invert label CACHE LABELS -L 3 -B 3 -q --out labels.json`` for every ``--runs`` entry
+then runs ``crp-invert label CACHE CONCEPTS -L 3 -B 3 -q --out labels.json`` for every ``--runs`` entry
 ``PROCESSESxTHREADS`` (torchrun for more than one process). The page cache holding the file is dropped
 before every run (``posix_fadvise``), so the file is read from the disk. Prints markdown rows: wall time
 of the whole command (start-up, loading the concepts and writing the JSON included), time per feature,

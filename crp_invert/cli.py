@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import Field, asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 
@@ -29,8 +29,6 @@ LAZY_COMMANDS: dict[str, str] = {
     "report": "crp_invert.commands:report_command",
     "find": "crp_invert.commands:find_command",
     "audit": "crp_invert.commands:audit_command",
-    "record": "crp_invert.model_commands:record_command",
-    "decompose": "crp_invert.model_commands:decompose_command",
 }
 
 
@@ -64,7 +62,7 @@ def _load_concepts(paths: tuple[str, ...]):
         path = Path(paths[0])
         if path.suffix.lower() != ".npz":
             raise ValueError(
-                f"LABELS {str(path)!r} is not an .npz; give an .npz with 'labels' (or CSR 'indices', 'indptr', "
+                f"CONCEPTS {str(path)!r} is not an .npz; give an .npz with 'labels' (or CSR 'indices', 'indptr', "
                 "'shape') and 'names', or the reference implementation's pair: ONEHOT.pt DESCRIPTION.json"
             )
         return ConceptLabels.load(path)
@@ -73,7 +71,7 @@ def _load_concepts(paths: tuple[str, ...]):
         if tensor.suffix.lower() == ".json" and description.suffix.lower() != ".json":
             tensor, description = description, tensor
         return ConceptLabels.from_reference(tensor, description)
-    raise ValueError(f"LABELS: expected one .npz or a pair ONEHOT.pt DESCRIPTION.json, got {len(paths)} files")
+    raise ValueError(f"CONCEPTS: expected one .npz or a pair ONEHOT.pt DESCRIPTION.json, got {len(paths)} files")
 
 
 def _check_device(device: str) -> str:
@@ -97,26 +95,33 @@ def _check_device(device: str) -> str:
     return device
 
 
-def _out_files(out: Path | None, names: list[str], overwrite: bool) -> list[tuple[str | None, Path]]:
-    """The files ``--out`` will be: ``(layer, file)`` (layer None for ``index.json``), each checked now,
-    before the labeling: existing files are kept unless ``--overwrite``."""
+class _OutFile(NamedTuple):
+    """One file ``--out`` will be: a layer's LayerLabels JSON, or the folder's ``index.json`` (layer None)."""
+
+    layer: str | None
+    path: Path
+
+
+def _out_files(out: Path | None, names: list[str], overwrite: bool) -> list[_OutFile]:
+    """The files ``--out`` will be, each checked now, before the labeling: existing files are kept unless
+    ``--overwrite``."""
     from .core.checks import check_output
 
     if out is None:
         return []
     if len(names) == 1 and out.suffix.lower() == ".json":
         check_output(out, overwrite=overwrite)
-        return [(names[0], out)]
+        return [_OutFile(names[0], out)]
     check_output(out, folder=True)
-    planned: list[tuple[str | None, Path]] = []
+    planned: list[_OutFile] = []
     used: set[str] = set()
     for name in names:
         stem = _safe_filename(name)
         while stem in used or stem == "index":
             stem += "_"
         used.add(stem)
-        planned.append((name, out / f"{stem}.json"))
-    planned.append((None, out / "index.json"))
+        planned.append(_OutFile(name, out / f"{stem}.json"))
+    planned.append(_OutFile(None, out / "index.json"))
     for _, path in planned:
         check_output(path, overwrite=overwrite)
     return planned
@@ -174,9 +179,17 @@ def _safe_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".") or "layer"
 
 
+class _Labeled(NamedTuple):
+    """The labels of every layer, the files ``--out`` will be, and each layer's layout text (``_layout_text``)."""
+
+    results: dict[str, Any]
+    planned: list[_OutFile]
+    layouts: dict[str, str]
+
+
 @main.command("label")
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
-@click.argument("labels", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("concepts", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option(
     "--layer", "layers", multiple=True, help="Layer to label (repeatable; default: all layers of the cache)."
 )
@@ -207,13 +220,14 @@ def _safe_filename(name: str) -> str:
     "out",
     type=click.Path(dir_okay=True),
     default=None,
-    help="JSON file (one layer) or folder (several layers: one LAYER.json each).",
+    metavar="LABELS",
+    help="LayerLabels JSON file (one layer) or folder (several layers: one LAYER.json each, and index.json).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing --out files.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the table of labels or progress bars.")
 def label_command(
     cache: str,
-    labels: tuple[str, ...],
+    concepts: tuple[str, ...],
     layers: tuple[str, ...],
     dataset: str,
     source: str,
@@ -224,68 +238,86 @@ def label_command(
     overwrite: bool,
     quiet: bool,
 ) -> None:
-    """Label the channels of CACHE with formulas over the concepts in LABELS.
+    """Label the channels of CACHE with formulas over the concepts in CONCEPTS.
 
     CACHE is an activation cache recorded by crp-invert (InvertFeatureVisualization, record_activations), or
-    an HDF5 file with one [N, D] dataset (--dataset, the INVERT release format). LABELS is an .npz with
+    an HDF5 file with one [N, D] dataset (--dataset, the INVERT release format). CONCEPTS is an .npz with
     'names' and 'labels' (bool [N, K]) or CSR 'indices', 'indptr', 'shape'; or the reference implementation's
     pair of files ONEHOT.pt DESCRIPTION.json.
 
     Everything is checked before the labeling starts (device, --out, the concepts, the cache and its values);
     existing --out files are kept unless --overwrite is given.
     """
-    from .core.checks import check_output
-    from .core.labels import write_text_atomically
-    from .labeler import ConceptLabeler, label_cache, label_h5
-    from .parallel.group import distributed_session, get_rank, local_device
-    from .storage.cache import is_activation_cache, open_for_labeling
+    from .parallel.group import distributed_session, get_rank
 
     out_path = Path(out) if out is not None else None
     # under torchrun (WORLD_SIZE set) the channels are split across the processes; rank 0 writes the output
     with distributed_session():
         rank = get_rank()
-        kwargs: dict[str, Any] = dict(asdict(params), progress=not quiet and rank == 0)
         try:
-            _check_device(device)
-            if out_path is not None:  # the quick checks first; the files once the layers are known
-                folder = out_path.is_dir() or out_path.suffix.lower() != ".json"
-                check_output(out_path, overwrite=overwrite, folder=folder)
-            concepts = _load_concepts(labels)
-            labeler = ConceptLabeler(concepts, device=local_device(device), backend=backend)
-            if is_activation_cache(cache):
-                with open_for_labeling(cache, list(layers) or None, source, concepts.n_samples) as (opened, names):
-                    layouts = {name: _layout_text(opened.info(name)) for name in names}
-                    planned = _out_files(out_path, names, overwrite) if rank == 0 else []
-                    results = label_cache(labeler, opened, layers=names, source=source, **kwargs)
-            else:
-                if layers or source != "activation":
-                    raise click.UsageError(
-                        "--layer and --source apply to activation caches; "
-                        f"{cache} is a plain HDF5 file (use --dataset)"
-                    )
-                planned = _out_files(out_path, [dataset], overwrite) if rank == 0 else []
-                layouts = {}
-                # label_h5 checks the dataset (N, dtype, finite values) before the labeling starts
-                results = {dataset: label_h5(labeler, cache, dataset=dataset, **kwargs)}
+            labeled = _label_files(cache, concepts, layers, dataset, source, params, device, backend, out_path,
+                                   overwrite, progress=not quiet and rank == 0, writes=rank == 0)
         except (KeyError, ValueError, TypeError, OSError) as err:
             raise click.ClickException(_one_line(err)) from None
     if rank != 0:
         return
-
     try:
-        for name, path in planned:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if name is not None:
-                results[name].to_json(path)
-        if planned and planned[-1][0] is None:
-            index = {name: path.name for name, path in planned if name is not None}
-            write_text_atomically(planned[-1][1], json.dumps(index, indent=2))
+        _write_labels(labeled)
     except OSError as err:
         raise click.ClickException(f"cannot write --out {out!r}: {_one_line(err)}") from None
     if not quiet:
-        for name, result in results.items():
-            click.echo(f"## {_printable(name)} ({source}{_printable(layouts.get(name, ''))}): {result.n_reliable()} of "
-                       f"{result.n_features} channels have a reliable label")
-            click.echo(result.table())
-        for _, path in planned:
-            click.echo(f"wrote {path}", err=True)
+        _show_labels(labeled, source)
+
+
+def _label_files(cache: str, concepts: tuple[str, ...], layers: tuple[str, ...], dataset: str, source: str,
+                 params: SearchParams, device: str, backend: str, out: Path | None, overwrite: bool,
+                 progress: bool, writes: bool) -> _Labeled:
+    """Check everything (device, ``--out``, the concepts, the cache), then label; ``writes`` plans the files."""
+    from .core.checks import check_output
+    from .labeler import ConceptLabeler, label_cache, label_h5
+    from .parallel.group import local_device
+    from .storage.cache import is_activation_cache, open_for_labeling
+
+    kwargs: dict[str, Any] = dict(asdict(params), progress=progress)
+    _check_device(device)
+    if out is not None:  # the quick checks first; the files once the layers are known
+        check_output(out, overwrite=overwrite, folder=out.is_dir() or out.suffix.lower() != ".json")
+    loaded = _load_concepts(concepts)
+    labeler = ConceptLabeler(loaded, device=local_device(device), backend=backend)
+    if is_activation_cache(cache):
+        with open_for_labeling(cache, list(layers) or None, source, loaded.n_samples) as (opened, names):
+            layouts = {name: _layout_text(opened.info(name)) for name in names}
+            planned = _out_files(out, names, overwrite) if writes else []
+            return _Labeled(label_cache(labeler, opened, layers=names, source=source, **kwargs), planned, layouts)
+    if layers or source != "activation":
+        raise click.UsageError(
+            f"--layer and --source apply to activation caches; {cache} is a plain HDF5 file (use --dataset)"
+        )
+    planned = _out_files(out, [dataset], overwrite) if writes else []
+    # label_h5 checks the dataset (N, dtype, finite values) before the labeling starts
+    return _Labeled({dataset: label_h5(labeler, cache, dataset=dataset, **kwargs)}, planned, {})
+
+
+def _write_labels(labeled: _Labeled) -> None:
+    """Write one LayerLabels JSON per planned layer and the ``index.json`` of a folder."""
+    from .core.labels import write_text_atomically
+
+    for name, path in labeled.planned:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name is not None:
+            labeled.results[name].to_json(path)
+    index = labeled.planned[-1] if labeled.planned else None
+    if index is not None and index.layer is None:
+        layers = {name: path.name for name, path in labeled.planned if name is not None}
+        write_text_atomically(index.path, json.dumps(layers, indent=2))
+
+
+def _show_labels(labeled: _Labeled, source: str) -> None:
+    """Print each layer's table of labels, and the files written (to stderr)."""
+    for name, result in labeled.results.items():
+        layout = _printable(labeled.layouts.get(name, ""))
+        click.echo(f"## {_printable(name)} ({source}{layout}): {result.n_reliable()} of {result.n_features} channels "
+                   "have a reliable label")
+        click.echo(result.table())
+    for _, path in labeled.planned:
+        click.echo(f"wrote {path}", err=True)

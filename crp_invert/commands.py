@@ -35,7 +35,7 @@ def _channel_labels(paths: tuple) -> dict | None:
 
 @click.command("find")
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
-@click.argument("labels", type=click.Path(exists=True, dir_okay=False))
+@click.argument("concepts", type=click.Path(exists=True, dir_okay=False))
 @click.argument("formula")
 @click.option("--layer", "layers", multiple=True, help="Layer to search (repeatable; default: all layers).")
 @click.option("--source", type=_SOURCE, default="activation", show_default=True,
@@ -44,18 +44,22 @@ def _channel_labels(paths: tuple) -> dict | None:
               help="Highest AUC first, or lowest first (channels that are off where the formula holds).")
 @click.option("--top", type=click.IntRange(min=0), default=20, show_default=True,
               help="Channels to show and write (0: all).")
-@click.option("--channel-labels", "channel_labels", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="LayerLabels JSON files or an index.json (crp-invert label --out): show each channel's own label "
-                   "[default: labels/index.json next to CACHE, labels_relevance/ for --source relevance].")
-@click.option("--no-channel-labels", "no_channel_labels", is_flag=True, help="Show no channel labels.")
+# --channel-labels / --no-channel-labels: the spellings before LABELS meant LayerLabels JSON everywhere
+@click.option("--labels", "--channel-labels", "channel_labels", multiple=True, metavar="LABELS",
+              type=click.Path(exists=True, dir_okay=False),
+              help="LayerLabels JSON files or an index.json (crp-invert label --out) to show each channel's own "
+                   "label (repeatable) [default: labels/index.json next to CACHE, labels_relevance/ for --source "
+                   "relevance].")
+@click.option("--no-labels", "--no-channel-labels", "no_channel_labels", is_flag=True,
+              help="Show no channel labels.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the table.")
-def find_command(cache: str, labels: str, formula: str, layers: tuple, source: str, mode: str, top: int,
+def find_command(cache: str, concepts: str, formula: str, layers: tuple, source: str, mode: str, top: int,
                  channel_labels: tuple, no_channel_labels: bool, out: str | None, overwrite: bool, device: str,
                  quiet: bool) -> None:
-    """Rank the channels of CACHE by the exact AUC of FORMULA over the concepts in LABELS (.npz).
+    """Rank the channels of CACHE by the exact AUC of FORMULA over the concepts in CONCEPTS (.npz).
 
     FORMULA is any formula over the concept names, e.g. "dog AND NOT cat" (quote names with spaces:
     '"big square" OR red'). P-values are one-sided Mann-Whitney U; q-values Benjamini-Hochberg over all
@@ -69,13 +73,13 @@ def find_command(cache: str, labels: str, formula: str, layers: tuple, source: s
         found = labels_next_to(cache, source)
         label_files = () if found is None else (str(found),)
         if found is not None and not quiet:
-            click.echo(f"channel labels: {found} (--no-channel-labels to leave them out)", err=True)
+            click.echo(f"channel labels: {found} (--no-labels to leave them out)", err=True)
 
     def run():
         if out is not None:
             check_output(out, overwrite=overwrite)
-        concepts = ConceptLabels.load(labels)
-        return find_channels(formula, cache, concepts, layers=list(layers) or None, source=source, mode=mode,
+        return find_channels(formula, cache, ConceptLabels.load(concepts), layers=list(layers) or None,
+                             source=source, mode=mode,
                              labels=_channel_labels(label_files), device=device)
 
     result = _errors_as_click(run).top(top or None)
@@ -133,6 +137,7 @@ def _read_classes(path: str):
               help="JSON: a list of class names (index = class), or an object class name -> its concepts.")
 @click.option("--artifact", "artifacts", multiple=True, help="A concept marked as an artifact (repeatable).")
 @click.option("--concepts", "concepts_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="CONCEPTS",
               help="The concepts (.npz) of CACHE's samples: class concepts from the data when --classes is a list "
                    "(those of >= 90% of a class's samples), and a check of the artifact names.")
 @click.option("--layer", "layers", multiple=True, help="Layer to audit (repeatable; default: every labeled layer).")
@@ -179,7 +184,8 @@ def audit_command(cache: str, labels: tuple, targets_path: str, classes_path: st
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
 @click.argument("labels", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--concepts", "concepts_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Concept labels (.npz, as for `crp-invert label`) of the cache's samples: adds the density figures.")
+              metavar="CONCEPTS",
+              help="The concepts (.npz, as for `crp-invert label`) of the cache's samples: adds the density figures.")
 @click.option("--out", type=click.Path(dir_okay=False), default="report.html", show_default=True,
               help="The HTML file to write.")
 @click.option("--max-channels", type=click.IntRange(min=0), default=12, show_default=True,  # MAX_CHANNEL_FIGURES

@@ -45,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .core.backend import check_backend, device_kernels
+from .core.checks import check_int
 from .core.concepts import ConceptLabels
 from .core.formula import Formula
 from .core.jsonio import read_json, write_json
@@ -173,8 +174,8 @@ class ChannelSearch:
 
     def top(self, k: int | None) -> ChannelSearch:
         """The ``k`` best matches (all for ``None``)."""
-        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0):
-            raise ValueError(f"k must be None or an int >= 0, got {k!r}")
+        if k is not None:
+            check_int(k, "k", minimum=0)
         return replace(self, matches=list(self.matches[:k] if k is not None else self.matches))
 
     def of_layer(self, layer: str) -> ChannelSearch:
@@ -471,57 +472,92 @@ def find_channels(
     KeyError
         Unknown concept or layer.
     """
+    _check_search_arguments(source, mode, backend, feature_batch_size)
+    target = _FormulaTarget.of(formula, concepts, torch.device(device), mode)
+    found: list[_Scored] = []
+    with open_layers(cache, layers, source, target.n_samples) as (names, array_of):
+        for name in tqdm(names, desc="find_channels", disable=not progress):
+            data = array_of(name)
+            scores = _score_layer(data, target, feature_batch_size, backend)
+            own = best_labels(labels, name, len(scores.aucs))
+            found += [_Scored(name, channel, auc, p_value, own[channel])
+                      for channel, (auc, p_value) in enumerate(zip(scores.aucs, scores.p_values))]
+    matches = _rank(found, names, mode)
+    logger.info("find_channels %r: %d channels in %d layers", str(target.formula), len(matches), len(names))
+    return ChannelSearch(formula=target.formula, source=source, mode=mode, n_samples=target.n_samples,
+                         n_positive=target.n_positive, layers=list(names), matches=matches)
+
+
+def _check_search_arguments(source: str, mode: str, backend: str, feature_batch_size: int | None) -> None:
+    """The arguments of :func:`find_channels` that need no data, checked before any is read."""
     if source not in ("activation", "relevance"):
         raise ValueError(f"source must be 'activation' or 'relevance', got {source!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_backend(backend)
-    if feature_batch_size is not None and (isinstance(feature_batch_size, bool)
-                                           or not isinstance(feature_batch_size, (int, np.integer))
-                                           or feature_batch_size < 1):
-        raise ValueError(f"feature_batch_size must be None or an int >= 1, got {feature_batch_size!r}")
-    formula, mask = formula_mask(formula, concepts)
-    n_samples = concepts.n_samples
-    n_positive = int(mask.sum())
-    if not 0 < n_positive < n_samples:
-        raise ValueError(f"formula {str(formula)!r} holds for {n_positive} of {n_samples} samples; its AUC is "
-                         "undefined unless it holds for some but not all samples")
-    device = torch.device(device)
-    mask = mask.to(device)
-    positives = torch.tensor(float(n_positive), device=device, dtype=torch.float64)
-    alternative = "greater" if mode == "positive" else "less"
+    if feature_batch_size is not None:
+        check_int(feature_batch_size, "feature_batch_size")
 
-    found: list[_Scored] = []
-    with open_layers(cache, layers, source, n_samples) as (names, array_of):
-        for name in tqdm(names, desc="find_channels", disable=not progress):
-            data = array_of(name)
-            n_channels = int(data.shape[1])
-            chunks = getattr(data, "chunks", None)
-            batch = feature_batch_size or default_search_batch(n_samples, n_channels, chunks[1] if chunks else None)
-            aucs, p_values = [], []
-            for start in range(0, n_channels, batch):
-                block = read_feature_columns(data, start, min(start + batch, n_channels), device)
-                finite = None if device_kernels(block.device, backend) else np.isfinite(block.numpy()).all()
-                if not finite:  # the message names the feature
-                    check_finite(block, start)
-                rank_sum, tie_term = mask_rank_sums(block, mask, backend)
-                auc = auc_from_rank_sums(rank_sum, positives, n_samples)
-                aucs.append(auc)
-                p_values.append(mann_whitney_pvalue(auc, n_positive, n_samples, tie_term, alternative))
-            auc_list = torch.cat(aucs).cpu().tolist() if aucs else []
-            p_list = torch.cat(p_values).cpu().tolist() if p_values else []
-            own = best_labels(labels, name, n_channels)
-            found += [_Scored(name, channel, auc_list[channel], p_list[channel], own[channel])
-                      for channel in range(n_channels)]
+
+class _FormulaTarget(NamedTuple):
+    """What every channel is scored against: the formula's mask on ``device`` and its counts."""
+
+    formula: Formula
+    mask: torch.Tensor
+    n_samples: int
+    n_positive: int
+    #: the one-sided alternative of the p-values: ``greater`` for ``mode="positive"``
+    alternative: str
+
+    @classmethod
+    def of(cls, formula: Formula | str, concepts: ConceptLabels, device: torch.device, mode: str) -> _FormulaTarget:
+        formula, mask = formula_mask(formula, concepts)
+        n_samples = concepts.n_samples
+        n_positive = int(mask.sum())
+        if not 0 < n_positive < n_samples:
+            raise ValueError(f"formula {str(formula)!r} holds for {n_positive} of {n_samples} samples; its AUC is "
+                             "undefined unless it holds for some but not all samples")
+        alternative = "greater" if mode == "positive" else "less"
+        return cls(formula, mask.to(device), n_samples, n_positive, alternative)
+
+
+class _LayerScores(NamedTuple):
+    """The AUC and p-value of every channel of one layer, in channel order."""
+
+    aucs: list[float]
+    p_values: list[float]
+
+
+def _score_layer(data: Any, target: _FormulaTarget, feature_batch_size: int | None, backend: str) -> _LayerScores:
+    """Score the [N, C] ``data`` of one layer against ``target``, streamed in column batches."""
+    n_channels = int(data.shape[1])
+    chunks = getattr(data, "chunks", None)
+    batch = feature_batch_size or default_search_batch(target.n_samples, n_channels, chunks[1] if chunks else None)
+    device = target.mask.device
+    positives = torch.tensor(float(target.n_positive), device=device, dtype=torch.float64)
+    aucs, p_values = [], []
+    for start in range(0, n_channels, batch):
+        block = read_feature_columns(data, start, min(start + batch, n_channels), device)
+        finite = None if device_kernels(block.device, backend) else np.isfinite(block.numpy()).all()
+        if not finite:  # the message names the feature
+            check_finite(block, start)
+        rank_sum, tie_term = mask_rank_sums(block, target.mask, backend)
+        auc = auc_from_rank_sums(rank_sum, positives, target.n_samples)
+        aucs.append(auc)
+        p_values.append(mann_whitney_pvalue(auc, target.n_positive, target.n_samples, tie_term, target.alternative))
+    if not aucs:
+        return _LayerScores([], [])
+    return _LayerScores(torch.cat(aucs).cpu().tolist(), torch.cat(p_values).cpu().tolist())
+
+
+def _rank(found: list[_Scored], names: list[str], mode: str) -> list[ChannelMatch]:
+    """The scored channels best first (ties in layer, then channel order), with BH q-values over all of them."""
     q_values = benjamini_hochberg(torch.tensor([row.p_value for row in found], dtype=torch.float64)).tolist()
     layer_order = {name: i for i, name in enumerate(names)}
     sign = -1.0 if mode == "positive" else 1.0
     order = sorted(range(len(found)),
                    key=lambda i: (sign * found[i].auc, layer_order[found[i].layer], found[i].channel))
-    matches = [_match(found[i], q_values[i]) for i in order]
-    logger.info("find_channels %r: %d channels in %d layers", str(formula), len(matches), len(names))
-    return ChannelSearch(formula=formula, source=source, mode=mode, n_samples=n_samples, n_positive=n_positive,
-                         layers=list(names), matches=matches)
+    return [_match(found[i], q_values[i]) for i in order]
 
 
 def _match(scored: _Scored, q_value: float) -> ChannelMatch:

@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from .checks import check_name, fits_in_memory, read_json
+from .checks import check_name, fits_in_memory, is_int, read_json
 
 __all__ = ["ConceptLabels", "closest_names", "unknown_names_message"]
 
@@ -80,7 +80,7 @@ def _check_shape(shape: Any, where: str) -> tuple:
     if len(shape) != 2:
         raise ValueError(f"{where} must be a 2-d [N, K] matrix, got shape {shape}")
     for size in shape:
-        if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)):
+        if not is_int(size):  # np.bool_ is no np.integer, so is_int refuses it too
             raise TypeError(f"{where}: the shape must hold integers, got {shape}")
         if not 0 <= int(size) < 2**62:
             raise ValueError(f"{where}: shape {shape} has an entry out of range [0, 2**62)")

@@ -15,10 +15,9 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from .checks import read_json
+from .checks import check_int, is_int, read_json
 from .formula import Formula
 from .metrics import benjamini_hochberg
 
@@ -68,7 +67,7 @@ def _number(value: Any, key: str, optional: bool) -> float | None:
 
 
 def _count(value: Any, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{key!r} must be an int >= {minimum}, got {value!r:.80}")
     return value
 
@@ -122,8 +121,7 @@ class ReliabilityRule:
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be a number in (0, 1), got {self.alpha!r}")
-        if isinstance(self.min_support, bool) or not isinstance(self.min_support, int) or self.min_support < 0:
-            raise ValueError(f"min_support must be an int >= 0, got {self.min_support!r}")
+        check_int(self.min_support, "min_support", minimum=0)
 
     def support_floor(self, n_samples: int, n_candidates: int) -> int:
         """``max(min_support, smallest support at which a Bonferroni p-value below alpha is possible)``.
@@ -354,7 +352,7 @@ class LayerLabels:
         return len(self._explanations)
 
     def __getitem__(self, feature: int) -> list[Explanation]:
-        if not isinstance(feature, (int, np.integer)):
+        if not is_int(feature):
             raise TypeError(f"features are indexed by int, got {type(feature).__name__}")
         if not -self.n_features <= feature < self.n_features:
             raise IndexError(f"feature {feature} out of range for a layer of {self.n_features} features")
@@ -512,7 +510,7 @@ class LayerLabels:
         if not isinstance(data, dict) or data.get("format") != "crp-invert.LayerLabels":
             raise ValueError("not a crp-invert LayerLabels JSON document (missing format tag)")
         version = data.get("version", 0)
-        if isinstance(version, bool) or not isinstance(version, int):
+        if not is_int(version):
             raise ValueError(f"LayerLabels 'version' must be an int, got {version!r:.80}")
         if version > _FORMAT_VERSION:
             raise ValueError(f"LayerLabels format version {version} is newer than this crp-invert")
@@ -635,7 +633,7 @@ def _searched_samples(parameters: dict[str, Any] | None) -> int | None:
     n_search = parameters.get("n_search_samples")
     if n_search is None and parameters.get("validation") is None:
         n_search = parameters.get("n_samples")
-    if isinstance(n_search, bool) or not isinstance(n_search, int) or n_search < 1:
+    if not is_int(n_search) or n_search < 1:
         return None
     return n_search
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..core.checks import check_int
 from ..core.labels import LayerLabels
 from .group import all_gather, get_rank, get_world_size
 from .shards import split_range
@@ -25,9 +26,10 @@ class ColumnSlice:
 
     def __init__(self, data: Any, start: int, stop: int) -> None:
         n_rows, n_cols = (int(s) for s in data.shape)
-        if not 0 <= int(start) <= int(stop) <= n_cols:
+        start, stop = check_int(start, "start", minimum=0), check_int(stop, "stop", minimum=0)
+        if not start <= stop <= n_cols:
             raise ValueError(f"columns [{start}, {stop}) out of range for {n_cols} columns")
-        self.data, self.start, self.stop = data, int(start), int(stop)
+        self.data, self.start, self.stop = data, start, stop
         self.shape = (n_rows, self.stop - self.start)
         # the labeler sizes its batches by the stored dtype and lines them up with the chunk columns
         self.dtype = getattr(data, "dtype", None)

@@ -10,11 +10,11 @@ own ``FeatureVisualization.collect_results``. Several nodes therefore need a sha
 
 from __future__ import annotations
 
-from copy import copy as shallow_copy
 import logging
 import os
+from copy import copy as shallow_copy
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..core.checks import check_int
 from ..storage.cache import ActivationCache
@@ -66,8 +66,8 @@ def run_sharded(
     dict of str to list of str
         CRP's saved files (as ``fv.run`` returns them), on every rank.
     """
-    combined, data_start, data_end = _checked_run(fv, data_start, data_end, batch_size, checkpoint)
-    batch_size, checkpoint = int(batch_size), int(checkpoint)
+    combined, data_start, data_end, batch_size, checkpoint = _checked_run(fv, data_start, data_end, batch_size,
+                                                                          checkpoint)
     rank, world_size = get_rank(), get_world_size()
     overwrite = bool(fv.overwrite) or not resume
     check_shard_layout(combined, world_size, overwrite)
@@ -101,25 +101,34 @@ def run_sharded(
     return saved
 
 
-def _checked_run(fv: Any, data_start: int, data_end: int | None, batch_size: int,
-                 checkpoint: int) -> tuple[Path, int, int]:
-    """The combined cache path and the checked sample range (TypeError / ValueError naming bad values)."""
+class _Run(NamedTuple):
+    """The checked arguments of :func:`run_sharded`."""
+
+    cache: Path  # the combined cache
+    data_start: int
+    data_end: int
+    batch_size: int
+    checkpoint: int
+
+
+def _checked_run(fv: Any, data_start: int, data_end: int | None, batch_size: int, checkpoint: int) -> _Run:
+    """The combined cache path, the sample range and the batch sizes, checked (TypeError / ValueError naming
+    bad values)."""
     cache = fv.activation_cache
     if isinstance(cache, ActivationCache) or not isinstance(cache, (str, os.PathLike)):
         raise TypeError(
             f"run_sharded needs fv built with activation_cache= a path (the combined cache), got "
             f"{type(cache).__name__}"
         )
-    check_int(batch_size, "batch_size")
-    check_int(checkpoint, "checkpoint")
-    data_end = len(fv.dataset) if data_end is None else int(data_end)
-    data_start = int(data_start)
+    batch_size, checkpoint = check_int(batch_size, "batch_size"), check_int(checkpoint, "checkpoint")
+    data_end = len(fv.dataset) if data_end is None else check_int(data_end, "data_end", minimum=None)
+    data_start = check_int(data_start, "data_start", minimum=None)
     if not 0 <= data_start < data_end <= len(fv.dataset):
         raise ValueError(
             f"need 0 <= data_start < data_end <= len(dataset) = {len(fv.dataset)}, got "
             f"[{data_start}, {data_end})"
         )
-    return Path(cache), data_start, data_end
+    return _Run(Path(cache), data_start, data_end, batch_size, checkpoint)
 
 
 def _driven(fv: Any, cache: Path, rows: tuple[int, int], overwrite: bool) -> Any:

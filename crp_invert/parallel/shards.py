@@ -36,12 +36,13 @@ import json
 import logging
 import os
 import re
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..core.checks import check_int
 from ..storage.cache import ActivationCache, create_layer, layer_meta, write_root
 from ..storage.h5 import h5py_module, open_h5
 
@@ -74,13 +75,11 @@ def split_range(start: int, end: int, rank: int, world_size: int, align: int = 1
     -------
     (int, int)
     """
-    start, end, rank, world_size, align = (int(v) for v in (start, end, rank, world_size, align))
+    start, end = check_int(start, "start", minimum=0), check_int(end, "end", minimum=0)
+    rank, world_size = _check_rank(rank, world_size)
+    align = check_int(align, "align")
     if end < start:
         raise ValueError(f"end must be >= start, got [{start}, {end})")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if align < 1:
-        raise ValueError(f"align must be >= 1, got {align}")
     n_blocks = -(-(end - start) // align)
     per_rank, extra = divmod(n_blocks, world_size)
     first = rank * per_rank + min(rank, extra)
@@ -88,12 +87,18 @@ def split_range(start: int, end: int, rank: int, world_size: int, align: int = 1
     return min(end, start + first * align), min(end, start + last * align)
 
 
+def _check_rank(rank: Any, world_size: Any) -> tuple[int, int]:
+    """``(rank, world_size)`` as ints with ``0 <= rank < world_size`` (TypeError / ValueError otherwise)."""
+    rank, world_size = check_int(rank, "rank", minimum=None), check_int(world_size, "world_size")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
 def shard_path(path: str | os.PathLike, rank: int, world_size: int) -> Path:
     """File of one rank's shard: ``acts.h5`` -> ``acts.shard-00001-of-00004.h5`` (same folder)."""
     path = Path(path)
-    rank, world_size = int(rank), int(world_size)
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    rank, world_size = _check_rank(rank, world_size)
     if world_size > 99999:
         raise ValueError(f"world_size must be < 100000, got {world_size}")
     suffix = path.suffix or ".h5"
