@@ -10,38 +10,33 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import random_concepts, write_cache
 
-from crp_invert import ActivationCache, FlatActivationWriter
+from crp_invert import FlatActivationWriter
 from crp_invert.cli import LAZY_COMMANDS, main
 
 N = 48
 
 
-def write_cache(path, n=N, seed=0):
+def random_cache(path, n=N, seed=0):
+    """A cache of two layers ("features.4" with 5 channels, "head.fc" with 3) of random activations and
+    relevances; returns the arrays written."""
     rng = np.random.default_rng(seed)
     arrays = {}
-    with ActivationCache(path, mode="a", overwrite=True) as cache:
-        cache.initialize((0, n))
-        for name, c in [("features.4", 5), ("head.fc", 3)]:
-            acts = rng.normal(size=(n, c)).astype(np.float32)
-            rels = rng.normal(size=(n, c)).astype(np.float32)
-            cache.add_layer(name, c, relevances=True, pooling="mean")
-            cache.write(name, (0, n), acts, rels)
-            arrays[name] = (acts, rels)
-        cache.mark_complete((0, n))
+    for name, c in [("features.4", 5), ("head.fc", 3)]:
+        arrays[name] = (rng.normal(size=(n, c)).astype(np.float32), rng.normal(size=(n, c)).astype(np.float32))
+    write_cache(path, arrays)
     return arrays
 
 
 def concepts(n=N, k=4, seed=1):
-    from crp_invert.core.concepts import ConceptLabels
-
-    rng = np.random.default_rng(seed)
-    return ConceptLabels(rng.random((n, k)) < 0.35, [f"concept {i}" for i in range(k)])
+    """Random concepts of the CLI tests: k concepts, each on about 35 % of the samples."""
+    return random_concepts(n, k, share=0.35, seed=seed)
 
 
 @pytest.fixture
 def files(tmp_path):
-    arrays = write_cache(tmp_path / "acts.h5")
+    arrays = random_cache(tmp_path / "acts.h5")
     labels = concepts()
     np.savez(tmp_path / "dense.npz", labels=labels.dense().numpy(), names=np.array(labels.names))
     labels.save(tmp_path / "sparse.npz")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_cache
 
 from crp_invert import ActivationCache, ConceptLabeler, ConceptLabels, label_cache
 from crp_invert.parallel.labeling import ColumnSlice
@@ -361,15 +362,11 @@ def test_split_range_and_shard_path_reject_bad_values():
         shard_path("acts.h5", 4, 4)
 
 
-def _write_shard(path, rows, data, fingerprint="fp", complete=True):
+def _write_shard(path, rows, data, fingerprint="fp"):
+    """A complete shard of a 30-sample dataset holding ``rows`` of every array in ``data`` (relevances: minus)."""
     a, b = rows
-    with ActivationCache(path, mode="a") as cache:
-        cache.initialize(rows, dataset_length=30)
-        for name, values in data.items():
-            cache.add_layer(name, values.shape[1], relevances=True, fingerprint=f"{fingerprint}-{name}")
-            cache.write(name, (0, b - a), values[a:b], -values[a:b])
-            if complete:
-                cache.mark_complete((0, b - a), [name])
+    write_cache(path, {name: (values[a:b], -values[a:b]) for name, values in data.items()}, rows=rows,
+                dataset_length=30, meta=lambda name: {"fingerprint": f"{fingerprint}-{name}"}, overwrite=False)
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from scipy.stats import false_discovery_control, mannwhitneyu
+from helpers import bh_reference, write_cache
+from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
 from crp_invert import ConceptLabeler, ConceptLabels, Formula, LayerLabels
@@ -47,13 +48,8 @@ def data(tmp_path_factory):
         noise = rng.normal(size=(N, channels)).astype(np.float32)
         acts[layer] = np.maximum(1.5 * signal + noise - 0.5, 0).round(1)  # many ties, many zeros
         rels[layer] = (acts[layer] * rng.random((N, channels)).astype(np.float32)).round(2)
-    path = tmp_path_factory.mktemp("find") / "cache.h5"
-    with ActivationCache(path, mode="a", overwrite=True) as cache:
-        cache.initialize((0, N))
-        for layer, channels in LAYERS.items():
-            cache.add_layer(layer, channels, relevances=True, pooling="mean")
-            cache.write(layer, (0, N), acts[layer], rels[layer])
-        cache.mark_complete((0, N))
+    layers = {name: (acts[name], rels[name]) for name in LAYERS}
+    path = write_cache(tmp_path_factory.mktemp("find") / "cache.h5", layers)
     concepts_path = path.parent / "concepts.npz"
     concepts.save(concepts_path)
     return dict(concepts=concepts, labels=labels, acts=acts, rels=rels, path=path, concepts_path=concepts_path)
@@ -106,7 +102,7 @@ def test_ranking_is_by_auc_and_q_values_are_benjamini_hochberg(data):
     keys = [(m.layer, m.channel) for m in result]
     assert sorted(keys) == sorted((layer, c) for layer, n in LAYERS.items() for c in range(n))
     p_values = np.array([m.p_value for m in result])
-    np.testing.assert_allclose([m.p_value_bh for m in result], false_discovery_control(p_values), rtol=1e-12)
+    np.testing.assert_allclose([m.p_value_bh for m in result], bh_reference(p_values), rtol=1e-12)
     # channel c of every layer follows concept c % K: "red" channels rank first
     assert {(m.layer, m.channel) for m in result[:2]} == {("conv", 0), ("fc", 0)}
 

@@ -7,23 +7,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import bh_reference, random_case, write_cache
 from scipy.stats import mannwhitneyu
 from slow_invert import all_formulas, slow_auc, slow_beam_search, slow_is_reliable, slow_support_floor
 
 from crp_invert import ConceptLabeler, ConceptLabels, Formula, LayerLabels, SearchParams
 from crp_invert.core.labels import NO_RELIABLE_LABEL, Explanation, LabelsByLayer, ReliabilityRule
-
-
-def random_case(seed, n=None, k=None, f=4):
-    rng = np.random.default_rng(seed)
-    n = n or int(rng.integers(20, 90))
-    k = k or int(rng.integers(2, 6))
-    labels = rng.random((n, k)) < rng.uniform(0.1, 0.6, size=k)
-    scores = np.maximum(rng.normal(size=(n, f)), 0.0).round(1)
-    # some features driven by a formula, so that long formulas matter
-    scores[:, 0] += 1.5 * (labels[:, 0] & ~labels[:, 1 % k])
-    return labels, scores, [f"c{i}" for i in range(k)]
-
 
 SETTINGS = [
     dict(L=3, B=3),
@@ -100,12 +89,10 @@ def test_beam_explanations_are_consistent_with_their_formula():
 
 
 def test_benjamini_hochberg_over_features():
-    from scipy.stats import false_discovery_control
-
     labels, scores, names = random_case(5, n=150, f=8)
     result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=2, B=2, progress=False)
     bonferroni = np.array([result[f][0].p_value_bonferroni for f in range(8)])
-    expected = false_discovery_control(bonferroni, method="bh")
+    expected = bh_reference(bonferroni)
     np.testing.assert_allclose([result[f][0].p_value_bh for f in range(8)], expected, rtol=1e-12)
 
 
@@ -642,14 +629,7 @@ def test_labels_of_an_older_version_load_with_derived_or_unknown_support(tmp_pat
 
 def one_layer_cache(path, scores):
     """An activation cache with one layer "conv1" holding ``scores``."""
-    from crp_invert.storage.cache import ActivationCache
-
-    with ActivationCache(path, mode="a", overwrite=True) as cache:
-        cache.initialize((0, len(scores)))
-        cache.add_layer("conv1", scores.shape[1], relevances=False, pooling="mean")
-        cache.write("conv1", (0, len(scores)), scores.astype(np.float32))
-        cache.mark_complete((0, len(scores)))
-    return path
+    return write_cache(path, {"conv1": scores.astype(np.float32)})
 
 
 def test_label_cache_result_names_its_layers_on_a_wrong_key(tmp_path):

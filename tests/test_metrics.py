@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 import torch
+from helpers import bh_reference, slow_benjamini_hochberg
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.stats import false_discovery_control, mannwhitneyu, rankdata, tiecorrect
+from scipy.stats import mannwhitneyu, rankdata, tiecorrect
 from sklearn.metrics import roc_auc_score
 
 from crp_invert.core.metrics import (
@@ -124,7 +125,21 @@ def test_benjamini_hochberg_equals_scipy():
     rng = np.random.default_rng(0)
     p_values = rng.random(50) ** 3
     np.testing.assert_allclose(benjamini_hochberg(torch.from_numpy(p_values)).numpy(),
-                               false_discovery_control(p_values, method="bh"), rtol=1e-12)
+                               bh_reference(p_values), rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_slow_benjamini_hochberg_equals_scipy(seed):
+    """The tests' slow Benjamini-Hochberg reference (used where scipy < 1.11) equals scipy's, ties and ones included."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    if not hasattr(scipy_stats, "false_discovery_control"):
+        pytest.skip("scipy < 1.11 has no false_discovery_control")
+    rng = np.random.default_rng(seed)
+    p_values = np.concatenate([rng.random(40) ** 3, rng.random(5).round(1), [1.0, 1.0, 0.0]])
+    rng.shuffle(p_values)
+    expected = scipy_stats.false_discovery_control(p_values, method="bh")
+    np.testing.assert_allclose(slow_benjamini_hochberg(p_values), expected, rtol=1e-12)
+    np.testing.assert_allclose(bh_reference(p_values), expected, rtol=0)
 
 
 def test_bad_input():
