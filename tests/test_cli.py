@@ -50,6 +50,7 @@ def expected_labels(labels, array, layer, **kwargs):
 
 
 def test_help_lists_label():
+    """crp-invert --help succeeds and lists the label command."""
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0 and "label" in result.output
     assert isinstance(LAZY_COMMANDS, dict)
@@ -58,6 +59,7 @@ def test_help_lists_label():
 @pytest.mark.parametrize("labels_file", ["dense.npz", "sparse.npz"])
 @pytest.mark.parametrize("source", ["activation", "relevance"])
 def test_label_one_layer(files, labels_file, source):
+    """label --layer writes the library's labels for dense and sparse concept files, activations or relevances."""
     from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files
@@ -88,6 +90,7 @@ def test_label_one_layer(files, labels_file, source):
 
 
 def test_label_all_layers_into_folder(files):
+    """label without --layer writes one file per layer (the library's labels) and an index into a folder."""
     from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files
@@ -116,6 +119,7 @@ def test_label_all_layers_into_folder(files):
 
 
 def test_label_reference_pair(files):
+    """label reads the reference's one-hot .pt and description .json pair and writes the library's labels."""
     from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files
@@ -150,6 +154,7 @@ def test_label_reference_pair(files):
 
 
 def test_label_flat_file(files):
+    """label reads a flat activation file written in two appends and writes the library's labels."""
     from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files
@@ -179,6 +184,7 @@ def test_label_flat_file(files):
 
 
 def test_bad_input_gives_clear_errors(files):
+    """Bad layers, concept files and caches end with a non-zero exit and a message naming the problem, no traceback."""
     tmp_path, _, labels = files
     runner = CliRunner()
     cache, npz = str(tmp_path / "acts.h5"), str(tmp_path / "dense.npz")
@@ -212,6 +218,7 @@ def test_bad_input_gives_clear_errors(files):
 
 
 def test_python_dash_m(files):
+    """python -m crp_invert label writes the library's labels, and a missing file fails without a traceback."""
     from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files
