@@ -243,6 +243,7 @@ def runs(tmp_path_factory):
 
 
 def test_sharded_recording_equals_single_process(runs):
+    """Two torchrun ranks write batch-aligned shards whose index and CRP files equal a one-process run."""
     root = runs["root"]
     shards = find_shards(root / "sharded" / "acts.h5")
     assert sorted(shards) == [2] and sorted(shards[2]) == [0, 1]
@@ -255,6 +256,7 @@ def test_sharded_recording_equals_single_process(runs):
 
 
 def test_combine_by_copy_equals_index(runs, tmp_path):
+    """combine_shards(copy=True) writes a real cache equal to the virtual index, readable without the shards."""
     source = runs["root"] / "sharded"
     for file in source.glob("acts.shard-*"):
         (tmp_path / file.name).write_bytes(file.read_bytes())
@@ -267,6 +269,7 @@ def test_combine_by_copy_equals_index(runs, tmp_path):
 
 
 def test_killed_rank_resumes_to_same_result(runs, tmp_path):
+    """A rank killed mid-run keeps its flushed rows, and the rerun resumes to the one-process result."""
     root = runs["root"]
     (tmp_path / "run").mkdir()
     die_at = 20 + 2 * BATCH + 1  # rank 1 dies in its third batch, after one CRP checkpoint
@@ -294,6 +297,7 @@ def concept_file(runs):
 
 
 def test_label_command_under_torchrun_writes_same_json(runs, concept_file):
+    """crp-invert label under torchrun writes the labels of one process."""
     root = runs["root"]
     args = [
         "-m",
@@ -343,6 +347,7 @@ def slow_split(start, end, world, align):
     [(0, 36, 2, 4), (5, 106, 3, 7), (0, 3, 4, 1), (2, 2, 3, 1), (0, 1000, 7, 32), (10, 11, 2, 5)],
 )
 def test_split_range_matches_slow_dealing(start, end, world, align):
+    """split_range equals dealing aligned batches to ranks one by one."""
     shares = [split_range(start, end, rank, world, align) for rank in range(world)]
     for (a, b), items in zip(shares, slow_split(start, end, world, align), strict=True):
         assert list(range(a, b)) == items
@@ -350,6 +355,7 @@ def test_split_range_matches_slow_dealing(start, end, world, align):
 
 
 def test_split_range_and_shard_path_reject_bad_values():
+    """split_range and shard_path name shards as documented and reject bad ranks, alignments and ranges."""
     with pytest.raises(ValueError, match="rank"):
         split_range(0, 10, 2, 2)
     with pytest.raises(ValueError, match="align"):
@@ -379,6 +385,7 @@ def shard_data():
 
 
 def test_index_reads_through_to_the_shards(tmp_path, shard_data):
+    """The combined index reads every shard's rows and columns, also after its folder moves."""
     path = tmp_path / "acts.h5"
     for rank in range(3):
         _write_shard(shard_path(path, rank, 3), split_range(0, 30, rank, 3, 4), shard_data)
@@ -403,6 +410,7 @@ def test_index_reads_through_to_the_shards(tmp_path, shard_data):
 
 
 def test_combine_shards_refuses_what_does_not_fit(tmp_path, shard_data):
+    """combine_shards refuses no shards, gaps, other fingerprints, short covers, mixed world sizes and overwriting."""
     path = tmp_path / "acts.h5"
     with pytest.raises(FileNotFoundError, match="no shard"):
         combine_shards(path)
@@ -430,6 +438,7 @@ def test_combine_shards_refuses_what_does_not_fit(tmp_path, shard_data):
 
 
 def test_column_slice_reads_only_its_columns():
+    """ColumnSlice returns and reads only its own columns of the dataset."""
     calls = []
 
     class Recorder:
@@ -492,6 +501,7 @@ def rank_path(monkeypatch):
 
 
 def test_label_cache_on_the_rank_path_equals_label_cache(runs, concept_file, rank_path):
+    """label_cache on the per-rank path equals the one-process labels and names unknown layers."""
     labeler = ConceptLabeler(ConceptLabels.load(concept_file))
     path = runs["root"] / "sharded" / "acts.h5"
     expected = label_cache(labeler, path, L=2, B=2, progress=False)
@@ -504,6 +514,7 @@ def test_label_cache_on_the_rank_path_equals_label_cache(runs, concept_file, ran
 
 
 def test_label_h5_on_the_rank_path_equals_label_h5(tmp_path, rank_path):
+    """label_h5 on the per-rank path equals the one-process labels of a flat file."""
     from crp_invert import FlatActivationWriter, label_h5
 
     generator = np.random.default_rng(2)
