@@ -217,6 +217,7 @@ def test_bad_input_gives_clear_errors(files):
     assert result.exit_code != 0 and ".npz" in result.output
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch
 def test_python_dash_m(files):
     """python -m crp_invert label writes the library's labels, and a missing file fails without a traceback."""
     from crp_invert.core.labels import LayerLabels

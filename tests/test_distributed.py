@@ -242,6 +242,7 @@ def runs(tmp_path_factory):
     return {"root": root, "script": script}
 
 
+@pytest.mark.slow  # shares the module's torchrun runs (about a minute)
 def test_sharded_recording_equals_single_process(runs):
     """Two torchrun ranks write batch-aligned shards whose index and CRP files equal a one-process run."""
     root = runs["root"]
@@ -255,6 +256,7 @@ def test_sharded_recording_equals_single_process(runs):
     assert_same_crp_results(root / "sharded" / "fv", root / "single" / "fv")
 
 
+@pytest.mark.slow  # shares the module's torchrun runs (about a minute)
 def test_combine_by_copy_equals_index(runs, tmp_path):
     """combine_shards(copy=True) writes a real cache equal to the virtual index, readable without the shards."""
     source = runs["root"] / "sharded"
@@ -268,6 +270,7 @@ def test_combine_by_copy_equals_index(runs, tmp_path):
     assert_same_cache(tmp_path / "acts.h5", source / "acts.h5")
 
 
+@pytest.mark.slow  # shares the module's torchrun runs (about a minute)
 def test_killed_rank_resumes_to_same_result(runs, tmp_path):
     """A rank killed mid-run keeps its flushed rows, and the rerun resumes to the one-process result."""
     root = runs["root"]
@@ -296,6 +299,7 @@ def concept_file(runs):
     return path
 
 
+@pytest.mark.slow  # shares the module's torchrun runs (about a minute)
 def test_label_command_under_torchrun_writes_same_json(runs, concept_file):
     """crp-invert label under torchrun writes the labels of one process."""
     root = runs["root"]
@@ -500,6 +504,7 @@ def rank_path(monkeypatch):
     return use
 
 
+@pytest.mark.slow  # shares the module's torchrun runs (about a minute)
 def test_label_cache_on_the_rank_path_equals_label_cache(runs, concept_file, rank_path):
     """label_cache on the per-rank path equals the one-process labels and names unknown layers."""
     labeler = ConceptLabeler(ConceptLabels.load(concept_file))
@@ -533,6 +538,7 @@ def test_label_h5_on_the_rank_path_equals_label_h5(tmp_path, rank_path):
         label_h5(labeler, tmp_path / "flat.h5", dataset="Z")
 
 
+@pytest.mark.slow  # shares the module's torchrun runs (about a minute)
 def test_resume_skips_checkpoint_files_left_truncated(runs, tmp_path):
     """A rank killed while CRP saves leaves a truncated checkpoint; resume must redo it, not load it."""
     import importlib.util
