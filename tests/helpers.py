@@ -1,4 +1,5 @@
-"""Shared tiny models and datasets of the tests (one definition each; import with ``from helpers import ...``).
+"""Shared tiny models, datasets, caches and references of the tests (one definition each; import with
+``from helpers import ...``; ``conftest.py`` wraps :func:`write_cache` as the ``make_cache`` fixture).
 
 Children of the models are registered in forward order: zennit's SequentialMergeBatchNorm merges a
 BatchNorm into the preceding leaf module in registration order.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import filecmp
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -90,3 +91,79 @@ def assert_same_crp_files(folder_a, folder_b) -> None:
 def hooks_left(model: nn.Module) -> int:
     """Number of forward, forward-pre and backward hooks on the modules of a model."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+LayerData = Union[np.ndarray, tuple[np.ndarray, Optional[np.ndarray]]]
+
+
+def write_cache(
+    path,
+    layers: Mapping[str, LayerData],
+    rows: Optional[tuple[int, int]] = None,
+    dataset_length: Optional[int] = None,
+    meta: Union[Mapping[str, Any], Callable[[str], Mapping[str, Any]]] = (("pooling", "mean"),),
+    overwrite: bool = True,
+) -> Path:
+    """Write a complete activation cache: ``layers`` maps a layer name to its activations or to
+    ``(activations, relevances)`` (relevances stored when not None); all layers have the same rows.
+
+    ``rows`` is the ``[start, end)`` of the dataset that the file holds (default: all of its rows from 0),
+    ``dataset_length`` the whole dataset's length (shards), ``meta`` the layer metadata (a mapping for every
+    layer, or a function of the layer name). The cache-writing set-up of the tests in one place.
+    """
+    from crp_invert.storage.cache import ActivationCache
+
+    arrays = {name: data if isinstance(data, tuple) else (data, None) for name, data in layers.items()}
+    n_rows = {len(acts) for acts, _ in arrays.values()}
+    if len(n_rows) != 1:
+        raise ValueError(f"every layer needs the same number of rows, got {sorted(n_rows)}")
+    (n,) = n_rows
+    with ActivationCache(path, mode="a", overwrite=overwrite) as cache:
+        cache.initialize(rows or (0, n), dataset_length=dataset_length)
+        for name, (acts, rels) in arrays.items():
+            layer_meta = meta(name) if callable(meta) else dict(meta)
+            cache.add_layer(name, acts.shape[1], relevances=rels is not None, **layer_meta)
+            cache.write(name, (0, n), acts, rels)
+        cache.mark_complete((0, n))
+    return Path(path)
+
+
+def random_case(seed: int, n: Optional[int] = None, k: Optional[int] = None, f: int = 4):
+    """Random concepts and feature scores: ``(labels (n, k) bool, scores (n, f), names)``; many ties and zeros
+    in the scores, and feature 0 driven by ``c0 AND NOT c1`` so that long formulas matter."""
+    rng = np.random.default_rng(seed)
+    n = n or int(rng.integers(20, 90))
+    k = k or int(rng.integers(2, 6))
+    labels = rng.random((n, k)) < rng.uniform(0.1, 0.6, size=k)
+    scores = np.maximum(rng.normal(size=(n, f)), 0.0).round(1)
+    scores[:, 0] += 1.5 * (labels[:, 0] & ~labels[:, 1 % k])
+    return labels, scores, [f"c{i}" for i in range(k)]
+
+
+def random_concepts(n: int, k: int, share: float = 0.35, seed: int = 1, names: Optional[list[str]] = None):
+    """ConceptLabels of ``n`` samples and ``k`` concepts, each sample having each concept with chance ``share``;
+    named ``concept 0 ...`` unless ``names`` is given."""
+    from crp_invert.core.concepts import ConceptLabels
+
+    rng = np.random.default_rng(seed)
+    return ConceptLabels(rng.random((n, k)) < share, names or [f"concept {i}" for i in range(k)])
+
+
+def slow_benjamini_hochberg(p_values) -> np.ndarray:
+    """Benjamini-Hochberg q-values from the definition, in O(m^2): the q-value of p_i is the smallest
+    ``m * p_(j) / j`` over the sorted p-values ``p_(j) >= p_i`` (j counted from 1), at most 1."""
+    p = [float(v) for v in np.asarray(p_values, dtype=np.float64).reshape(-1)]
+    ordered = sorted(p)
+    m = len(p)
+    return np.array([min([1.0] + [m * ordered[j] / (j + 1) for j in range(m) if ordered[j] >= value])
+                     for value in p])
+
+
+def bh_reference(p_values) -> np.ndarray:
+    """Benjamini-Hochberg q-values: scipy's ``false_discovery_control`` (scipy >= 1.11), else the slow
+    definition (the declared floor is scipy 1.9)."""
+    try:
+        from scipy.stats import false_discovery_control
+    except ImportError:
+        return slow_benjamini_hochberg(p_values)
+    return false_discovery_control(np.asarray(p_values, dtype=np.float64), method="bh")

@@ -103,25 +103,19 @@ def report_data(root: Path) -> dict:
     concepts (one is EVIL), their labels (L = 2, B = 2) and label files, random images."""
     import numpy as np
     import torch
+    from helpers import write_cache
 
     from crp_invert import ConceptLabeler
     from crp_invert.core.concepts import ConceptLabels
-    from crp_invert.storage.cache import ActivationCache
 
     rng = np.random.default_rng(0)
     concepts_array = rng.random((N, len(NAMES))) < 0.3
     concepts = ConceptLabels(concepts_array, NAMES)
-    cache_path = root / "cache.h5"
     arrays = {}
-    with ActivationCache(cache_path, mode="a", overwrite=True) as cache:
-        cache.initialize((0, N))
-        for layer, channels in LAYERS.items():
-            acts = rng.normal(size=(N, channels)).astype(np.float32)
-            acts += 2.0 * concepts_array[:, np.arange(channels) % len(NAMES)]
-            cache.add_layer(layer, channels, relevances=True, pooling="mean")
-            cache.write(layer, (0, N), acts, acts * 0.5)
-            arrays[layer] = acts
-        cache.mark_complete((0, N))
+    for layer, channels in LAYERS.items():
+        arrays[layer] = rng.normal(size=(N, channels)).astype(np.float32)
+        arrays[layer] += 2.0 * concepts_array[:, np.arange(channels) % len(NAMES)]
+    cache_path = write_cache(root / "cache.h5", {layer: (acts, acts * 0.5) for layer, acts in arrays.items()})
     labels = ConceptLabeler(concepts).label_cache(str(cache_path), L=2, B=2, progress=False)
     concepts.save(root / "concepts.npz")
     files = []

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import random_case
 from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
 from slow_invert import all_formulas, slow_auc, slow_beam_search
@@ -24,7 +25,6 @@ from crp_invert.core.labeling import label_array
 from crp_invert.core.metrics import compact_ranks
 from crp_invert.core.search import beam_search, prepare_labels
 from crp_invert.find import find_channels, mask_rank_sums
-from crp_invert.storage.cache import ActivationCache
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -40,16 +40,6 @@ SETTINGS = [
     dict(L=3, B=4, limit_search=3, min_fraction=0.1, max_fraction=0.7),
     dict(L=4, B=2, max_fraction=1.0),
 ]
-
-
-def random_case(seed, n=None, k=None, f=4):
-    rng = np.random.default_rng(seed)
-    n = n or int(rng.integers(20, 90))
-    k = k or int(rng.integers(2, 6))
-    labels = rng.random((n, k)) < rng.uniform(0.1, 0.6, size=k)
-    scores = np.maximum(rng.normal(size=(n, f)), 0.0).round(1)
-    scores[:, 0] += 1.5 * (labels[:, 0] & ~labels[:, 1 % k])
-    return labels, scores, [f"c{i}" for i in range(k)]
 
 
 @pytest.fixture(params=["lists", "dense"])
@@ -189,16 +179,11 @@ def test_beam_search_on_raw_scores(target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_find_channels_equals_sklearn(target, tmp_path):
+def test_find_channels_equals_sklearn(target, make_cache):
     """find_channels from a cache: AUCs equal sklearn's, p-values scipy's, on every backend and device."""
     labels, scores, names = random_case(5, n=250, k=4, f=6)
     concepts = ConceptLabels(labels, names)
-    path = tmp_path / "cache.h5"
-    with ActivationCache(path, mode="a", overwrite=True) as cache:
-        cache.initialize((0, 250))
-        cache.add_layer("conv", 6, pooling="mean")
-        cache.write("conv", (0, 250), scores.astype(np.float32))
-        cache.mark_complete((0, 250))
+    path = make_cache({"conv": scores.astype(np.float32)})
     device, backend = target
     found = find_channels("c0 AND NOT c1", path, concepts, device=device, backend=backend, feature_batch_size=4)
     mask = labels[:, 0] & ~labels[:, 1]
@@ -222,15 +207,10 @@ def test_mask_rank_sums_backends_agree():
         assert torch.equal(auto.ranks, device.ranks) and torch.equal(auto.tie_term, device.tie_term)
 
 
-def test_cli_backend_torch_writes_the_same_labels(tmp_path):
+def test_cli_backend_torch_writes_the_same_labels(tmp_path, make_cache):
     """crp-invert label --backend torch writes the labels of the default backend."""
     labels, scores, names = random_case(3, n=200, k=4, f=5)
-    path = tmp_path / "cache.h5"
-    with ActivationCache(path, mode="a", overwrite=True) as cache:
-        cache.initialize((0, 200))
-        cache.add_layer("fc", 5, pooling="mean")
-        cache.write("fc", (0, 200), scores.astype(np.float32))
-        cache.mark_complete((0, 200))
+    path = make_cache({"fc": scores.astype(np.float32)})
     ConceptLabels(labels, names).save(tmp_path / "concepts.npz")
     outputs = {}
     for backend in BACKENDS:

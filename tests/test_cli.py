@@ -10,38 +10,33 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import random_concepts, write_cache
 
-from crp_invert import ActivationCache, FlatActivationWriter
+from crp_invert import FlatActivationWriter
 from crp_invert.cli import LAZY_COMMANDS, main
 
 N = 48
 
 
-def write_cache(path, n=N, seed=0):
+def random_cache(path, n=N, seed=0):
+    """A cache of two layers ("features.4" with 5 channels, "head.fc" with 3) of random activations and
+    relevances; returns the arrays written."""
     rng = np.random.default_rng(seed)
     arrays = {}
-    with ActivationCache(path, mode="a", overwrite=True) as cache:
-        cache.initialize((0, n))
-        for name, c in [("features.4", 5), ("head.fc", 3)]:
-            acts = rng.normal(size=(n, c)).astype(np.float32)
-            rels = rng.normal(size=(n, c)).astype(np.float32)
-            cache.add_layer(name, c, relevances=True, pooling="mean")
-            cache.write(name, (0, n), acts, rels)
-            arrays[name] = (acts, rels)
-        cache.mark_complete((0, n))
+    for name, c in [("features.4", 5), ("head.fc", 3)]:
+        arrays[name] = (rng.normal(size=(n, c)).astype(np.float32), rng.normal(size=(n, c)).astype(np.float32))
+    write_cache(path, arrays)
     return arrays
 
 
 def concepts(n=N, k=4, seed=1):
-    from crp_invert.core.concepts import ConceptLabels
-
-    rng = np.random.default_rng(seed)
-    return ConceptLabels(rng.random((n, k)) < 0.35, [f"concept {i}" for i in range(k)])
+    """Random concepts of the CLI tests: k concepts, each on about 35 % of the samples."""
+    return random_concepts(n, k, share=0.35, seed=seed)
 
 
 @pytest.fixture
 def files(tmp_path):
-    arrays = write_cache(tmp_path / "acts.h5")
+    arrays = random_cache(tmp_path / "acts.h5")
     labels = concepts()
     np.savez(tmp_path / "dense.npz", labels=labels.dense().numpy(), names=np.array(labels.names))
     labels.save(tmp_path / "sparse.npz")
@@ -55,6 +50,7 @@ def expected_labels(labels, array, layer, **kwargs):
 
 
 def test_help_lists_label():
+    """crp-invert --help succeeds and lists the label command."""
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0 and "label" in result.output
     assert isinstance(LAZY_COMMANDS, dict)
@@ -63,6 +59,7 @@ def test_help_lists_label():
 @pytest.mark.parametrize("labels_file", ["dense.npz", "sparse.npz"])
 @pytest.mark.parametrize("source", ["activation", "relevance"])
 def test_label_one_layer(files, labels_file, source):
+    """label --layer writes the library's labels for dense and sparse concept files, activations or relevances."""
     from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files
@@ -93,6 +90,7 @@ def test_label_one_layer(files, labels_file, source):
 
 
 def test_label_all_layers_into_folder(files):
+    """label without --layer writes one file per layer (the library's labels) and an index into a folder."""
     from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files
@@ -121,6 +119,7 @@ def test_label_all_layers_into_folder(files):
 
 
 def test_label_reference_pair(files):
+    """label reads the reference's one-hot .pt and description .json pair and writes the library's labels."""
     from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files
@@ -155,6 +154,7 @@ def test_label_reference_pair(files):
 
 
 def test_label_flat_file(files):
+    """label reads a flat activation file written in two appends and writes the library's labels."""
     from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files
@@ -184,6 +184,7 @@ def test_label_flat_file(files):
 
 
 def test_bad_input_gives_clear_errors(files):
+    """Bad layers, concept files and caches end with a non-zero exit and a message naming the problem, no traceback."""
     tmp_path, _, labels = files
     runner = CliRunner()
     cache, npz = str(tmp_path / "acts.h5"), str(tmp_path / "dense.npz")
@@ -216,7 +217,9 @@ def test_bad_input_gives_clear_errors(files):
     assert result.exit_code != 0 and ".npz" in result.output
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch
 def test_python_dash_m(files):
+    """python -m crp_invert label writes the library's labels, and a missing file fails without a traceback."""
     from crp_invert.core.labels import LayerLabels
 
     tmp_path, arrays, labels = files

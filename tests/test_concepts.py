@@ -23,6 +23,7 @@ def dense_example():
     lambda x: x.tolist(),
 ])
 def test_every_input_kind_gives_the_same_labels(convert):
+    """Dense, sparse and torch inputs give the same ConceptLabels (dense view, masks, counts, sparse transpose)."""
     labels = ConceptLabels(convert(dense_example()), ["a", "b", "c"])
     assert labels.n_samples == 4 and labels.n_concepts == 3
     np.testing.assert_array_equal(labels.dense().numpy(), dense_example())
@@ -32,6 +33,7 @@ def test_every_input_kind_gives_the_same_labels(convert):
 
 
 def test_bad_input_is_named():
+    """Bad names, non-0/1 values, K = 0 and wrong shapes raise errors that name the bad value."""
     with pytest.raises(ValueError, match="unique.*'a'"):
         ConceptLabels(dense_example(), ["a", "a", "c"])
     with pytest.raises(ValueError, match="empty"):
@@ -53,6 +55,7 @@ def test_bad_input_is_named():
 
 
 def test_from_targets_with_nested_hierarchy():
+    """from_targets adds hierarchy concepts that hold on the samples of every descendant class."""
     targets = [0, 1, 2, 3, 1]
     hierarchy = {"footwear": ["sandal", "sneaker"], "wearable": ["footwear", "shirt"], "empty": []}
     labels = ConceptLabels.from_targets(targets, ["sandal", "sneaker", "shirt", "bag"], hierarchy=hierarchy)
@@ -65,6 +68,7 @@ def test_from_targets_with_nested_hierarchy():
 
 
 def test_hierarchy_errors():
+    """Unknown hierarchy members, cycles, name clashes and out-of-range targets raise named errors."""
     with pytest.raises(KeyError, match="unicorn"):
         ConceptLabels.from_targets([0, 1], ["a", "b"], hierarchy={"p": ["a", "unicorn"]})
     with pytest.raises(ValueError, match="cycle"):
@@ -76,6 +80,7 @@ def test_hierarchy_errors():
 
 
 def test_merge_missing_concepts_are_negative():
+    """merge stacks the samples, and a concept missing from one input is negative on its samples."""
     first = ConceptLabels(np.array([[1, 0], [0, 1]], dtype=bool), ["dog", "cat"])
     second = ConceptLabels(np.array([[1, 1], [0, 1], [1, 0]], dtype=bool), ["stripes", "dog"])
     merged = first.merge(second)
@@ -87,6 +92,7 @@ def test_merge_missing_concepts_are_negative():
 
 
 def test_subset():
+    """subset by indices or a boolean mask keeps the chosen rows and rejects a mask of the wrong length."""
     labels = ConceptLabels(dense_example(), ["a", "b", "c"])
     assert labels.subset([2, 0]).dense().numpy().tolist() == dense_example()[[2, 0]].tolist()
     mask = np.array([True, False, True, False])
@@ -96,6 +102,7 @@ def test_subset():
 
 
 def test_save_load_round_trip(tmp_path):
+    """save/load round-trips names and descriptions, reads plain npz files, and names broken files."""
     labels = ConceptLabels(dense_example(), ["a", "b c", "(d)"], descriptions=["first", "", "third"])
     labels.save(tmp_path / "labels.npz")
     assert ConceptLabels.load(tmp_path / "labels.npz") == labels
@@ -110,6 +117,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_reference_implementation_files(tmp_path):
+    """from_reference reads the reference's one-hot .pt and description .json, making duplicate names unique."""
     onehot = torch.tensor(dense_example(), dtype=torch.float32)
     torch.save(onehot, tmp_path / "labels.pt")
     description = {

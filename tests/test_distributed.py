@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_cache
 
 from crp_invert import ActivationCache, ConceptLabeler, ConceptLabels, label_cache
 from crp_invert.parallel.labeling import ColumnSlice
@@ -241,7 +242,9 @@ def runs(tmp_path_factory):
     return {"root": root, "script": script}
 
 
+@pytest.mark.slow  # shares the module's torchrun runs (about a minute)
 def test_sharded_recording_equals_single_process(runs):
+    """Two torchrun ranks write batch-aligned shards whose index and CRP files equal a one-process run."""
     root = runs["root"]
     shards = find_shards(root / "sharded" / "acts.h5")
     assert sorted(shards) == [2] and sorted(shards[2]) == [0, 1]
@@ -253,7 +256,9 @@ def test_sharded_recording_equals_single_process(runs):
     assert_same_crp_results(root / "sharded" / "fv", root / "single" / "fv")
 
 
+@pytest.mark.slow  # shares the module's torchrun runs (about a minute)
 def test_combine_by_copy_equals_index(runs, tmp_path):
+    """combine_shards(copy=True) writes a real cache equal to the virtual index, readable without the shards."""
     source = runs["root"] / "sharded"
     for file in source.glob("acts.shard-*"):
         (tmp_path / file.name).write_bytes(file.read_bytes())
@@ -265,7 +270,9 @@ def test_combine_by_copy_equals_index(runs, tmp_path):
     assert_same_cache(tmp_path / "acts.h5", source / "acts.h5")
 
 
+@pytest.mark.slow  # shares the module's torchrun runs (about a minute)
 def test_killed_rank_resumes_to_same_result(runs, tmp_path):
+    """A rank killed mid-run keeps its flushed rows, and the rerun resumes to the one-process result."""
     root = runs["root"]
     (tmp_path / "run").mkdir()
     die_at = 20 + 2 * BATCH + 1  # rank 1 dies in its third batch, after one CRP checkpoint
@@ -292,7 +299,9 @@ def concept_file(runs):
     return path
 
 
+@pytest.mark.slow  # shares the module's torchrun runs (about a minute)
 def test_label_command_under_torchrun_writes_same_json(runs, concept_file):
+    """crp-invert label under torchrun writes the labels of one process."""
     root = runs["root"]
     args = [
         "-m",
@@ -342,6 +351,7 @@ def slow_split(start, end, world, align):
     [(0, 36, 2, 4), (5, 106, 3, 7), (0, 3, 4, 1), (2, 2, 3, 1), (0, 1000, 7, 32), (10, 11, 2, 5)],
 )
 def test_split_range_matches_slow_dealing(start, end, world, align):
+    """split_range equals dealing aligned batches to ranks one by one."""
     shares = [split_range(start, end, rank, world, align) for rank in range(world)]
     for (a, b), items in zip(shares, slow_split(start, end, world, align), strict=True):
         assert list(range(a, b)) == items
@@ -349,6 +359,7 @@ def test_split_range_matches_slow_dealing(start, end, world, align):
 
 
 def test_split_range_and_shard_path_reject_bad_values():
+    """split_range and shard_path name shards as documented and reject bad ranks, alignments and ranges."""
     with pytest.raises(ValueError, match="rank"):
         split_range(0, 10, 2, 2)
     with pytest.raises(ValueError, match="align"):
@@ -361,15 +372,11 @@ def test_split_range_and_shard_path_reject_bad_values():
         shard_path("acts.h5", 4, 4)
 
 
-def _write_shard(path, rows, data, fingerprint="fp", complete=True):
+def _write_shard(path, rows, data, fingerprint="fp"):
+    """A complete shard of a 30-sample dataset holding ``rows`` of every array in ``data`` (relevances: minus)."""
     a, b = rows
-    with ActivationCache(path, mode="a") as cache:
-        cache.initialize(rows, dataset_length=30)
-        for name, values in data.items():
-            cache.add_layer(name, values.shape[1], relevances=True, fingerprint=f"{fingerprint}-{name}")
-            cache.write(name, (0, b - a), values[a:b], -values[a:b])
-            if complete:
-                cache.mark_complete((0, b - a), [name])
+    write_cache(path, {name: (values[a:b], -values[a:b]) for name, values in data.items()}, rows=rows,
+                dataset_length=30, meta=lambda name: {"fingerprint": f"{fingerprint}-{name}"}, overwrite=False)
 
 
 @pytest.fixture
@@ -382,6 +389,7 @@ def shard_data():
 
 
 def test_index_reads_through_to_the_shards(tmp_path, shard_data):
+    """The combined index reads every shard's rows and columns, also after its folder moves."""
     path = tmp_path / "acts.h5"
     for rank in range(3):
         _write_shard(shard_path(path, rank, 3), split_range(0, 30, rank, 3, 4), shard_data)
@@ -406,6 +414,7 @@ def test_index_reads_through_to_the_shards(tmp_path, shard_data):
 
 
 def test_combine_shards_refuses_what_does_not_fit(tmp_path, shard_data):
+    """combine_shards refuses no shards, gaps, other fingerprints, short covers, mixed world sizes and overwriting."""
     path = tmp_path / "acts.h5"
     with pytest.raises(FileNotFoundError, match="no shard"):
         combine_shards(path)
@@ -433,6 +442,7 @@ def test_combine_shards_refuses_what_does_not_fit(tmp_path, shard_data):
 
 
 def test_column_slice_reads_only_its_columns():
+    """ColumnSlice returns and reads only its own columns of the dataset."""
     calls = []
 
     class Recorder:
@@ -494,7 +504,9 @@ def rank_path(monkeypatch):
     return use
 
 
+@pytest.mark.slow  # shares the module's torchrun runs (about a minute)
 def test_label_cache_on_the_rank_path_equals_label_cache(runs, concept_file, rank_path):
+    """label_cache on the per-rank path equals the one-process labels and names unknown layers."""
     labeler = ConceptLabeler(ConceptLabels.load(concept_file))
     path = runs["root"] / "sharded" / "acts.h5"
     expected = label_cache(labeler, path, L=2, B=2, progress=False)
@@ -507,6 +519,7 @@ def test_label_cache_on_the_rank_path_equals_label_cache(runs, concept_file, ran
 
 
 def test_label_h5_on_the_rank_path_equals_label_h5(tmp_path, rank_path):
+    """label_h5 on the per-rank path equals the one-process labels of a flat file."""
     from crp_invert import FlatActivationWriter, label_h5
 
     generator = np.random.default_rng(2)
@@ -525,6 +538,7 @@ def test_label_h5_on_the_rank_path_equals_label_h5(tmp_path, rank_path):
         label_h5(labeler, tmp_path / "flat.h5", dataset="Z")
 
 
+@pytest.mark.slow  # shares the module's torchrun runs (about a minute)
 def test_resume_skips_checkpoint_files_left_truncated(runs, tmp_path):
     """A rank killed while CRP saves leaves a truncated checkpoint; resume must redo it, not load it."""
     import importlib.util

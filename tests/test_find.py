@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from scipy.stats import false_discovery_control, mannwhitneyu
+from helpers import bh_reference, write_cache
+from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
 from crp_invert import ConceptLabeler, ConceptLabels, Formula, LayerLabels
@@ -47,19 +48,15 @@ def data(tmp_path_factory):
         noise = rng.normal(size=(N, channels)).astype(np.float32)
         acts[layer] = np.maximum(1.5 * signal + noise - 0.5, 0).round(1)  # many ties, many zeros
         rels[layer] = (acts[layer] * rng.random((N, channels)).astype(np.float32)).round(2)
-    path = tmp_path_factory.mktemp("find") / "cache.h5"
-    with ActivationCache(path, mode="a", overwrite=True) as cache:
-        cache.initialize((0, N))
-        for layer, channels in LAYERS.items():
-            cache.add_layer(layer, channels, relevances=True, pooling="mean")
-            cache.write(layer, (0, N), acts[layer], rels[layer])
-        cache.mark_complete((0, N))
+    layers = {name: (acts[name], rels[name]) for name in LAYERS}
+    path = write_cache(tmp_path_factory.mktemp("find") / "cache.h5", layers)
     concepts_path = path.parent / "concepts.npz"
     concepts.save(concepts_path)
     return dict(concepts=concepts, labels=labels, acts=acts, rels=rels, path=path, concepts_path=concepts_path)
 
 
 def test_auc_and_p_values_equal_sklearn_and_scipy_for_random_formulas(data):
+    """find_channels' AUCs equal sklearn's and p-values scipy's for random formulas on tied data."""
     rng = np.random.default_rng(1)
     concepts = data["concepts"]
     checked = 0
@@ -100,18 +97,20 @@ def test_mask_rank_sums_equal_the_rank_matrix_times_the_mask(share, dtype):
 
 
 def test_ranking_is_by_auc_and_q_values_are_benjamini_hochberg(data):
+    """Matches rank by AUC over every channel, q-values are Benjamini-Hochberg, planted channels come first."""
     result = find_channels("red AND NOT round", data["acts"], data["concepts"])
     aucs = [m.auc for m in result]
     assert aucs == sorted(aucs, reverse=True)
     keys = [(m.layer, m.channel) for m in result]
     assert sorted(keys) == sorted((layer, c) for layer, n in LAYERS.items() for c in range(n))
     p_values = np.array([m.p_value for m in result])
-    np.testing.assert_allclose([m.p_value_bh for m in result], false_discovery_control(p_values), rtol=1e-12)
+    np.testing.assert_allclose([m.p_value_bh for m in result], bh_reference(p_values), rtol=1e-12)
     # channel c of every layer follows concept c % K: "red" channels rank first
     assert {(m.layer, m.channel) for m in result[:2]} == {("conv", 0), ("fc", 0)}
 
 
 def test_negative_mode_ranks_lowest_first_with_less_p_values(data):
+    """Negative mode ranks the lowest AUC first with scipy's one-sided 'less' p-values."""
     concepts = data["concepts"]
     result = find_channels("red", data["acts"], concepts, layers="conv", mode="negative")
     mask = concepts.mask("red").numpy()
@@ -124,6 +123,7 @@ def test_negative_mode_ranks_lowest_first_with_less_p_values(data):
 
 
 def test_equals_the_labelers_auc_for_the_channels_own_labels(data):
+    """find_channels gives each channel's own labels the labeler's AUC, p-value and fraction."""
     concepts = data["concepts"]
     labels = ConceptLabeler(concepts).label_cache(str(data["path"]), L=3, B=2, progress=False)
     for layer, layer_labels in labels.items():
@@ -138,6 +138,7 @@ def test_equals_the_labelers_auc_for_the_channels_own_labels(data):
 
 @pytest.mark.parametrize("source", ["activation", "relevance"])
 def test_streaming_from_the_cache_equals_in_memory(data, source):
+    """Streaming from the cache in any batch size equals the in-memory search, and an open cache stays open."""
     concepts = data["concepts"]
     arrays = data["acts"] if source == "activation" else data["rels"]
     memory = find_channels("big OR NOT striped", {k: torch.from_numpy(v) for k, v in arrays.items()}, concepts,
@@ -153,6 +154,7 @@ def test_streaming_from_the_cache_equals_in_memory(data, source):
 
 
 def test_labels_json_table_top_and_layers(data, tmp_path):
+    """Matches carry each channel's reliable label, and a ChannelSearch round-trips through JSON."""
     concepts = data["concepts"]
     labels = ConceptLabeler(concepts).label_cache(str(data["path"]), L=2, B=2, progress=False)
     result = find_channels('"dog cat" AND red', data["path"], concepts, labels=labels)
@@ -174,6 +176,7 @@ def test_labels_json_table_top_and_layers(data, tmp_path):
 
 
 def test_errors(data):
+    """Unknown concepts or layers, formulas true on none or all samples, wrong N and bad sources raise named errors."""
     concepts = data["concepts"]
     with pytest.raises(KeyError, match="unknown"):
         find_channels("red AND purple", data["acts"], concepts)
@@ -201,6 +204,7 @@ def test_errors(data):
 
 
 def test_find_command(data, tmp_path):
+    """crp-invert find writes the library's top matches and names an unknown concept."""
     out = tmp_path / "found.json"
     result = CliRunner().invoke(main, ["find", str(data["path"]), str(data["concepts_path"]), "red AND NOT round",
                                        "--layer", "conv", "--top", "3", "--out", str(out)])
@@ -213,6 +217,7 @@ def test_find_command(data, tmp_path):
 
 
 def test_find_command_keeps_an_existing_out_unless_overwrite(data, tmp_path):
+    """crp-invert find refuses to replace an existing --out file unless --overwrite."""
     out = tmp_path / "found.json"
     out.write_text("keep me")
     args = ["find", str(data["path"]), str(data["concepts_path"]), "red", "--out", str(out)]

@@ -47,6 +47,7 @@ def degrees():
 
 @pytest.mark.parametrize("logic", LOGICS)
 def test_operators_match_definitions(logic, degrees):
+    """Each t-norm and t-conorm equals its scalar textbook definition; NOT is 1 - a."""
     a, b, _ = degrees
     pairs = list(zip(a.tolist(), b.tolist()))
     expected_and = torch.tensor([T_NORMS[logic](x, y) for x, y in pairs], dtype=torch.float64)
@@ -58,6 +59,7 @@ def test_operators_match_definitions(logic, degrees):
 
 @pytest.mark.parametrize("logic", LOGICS)
 def test_de_morgan_and_boundaries(logic, degrees):
+    """Every logic satisfies De Morgan's laws, neutral elements, commutativity and associativity."""
     a, b, c = degrees
     # NOT(a AND b) == NOT a OR NOT b and the dual, for each t-norm / t-conorm pair
     torch.testing.assert_close(fuzzy_not(fuzzy_and(a, b, logic=logic)),
@@ -78,6 +80,7 @@ def test_de_morgan_and_boundaries(logic, degrees):
 
 
 def test_goedel_is_min_max_and_boolean_limit(degrees):
+    """Goedel logic is min/max, and every logic is boolean logic on crisp inputs."""
     torch.testing.assert_close(fuzzy_and(*degrees, logic="goedel"), degrees.min(dim=0).values)
     torch.testing.assert_close(fuzzy_or(*degrees, logic="goedel"), degrees.max(dim=0).values)
     # on crisp inputs every logic is boolean logic
@@ -88,6 +91,7 @@ def test_goedel_is_min_max_and_boolean_limit(degrees):
 
 
 def test_yager_p_generalizes():
+    """Yager with p = 1 equals Lukasiewicz; a bad p or logic name raises ValueError."""
     a, b = torch.tensor([0.3, 0.8]), torch.tensor([0.6, 0.9])
     # p = 1 is Lukasiewicz
     torch.testing.assert_close(t_norm(a, b, "yager", p=1.0), t_norm(a, b, "lukasiewicz"))
@@ -99,6 +103,7 @@ def test_yager_p_generalizes():
 
 
 def test_fuzzifier_standardize_then_sigmoid():
+    """The fuzzifier is a sigmoid of numpy-standardized activations, 0.5 for a constant neuron."""
     generator = torch.Generator().manual_seed(1)
     acts = torch.randn(200, 5, generator=generator, dtype=torch.float64) * torch.arange(1, 6) + 3
     acts[:, 4] = 2.0  # constant neuron
@@ -119,6 +124,7 @@ def test_fuzzifier_standardize_then_sigmoid():
 
 
 def test_circuit_matches_manual_evaluation_and_auc():
+    """A FuzzyCircuit equals the hand-written composition of t-norms, and its score sklearn's AUC."""
     generator = torch.Generator().manual_seed(2)
     acts = torch.randn(300, 8, generator=generator, dtype=torch.float64)
     degrees = Fuzzifier().fit(acts)(acts)
@@ -141,6 +147,7 @@ def test_circuit_matches_manual_evaluation_and_auc():
 
 
 def test_best_neurons_against_sklearn():
+    """best_neurons picks, per concept, the neuron of highest sklearn AUC."""
     from crp_invert import ConceptLabels
 
     generator = torch.Generator().manual_seed(3)

@@ -7,23 +7,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import bh_reference, random_case, write_cache
 from scipy.stats import mannwhitneyu
 from slow_invert import all_formulas, slow_auc, slow_beam_search, slow_is_reliable, slow_support_floor
 
 from crp_invert import ConceptLabeler, ConceptLabels, Formula, LayerLabels, SearchParams
 from crp_invert.core.labels import NO_RELIABLE_LABEL, Explanation, LabelsByLayer, ReliabilityRule
-
-
-def random_case(seed, n=None, k=None, f=4):
-    rng = np.random.default_rng(seed)
-    n = n or int(rng.integers(20, 90))
-    k = k or int(rng.integers(2, 6))
-    labels = rng.random((n, k)) < rng.uniform(0.1, 0.6, size=k)
-    scores = np.maximum(rng.normal(size=(n, f)), 0.0).round(1)
-    # some features driven by a formula, so that long formulas matter
-    scores[:, 0] += 1.5 * (labels[:, 0] & ~labels[:, 1 % k])
-    return labels, scores, [f"c{i}" for i in range(k)]
-
 
 SETTINGS = [
     dict(L=3, B=3),
@@ -80,6 +69,7 @@ def test_wide_beam_finds_the_exhaustive_optimum(seed, mode, min_support):
 
 
 def test_beam_explanations_are_consistent_with_their_formula():
+    """Each explanation's fraction, AUC and p-values agree with its formula evaluated directly (slow AUC, scipy)."""
     labels, scores, names = random_case(11, n=200, k=5, f=6)
     concepts = ConceptLabels(labels, names)
     result = ConceptLabeler(concepts).label(scores, L=3, B=3, progress=False)
@@ -100,16 +90,16 @@ def test_beam_explanations_are_consistent_with_their_formula():
 
 
 def test_benjamini_hochberg_over_features():
-    from scipy.stats import false_discovery_control
-
+    """The BH q-values over features equal the Benjamini-Hochberg reference applied to the Bonferroni p-values."""
     labels, scores, names = random_case(5, n=150, f=8)
     result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=2, B=2, progress=False)
     bonferroni = np.array([result[f][0].p_value_bonferroni for f in range(8)])
-    expected = false_discovery_control(bonferroni, method="bh")
+    expected = bh_reference(bonferroni)
     np.testing.assert_allclose([result[f][0].p_value_bh for f in range(8)], expected, rtol=1e-12)
 
 
 def test_planted_conjunction_is_found():
+    """A feature driven by red AND circle AND NOT big gets that formula with AUC 1."""
     rng = np.random.default_rng(0)
     labels = rng.random((2000, 6)) < 0.4
     names = ["red", "green", "circle", "square", "big", "small"]
@@ -122,6 +112,7 @@ def test_planted_conjunction_is_found():
 
 
 def test_feature_batches_inputs_and_devices_agree(tmp_path):
+    """Feature batches, numpy, torch and h5py inputs give the same labels."""
     labels, scores, names = random_case(2, n=120, f=7)
     labeler = ConceptLabeler(ConceptLabels(labels, names), device="cpu")
     reference = labeler.label(scores, L=3, B=3, progress=False)
@@ -136,6 +127,7 @@ def test_feature_batches_inputs_and_devices_agree(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.cuda
 def test_cuda_equals_cpu():
+    """Labels on a CUDA device equal those on the CPU."""
     labels, scores, names = random_case(4, n=500, f=16)
     concepts = ConceptLabels(labels, names)
     cpu = ConceptLabeler(concepts, device="cpu").label(scores, L=3, B=3, progress=False)
@@ -144,6 +136,7 @@ def test_cuda_equals_cpu():
 
 
 def test_memorize_states():
+    """memorize_states keeps every step's beam (the last is the result, best AUCs rise) and leaves the labels alone."""
     labels, scores, names = random_case(3, f=3)
     result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=3, B=2, memorize_states=True,
                                                                progress=False)
@@ -159,6 +152,7 @@ def test_memorize_states():
 
 
 def test_validation_split_reports_held_out_statistics():
+    """A validation split (fraction or mask) reports the statistics of the held-out rows."""
     rng = np.random.default_rng(1)
     labels = rng.random((1000, 4)) < 0.3
     scores = np.stack([labels[:, 0] + 0.5 * rng.random(1000), rng.random(1000)], 1)
@@ -181,6 +175,7 @@ def test_validation_split_reports_held_out_statistics():
 
 
 def test_json_and_csv(tmp_path):
+    """Labels round-trip through JSON (states, odd names), the CSVs hold each best label, bad JSON is named."""
     labels, scores, names = random_case(7, f=5)
     names[1] = 'odd "name", (with) AND'
     result = ConceptLabeler(ConceptLabels(labels, names)).label(
@@ -220,6 +215,7 @@ def test_json_and_csv(tmp_path):
 
 
 def test_indexing():
+    """LayerLabels index like a list of beams, reject bad keys, and concatenate."""
     labels, scores, names = random_case(1, f=3)
     result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=2, B=2, progress=False)
     assert len(result) == result.n_features == 3
@@ -235,6 +231,7 @@ def test_indexing():
 
 def test_no_valid_formula_gives_an_empty_beam():
     # a holds everywhere, b on 9 of 10 samples: no primitive has a fraction in [0.3, 0.5]
+    """A feature without any formula in the fraction range gets an empty beam and no best label."""
     labels = np.ones((10, 2), dtype=bool)
     labels[0, 1] = False
     result = ConceptLabeler(ConceptLabels(labels, ["a", "b"])).label(
@@ -250,11 +247,13 @@ class TestBadInput:
         return ConceptLabeler(ConceptLabels(labels, names))
 
     def test_sample_count_mismatch(self, labeler):
+        """Scores with another number of samples than the concepts raise a ValueError naming both."""
         with pytest.raises(ValueError, match="N = 29.*N = 30"):
             labeler.label(np.random.rand(29, 2), progress=False)
 
     @pytest.mark.parametrize("bad, kind", [(np.nan, "NaN"), (np.inf, "inf")])
     def test_non_finite_names_the_feature(self, labeler, bad, kind):
+        """NaN or infinite scores raise a ValueError naming the feature."""
         scores = np.random.rand(30, 9)
         scores[4, 7] = bad
         with pytest.raises(ValueError, match=f"feature 7 contain {kind}"):
@@ -274,10 +273,12 @@ class TestBadInput:
         (dict(validation=np.ones(30, dtype=bool)), ValueError, "some but not all"),
     ])
     def test_parameters(self, labeler, kwargs, error, pattern):
+        """Out-of-range search parameters raise the expected error naming the parameter."""
         with pytest.raises(error, match=pattern):
             labeler.label(np.random.rand(30, 2), progress=False, **kwargs)
 
     def test_shapes_and_types(self, labeler):
+        """Scores not of shape [N, F] or not real numbers, and concepts not ConceptLabels, raise named errors."""
         with pytest.raises(ValueError, match=r"\[N, F\]"):
             labeler.label(np.random.rand(30), progress=False)
         with pytest.raises(TypeError):
@@ -290,6 +291,7 @@ class TestBadInput:
 
 def test_unpacked_products_agree(monkeypatch):
     # above 160k samples rank sums and counts come from two products instead of one packed one
+    """The unpacked rank-sum and count products give the labels of the packed one."""
     import crp_invert.core.search as search
 
     labels, scores, names = random_case(9, n=150, f=5)
@@ -300,6 +302,7 @@ def test_unpacked_products_agree(monkeypatch):
 
 
 def test_default_feature_batch_size_follows_memory():
+    """The default feature batch is the largest that fits the memory budget beside the working memory."""
     from crp_invert.core.labeling import available_memory, default_feature_batch_size
     from crp_invert.core.search import SearchMemory
 
@@ -327,6 +330,7 @@ def test_default_feature_batch_size_follows_memory():
 
 
 def test_concatenate_recomputes_benjamini_hochberg():
+    """Concatenated labels of feature parts equal the whole, BH q-values recomputed over all features."""
     labels, scores, names = random_case(6, n=150, f=8)
     labeler = ConceptLabeler(ConceptLabels(labels, names))
     whole = labeler.label(scores, L=2, B=2, progress=False)
@@ -338,6 +342,7 @@ def test_concatenate_recomputes_benjamini_hochberg():
 
 
 def test_prepared_label_rows_equal_the_dense_labels():
+    """The prepared label rows and matrix equal the dense concept labels (empty rows included)."""
     from crp_invert.core.search import prepare_labels
 
     labels = np.random.default_rng(0).random((40, 6)) < 0.3
@@ -355,6 +360,7 @@ def test_prepared_label_rows_equal_the_dense_labels():
 def test_formula_lists_equal_the_evaluated_formulas():
     # every formula's sample list (or the list of where it does not hold) against Formula.evaluate,
     # with concepts that hold for more than half of the samples (listed by their complement)
+    """Each formula's sample list (or its complement's) equals Formula.evaluate."""
     from crp_invert.core.search import _formula_lists, prepare_labels
 
     rng = np.random.default_rng(0)
@@ -389,6 +395,7 @@ def test_formula_lists_equal_the_evaluated_formulas():
 def test_small_working_memory_gives_the_same_result(monkeypatch):
     # large formulas with little working memory: ranks and searches in chunks of one feature,
     # formulas in several groups, their samples' concepts in several segments
+    """A tiny working memory (chunked ranks, formula groups, concept segments) gives the same beams."""
     import crp_invert.core.search as search
     from crp_invert.core.metrics import compact_ranks
     from crp_invert.core.search import SearchMemory, beam_search, prepare_labels
@@ -417,6 +424,7 @@ def test_small_working_memory_gives_the_same_result(monkeypatch):
 
 
 def test_duplicate_check_equals_pairwise_comparison():
+    """The duplicate check equals comparing every formula's signature with every earlier one."""
     from crp_invert.core.search import _duplicates, _signature
 
     rng = np.random.default_rng(1)
@@ -435,6 +443,7 @@ def test_duplicate_check_equals_pairwise_comparison():
 
 def test_very_wide_beam_stays_small():
     # B = 10,000 once asked for an F x 4B x 4B x (L + 1) tensor (25 GB); the beam now holds every formula
+    """A beam wider than the formula space holds every formula and the exhaustive best AUC."""
     labels, scores, names = random_case(4, k=4, f=2)
     space = all_formulas(labels, names, 3)
     result = ConceptLabeler(ConceptLabels(labels, names)).label(scores, L=3, B=10_000, progress=False)
@@ -445,6 +454,7 @@ def test_very_wide_beam_stays_small():
 
 
 def test_too_wide_beam_is_refused_before_any_work():
+    """A beam too wide for the memory limit is refused with the sizes named, before any column is read."""
     from crp_invert.core.labeling import label_array
 
     class NoReads:
@@ -468,6 +478,7 @@ def test_wide_beam_is_refused_within_an_address_space_limit():
     # a child process that believes it has 2 GiB free and may only take 3 GiB more: B = 10,000 over
     # 1,481 concepts (scoring one feature's candidates takes about 4 GiB) must refuse up front, before
     # any large allocation
+    """Under an address-space limit a too wide beam is refused up front, not by a failed allocation."""
     import subprocess
     import sys
 
@@ -642,14 +653,7 @@ def test_labels_of_an_older_version_load_with_derived_or_unknown_support(tmp_pat
 
 def one_layer_cache(path, scores):
     """An activation cache with one layer "conv1" holding ``scores``."""
-    from crp_invert.storage.cache import ActivationCache
-
-    with ActivationCache(path, mode="a", overwrite=True) as cache:
-        cache.initialize((0, len(scores)))
-        cache.add_layer("conv1", scores.shape[1], relevances=False, pooling="mean")
-        cache.write("conv1", (0, len(scores)), scores.astype(np.float32))
-        cache.mark_complete((0, len(scores)))
-    return path
+    return write_cache(path, {"conv1": scores.astype(np.float32)})
 
 
 def test_label_cache_result_names_its_layers_on_a_wrong_key(tmp_path):

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_import_contracts_hold():
+    """lint-imports reports no broken contract (the folders' layers hold)."""
     exe = shutil.which("lint-imports")
     if exe is None:
         pytest.fail("lint-imports is missing: install the test extra (pip install -e '.[test]')")
@@ -35,6 +36,7 @@ def test_contracts_can_fail(tmp_path):
 
 
 def test_core_imports_nothing_of_crp_zennit_or_h5py():
+    """Importing crp_invert.core loads neither crp, zennit nor h5py."""
     code = ("import sys; import crp_invert.core.labeling, crp_invert.core.formula, crp_invert.core.concepts; "
             "print(sorted(m for m in ('crp', 'zennit', 'h5py') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

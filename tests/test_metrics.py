@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 import torch
+from helpers import bh_reference, slow_benjamini_hochberg
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.stats import false_discovery_control, mannwhitneyu, rankdata, tiecorrect
+from scipy.stats import mannwhitneyu, rankdata, tiecorrect
 from sklearn.metrics import roc_auc_score
 
 from crp_invert.core.metrics import (
@@ -31,6 +32,7 @@ def pairwise_auc(scores, mask):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_auroc_equals_sklearn_with_ties(seed):
+    """auroc equals sklearn and the brute-force pairwise count on tied scores."""
     rng = np.random.default_rng(seed)
     scores = relu_scores(rng, 400, 6)
     labels = rng.random((400, 5)) < rng.uniform(0.05, 0.6, size=5)
@@ -44,6 +46,7 @@ def test_auroc_equals_sklearn_with_ties(seed):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 4), st.booleans()), min_size=2, max_size=40))
 def test_auroc_pairwise_property(pairs):
+    """auroc equals the pairwise count for any scores and mask (0.5 when one class is empty)."""
     scores = np.array([p[0] for p in pairs], dtype=np.float64)
     mask = np.array([p[1] for p in pairs])
     result = auroc(torch.from_numpy(scores), torch.from_numpy(mask)).item()
@@ -62,6 +65,7 @@ def test_compact_ranks_refuses_an_unknown_backend():
 
 
 def test_midranks_and_tie_term_equal_scipy():
+    """Midranks equal scipy's rankdata and the tie term scipy's tiecorrect."""
     rng = np.random.default_rng(3)
     scores = relu_scores(rng, 1000, 4)
     ranked = rank_scores(torch.from_numpy(scores))
@@ -76,6 +80,7 @@ def test_midranks_and_tie_term_equal_scipy():
 @pytest.mark.parametrize("alternative", ["two-sided", "greater", "less"])
 @pytest.mark.parametrize("seed", range(3))
 def test_pvalue_equals_scipy_asymptotic(alternative, seed):
+    """Mann-Whitney p-values equal scipy's asymptotic ones for every alternative."""
     rng = np.random.default_rng(seed)
     scores = relu_scores(rng, 300, 5)
     labels = rng.random((300, 4)) < 0.3
@@ -94,6 +99,7 @@ def test_pvalue_equals_scipy_asymptotic(alternative, seed):
 
 
 def test_constant_feature_gives_half_and_one():
+    """A constant feature has AUC 0.5 and p-value 1 (no NaN) for every alternative."""
     scores = torch.zeros(50, 1)
     labels = torch.arange(50)[:, None] % 3 == 0
     auc = auroc(scores, labels)
@@ -106,6 +112,7 @@ def test_constant_feature_gives_half_and_one():
 
 
 def test_degenerate_masks():
+    """Empty and full masks give AUC 0.5 and p-value 1."""
     assert auc_from_rank_sums(torch.tensor(0.0, dtype=torch.float64), torch.tensor(0), 10).item() == 0.5
     assert auc_from_rank_sums(torch.tensor(55.0, dtype=torch.float64), torch.tensor(10), 10).item() == 0.5
     assert mann_whitney_pvalue(torch.tensor([0.5]), torch.tensor([0]), 10, torch.tensor([0.0])).item() == 1.0
@@ -113,6 +120,7 @@ def test_degenerate_masks():
 
 def test_float64_keeps_digits_at_large_n():
     # float32 rank sums lose digits past a few thousand samples; ours must stay exact
+    """AUCs keep sklearn's digits at 60,000 samples (float64 rank sums)."""
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(60_000, 1)).astype(np.float32)
     mask = rng.random(60_000) < 0.5
@@ -121,13 +129,29 @@ def test_float64_keeps_digits_at_large_n():
 
 
 def test_benjamini_hochberg_equals_scipy():
+    """benjamini_hochberg equals the Benjamini-Hochberg reference (scipy's where present)."""
     rng = np.random.default_rng(0)
     p_values = rng.random(50) ** 3
     np.testing.assert_allclose(benjamini_hochberg(torch.from_numpy(p_values)).numpy(),
-                               false_discovery_control(p_values, method="bh"), rtol=1e-12)
+                               bh_reference(p_values), rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_slow_benjamini_hochberg_equals_scipy(seed):
+    """The tests' slow Benjamini-Hochberg reference (used where scipy < 1.11) equals scipy's, ties and ones included."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    if not hasattr(scipy_stats, "false_discovery_control"):
+        pytest.skip("scipy < 1.11 has no false_discovery_control")
+    rng = np.random.default_rng(seed)
+    p_values = np.concatenate([rng.random(40) ** 3, rng.random(5).round(1), [1.0, 1.0, 0.0]])
+    rng.shuffle(p_values)
+    expected = scipy_stats.false_discovery_control(p_values, method="bh")
+    np.testing.assert_allclose(slow_benjamini_hochberg(p_values), expected, rtol=1e-12)
+    np.testing.assert_allclose(bh_reference(p_values), expected, rtol=0)
 
 
 def test_bad_input():
+    """Bad alternatives, non-0/1 labels, shape mismatches and numpy inputs raise named errors."""
     with pytest.raises(ValueError, match="alternative"):
         mann_whitney_pvalue(torch.tensor([0.5]), torch.tensor([1]), 3, torch.tensor([0.0]), "bigger")
     with pytest.raises(ValueError, match="0/1"):
