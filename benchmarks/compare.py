@@ -14,7 +14,7 @@ Workloads (each skipped with a note where its data or packages are missing):
 - ``core``: labeling synthetic ImageNet-like layers (``synthetic.py``, K = 1,481, L = 3, B = 3): N = 5,000 and
   50,000 with F = 64; with ``--large`` also N = 1,280,000 with F = 16.
 - ``hdf5``: a synthetic layer labeled from an HDF5 file (``label_h5``, the CLI's path) in one process:
-  N = 200,000 with F = 64; with ``--large`` N = 1,280,000 with F = 256 (a 1.3 GB file in the temporary folder).
+  N = 200,000 with F = 640 (0.5 GB, two batches or more); with ``--large`` N = 1,280,000 with F = 256 (1.3 GB).
   CPU / wall is the number of cores kept busy.
 - ``fashion``: the shared FashionMNIST model's four layers, each labeled once by one labeler in the order a user
   labels them (the first-call cost), and linear1 again (best of 3).
@@ -72,7 +72,7 @@ def probe_hdf5(large: bool) -> dict:
 
     from crp_invert import ConceptLabeler
 
-    n, f = (1_280_000, 256) if large else (200_000, 64)
+    n, f = (1_280_000, 256) if large else (200_000, 640)
     concepts, _ = synthetic.concept_labels(n)
     labeler = ConceptLabeler(concepts)
     with tempfile.TemporaryDirectory() as folder:
