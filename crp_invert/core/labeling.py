@@ -15,6 +15,9 @@ Examples
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -197,6 +200,9 @@ def label_array(
                     state.auc.nan_to_num(0.5), state.n_positive, n_search, result.tie_term[:, None], alternative
                 )
                 states[step] += decoder.explanations(state, p_value, result.n_candidates, n_search, None)
+        del result
+        if prefetch and device.type == "cpu":
+            release_freed_memory()
     explanations = correct_p_values(explanations)
     return LayerLabels(explanations, names, layer, parameters, states)
 
@@ -221,6 +227,24 @@ class _Ranking(NamedTuple):
                 else compact_ranks(block[self.held_rows.to(block.device)], self.rank_chunk, self.backend))
         rows = block if self.search_rows is None else block[self.search_rows.to(block.device)]
         return compact_ranks(rows, self.rank_chunk, self.backend), held
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (loaded on first use, not at import)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the system: glibc keeps the freed blocks of every thread's arena (the ranking
+    threads, the prefetch thread), so without this the resident memory of a long labeling run grows above what
+    its batches hold at once."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _ranked_batches(ranking: _Ranking, starts: Any, batch: int, n_features: int, prefetch: bool) -> Iterator[tuple]:
