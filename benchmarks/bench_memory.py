@@ -144,14 +144,18 @@ def main() -> None:
     print(f"| fixed: the concept labels (synthetic, ConceptLabels) | | {row['concepts'] / mib:.0f} MiB |")
     print(f"| fixed: the prepared labels kept by the labeler (peak while preparing) | | "
           f"{row['prepared'] / mib:.0f} MiB ({row['prepare_peak'] / mib:.0f} MiB) |", flush=True)
+    from crp_invert.core.labeling import batch_plan
+
     memory = SearchMemory(n, 1481, 3, 3)
     budget = default_memory_budget("cpu")
-    batch = memory.feature_batch(budget, itemsize=4)
-    working = memory.working_memory(budget)
-    model = min(batch, args.features) * memory.feature_bytes(4) + working
+    # as label_array plans it: one batch, or two in flight (the next read and ranked while one is searched)
+    batch, prefetch, part = batch_plan(memory, args.features, budget, itemsize=4)
+    working = memory.working_memory(part)
+    model = (2 if prefetch else 1) * (min(batch, args.features) * memory.feature_bytes(4) + working)
     row = measure("labeling", n, args.features)
     print(f"| labeling {args.features} features in memory (default budget {budget / mib:.0f} MiB: batches of "
-          f"{batch}, working memory {working / mib:.0f} MiB), peak above the prepared labeler | "
+          f"{batch}{', two in flight' if prefetch else ''}, working memory {working / mib:.0f} MiB each), peak "
+          f"above the prepared labeler | "
           f"at most {model / mib:.0f} MiB (a batch as read, its ranks and rank sums + working memory) | "
           f"{row['bytes'] / mib:.0f} MiB ({row['seconds']:.1f} s) |", flush=True)
 

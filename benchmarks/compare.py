@@ -13,6 +13,9 @@ Workloads (each skipped with a note where its data or packages are missing):
 
 - ``core``: labeling synthetic ImageNet-like layers (``synthetic.py``, K = 1,481, L = 3, B = 3): N = 5,000 and
   50,000 with F = 64; with ``--large`` also N = 1,280,000 with F = 16.
+- ``hdf5``: a synthetic layer labeled from an HDF5 file (``label_h5``, the CLI's path) in one process:
+  N = 200,000 with F = 640 (0.5 GB, two batches or more); with ``--large`` N = 1,280,000 with F = 256 (1.3 GB).
+  CPU / wall is the number of cores kept busy.
 - ``fashion``: the shared FashionMNIST model's four layers, each labeled once by one labeler in the order a user
   labels them (the first-call cost), and linear1 again (best of 3).
 - ``recording``: ``record_activations`` of the four FashionMNIST layers against a bare forward pass over the same
@@ -32,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-WORKLOADS = ("core", "fashion", "recording", "glocal")
+WORKLOADS = ("core", "hdf5", "fashion", "recording", "glocal")
 
 
 # the workloads, run inside a revision's process ----------------------------------------------------------
@@ -61,6 +64,27 @@ def probe_core(large: bool) -> dict:
         labeler.label(acts[:, :1], L=3, B=3, progress=False)  # set-up (prepared labels) outside the timing
         figures[f"core N={n:,} F={f}"] = clock(lambda lab=labeler, a=acts: lab.label(a, L=3, B=3, progress=False))
     return figures
+
+
+def probe_hdf5(large: bool) -> dict:
+    import h5py
+    import synthetic
+
+    from crp_invert import ConceptLabeler
+
+    n, f = (1_280_000, 256) if large else (200_000, 640)
+    concepts, _ = synthetic.concept_labels(n)
+    labeler = ConceptLabeler(concepts)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "layer.h5"
+        with h5py.File(path, "w") as handle:
+            data = handle.create_dataset("Y", shape=(n, f), dtype="float32", chunks=(min(n, 1 << 16), 1))
+            for start, stop, block in synthetic.activation_blocks(concepts, f):
+                data[start:stop] = block
+        labeler.label(concepts.dense()[:, :1].float().numpy(), L=1, B=1, progress=False)  # prepares the labels
+        result = clock(lambda: labeler.label_h5(path, L=3, B=3, progress=False))
+    result["cores busy"] = result["cpu"] / result["wall"]
+    return {f"hdf5 N={n:,} F={f} (label_h5)": result}
 
 
 def fashion_data():
@@ -136,8 +160,8 @@ def probe_glocal() -> dict:
 
 def probe(workload: str, large: bool) -> dict:
     try:
-        if workload == "core":
-            return probe_core(large)
+        if workload in ("core", "hdf5"):
+            return globals()[f"probe_{workload}"](large)
         return globals()[f"probe_{workload}"]()
     except Exception as error:  # noqa: BLE001 - a missing data folder or package skips the workload
         return {"error": f"{type(error).__name__}: {error}"}
@@ -210,14 +234,16 @@ def main() -> int:
                     subprocess.run(["git", "worktree", "remove", "--force", str(source)], cwd=ROOT,
                                    capture_output=True)
     a, b = args.revs
-    print(f"| workload | {a} wall (s) | {b} wall (s) | wall B/A | {a} CPU (s) | {b} CPU (s) | CPU B/A |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| workload | {a} wall (s) | {b} wall (s) | wall B/A | {a} CPU (s) | {b} CPU (s) | CPU B/A "
+          f"| cores busy A, B |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for name in best[a]:
         if name not in best[b]:
             continue
         x, y = best[a][name], best[b][name]
         print(f"| {name} | {x['wall']:.3f} | {y['wall']:.3f} | {ratio(x['wall'], y['wall'])} | {x['cpu']:.3f} "
-              f"| {y['cpu']:.3f} | {ratio(x['cpu'], y['cpu'])} |")
+              f"| {y['cpu']:.3f} | {ratio(x['cpu'], y['cpu'])} | {x['cpu'] / x['wall']:.2f}, "
+              f"{y['cpu'] / y['wall']:.2f} |")
     for (rev, workload), error in errors.items():
         print(f"\n{workload} @ {rev}: {error}")
     print(f"\nbest of {args.rounds} rounds (A B B A); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "

@@ -195,7 +195,7 @@ def section_imagenet_labeling(args, part: Part) -> None:
     import torch
 
     from crp_invert import ConceptLabeler
-    from crp_invert.core.labeling import _itemsize
+    from crp_invert.core.labeling import _itemsize, batch_plan
     from crp_invert.core.search import SearchMemory, default_memory_budget
 
     sizes, device = args.sizes, args.device
@@ -211,10 +211,10 @@ def section_imagenet_labeling(args, part: Part) -> None:
     part["warm_up_seconds_2_features"] = seconds  # includes preparing the labels on the device
     budget = default_memory_budget(device)
     plan = SearchMemory(concepts.n_samples, concepts.n_concepts, 3, 3)
-    batch = plan.feature_batch(budget, _itemsize(layer))
-    part.update(memory_budget_gb=budget / 1e9, feature_batch=batch,
-                plan_batch_gb=(min(batch, sizes["features"]) * plan.feature_bytes(4)
-                               + plan.working_memory(budget)) / 1e9,
+    batch, prefetch, part_budget = batch_plan(plan, sizes["features"], budget, _itemsize(layer))
+    part.update(memory_budget_gb=budget / 1e9, feature_batch=batch, prefetch=prefetch,
+                plan_batches_gb=(2 if prefetch else 1) * (min(batch, sizes["features"]) * plan.feature_bytes(4)
+                                                         + plan.working_memory(part_budget)) / 1e9,
                 layer_gb=layer.numel() * layer.element_size() / 1e9)
     first = sizes["first_features"]
     reset_peak(device)
@@ -235,7 +235,7 @@ def section_imagenet_labeling(args, part: Part) -> None:
         seconds, other = timed(lambda: label_array(layer, concepts, SearchParams(L=3, B=3), device=device,
                                                    backend=backend, memory_bytes=big, progress=False), device)
         part.update(budget_16gib_seconds=seconds, budget_16gib_peak_gb=peak_gb(device),
-                    budget_16gib_feature_batch=plan.feature_batch(big, 4),
+                    budget_16gib_feature_batch=batch_plan(plan, sizes["features"], big, 4)[0],
                     budget_16gib_identical=compare_labels(other, result)["identical"])
 
 

@@ -132,7 +132,10 @@ def test_cuda_equals_cpu():
     concepts = ConceptLabels(labels, names)
     cpu = ConceptLabeler(concepts, device="cpu").label(scores, L=3, B=3, progress=False)
     gpu = ConceptLabeler(concepts, device="cuda").label(scores, L=3, B=3, progress=False)
-    assert cpu == gpu
+    # formulas and AUCs bit for bit; p-values to 1e-12 (CUDA's erfc may differ from the CPU's in the last bits)
+    assert [[(e.formula, e.auc, e.fraction) for e in b] for b in cpu] == [[(e.formula, e.auc, e.fraction)
+                                                                           for e in b] for b in gpu]
+    assert [e.p_value for b in gpu for e in b] == pytest.approx([e.p_value for b in cpu for e in b], rel=1e-12)
 
 
 def test_memorize_states():

@@ -15,6 +15,9 @@ Examples
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +45,7 @@ from .search import (
     prepare_labels,
 )
 
-__all__ = ["label_array", "default_feature_batch_size", "available_memory", "read_feature_columns",
+__all__ = ["label_array", "batch_plan", "default_feature_batch_size", "available_memory", "read_feature_columns",
            "check_finite"]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +65,20 @@ def default_feature_batch_size(n_samples: int, B: int, memory_bytes: int | None 
     """
     budget = default_memory_budget(device) if memory_bytes is None else int(memory_bytes)
     return SearchMemory(int(n_samples), int(n_concepts), int(B), int(L)).feature_batch(budget, itemsize)
+
+
+def batch_plan(plan: SearchMemory, n_features: int, budget: int, itemsize: int = 4,
+               copies: int = 1) -> tuple[int, bool, int]:
+    """``(feature batch, prefetch, budget of one batch)`` of :func:`label_array` for a layer of ``n_features``.
+
+    One batch if the layer fits the budget; else, where half of the budget holds the least working memory and a
+    feature, two batches at a time with half of the budget each: the next one read and ranked in a thread while
+    the current one is searched. Either way the batches in flight, their working memory included, fit ``budget``.
+    """
+    batch = plan.feature_batch(budget, itemsize, copies)
+    if batch < n_features and budget // 2 >= plan.minimum_working_memory() + plan.feature_bytes(itemsize, copies):
+        return plan.feature_batch(budget // 2, itemsize, copies), True, budget // 2
+    return batch, False, budget
 
 
 def _align_to_chunks(feature_batch_size: int, activations: Any) -> int:
@@ -144,13 +161,7 @@ def label_array(
     budget = default_memory_budget(device) if memory_bytes is None else int(memory_bytes)
     prefetch = False
     if feature_batch_size is None:
-        feature_batch_size = plan.feature_batch(budget, itemsize, copies)
-        if feature_batch_size < n_features and budget // 2 >= (plan.minimum_working_memory()
-                                                                + plan.feature_bytes(itemsize, copies)):
-            # several batches: the next one is read and ranked in a thread while this one is searched; each of
-            # the two takes half of the budget
-            prefetch, budget = True, budget // 2
-            feature_batch_size = plan.feature_batch(budget, itemsize, copies)
+        feature_batch_size, prefetch, budget = batch_plan(plan, n_features, budget, itemsize, copies)
         feature_batch_size = _align_to_chunks(feature_batch_size, activations)
     working_memory = plan.working_memory(budget)
     rank_chunk = plan.chunks(working_memory)[0]
@@ -190,6 +201,9 @@ def label_array(
                     state.auc.nan_to_num(0.5), state.n_positive, n_search, result.tie_term[:, None], alternative
                 )
                 states[step] += decoder.explanations(state, p_value, result.n_candidates, n_search, None)
+        del result
+        if prefetch and device.type == "cpu":
+            release_freed_memory()
     explanations = correct_p_values(explanations)
     return LayerLabels(explanations, names, layer, parameters, states)
 
@@ -214,6 +228,24 @@ class _Ranking(NamedTuple):
                 else compact_ranks(block[self.held_rows.to(block.device)], self.rank_chunk, self.backend))
         rows = block if self.search_rows is None else block[self.search_rows.to(block.device)]
         return compact_ranks(rows, self.rank_chunk, self.backend), held
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none (loaded on first use, not at import)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the system: glibc keeps the freed blocks of every thread's arena (the ranking
+    threads, the prefetch thread), so without this the resident memory of a long labeling run grows above what
+    its batches hold at once."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _ranked_batches(ranking: _Ranking, starts: Any, batch: int, n_features: int, prefetch: bool) -> Iterator[tuple]:
