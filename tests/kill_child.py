@@ -11,11 +11,14 @@ This module is a helper, not a test module: tests import it, it imports no test 
 """
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import os
 import signal
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +40,10 @@ LAYERS = ["conv1", "conv2", "parallel.0", "linear1", "linear2"]
 KINDS = ("r_max", "a_max", "r_stats", "a_stats")
 # where the child can be killed; the collect points are counted per CRP result object (RelMax, ActMax,
 # RelStats, ActStats), e.g. "collect-load:a_max" with N=1 kills before ActMax reads its first checkpoint file
+# ("collect-targets:a_stats" kills when ActStats writes its targets file, the last file of the collect)
 POINTS = ("batch", "checkpoint-save", "commit", "flush", "after-collect", "collect-deletions") + tuple(
     f"collect-{what}:{kind}" for kind in KINDS for what in ("load", "save")
-)
+) + ("collect-targets:r_stats", "collect-targets:a_stats")
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:
@@ -69,6 +73,17 @@ def run_killed_child(point: str, n: int, fv: Path, cache: Path, timeout: float =
         raise ValueError(f"point must be one of {POINTS}, got {point!r}")
     command = [sys.executable, str(Path(__file__).resolve()), point, str(n), str(fv), str(cache), str(n_samples)]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float = 120) -> Iterator[None]:
+    """Fail loudly instead of hanging: if the block runs longer than ``seconds``, print every thread's stack
+    and end the process (pytest then reports the test as crashed, with the stack of the loop)."""
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 # -- the child --------------------------------------------------------------------------------------------------
@@ -124,21 +139,24 @@ def _install(point: str, counter: _Counter, state: dict) -> None:
         function = getattr(np, name)
 
         def wrapper(*args, **kwargs):
-            if when():
+            if when(str(args[0]) if args else ""):
                 counter.tick()
             return function(*args, **kwargs)
 
         crp.maximization.np = crp.statistics.np = types.SimpleNamespace(**{**vars(np), name: wrapper})
 
     if point == "checkpoint-save":  # the n-th file CRP saves of the second checkpoint
-        numpy_killing("save", lambda: state["checkpoint"] == 2 and not state["collecting"])
+        numpy_killing("save", lambda file: state["checkpoint"] == 2 and not state["collecting"])
     elif point == "commit":  # logged, not yet moved into place
         checkpoints._move_stage = counter.wrap(checkpoints._move_stage)
     elif point == "flush":  # rows written, not yet marked complete
         ActivationCache.mark_complete = counter.wrap(ActivationCache.mark_complete)
+    elif point.startswith("collect-targets:"):  # a Statistics object writes its targets file
+        kind = point.split(":")[1]
+        numpy_killing("save", lambda file: state.get("collector") == kind and file.endswith("targets.npy"))
     elif point.startswith("collect-"):  # the n-th file one of CRP's result objects reads or writes in the collect
         what, kind = point[len("collect-"):].split(":")
-        numpy_killing(what, lambda: state["collecting"] and state.get("collector") == kind)
+        numpy_killing(what, lambda file: state["collecting"] and state.get("collector") == kind)
     elif point == "after-collect":  # CRP's results are complete, the logs not yet updated
         checkpoints.CheckpointLog.forget = counter.wrap(checkpoints.CheckpointLog.forget)
     elif point == "collect-deletions":  # the logs are updated, the collected checkpoints not yet deleted

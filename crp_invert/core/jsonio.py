@@ -6,15 +6,17 @@ import json
 import os
 from typing import Any
 
+from .files import write_text_atomically
+
 __all__ = ["write_json", "read_json"]
 
 
 def write_json(data: Any, path: str | os.PathLike | None = None, indent: int | None = None) -> str:
-    """``data`` as JSON text, also written to ``path`` when given."""
+    """``data`` as JSON text, also written to ``path`` when given (atomically, with the permissions of an
+    ordinary new file: see :mod:`crp_invert.core.files`)."""
     text = json.dumps(data, indent=indent)
     if path is not None:
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        write_text_atomically(path, text)
     return text
 
 
