@@ -400,3 +400,103 @@ def test_formula_json(data):
         masks = {name: np.array([value]) for name, value in env.items()}
         assert bool(formula.evaluate(masks)[0]) == expected
     assert Formula.from_json(formula.to_json()) == formula
+
+
+# -- checkpoint logs and collect journals (issue 18: every loop over persisted state ends) -----------------------
+
+LOG_RANGE = (0, 12)
+SPAN_VALUES = st.integers(-2, 14) | st.sampled_from([True, 1.5, "3", None])
+SPANS = st.lists(SPAN_VALUES, min_size=0, max_size=3)
+PREFIXES = st.sampled_from(["RelMax/a_0_4_", "ActMax/a_4_8_", "missing/b_", "../outside_", "/abs_", "ok_"])
+FILES = st.dictionaries(st.sampled_from(["r_max", "a_max", "r_stats", "a_stats", "other"]),
+                        st.lists(PREFIXES, max_size=2) | st.integers() | st.none(), max_size=3)
+LOG_LINES = st.one_of(
+    st.builds(lambda span, files: json.dumps({"span": span, "files": files}), SPANS, FILES),
+    st.builds(lambda a, b: json.dumps({"span": [a, b], "files": {}}), st.integers(0, 12), st.integers(0, 12)),
+    st.builds(lambda run: json.dumps({"run": run}), SPANS),
+    st.sampled_from(["", "{", "[1, 2]", '"run"', "null", '{"span": [2, 2], "files": {"r_max": ["ok_"]}}']),
+    st.text(max_size=20),
+)
+
+
+def expected_chain(lines, start, limit, readable):
+    """The chain by the rules, slowly: the lines up to the first damaged one; spans with samples; at each position
+    the span logged last from there; stop at the first unreadable checkpoint."""
+    from crp_invert.integration.checkpoints import _parse_record
+
+    entries = []
+    for line in lines:
+        try:
+            record = _parse_record(line, LOG_RANGE)
+        except ValueError:
+            break
+        if not isinstance(record, tuple):
+            entries.append(record)
+    chain, position = [], start
+    for _ in range(len(entries) + 1):
+        candidates = [e for e in entries if e.span[0] == position and e.span[1] > position and e not in chain]
+        if not candidates or candidates[-1].span[1] > limit:
+            break
+        if not all(readable(p) for p in candidates[-1].prefixes()):
+            break
+        chain.append(candidates[-1])
+        position = candidates[-1].span[1]
+    return [e.span for e in chain]
+
+
+@FUZZ
+@given(st.lists(LOG_LINES, max_size=12), st.integers(0, 12), st.integers(0, 12),
+       st.sets(st.sampled_from(["RelMax/a_0_4_", "ActMax/a_4_8_", "ok_"])))
+def test_checkpoint_logs_of_any_content_end(lines, start, limit, present):
+    """Resume's walk over a checkpoint log ends on any content (zero-length, overlapping, repeated, out-of-order
+    spans, damaged lines) and follows the rules, checked against a slow walk; forget ends too."""
+    from crp_invert.integration.checkpoints import SUFFIXES, CheckpointLog
+
+    with folder() as root:
+        for prefix in present:
+            for suffix in SUFFIXES:
+                (root / (prefix + suffix)).parent.mkdir(parents=True, exist_ok=True)
+                np.save(root / (prefix + suffix), np.zeros(2))
+        log = CheckpointLog(root, LOG_RANGE)
+        log.folder.mkdir(parents=True)
+        log.path.write_text("".join(line.replace("\n", " ") + "\n" for line in lines), encoding="utf-8")
+        text_lines = log.path.read_text(encoding="utf-8").splitlines()
+        with time_limit(20):
+            chain = [entry.span for entry in log.chain(start, limit)]
+        assert chain == expected_chain(text_lines, start, limit, lambda p: p in present)
+        position = start
+        for a, b in chain:  # contiguous, strictly forward, inside the limit
+            assert a == position < b <= limit
+            position = b
+        with time_limit(20):
+            log.forget({"RelMax/a_0_4_", "ok_"})
+            log.forget(set())
+
+
+JOURNAL_ITEMS = st.sampled_from(["gone.npy", "kept.npy", "sub", "../escape.npy", "/etc/passwd", "", "a\x00b"])
+
+
+@FUZZ
+@given(st.one_of(st.lists(JOURNAL_ITEMS | st.integers() | st.none(), max_size=6).map(json.dumps),
+                 st.text(max_size=30), JSON.map(json.dumps)))
+def test_collect_journals_of_any_content_end(journal):
+    """A collect journal naming gone files, folders, paths outside CRP's folder or anything else ends, deletes only
+    the files it names inside CRP's folder, and is removed."""
+    from crp_invert.integration.checkpoints import FOLDER, finish_collect
+
+    with folder() as base:
+        root = base / "fv"
+        (root / "sub").mkdir(parents=True)
+        (root / "kept.npy").write_bytes(b"x")
+        (base / "escape.npy").write_bytes(b"x")
+        (root / FOLDER).mkdir()
+        (root / FOLDER / "collected.json").write_text(journal, encoding="utf-8")
+        try:
+            names = json.loads(journal)
+        except ValueError:
+            names = []
+        with time_limit(20):
+            finish_collect(root)
+        assert not (root / FOLDER / "collected.json").exists()
+        assert (root / "kept.npy").exists() == (not (isinstance(names, list) and "kept.npy" in names))
+        assert (root / "sub").is_dir() and (base / "escape.npy").exists()
