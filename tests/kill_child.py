@@ -66,12 +66,14 @@ def layer_map() -> dict:
 
 
 def run_killed_child(point: str, n: int, fv: Path, cache: Path, timeout: float = 240,
-                     n_samples: int = N_SAMPLES) -> subprocess.CompletedProcess:
-    """Run this module as a child that kills itself at ``point`` (the ``n``-th call); TimeoutExpired if it
-    runs longer than ``timeout`` seconds (the watchdog of a kill test)."""
+                     n_samples: int = N_SAMPLES, checkpoint: int = CHECKPOINT) -> subprocess.CompletedProcess:
+    """Run this module as a child that records ``n_samples`` samples (CRP checkpoints every ``checkpoint``
+    batches) and kills itself at ``point`` (the ``n``-th call); TimeoutExpired if it runs longer than
+    ``timeout`` seconds (the watchdog of a kill test)."""
     if point not in POINTS:
         raise ValueError(f"point must be one of {POINTS}, got {point!r}")
-    command = [sys.executable, str(Path(__file__).resolve()), point, str(n), str(fv), str(cache), str(n_samples)]
+    command = [sys.executable, str(Path(__file__).resolve()), point, str(n), str(fv), str(cache), str(n_samples),
+               str(checkpoint)]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
@@ -154,7 +156,7 @@ def _install(point: str, counter: _Counter, state: dict) -> None:
     elif point.startswith("collect-targets:"):  # a Statistics object writes its targets file
         kind = point.split(":")[1]
         numpy_killing("save", lambda file: state.get("collector") == kind and file.endswith("targets.npy"))
-    elif point.startswith("collect-"):  # the n-th file one of CRP's result objects reads or writes in the collect
+    elif point.startswith("collect-") and ":" in point:  # the n-th file one of CRP's result objects reads or writes in the collect
         what, kind = point[len("collect-"):].split(":")
         numpy_killing(what, lambda file: state["collecting"] and state.get("collector") == kind)
     elif point == "after-collect":  # CRP's results are complete, the logs not yet updated
@@ -183,6 +185,7 @@ def main(argv: list[str]) -> None:
 
     point, n, fv_folder, cache = argv[0], int(argv[1]), argv[2], argv[3]
     n_samples = int(argv[4]) if len(argv) > 4 else N_SAMPLES
+    checkpoint = int(argv[5]) if len(argv) > 5 else CHECKPOINT
     crp.maximization.gc.collect = crp.statistics.gc.collect = lambda *a: 0  # CRP's gc dominates tiny runs
     counter, state = _Counter(n), {"checkpoint": 0, "collecting": False}
     _install(point, counter, state)
@@ -194,7 +197,7 @@ def main(argv: list[str]) -> None:
     x, y = make_data(n_samples)
     fv = InvertFeatureVisualization(CondAttribution(make_model()), ListDataset(x, y, on_get), layer_map(),
                                     path=fv_folder, activation_cache=cache, flush_interval=0, progress=False)
-    fv.run(composite(), 0, n_samples, batch_size=BATCH, checkpoint=CHECKPOINT)
+    fv.run(composite(), 0, n_samples, batch_size=BATCH, checkpoint=checkpoint)
     sys.stdout.write("not killed\n")
 
 

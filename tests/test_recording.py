@@ -308,7 +308,7 @@ def test_interrupted_run_resumes_to_identical_results(recorded, tmp_path):
 def test_killed_process_leaves_resumable_cache(recorded, tmp_path):
     """A child SIGKILLed in a batch leaves a cache whose complete rows are the finished batches; recording the
     missing range then equals an uninterrupted run."""
-    proc = run_killed_child("batch", 2 * BATCH + 1, tmp_path / "fv", tmp_path / "acts.h5")
+    proc = run_killed_child("batch", 2 * BATCH + 1, tmp_path / "fv", tmp_path / "acts.h5", checkpoint=100)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     with ActivationCache(tmp_path / "acts.h5") as cache:
         assert cache.missing_ranges() == [(2 * BATCH, N_SAMPLES)]
