@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .core.checks import is_int
 from .core.concepts import ConceptLabels
 from .core.formula import Formula
 from .core.jsonio import read_json, write_json
@@ -300,22 +301,41 @@ def _mask_rank_sums_torch(block: torch.Tensor, mask: torch.Tensor) -> RankedScor
     return RankedScores(rank_sum, tie_term)
 
 
-def best_labels(labels: Any, layer: str, n_channels: int) -> list[tuple[str | None, float | None]]:
+def best_labels(labels: Any, layer: str, n_channels: int, n_samples: int | None = None,
+                concept_names: Sequence[str] | None = None) -> list[tuple[str | None, float | None]]:
     """``(formula text, AUC)`` of the best explanation of every channel (``(None, None)`` without labels).
 
-    ``labels`` is ``None``, a ``LayerLabels`` or a mapping of layer name to ``LayerLabels``.
+    ``labels`` is ``None``, a ``LayerLabels`` or a mapping of layer name to ``LayerLabels``. ValueError for
+    labels that do not belong to the data: another layer, channel count, N, or concepts not in
+    ``concept_names``.
     """
     if isinstance(labels, Mapping):
         labels = labels.get(layer)
+    elif getattr(labels, "layer", None) not in (None, layer):
+        raise ValueError(f"the labels are of layer {labels.layer!r}, not {layer!r}: pass {{layer: labels}}")
     if labels is None:
         return [(None, None)] * n_channels
     if len(labels) != n_channels:
         raise ValueError(f"the labels of layer {layer!r} have {len(labels)} channels, the data {n_channels}")
+    _check_labels_belong(labels, layer, n_samples, concept_names)
     result = []
     for channel in range(n_channels):
         best = labels.best(channel)
         result.append((None, None) if best is None else (str(best.formula), float(best.auc)))
     return result
+
+
+def _check_labels_belong(labels: Any, layer: str, n_samples: int | None,
+                         concept_names: Sequence[str] | None) -> None:
+    """ValueError if labels were computed on another number of samples or with concepts not given."""
+    labeled_n = getattr(labels, "parameters", {}).get("n_samples")
+    if n_samples is not None and is_int(labeled_n) and int(labeled_n) != n_samples:
+        raise ValueError(f"the labels of layer {layer!r} were computed on N={labeled_n} samples, the data has "
+                         f"N={n_samples}: labels of another dataset?")
+    unknown = sorted(set(getattr(labels, "concept_names", ())) - set(concept_names or ()))
+    if concept_names is not None and unknown:
+        raise ValueError(f"the labels of layer {layer!r} use concepts the concepts given do not have: "
+                         f"{unknown[:5]}: labels of another concept set?")
 
 
 @contextlib.contextmanager
@@ -436,7 +456,7 @@ def find_channels(
                 p_values.append(mann_whitney_pvalue(auc, n_positive, n_samples, tie_term, alternative))
             auc_list = torch.cat(aucs).cpu().tolist() if aucs else []
             p_list = torch.cat(p_values).cpu().tolist() if p_values else []
-            own = best_labels(labels, name, n_channels)
+            own = best_labels(labels, name, n_channels, n_samples, concepts.names)
             found += [(name, channel, auc_list[channel], p_list[channel], *own[channel])
                       for channel in range(n_channels)]
     q_values = benjamini_hochberg(torch.tensor([row[3] for row in found], dtype=torch.float64)).tolist()

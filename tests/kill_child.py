@@ -156,7 +156,7 @@ def _install(point: str, counter: _Counter, state: dict) -> None:
     elif point.startswith("collect-targets:"):  # a Statistics object writes its targets file
         kind = point.split(":")[1]
         numpy_killing("save", lambda file: state.get("collector") == kind and file.endswith("targets.npy"))
-    elif point.startswith("collect-") and ":" in point:  # the n-th file one of CRP's result objects reads or writes in the collect
+    elif point.startswith("collect-") and ":" in point:  # the n-th file a CRP result object reads or writes
         what, kind = point[len("collect-"):].split(":")
         numpy_killing(what, lambda file: state["collecting"] and state.get("collector") == kind)
     elif point == "after-collect":  # CRP's results are complete, the logs not yet updated

@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+from .checks import read_json as read_json_file
 from .files import write_text_atomically
 
 __all__ = ["write_json", "read_json"]
@@ -21,9 +22,20 @@ def write_json(data: Any, path: str | os.PathLike | None = None, indent: int | N
 
 
 def read_json(text_or_path: str | os.PathLike) -> Any:
-    """Parse JSON text (starting with ``{``) or the JSON file at a path."""
-    text = str(text_or_path)
-    if not text.lstrip().startswith("{"):
-        with open(text_or_path, encoding="utf-8") as handle:
-            text = handle.read()
-    return json.loads(text)
+    """Parse JSON text (a str starting with ``{`` or ``[``) or the JSON file at a path.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Text or file that is not JSON, nested too deeply, unreadable (the message says which).
+    """
+    if isinstance(text_or_path, str) and text_or_path.lstrip()[:1] in ("{", "["):
+        try:
+            return json.loads(text_or_path)
+        except RecursionError:
+            raise ValueError("the JSON text is nested too deeply") from None
+        except ValueError as error:
+            raise ValueError(f"the text is not JSON: {error}") from None
+    return read_json_file(text_or_path)
