@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .core.checks import is_int
 from .core.concepts import ConceptLabels
 from .core.formula import Formula
-from .core.jsonio import read_json, write_json
+from .core.jsonio import json_record, read_json, write_json
 from .core.labeling import check_finite, read_feature_columns
 from .core.metrics import RankedScores, auc_from_rank_sums, benjamini_hochberg, mann_whitney_pvalue
 from .core.params import MODES
@@ -181,12 +181,13 @@ class ChannelSearch:
     def from_dict(cls, data: Mapping[str, Any]) -> ChannelSearch:
         if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
             raise ValueError(f"not a {_FORMAT} object (its 'format' must be {_FORMAT!r})")
-        matches = [ChannelMatch(**{key: (math.nan if value is None and key in ("auc", "p_value", "p_value_bh")
-                                         else value) for key, value in row.items()})
-                   for row in data["matches"]]
-        return cls(formula=Formula.from_json(data["formula"]), source=data["source"], mode=data["mode"],
-                   n_samples=int(data["n_samples"]), n_positive=int(data["n_positive"]),
-                   layers=list(data["layers"]), matches=matches)
+        rows, layers = data["matches"], data["layers"]
+        if not isinstance(rows, list) or not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+            raise TypeError("a ChannelSearch's 'matches' must be a list and its 'layers' a list of names")
+        matches = [json_record(ChannelMatch, row, nan_fields=("auc", "p_value", "p_value_bh")) for row in rows]
+        return json_record(cls, {"formula": Formula.from_json(data["formula"]), "source": data["source"],
+                                 "mode": data["mode"], "n_samples": data["n_samples"],
+                                 "n_positive": data["n_positive"], "layers": layers, "matches": matches})
 
     def to_json(self, path: str | os.PathLike | None = None, indent: int = 2) -> str:
         """The result as JSON text; also written to ``path`` when given."""

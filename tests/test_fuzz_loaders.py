@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -500,3 +501,80 @@ def test_collect_journals_of_any_content_end(journal):
         assert not (root / FOLDER / "collected.json").exists()
         assert (root / "kept.npy").exists() == (not (isinstance(names, list) and "kept.npy" in names))
         assert (root / "sub").is_dir() and (base / "escape.npy").exists()
+
+
+# -- audit, channel search and glocal JSON (issue 18) -----------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def valid_result_documents() -> dict:
+    """One valid JSON document each of ChannelSearch, Audit and GlocalExplanation, made by the library."""
+    import torch
+    from crp.attribution import CondAttribution
+    from helpers import branch_net
+    from zennit.composites import EpsilonPlus
+
+    from crp_invert.audit import audit
+    from crp_invert.find import find_channels
+    from crp_invert.integration.glocal import decompose
+
+    rng = np.random.default_rng(3)
+    concepts = ConceptLabels(rng.random((30, 3)) < 0.4, ["red", "big", "round"])
+    activations = rng.random((30, 4))
+    labels = LayerLabels([[Explanation(Formula.concept("red"), 0.7, 0.4, 1, 0.01, 12, 0.1, 0.1)]] * 4,
+                         concepts.names, "a", {"n_samples": 30})
+    search = find_channels("red AND NOT big", {"a": activations}, concepts, labels={"a": labels})
+    audited = audit(rng.normal(size=(30, 4)), labels, "a", ["cat", "dog"], targets=rng.integers(0, 2, 30),
+                    artifacts=["red"], class_concepts={"cat": ["round"], "dog": ["big"]}, k=2)
+    model = branch_net(0)
+    glocal = decompose(CondAttribution(model), torch.randn(1, 1, 14, 14), 0, "conv2", EpsilonPlus(), top_k=2)
+    return {"search": search.to_dict(), "audit": audited.to_dict(), "glocal": glocal.to_dict()}
+
+
+def result_loader(kind):
+    from crp_invert.audit import Audit
+    from crp_invert.find import ChannelSearch
+    from crp_invert.integration.glocal import GlocalExplanation
+
+    return {"search": ChannelSearch, "audit": Audit, "glocal": GlocalExplanation}[kind]
+
+
+@st.composite
+def mutated_result(draw):
+    kind = draw(st.sampled_from(["search", "audit", "glocal"]))
+    document = json.loads(json.dumps(valid_result_documents()[kind]))
+    for _ in range(draw(st.integers(1, 3))):
+        paths = [p for p in paths_of(document) if p]
+        path = draw(st.sampled_from(paths))
+        parent = document
+        for key in path[:-1]:
+            parent = parent[key]
+        if draw(st.booleans()):
+            parent[path[-1]] = draw(JSON)
+        elif isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent.pop(path[-1])
+    return kind, document
+
+
+@FUZZ
+@given(mutated_result() | st.tuples(st.sampled_from(["search", "audit", "glocal"]), JSON))
+def test_result_json_of_any_content(case):
+    """Audit, ChannelSearch and GlocalExplanation JSON, damaged at random: read back, or refused with our error
+    types (never AttributeError, IndexError, a hang); what is read back writes the same document again."""
+    kind, document = case
+    loader = result_loader(kind)
+    with folder() as tmp:
+        (tmp / "r.json").write_text(json.dumps(document))
+        result = load_or_refuse(lambda: loader.from_json(str(tmp / "r.json")))
+        text_result = load_or_refuse(lambda: loader.from_json(json.dumps(document)))
+    assert (result is None) == (text_result is None)
+    if result is not None:
+        text = json.dumps(result.to_dict())
+        assert json.dumps(loader.from_dict(json.loads(text)).to_dict()) == text
+
+
+def test_valid_result_documents_round_trip():
+    """The fuzzed documents start valid: each reads back to the same document."""
+    for kind, document in valid_result_documents().items():
+        assert json.dumps(result_loader(kind).from_json(json.dumps(document)).to_dict()) == json.dumps(document)
