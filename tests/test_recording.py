@@ -50,6 +50,13 @@ AFTER_BN = {
 
 
 @pytest.fixture(autouse=True)
+def _watchdog():
+    """Every test here (each resume included) ends or fails with the stack of where it hangs."""
+    with watchdog(600):
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _fast_gc(monkeypatch):
     # CRP calls gc.collect() after every save, which dominates the runtime of these tiny runs
     import crp.maximization
@@ -836,13 +843,12 @@ KILL_POINTS = [
 
 
 def resume_and_compare(tmp_path, reference, n_samples=N_SAMPLES, expect_collect=True):
-    """Resume in this process (under a watchdog) and compare cache and CRP's files with ``reference``."""
+    """Resume in this process (under the test's watchdog) and compare cache and CRP's files with ``reference``."""
     model = make_model()
     x, y = make_data(n_samples)
     fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), layer_map(), path=str(tmp_path / "fv"),
                                     activation_cache=tmp_path / "acts.h5", progress=False)
-    with watchdog(120):
-        saved = fv.resume(composite(), batch_size=BATCH, checkpoint=CHECKPOINT)
+    saved = fv.resume(composite(), batch_size=BATCH, checkpoint=CHECKPOINT)  # under the test's watchdog
     assert sorted(saved) == ["a_max", "a_stats", "r_max", "r_stats"]
     assert bool(saved["r_max"]) == expect_collect
     with ActivationCache(tmp_path / "acts.h5") as cache, ActivationCache(reference["cache"]) as full:
@@ -851,8 +857,7 @@ def resume_and_compare(tmp_path, reference, n_samples=N_SAMPLES, expect_collect=
             assert torch.equal(cache.activations(name), full.activations(name))
             assert torch.equal(cache.relevances(name), full.relevances(name))
     assert_same_crp_files(tmp_path / "fv", reference["root"] / "fv")  # also: nothing of ours left in CRP's folder
-    with watchdog(120):
-        assert fv.resume(composite(), batch_size=BATCH, checkpoint=CHECKPOINT) == {k: [] for k in saved}
+    assert fv.resume(composite(), batch_size=BATCH, checkpoint=CHECKPOINT) == {k: [] for k in saved}
     assert hooks_left(model) == 0
 
 
@@ -890,3 +895,56 @@ def test_kill_in_collect_when_the_last_checkpoint_is_empty_resumes(recorded_32, 
     proc = run_killed_child(point, n, tmp_path / "fv", tmp_path / "acts.h5", n_samples=32)
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-500:] + proc.stderr[-3000:]
     resume_and_compare(tmp_path, recorded_32, n_samples=32)
+
+
+@pytest.mark.slow
+def test_kill_before_every_file_of_the_collect_resumes_to_an_uninterrupted_run(tmp_path):
+    """Every file CRP's collect reads or writes (RelMax, ActMax, RelStats, ActStats; data, rf, rel, targets):
+    the files on disk right before it (what a SIGKILL there leaves: a killed process loses only its memory) resume
+    to the files of an uninterrupted run. Two layers and 32 samples (an empty last checkpoint) keep it short."""
+    import shutil
+    import types
+
+    import crp.maximization
+    import crp.statistics
+
+    x, y = make_data(32)
+    layers = ["conv2", "linear2"]
+
+    def fv_at(folder):
+        return InvertFeatureVisualization(CondAttribution(make_model()), ListDataset(x, y),
+                                          {name: ChannelConcept() for name in layers}, path=str(folder / "fv"),
+                                          activation_cache=folder / "acts.h5", progress=False)
+
+    fv_at(tmp_path / "reference").run(composite(), 0, 32, batch_size=BATCH, checkpoint=CHECKPOINT)
+    run = tmp_path / "run"
+    fv = fv_at(run)
+    checkpoints = fv.run_distributed(composite(), 0, 32, batch_size=BATCH, checkpoint=CHECKPOINT)
+    snapshots = []
+
+    def snapshotting(function):
+        def wrapper(*args, **kwargs):
+            snapshot = tmp_path / f"kill{len(snapshots)}"
+            shutil.copytree(run, snapshot)
+            snapshots.append((snapshot, function.__name__, Path(str(args[0])).name))
+            return function(*args, **kwargs)
+        return wrapper
+
+    patched = types.SimpleNamespace(**{**vars(np), "save": snapshotting(np.save), "load": snapshotting(np.load)})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(crp.maximization, "np", patched)
+        mp.setattr(crp.statistics, "np", patched)
+        fv.collect_results(checkpoints)
+    assert_same_crp_files(run / "fv", tmp_path / "reference" / "fv")
+    files = {name for _, _, name in snapshots}
+    assert any(name.endswith("targets.npy") for name in files) and len(snapshots) > 100
+    for snapshot, operation, name in snapshots:
+        saved = fv_at(snapshot).resume(composite(), batch_size=BATCH, checkpoint=CHECKPOINT)
+        assert saved["r_max"], (operation, name)
+        assert_same_crp_files(snapshot / "fv", tmp_path / "reference" / "fv")
+        with ActivationCache(snapshot / "acts.h5") as cache, \
+                ActivationCache(tmp_path / "reference" / "acts.h5") as full:
+            for layer in layers:
+                assert torch.equal(cache.activations(layer), full.activations(layer))
+                assert torch.equal(cache.relevances(layer), full.relevances(layer))
+        shutil.rmtree(snapshot)
