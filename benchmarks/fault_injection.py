@@ -113,6 +113,34 @@ def _exit_at_random_h5py_call(seed: int) -> None:
         wrap(owner, name)
 
 
+def _exit_at_random_hdf5_write(seed: int) -> None:
+    """Make the process exit at a random one of HDF5's own low-level writes: files are opened through a Python
+    file object (h5py's ``fileobj`` driver) whose ``write`` counts, so the exit can fall between any two writes
+    of HDF5's metadata while a layer is added or the file flushed."""
+    import io
+
+    import h5py
+
+    rng = random.Random(seed)
+    target = rng.randint(1, 900)  # an uninterrupted writer makes about 820 writes
+    calls = {"n": 0}
+
+    class CountingFile(io.FileIO):
+        def write(self, data):
+            calls["n"] += 1
+            if calls["n"] == target:
+                os._exit(137)
+            return super().write(data)
+
+    class FileThroughPython(h5py.File):
+        def __init__(self, name, mode="r", **kwargs):
+            if isinstance(name, (str, os.PathLike)):  # unbuffered: one write of HDF5 is one counted write
+                name = CountingFile(name, {"r": "r", "r+": "r+", "w": "w+"}[mode])
+            super().__init__(name, mode, **kwargs)
+
+    h5py.File = FileThroughPython
+
+
 def check_left(path: Path, progress_path: Path) -> list[str]:
     """What is wrong with the cache a killed writer left (empty list: nothing)."""
     from crp_invert.storage.cache import ActivationCache
@@ -174,6 +202,8 @@ def _writer(path: Path, progress: Path, mode: str, seed: int) -> int:
         try:
             if mode == "exit":
                 _exit_at_random_h5py_call(seed)
+            elif mode == "write":
+                _exit_at_random_hdf5_write(seed)
             write_workload(path, progress)
             code = 0
         finally:
@@ -232,7 +262,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=200)
-    parser.add_argument("--mode", choices=["kill", "exit"], default="kill")
+    parser.add_argument("--mode", choices=["kill", "exit", "write"], default="kill")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
     args = parser.parse_args(argv)
