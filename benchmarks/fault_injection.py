@@ -9,9 +9,10 @@ changes), and their rows. After every ``add_layer`` and
 
 Each trial:
 
-1. starts a writer and kills it (SIGKILL) after a random delay, or (``--mode exit``) makes it call ``os._exit``
+1. starts a writer and kills it (SIGKILL) after a random delay (``--mode kill``); or makes it call ``os._exit``
    at a random call into h5py's ``Dataset.__setitem__``, ``File.flush``, ``Group.create_dataset`` or attribute
-   writes (before or after the call);
+   writes, before or after the call (``--mode exit``); or at a random one of HDF5's own low-level writes, in the
+   middle of a flush of its metadata (``--mode write``: files opened through a counting Python file object);
 2. checks the file left behind: it opens, every layer whose ``add_layer`` returned is there, every row whose
    ``mark_complete`` returned is complete, and every complete row holds the expected values, bit for bit;
 3. resumes with an uninterrupted writer on the same file and checks that the whole cache equals the expected
@@ -20,7 +21,7 @@ Each trial:
 A trial fails if any check fails. Run::
 
     python benchmarks/fault_injection.py --trials 200 --mode kill
-    python benchmarks/fault_injection.py --trials 100 --mode exit --json result.json
+    python benchmarks/fault_injection.py --trials 200 --mode write --json result.json
 """
 from __future__ import annotations
 

@@ -629,10 +629,10 @@ def test_a_cache_of_the_old_layout_is_read_and_continued(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,trials", [("kill", 12), ("exit", 8)])
+@pytest.mark.parametrize("mode,trials", [("kill", 12), ("exit", 8), ("write", 12)])
 def test_fault_injection_loses_no_layer_and_no_row(tmp_path, mode, trials):
-    """Writers killed at random points (SIGKILL timer, or an exit at a random h5py write) leave a cache with
-    every complete row and layer, and resume to the expected values bit for bit (benchmarks/fault_injection.py)."""
+    """Writers killed at random points (SIGKILL timer, an exit at a random h5py call or HDF5 write) leave a cache
+    with every complete row and layer, and resume to the expected values bit for bit (benchmarks/fault_injection)."""
     import subprocess
     import sys
     from pathlib import Path

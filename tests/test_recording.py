@@ -6,8 +6,6 @@ CRP's files from a plain FeatureVisualization run.
 """
 
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +17,7 @@ crp = pytest.importorskip("crp")
 from crp.attribution import CondAttribution  # noqa: E402
 from crp.concepts import ChannelConcept  # noqa: E402
 from crp.visualization import FeatureVisualization  # noqa: E402
-from helpers import ListDataset, assert_same_crp_files, branch_net, hooks_left  # noqa: E402
-from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
-from zennit.composites import EpsilonPlus  # noqa: E402
-
-from crp_invert.integration.recording import InvertFeatureVisualization, load_stat_targets, pool, record_activations  # noqa: E402
-from crp_invert.storage.cache import ActivationCache  # noqa: E402
-
+from helpers import ListDataset, assert_same_crp_files, hooks_left  # noqa: E402
 from kill_child import (  # noqa: E402  (the setup the killed children use too)
     BATCH,
     CHECKPOINT,
@@ -38,6 +30,9 @@ from kill_child import (  # noqa: E402  (the setup the killed children use too)
     run_killed_child,
     watchdog,
 )
+
+from crp_invert.integration.recording import InvertFeatureVisualization, load_stat_targets, pool, record_activations  # noqa: E402
+from crp_invert.storage.cache import ActivationCache  # noqa: E402
 
 # module whose output (in the plain model) equals each recorded layer's output after BatchNorm merging
 AFTER_BN = {
