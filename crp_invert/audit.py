@@ -36,7 +36,7 @@ import torch
 
 from .core.concepts import ConceptLabels
 from .core.formula import Formula
-from .core.jsonio import read_json, write_json
+from .core.jsonio import json_record, read_json, write_json
 from .storage.cache import ActivationCache
 
 __all__ = ["audit", "Audit", "ClassAudit", "AuditChannel", "literals", "positive_literals", "class_concepts_from_data",
@@ -198,13 +198,14 @@ class Audit:
     def from_dict(cls, data: Mapping[str, Any]) -> Audit:
         if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
             raise ValueError(f"not a {_FORMAT} object (its 'format' must be {_FORMAT!r})")
-        classes = [ClassAudit(target=int(c["target"]), name=c["name"], concepts=tuple(c["concepts"]),
-                              n_samples=int(c["n_samples"]),
-                              channels=[AuditChannel(**{k: (math.nan if v is None and k in ("share", "value") else v)
-                                                        for k, v in row.items()}) for row in c["channels"]])
-                   for c in data["classes"]]
-        return cls(layer=data["layer"], quantity=data["quantity"], artifacts=tuple(data["artifacts"]),
-                   min_share=float(data["min_share"]), classes=classes)
+        classes = [json_record(ClassAudit, {**_mapping(c, "class"), "channels": [
+                       json_record(AuditChannel, row, nan_fields=("share", "value")) for row in _list(c, "channels")]})
+                   for c in _list(data, "classes")]
+        for item in classes:
+            item.concepts = tuple(_strings(item.concepts, "concepts"))
+        return cls(layer=json_record(_Text, {"text": data["layer"]}).text, quantity=str(data["quantity"]),
+                   artifacts=tuple(_strings(data["artifacts"], "artifacts")),
+                   min_share=json_record(_Number, {"value": data["min_share"]}).value, classes=classes)
 
     def to_json(self, path: str | os.PathLike | None = None, indent: int = 2) -> str:
         """The audit as JSON text; also written to ``path`` when given."""
@@ -218,6 +219,35 @@ class Audit:
         from .core.html import html_table
         return html_table(["class", "channel", "share", "flag", "label"], ([c.name, f"{x.layer}:{x.channel}", x.share,
                           x.flag, x.label] for c in self.classes for x in c.channels), f"audit of {self.layer}", 50)
+
+
+@dataclass(frozen=True)
+class _Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class _Number:
+    value: float
+
+
+def _mapping(value: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"an audit's {what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _list(data: Any, key: str) -> list[Any]:
+    value = _mapping(data, "document")[key]
+    if not isinstance(value, list):
+        raise TypeError(f"an audit's {key!r} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise TypeError(f"an audit's {what} must be a list of strings, got {value!r:.60}")
+    return list(value)
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -45,10 +45,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .core.backend import check_backend, device_kernels
-from .core.checks import check_int
+from .core.checks import check_int, is_int
 from .core.concepts import ConceptLabels
 from .core.formula import Formula
-from .core.jsonio import read_json, write_json
+from .core.jsonio import json_record, read_json, write_json
 from .core.labeling import check_finite, read_feature_columns
 from .core.labels import NO_RELIABLE_LABEL, format_p_value
 from .core.metrics import RankedScores, auc_from_rank_sums, benjamini_hochberg, mann_whitney_pvalue
@@ -217,12 +217,13 @@ class ChannelSearch:
     def from_dict(cls, data: Mapping[str, Any]) -> ChannelSearch:
         if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
             raise ValueError(f"not a {_FORMAT} object (its 'format' must be {_FORMAT!r})")
-        matches = [ChannelMatch(**{key: (math.nan if value is None and key in ("auc", "p_value", "p_value_bh")
-                                         else value) for key, value in row.items()})
-                   for row in data["matches"]]
-        return cls(formula=Formula.from_json(data["formula"]), source=data["source"], mode=data["mode"],
-                   n_samples=int(data["n_samples"]), n_positive=int(data["n_positive"]),
-                   layers=list(data["layers"]), matches=matches)
+        rows, layers = data["matches"], data["layers"]
+        if not isinstance(rows, list) or not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+            raise TypeError("a ChannelSearch's 'matches' must be a list and its 'layers' a list of names")
+        matches = [json_record(ChannelMatch, row, nan_fields=("auc", "p_value", "p_value_bh")) for row in rows]
+        return json_record(cls, {"formula": Formula.from_json(data["formula"]), "source": data["source"],
+                                 "mode": data["mode"], "n_samples": data["n_samples"],
+                                 "n_positive": data["n_positive"], "layers": layers, "matches": matches})
 
     def to_json(self, path: str | os.PathLike | None = None, indent: int = 2) -> str:
         """The result as JSON text; also written to ``path`` when given."""
@@ -346,25 +347,43 @@ def _mask_rank_sums_torch(block: torch.Tensor, mask: torch.Tensor) -> RankedScor
     return RankedScores(rank_sum, tie_term)
 
 
-def best_labels(labels: Any, layer: str, n_channels: int) -> list[ChannelLabel]:
+def best_labels(labels: Any, layer: str, n_channels: int, n_samples: int | None = None,
+                concept_names: Sequence[str] | None = None) -> list[ChannelLabel]:
     """The best reliable label of every channel (:meth:`LayerLabels.best`), :data:`NO_RELIABLE_LABEL` where a
     channel has none, and empty :class:`ChannelLabel` s without labels.
 
     ``labels`` is ``None``, a ``LayerLabels`` or a mapping of layer name to ``LayerLabels`` (a layer it lacks
-    has no labels).
+    has no labels). ValueError for labels that do not belong to the data: another layer, channel count, N, or
+    concepts not in ``concept_names``.
     """
     if isinstance(labels, Mapping):
         labels = labels.get(layer)
+    elif getattr(labels, "layer", None) not in (None, layer):
+        raise ValueError(f"the labels are of layer {labels.layer!r}, not {layer!r}: pass {{layer: labels}}")
     if labels is None:
         return [ChannelLabel()] * n_channels
     if len(labels) != n_channels:
         raise ValueError(f"the labels of layer {layer!r} have {len(labels)} channels, the data {n_channels}")
+    _check_labels_belong(labels, layer, n_samples, concept_names)
     result = []
     for channel in range(n_channels):
         best = labels.best(channel)
         result.append(ChannelLabel(NO_RELIABLE_LABEL) if best is None else
                       ChannelLabel(str(best.formula), float(best.auc), best.support, float(best.p_value_bh)))
     return result
+
+
+def _check_labels_belong(labels: Any, layer: str, n_samples: int | None,
+                         concept_names: Sequence[str] | None) -> None:
+    """ValueError if labels were computed on another number of samples or with concepts not given."""
+    labeled_n = getattr(labels, "parameters", {}).get("n_samples")
+    if n_samples is not None and is_int(labeled_n) and int(labeled_n) != n_samples:
+        raise ValueError(f"the labels of layer {layer!r} were computed on N={labeled_n} samples, the data has "
+                         f"N={n_samples}: labels of another dataset?")
+    unknown = sorted(set(getattr(labels, "concept_names", ())) - set(concept_names or ()))
+    if concept_names is not None and unknown:
+        raise ValueError(f"the labels of layer {layer!r} use concepts the concepts given do not have: "
+                         f"{unknown[:5]}: labels of another concept set?")
 
 
 def labels_next_to(cache: str | os.PathLike, source: str = "activation") -> Path | None:
@@ -479,7 +498,7 @@ def find_channels(
         for name in tqdm(names, desc="find_channels", disable=not progress):
             data = array_of(name)
             scores = _score_layer(data, target, feature_batch_size, backend)
-            own = best_labels(labels, name, len(scores.aucs))
+            own = best_labels(labels, name, len(scores.aucs), target.n_samples, concepts.names)
             found += [_Scored(name, channel, auc, p_value, own[channel])
                       for channel, (auc, p_value) in enumerate(zip(scores.aucs, scores.p_values))]
     matches = _rank(found, names, mode)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +39,7 @@ from crp_invert import (
 from crp_invert.cli import main
 from crp_invert.core.formula import MAX_DEPTH, FormulaParseError
 from crp_invert.core.labels import Explanation
-from crp_invert.report import _anchor, load_labels, write_report
+from crp_invert.report import load_labels, write_report
 from crp_invert.storage.lock import FileInUseError, lock_path
 
 N = 24
@@ -803,7 +804,6 @@ def test_report_names_with_mathtext_and_anchors(tmp_path):
     text = path.read_text()
     ids = re.findall(r'<h2 id="([^"]+)"', text)
     assert len(ids) == len(set(ids)) == len(layers)
-    assert len({_anchor(name) for name in layers}) == len(layers)
     assert text.count('class="card"') == 2 * len(layers)  # every figure drawn
     assert text.count('<div class="figure"><img') == 2 * len(layers)
     for layer_labels in results.values():
@@ -846,3 +846,157 @@ def test_valid_csr_files_still_load_like_the_slow_decoding(tmp_path):
     np.testing.assert_array_equal(ConceptLabels.load(path).dense().numpy(), expected)
     # and the reference format with a sparse tensor
     reference_pair(tmp_path, tensor=torch.from_numpy(dense[:, :3]).to_sparse())()
+
+
+# -- things that do not belong together (issue 18) --------------------------------------------------------------
+
+
+def test_find_channels_refuses_caches_labels_and_concepts_that_do_not_belong_together(tmp_path):
+    """find_channels names the mismatch of N, channels, layer or concept set instead of showing wrong labels."""
+    from crp_invert.find import find_channels
+
+    path = tmp_path / "cache.h5"
+    write_cache(path)
+    labels_a = fake_labels(LAYERS["a"])["a"]
+    with pytest.raises(ValueError, match="N=24 rows .* N=30"):
+        find_channels("red", path, concepts(n=30))
+    with pytest.raises(ValueError, match="have 4 channels, the data 3"):
+        find_channels("red", path, concepts(), labels=fake_labels(4))
+    with pytest.raises(ValueError, match="computed on N=99 samples, the data has N=24"):
+        find_channels("red", path, concepts(), labels=fake_labels(LAYERS["a"], n_samples=99))
+    with pytest.raises(ValueError, match=r"concepts the concepts given do not have: \['x', 'y'\]"):
+        find_channels("red", path, concepts(), labels=fake_labels(LAYERS["a"], names=["x", "y"]))
+    with pytest.raises(ValueError, match="labels are of layer 'a', not 'b'"):
+        find_channels("red", path, concepts(), layers=["a", "b"], labels=labels_a)
+    with pytest.raises(KeyError, match="unknown concept"):
+        find_channels("purple", path, concepts())
+    search = find_channels("red", path, concepts(), layers=["a"], labels=labels_a)  # what belongs together works
+    assert {match.label for match in search} == {"red"}
+
+
+@pytest.fixture(scope="module")
+def evidence_setup():
+    """A tiny CNN, 30 reference samples pooled at conv2 as CRP records them, their concepts and labels."""
+    import torch
+    from crp.attribution import CondAttribution
+    from helpers import branch_net
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import EpsilonPlus
+
+    model = branch_net(0)
+    attribution, composite = CondAttribution(model), EpsilonPlus(canonizers=[SequentialMergeBatchNorm()])
+    x = torch.randn(30, 1, 14, 14, generator=torch.Generator().manual_seed(1))
+    reference = attribution(x.clone().requires_grad_(True), [{"y": [0]}] * 30, composite,
+                            record_layer=["conv2"]).activations["conv2"].flatten(2).mean(-1)
+    labels = ConceptLabeler(concepts(n=30)).label(reference, L=2, B=2, layer="conv2", progress=False)
+    return attribution, composite, x, reference, labels
+
+
+@pytest.mark.parametrize("case,error,fragment", [
+    ("concepts-longer", ValueError, "concepts hold 35 samples but the reference holds 30"),
+    ("concepts-shorter", ValueError, "concepts hold 25 samples but the reference holds 30"),
+    ("index-outside-reference", ValueError, "concepts hold 30 samples but the reference holds 10"),
+    ("index-outside-both", ValueError, "sample_index 40 is not a sample of the reference"),
+    ("other-concept-names", KeyError, "unknown concept"),
+    ("row-missing-names", KeyError, "unknown concept"),
+    ("reference-of-another-width", ValueError, "has 3 channels but the decomposed layer has 5"),
+])
+def test_evidence_refuses_references_concepts_and_indices_that_do_not_belong_together(evidence_setup, case, error,
+                                                                                         fragment):
+    """Evidence names the mismatch (N of concepts and reference, an index outside them, other concept names)
+    instead of reporting another sample's concepts."""
+    from crp_invert import Evidence
+    from crp_invert.integration.glocal import decompose
+
+    attribution, composite, x, reference, labels = evidence_setup
+    evidence = {
+        "concepts-longer": lambda: Evidence(reference, concepts=concepts(n=35), sample_index=32),
+        "concepts-shorter": lambda: Evidence(reference, concepts=concepts(n=25), sample_index=3),
+        "index-outside-reference": lambda: Evidence(reference[:10], concepts=concepts(n=30), sample_index=20),
+        "index-outside-both": lambda: Evidence(reference, sample_index=40),
+        "other-concept-names": lambda: Evidence(reference, concepts=concepts(n=30, names=["a", "b", "c"]),
+                                                sample_index=3),
+        "row-missing-names": lambda: Evidence(reference, concept_row={"a": True}),
+        "reference-of-another-width": lambda: Evidence(reference[:, :3]),
+    }[case]()
+    with pytest.raises(error, match=fragment):
+        decompose(attribution, x[:1], 0, "conv2", composite, labels=labels, top_k=5, evidence=evidence)
+
+
+# -- names that try to break the report's HTML or its search script -----------------------------------------------
+
+HOSTILE_NAMES = ["</script><script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "<!--", "]]>",
+                 "a' onmouseover='alert(3)", "&lt;b&gt;", "\u2028\u2029", "${alert(4)}", "`x`"]
+
+
+class _Structure(HTMLParser):
+    """The start tags of a page with their attribute names, and the number of script tags."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, tuple[str, ...]]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, tuple(sorted(name for name, _ in attrs))))
+
+
+def _report_structure(folder: Path, layer_names: list[str], concept_names: list[str], class_names: list[str],
+                      title: str) -> tuple[list, str]:
+    folder.mkdir()
+    write_cache(folder / "cache.h5", layers=dict.fromkeys(layer_names, 2))
+    labels_ = concepts(names=concept_names)
+    results = ConceptLabeler(labels_).label_cache(folder / "cache.h5", L=2, B=2, progress=False)
+    path = write_report(folder / "r.html", results, cache=folder / "cache.h5", concepts=labels_, max_channels=1,
+                        progress=False, class_names=class_names, title=title)
+    text = path.read_text(encoding="utf-8")
+    parser = _Structure()
+    parser.feed(text)
+    return parser.tags, text
+
+
+def test_report_escapes_names_that_try_to_break_its_html(tmp_path):
+    """Concept, layer, class names and a title made of HTML and script fragments change no element, attribute
+    or script of report.html: its tags and attribute names are those of the same report with plain names."""
+    hostile = _report_structure(tmp_path / "hostile", HOSTILE_NAMES[:2], HOSTILE_NAMES[2:6], HOSTILE_NAMES[6:],
+                                HOSTILE_NAMES[0])
+    plain = _report_structure(tmp_path / "plain", ["layer0", "layer1"], ["c0", "c1", "c2", "c3"], ["k0", "k1", "k2"],
+                              "title")
+    assert hostile[0] == plain[0]
+    assert not any(name.startswith("on") for _, names in hostile[0] for name in names)
+    assert "<script>alert(1)" not in hostile[1] and "<img src=x" not in hostile[1]
+
+
+# -- permissions of output files (issue 18) ---------------------------------------------------------------------
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request):
+    previous = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(previous)
+
+
+def test_outputs_get_the_permissions_of_an_ordinary_new_file(tmp_path, umask):
+    """report.html, labels JSON and CSV, JSON results, caches and checkpoint logs get 0o666 less the umask, as
+    open() gives a new file, whatever the atomic-write path; an existing file keeps its own mode."""
+    from crp_invert.core.files import write_text_atomically
+    from crp_invert.core.jsonio import write_json
+
+    expected = 0o666 & ~umask
+    write_cache(tmp_path / "cache.h5")
+    labels = fake_labels(LAYERS["a"])
+    labels["a"].to_json(tmp_path / "labels.json")
+    labels["a"].to_csv(tmp_path / "labels.csv")
+    write_json({"a": 1}, tmp_path / "result.json")
+    write_text_atomically(tmp_path / "plain.txt", "x")
+    write_report(tmp_path / "report.html", labels, cache=tmp_path / "cache.h5", concepts=concepts(),
+                 max_channels=0, progress=False)
+    open(tmp_path / "reference.txt", "w").close()
+    assert (os.stat(tmp_path / "reference.txt").st_mode & 0o777) == expected  # what open() gives
+    for name in ("cache.h5", "labels.json", "labels.csv", "result.json", "plain.txt", "report.html"):
+        assert (os.stat(tmp_path / name).st_mode & 0o777) == expected, name
+    os.chmod(tmp_path / "labels.json", 0o640)
+    labels["a"].to_json(tmp_path / "labels.json")
+    assert (os.stat(tmp_path / "labels.json").st_mode & 0o777) == 0o640

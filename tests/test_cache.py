@@ -554,3 +554,95 @@ def test_half_initialized_file_of_older_versions_is_recreated(tmp_path):
         pass
     record(path)
     assert_recorded(path)
+
+
+# -- copy-on-write of a cache in place (issue 18) ---------------------------------------------------------------
+
+
+def test_adding_a_layer_leaves_the_file_in_place_untouched_until_its_rows(tmp_path):
+    """A layer added to a cache in place goes to a copy: the file's bytes do not change until rows are written,
+    then the copy, with the old layers and the new one, replaces it."""
+    path = tmp_path / "cache.h5"
+    record(path, KILL_LAYERS[:1])
+    before = path.read_bytes()
+    with ActivationCache(path, mode="a") as cache:
+        cache.add_layer("b", 5, relevances=False, pooling="mean", fingerprint="fp-b")
+        assert path.read_bytes() == before
+        assert (tmp_path / "cache.h5.partial").exists()
+        cache.write("b", (0, KILL_N), kill_data("b")[0])
+        assert path.read_bytes() != before and not (tmp_path / "cache.h5.partial").exists()
+        cache.mark_complete((0, KILL_N), ["b"])
+    with ActivationCache(path) as cache:
+        assert cache.layers == ["a", "b"] and cache.is_complete()
+        np.testing.assert_array_equal(cache.activations("a").numpy(), kill_data("a")[0])
+        np.testing.assert_array_equal(cache.activations("b").numpy(), kill_data("b")[0])
+
+
+def test_a_stale_copy_left_by_a_kill_is_removed_and_the_file_kept(tmp_path):
+    """A copy left by a writer killed before renaming it is dropped by the next writer; the file is as it was."""
+    path = tmp_path / "cache.h5"
+    record(path, KILL_LAYERS[:1])
+    (tmp_path / "cache.h5.partial").write_bytes(b"half a copy")
+    with ActivationCache(path, mode="a") as cache:
+        assert cache.layers == ["a"]
+    assert not (tmp_path / "cache.h5.partial").exists()
+    record(path, KILL_LAYERS)
+    assert_recorded(path, KILL_LAYERS)
+
+
+def test_the_copy_keeps_the_permissions_of_the_file(tmp_path):
+    """Adding a layer keeps the cache's own permissions (the copy is not a private temporary file)."""
+    path = tmp_path / "cache.h5"
+    record(path, KILL_LAYERS[:1])
+    os.chmod(path, 0o640)
+    record(path, KILL_LAYERS)
+    assert (path.stat().st_mode & 0o777) == 0o640
+
+
+def write_old_layout(path, n=KILL_N):
+    """A cache written with plain h5py in the single-file layout of format version 1 (what earlier versions of
+    the package wrote: chunked, not allocated early)."""
+    acts = kill_data("a")[0]
+    with h5py.File(path, "w") as file:
+        file.attrs.update({"format": "crp-invert-activation-cache", "format_version": 1, "n_samples": n,
+                           "sample_start": 0, "sample_end": n, "dataset_length": n,
+                           "layer_index": json.dumps({"a": "0"})})
+        group = file.create_group("layers/0")
+        group.attrs.update({"name": "a", "n_samples": n, "n_channels": acts.shape[1], "sample_start": 0,
+                            "sample_end": n, "dataset_length": n, "format_version": 1, "pooling": "mean",
+                            "fingerprint": "fp-a"})
+        group.create_dataset("activations", data=acts, chunks=(8, acts.shape[1]))
+        group.create_dataset("relevances", data=kill_data("a")[1], chunks=(8, acts.shape[1]))
+        group.create_dataset("complete", data=np.ones(n, dtype=np.uint8))
+
+
+def test_a_cache_of_the_old_layout_is_read_and_continued(tmp_path):
+    """A file in the earlier single-file layout reads as it is and takes new layers (through a copy)."""
+    path = tmp_path / "cache.h5"
+    write_old_layout(path)
+    with ActivationCache(path) as cache:
+        assert cache.layers == ["a"] and cache.is_complete()
+        np.testing.assert_array_equal(cache.activations("a").numpy(), kill_data("a")[0])
+        np.testing.assert_array_equal(cache.relevances("a").numpy(), kill_data("a")[1])
+    record(path, KILL_LAYERS)
+    assert_recorded(path, KILL_LAYERS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,trials", [("kill", 12), ("exit", 8), ("write", 12)])
+def test_fault_injection_loses_no_layer_and_no_row(tmp_path, mode, trials):
+    """Writers killed at random points (SIGKILL timer, an exit at a random h5py call or HDF5 write) leave a cache
+    with every complete row and layer, and resume to the expected values bit for bit (benchmarks/fault_injection)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fault_injection.py"
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(script), "--trials", str(trials), "--mode", mode, "--seed", "7",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["trials"] == trials and result["killed"] >= 1
+    assert result["failures"] == 0, result["examples"]
+    assert result["resumed_bitwise"] == trials

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -400,3 +401,180 @@ def test_formula_json(data):
         masks = {name: np.array([value]) for name, value in env.items()}
         assert bool(formula.evaluate(masks)[0]) == expected
     assert Formula.from_json(formula.to_json()) == formula
+
+
+# -- checkpoint logs and collect journals (issue 18: every loop over persisted state ends) -----------------------
+
+LOG_RANGE = (0, 12)
+SPAN_VALUES = st.integers(-2, 14) | st.sampled_from([True, 1.5, "3", None])
+SPANS = st.lists(SPAN_VALUES, min_size=0, max_size=3)
+PREFIXES = st.sampled_from(["RelMax/a_0_4_", "ActMax/a_4_8_", "missing/b_", "../outside_", "/abs_", "ok_"])
+FILES = st.dictionaries(st.sampled_from(["r_max", "a_max", "r_stats", "a_stats", "other"]),
+                        st.lists(PREFIXES, max_size=2) | st.integers() | st.none(), max_size=3)
+LOG_LINES = st.one_of(
+    st.builds(lambda span, files: json.dumps({"span": span, "files": files}), SPANS, FILES),
+    st.builds(lambda a, b: json.dumps({"span": [a, b], "files": {}}), st.integers(0, 12), st.integers(0, 12)),
+    st.builds(lambda run: json.dumps({"run": run}), SPANS),
+    st.sampled_from(["", "{", "[1, 2]", '"run"', "null", '{"span": [2, 2], "files": {"r_max": ["ok_"]}}']),
+    st.text(max_size=20),
+)
+
+
+def expected_chain(lines, start, limit, readable):
+    """The chain by the rules, slowly: the lines up to the first damaged one; spans with samples; at each position
+    the span logged last from there; stop at the first unreadable checkpoint."""
+    from crp_invert.integration.checkpoints import _parse_record
+
+    entries = []
+    for line in lines:
+        try:
+            record = _parse_record(line, LOG_RANGE)
+        except ValueError:
+            break
+        if not isinstance(record, tuple):
+            entries.append(record)
+    chain, position = [], start
+    for _ in range(len(entries) + 1):
+        candidates = [e for e in entries if e.span[0] == position and e.span[1] > position and e not in chain]
+        if not candidates or candidates[-1].span[1] > limit:
+            break
+        if not all(readable(p) for p in candidates[-1].prefixes()):
+            break
+        chain.append(candidates[-1])
+        position = candidates[-1].span[1]
+    return [e.span for e in chain]
+
+
+@FUZZ
+@given(st.lists(LOG_LINES, max_size=12), st.integers(0, 12), st.integers(0, 12),
+       st.sets(st.sampled_from(["RelMax/a_0_4_", "ActMax/a_4_8_", "ok_"])))
+def test_checkpoint_logs_of_any_content_end(lines, start, limit, present):
+    """Resume's walk over a checkpoint log ends on any content (zero-length, overlapping, repeated, out-of-order
+    spans, damaged lines) and follows the rules, checked against a slow walk; forget ends too."""
+    from crp_invert.integration.checkpoints import SUFFIXES, CheckpointLog
+
+    with folder() as root:
+        for prefix in present:
+            for suffix in SUFFIXES:
+                (root / (prefix + suffix)).parent.mkdir(parents=True, exist_ok=True)
+                np.save(root / (prefix + suffix), np.zeros(2))
+        log = CheckpointLog(root, LOG_RANGE)
+        log.folder.mkdir(parents=True)
+        log.path.write_text("".join(line.replace("\n", " ") + "\n" for line in lines), encoding="utf-8")
+        text_lines = log.path.read_text(encoding="utf-8").splitlines()
+        with time_limit(20):
+            chain = [entry.span for entry in log.chain(start, limit)]
+        assert chain == expected_chain(text_lines, start, limit, lambda p: p in present)
+        position = start
+        for a, b in chain:  # contiguous, strictly forward, inside the limit
+            assert a == position < b <= limit
+            position = b
+        with time_limit(20):
+            log.forget({"RelMax/a_0_4_", "ok_"})
+            log.forget(set())
+
+
+JOURNAL_ITEMS = st.sampled_from(["gone.npy", "kept.npy", "sub", "../escape.npy", "/etc/passwd", "", "a\x00b"])
+
+
+@FUZZ
+@given(st.one_of(st.lists(JOURNAL_ITEMS | st.integers() | st.none(), max_size=6).map(json.dumps),
+                 st.text(max_size=30), JSON.map(json.dumps)))
+def test_collect_journals_of_any_content_end(journal):
+    """A collect journal naming gone files, folders, paths outside CRP's folder or anything else ends, deletes only
+    the files it names inside CRP's folder, and is removed."""
+    from crp_invert.integration.checkpoints import FOLDER, finish_collect
+
+    with folder() as base:
+        root = base / "fv"
+        (root / "sub").mkdir(parents=True)
+        (root / "kept.npy").write_bytes(b"x")
+        (base / "escape.npy").write_bytes(b"x")
+        (root / FOLDER).mkdir()
+        (root / FOLDER / "collected.json").write_text(journal, encoding="utf-8")
+        try:
+            names = json.loads(journal)
+        except ValueError:
+            names = []
+        with time_limit(20):
+            finish_collect(root)
+        assert not (root / FOLDER / "collected.json").exists()
+        assert (root / "kept.npy").exists() == (not (isinstance(names, list) and "kept.npy" in names))
+        assert (root / "sub").is_dir() and (base / "escape.npy").exists()
+
+
+# -- audit, channel search and glocal JSON (issue 18) -----------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def valid_result_documents() -> dict:
+    """One valid JSON document each of ChannelSearch, Audit and GlocalExplanation, made by the library."""
+    import torch
+    from crp.attribution import CondAttribution
+    from helpers import branch_net
+    from zennit.composites import EpsilonPlus
+
+    from crp_invert.audit import audit
+    from crp_invert.find import find_channels
+    from crp_invert.integration.glocal import decompose
+
+    rng = np.random.default_rng(3)
+    concepts = ConceptLabels(rng.random((30, 3)) < 0.4, ["red", "big", "round"])
+    activations = rng.random((30, 4))
+    labels = LayerLabels([[Explanation(Formula.concept("red"), 0.7, 0.4, 1, 0.01, 12, 0.1, 0.1)]] * 4,
+                         concepts.names, "a", {"n_samples": 30})
+    search = find_channels("red AND NOT big", {"a": activations}, concepts, labels={"a": labels})
+    audited = audit(rng.normal(size=(30, 4)), labels, "a", ["cat", "dog"], targets=rng.integers(0, 2, 30),
+                    artifacts=["red"], class_concepts={"cat": ["round"], "dog": ["big"]}, k=2)
+    model = branch_net(0)
+    glocal = decompose(CondAttribution(model), torch.randn(1, 1, 14, 14), 0, "conv2", EpsilonPlus(), top_k=2)
+    return {"search": search.to_dict(), "audit": audited.to_dict(), "glocal": glocal.to_dict()}
+
+
+def result_loader(kind):
+    from crp_invert.audit import Audit
+    from crp_invert.find import ChannelSearch
+    from crp_invert.integration.glocal import GlocalExplanation
+
+    return {"search": ChannelSearch, "audit": Audit, "glocal": GlocalExplanation}[kind]
+
+
+@st.composite
+def mutated_result(draw):
+    kind = draw(st.sampled_from(["search", "audit", "glocal"]))
+    document = json.loads(json.dumps(valid_result_documents()[kind]))
+    for _ in range(draw(st.integers(1, 3))):
+        paths = [p for p in paths_of(document) if p]
+        path = draw(st.sampled_from(paths))
+        parent = document
+        for key in path[:-1]:
+            parent = parent[key]
+        if draw(st.booleans()):
+            parent[path[-1]] = draw(JSON)
+        elif isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent.pop(path[-1])
+    return kind, document
+
+
+@FUZZ
+@given(mutated_result() | st.tuples(st.sampled_from(["search", "audit", "glocal"]), JSON))
+def test_result_json_of_any_content(case):
+    """Audit, ChannelSearch and GlocalExplanation JSON, damaged at random: read back, or refused with our error
+    types (never AttributeError, IndexError, a hang); what is read back writes the same document again."""
+    kind, document = case
+    loader = result_loader(kind)
+    with folder() as tmp:
+        (tmp / "r.json").write_text(json.dumps(document))
+        result = load_or_refuse(lambda: loader.from_json(str(tmp / "r.json")))
+        text_result = load_or_refuse(lambda: loader.from_json(json.dumps(document)))
+    assert (result is None) == (text_result is None)
+    if result is not None:
+        text = json.dumps(result.to_dict())
+        assert json.dumps(loader.from_dict(json.loads(text)).to_dict()) == text
+
+
+def test_valid_result_documents_round_trip():
+    """The fuzzed documents start valid: each reads back to the same document."""
+    for kind, document in valid_result_documents().items():
+        assert json.dumps(result_loader(kind).from_json(json.dumps(document)).to_dict()) == json.dumps(document)

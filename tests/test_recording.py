@@ -6,9 +6,6 @@ CRP's files from a plain FeatureVisualization run.
 """
 
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +17,23 @@ crp = pytest.importorskip("crp")
 from crp.attribution import CondAttribution  # noqa: E402
 from crp.concepts import ChannelConcept  # noqa: E402
 from crp.visualization import FeatureVisualization  # noqa: E402
-from helpers import ListDataset, assert_same_crp_files, branch_net, hooks_left  # noqa: E402
-from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
-from zennit.composites import EpsilonPlus  # noqa: E402
+from helpers import ListDataset, assert_same_crp_files, hooks_left  # noqa: E402
+from kill_child import (  # noqa: E402  (the setup the killed children use too)
+    BATCH,
+    CHECKPOINT,
+    LAYERS,
+    N_SAMPLES,
+    composite,
+    layer_map,
+    make_data,
+    make_model,
+    run_killed_child,
+    watchdog,
+)
 
 from crp_invert.integration.recording import InvertFeatureVisualization, load_stat_targets, pool, record_activations  # noqa: E402
 from crp_invert.storage.cache import ActivationCache  # noqa: E402
 
-N_SAMPLES = 40
-BATCH = 8
-CHECKPOINT = 2
-LAYERS = ["conv1", "conv2", "parallel.0", "linear1", "linear2"]
 # module whose output (in the plain model) equals each recorded layer's output after BatchNorm merging
 AFTER_BN = {
     "conv1": "bn1",
@@ -41,23 +44,11 @@ AFTER_BN = {
 }
 
 
-def make_model(seed=0):
-    return branch_net(seed)
-
-
-def make_data(n=N_SAMPLES, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 14, 14, generator=generator)
-    y = torch.randint(0, 3, (n,), generator=generator)
-    return x, y
-
-
-def composite():
-    return EpsilonPlus(canonizers=[SequentialMergeBatchNorm()])
-
-
-def layer_map():
-    return {name: ChannelConcept() for name in LAYERS}
+@pytest.fixture(autouse=True)
+def _watchdog():
+    """Every test here (each resume included) ends or fails with the stack of where it hangs."""
+    with watchdog(600):
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -317,24 +308,9 @@ def test_interrupted_run_resumes_to_identical_results(recorded, tmp_path):
 
 
 def test_killed_process_leaves_resumable_cache(recorded, tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
-        from test_recording import *
-        model = make_model()
-        x, y = make_data()
-        def on_get(index):
-            if index == 2 * BATCH + 1:
-                os.kill(os.getpid(), signal.SIGKILL)
-        fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y, on_get), layer_map(),
-                                        path={str(tmp_path / "fv")!r}, activation_cache={str(tmp_path / "acts.h5")!r},
-                                        flush_interval=0)
-        fv.run(composite(), 0, N_SAMPLES, batch_size=BATCH, checkpoint=100)
-    """)
-    )
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    """A child SIGKILLed in a batch leaves a cache whose complete rows are the finished batches; recording the
+    missing range then equals an uninterrupted run."""
+    proc = run_killed_child("batch", 2 * BATCH + 1, tmp_path / "fv", tmp_path / "acts.h5", checkpoint=100)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     with ActivationCache(tmp_path / "acts.h5") as cache:
         assert cache.missing_ranges() == [(2 * BATCH, N_SAMPLES)]
@@ -841,119 +817,129 @@ def test_caches_without_data_fingerprint_are_continued(tmp_path, caplog):
         assert cache.is_complete() and "data_hash" not in cache.info("conv1")
 
 
-# -- kills at every stage (issue 11, item 2) -----------------------------------------------------------------
-
-KILL_CHILD = """
-import os, signal, sys, types
-sys.path[:0] = [{tests!r}, {root!r}]
-import crp.maximization, crp.statistics, numpy
-crp.maximization.gc.collect = crp.statistics.gc.collect = lambda *a: 0
-from test_recording import *
-import crp_invert.integration.checkpoints as checkpoints
-from crp_invert.integration.feature_visualization import InvertFeatureVisualization as FV
-
-point, n = sys.argv[1], int(sys.argv[2])
-calls = {{"n": 0}}
 
 
-def kill_at_call(function):
-    def wrapper(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return function(*args, **kwargs)
-    return wrapper
+# -- kills at every stage (issues 11 and 18) --------------------------------------------------------------------
+
+# (point, n): the n-th call at that point is killed (see kill_child.POINTS); the collect points cover the first
+# and third file each of CRP's result objects reads and writes (data.npy, rel.npy), and the targets files
+KILL_POINTS = [
+    ("batch", 3 * BATCH + 1),  # after the first checkpoint, before the second
+    ("batch", BATCH + 1),  # before any checkpoint
+    ("checkpoint-save", 7),
+    ("commit", 2),
+    ("flush", 3),
+    ("after-collect", 1),
+    ("collect-deletions", 1),
+    ("collect-targets:r_stats", 1),
+    ("collect-targets:a_stats", 1),
+] + [(f"collect-{what}:{kind}", n) for kind in ("r_max", "a_max", "r_stats", "a_stats")
+     for what in ("load", "save") for n in (1, 3)]
 
 
-def on_get(index):
-    if point == "batch" and index == n:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-state = {{"checkpoint": 0, "collecting": False}}
-original_save_results, original_collect = FV._save_results, FV.collect_results
-
-
-def counting_save_results(self, d_index=None):
-    state["checkpoint"] += 1
-    return original_save_results(self, d_index)
-
-
-def flagged_collect(self, *args, **kwargs):
-    state["collecting"] = True
-    return original_collect(self, *args, **kwargs)
-
-
-FV._save_results, FV.collect_results = counting_save_results, flagged_collect
-
-
-def numpy_killing(name, when):
-    function = getattr(numpy, name)
-
-    def wrapper(*args, **kwargs):
-        if when():
-            kill_at_call(lambda: None)()
-        return function(*args, **kwargs)
-
-    crp.maximization.np = crp.statistics.np = types.SimpleNamespace(**{{**vars(numpy), name: wrapper}})
-
-
-if point == "checkpoint-save":  # the n-th file CRP saves of the second checkpoint
-    numpy_killing("save", lambda: state["checkpoint"] == 2 and not state["collecting"])
-elif point == "commit":  # logged, not yet moved into place
-    checkpoints._move_stage = kill_at_call(checkpoints._move_stage)
-elif point == "flush":  # rows written, not yet marked complete
-    ActivationCache.mark_complete = kill_at_call(ActivationCache.mark_complete)
-elif point == "collect-load":  # CRP's collect reads the checkpoints
-    numpy_killing("load", lambda: state["collecting"])
-elif point == "collect-save":  # CRP's collect writes its results
-    numpy_killing("save", lambda: state["collecting"])
-elif point == "after-collect":  # CRP's results are complete, the logs not yet updated
-    checkpoints.CheckpointLog.forget = kill_at_call(checkpoints.CheckpointLog.forget)
-elif point == "collect-deletions":  # the logs are updated, the collected checkpoints not yet deleted
-    checkpoints.finish_collect = kill_at_call(checkpoints.finish_collect)
-
-model = make_model()
-x, y = make_data()
-fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y, on_get), layer_map(), path={fv!r},
-                                activation_cache={cache!r}, flush_interval=0)
-fv.run(composite(), 0, N_SAMPLES, batch_size=BATCH, checkpoint=CHECKPOINT)
-print("not killed")
-"""
-
-
-@pytest.mark.parametrize(
-    "point,n",
-    [
-        ("batch", 3 * BATCH + 1),  # after the first checkpoint, before the second
-        ("batch", BATCH + 1),  # before any checkpoint
-        ("checkpoint-save", 7),
-        ("commit", 2),
-        ("flush", 3),
-        ("collect-load", 30),
-        ("collect-save", 40),
-        ("after-collect", 1),
-        ("collect-deletions", 1),
-    ],
-)
-def test_kill_at_any_point_then_resume_equals_an_uninterrupted_run(recorded, tmp_path, point, n):
-    script = tmp_path / "child.py"
-    script.write_text(KILL_CHILD.format(tests=str(Path(__file__).parent), root=str(Path(__file__).parents[1]),
-                                        fv=str(tmp_path / "fv"), cache=str(tmp_path / "acts.h5")))
-    proc = subprocess.run([sys.executable, str(script), point, str(n)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stdout[-500:] + proc.stderr[-3000:]
+def resume_and_compare(tmp_path, reference, n_samples=N_SAMPLES, expect_collect=True):
+    """Resume in this process (under the test's watchdog) and compare cache and CRP's files with ``reference``."""
     model = make_model()
-    x, y = make_data()
+    x, y = make_data(n_samples)
     fv = InvertFeatureVisualization(CondAttribution(model), ListDataset(x, y), layer_map(), path=str(tmp_path / "fv"),
                                     activation_cache=tmp_path / "acts.h5", progress=False)
-    saved = fv.resume(composite(), batch_size=BATCH, checkpoint=CHECKPOINT)
+    saved = fv.resume(composite(), batch_size=BATCH, checkpoint=CHECKPOINT)  # under the test's watchdog
     assert sorted(saved) == ["a_max", "a_stats", "r_max", "r_stats"]
-    assert bool(saved["r_max"]) == (point != "collect-deletions")  # there, only deleting was left to do
-    with ActivationCache(tmp_path / "acts.h5") as cache, ActivationCache(recorded["cache"]) as full:
+    assert bool(saved["r_max"]) == expect_collect
+    with ActivationCache(tmp_path / "acts.h5") as cache, ActivationCache(reference["cache"]) as full:
         assert cache.is_complete()
         for name in LAYERS:
             assert torch.equal(cache.activations(name), full.activations(name))
             assert torch.equal(cache.relevances(name), full.relevances(name))
-    assert_same_crp_files(tmp_path / "fv", recorded["root"] / "fv")  # also: nothing of ours left in CRP's folder
+    assert_same_crp_files(tmp_path / "fv", reference["root"] / "fv")  # also: nothing of ours left in CRP's folder
     assert fv.resume(composite(), batch_size=BATCH, checkpoint=CHECKPOINT) == {k: [] for k in saved}
     assert hooks_left(model) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point,n", KILL_POINTS)
+def test_kill_at_any_point_then_resume_equals_an_uninterrupted_run(recorded, tmp_path, point, n):
+    """A child SIGKILLed at each stage of a run and of CRP's collect resumes to the files of an uninterrupted run."""
+    proc = run_killed_child(point, n, tmp_path / "fv", tmp_path / "acts.h5")
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-500:] + proc.stderr[-3000:]
+    resume_and_compare(tmp_path, recorded, expect_collect=point != "collect-deletions")  # there, only deleting was left
+
+
+@pytest.fixture(scope="module")
+def recorded_32(tmp_path_factory):
+    """An uninterrupted run over 32 samples: 4 batches, so CRP's last checkpoint holds no sample."""
+    import crp.maximization
+    import crp.statistics
+
+    root = tmp_path_factory.mktemp("recorded32")
+    x, y = make_data(32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(crp.maximization.gc, "collect", lambda *a: 0)
+        mp.setattr(crp.statistics.gc, "collect", lambda *a: 0)
+        fv = InvertFeatureVisualization(CondAttribution(make_model()), ListDataset(x, y), layer_map(),
+                                        path=str(root / "fv"), activation_cache=root / "acts.h5", progress=False)
+        fv.run(composite(), 0, 32, batch_size=BATCH, checkpoint=CHECKPOINT)
+    return {"root": root, "cache": root / "acts.h5"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point,n", [("collect-load:a_max", 1), ("collect-targets:a_stats", 1), ("after-collect", 1)])
+def test_kill_in_collect_when_the_last_checkpoint_is_empty_resumes(recorded_32, tmp_path, point, n):
+    """The hang of issue 18: a kill in the collect of a run whose batches end on a checkpoint (an empty last
+    checkpoint is logged) resumes, under a watchdog, to the files of an uninterrupted run."""
+    proc = run_killed_child(point, n, tmp_path / "fv", tmp_path / "acts.h5", n_samples=32)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-500:] + proc.stderr[-3000:]
+    resume_and_compare(tmp_path, recorded_32, n_samples=32)
+
+
+@pytest.mark.slow
+def test_kill_before_every_file_of_the_collect_resumes_to_an_uninterrupted_run(tmp_path):
+    """Every file CRP's collect reads or writes (RelMax, ActMax, RelStats, ActStats; data, rf, rel, targets):
+    the files on disk right before it (what a SIGKILL there leaves: a killed process loses only its memory) resume
+    to the files of an uninterrupted run. Two layers and 32 samples (an empty last checkpoint) keep it short."""
+    import shutil
+    import types
+
+    import crp.maximization
+    import crp.statistics
+
+    x, y = make_data(32)
+    layers = ["conv2", "linear2"]
+
+    def fv_at(folder):
+        return InvertFeatureVisualization(CondAttribution(make_model()), ListDataset(x, y),
+                                          {name: ChannelConcept() for name in layers}, path=str(folder / "fv"),
+                                          activation_cache=folder / "acts.h5", progress=False)
+
+    fv_at(tmp_path / "reference").run(composite(), 0, 32, batch_size=BATCH, checkpoint=CHECKPOINT)
+    run = tmp_path / "run"
+    fv = fv_at(run)
+    checkpoints = fv.run_distributed(composite(), 0, 32, batch_size=BATCH, checkpoint=CHECKPOINT)
+    snapshots = []
+
+    def snapshotting(function):
+        def wrapper(*args, **kwargs):
+            snapshot = tmp_path / f"kill{len(snapshots)}"
+            shutil.copytree(run, snapshot)
+            snapshots.append((snapshot, function.__name__, Path(str(args[0])).name))
+            return function(*args, **kwargs)
+        return wrapper
+
+    patched = types.SimpleNamespace(**{**vars(np), "save": snapshotting(np.save), "load": snapshotting(np.load)})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(crp.maximization, "np", patched)
+        mp.setattr(crp.statistics, "np", patched)
+        fv.collect_results(checkpoints)
+    assert_same_crp_files(run / "fv", tmp_path / "reference" / "fv")
+    files = {name for _, _, name in snapshots}
+    assert any(name.endswith("targets.npy") for name in files) and len(snapshots) > 100
+    for snapshot, operation, name in snapshots:
+        saved = fv_at(snapshot).resume(composite(), batch_size=BATCH, checkpoint=CHECKPOINT)
+        assert saved["r_max"], (operation, name)
+        assert_same_crp_files(snapshot / "fv", tmp_path / "reference" / "fv")
+        with ActivationCache(snapshot / "acts.h5") as cache, \
+                ActivationCache(tmp_path / "reference" / "acts.h5") as full:
+            for layer in layers:
+                assert torch.equal(cache.activations(layer), full.activations(layer))
+                assert torch.equal(cache.relevances(layer), full.relevances(layer))
+        shutil.rmtree(snapshot)

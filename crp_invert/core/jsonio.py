@@ -11,20 +11,25 @@ Examples
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_json", "read_json_file", "read_json_text", "read_json"]
+from .files import write_text_atomically
+
+__all__ = ["write_json", "read_json_file", "read_json_text", "read_json", "json_record"]
 
 
 def write_json(data: Any, path: str | os.PathLike | None = None, indent: int | None = None) -> str:
-    """``data`` as JSON text, also written to ``path`` when given."""
+    """``data`` as JSON text, also written to ``path`` when given (atomically, with the permissions of an
+    ordinary new file: see :mod:`crp_invert.core.files`)."""
     text = json.dumps(data, indent=indent)
     if path is not None:
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        write_text_atomically(path, text)
     return text
 
 
@@ -77,11 +82,18 @@ def read_json_text(text: str, what: str = "JSON text") -> Any:
 
 
 def read_json(text_or_path: str | os.PathLike) -> Any:
-    """Parse JSON text (a str starting with ``{``) or else the JSON file at a path.
+    """Parse JSON text (a str starting with ``{`` or ``[``) or else the JSON file at a path.
 
     For ``from_json(text_or_path)`` methods; code that knows what it holds calls :func:`read_json_file` or
     :func:`read_json_text`.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Text or file that is not JSON, nested too deeply, unreadable (the message says which).
     """
-    if isinstance(text_or_path, str) and text_or_path.lstrip().startswith("{"):
+    if isinstance(text_or_path, str) and text_or_path.lstrip()[:1] in ("{", "["):
         return read_json_text(text_or_path)
     return read_json_file(text_or_path)

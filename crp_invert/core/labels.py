@@ -7,17 +7,15 @@ import functools
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from os import PathLike
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .checks import check_int, is_int, read_json
+from .files import write_text_atomically  # re-exported: its home is core.files
 from .formula import Formula
 from .metrics import benjamini_hochberg
 
@@ -38,23 +36,6 @@ def format_p_value(value: float | None) -> str:
     if value < P_VALUE_FLOOR:
         return "< 1e-300"
     return f"{value:.2e}"
-
-
-def write_text_atomically(path: str | PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and a rename: a
-    process killed while writing leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # checks of labels read from files ------------------------------------------------------------------------

@@ -94,6 +94,43 @@ def _replace_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _span(value: Any, what: str, sample_range: tuple[int, int]) -> tuple[int, int]:
+    """A ``[a, b)`` pair of ints with ``range[0] <= a <= b <= range[1]`` from a log line, or ValueError."""
+    if not isinstance(value, list) or len(value) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"its {what} is not a pair of integers: {value!r:.80}")
+    a, b = value
+    if not sample_range[0] <= a <= b <= sample_range[1]:
+        raise ValueError(f"its {what} [{a}, {b}) is not an ordered part of the log's range {list(sample_range)}")
+    return a, b
+
+
+def _parse_record(line: str, sample_range: tuple[int, int]) -> Checkpoint | tuple[int, int]:
+    """One line of a checkpoint log: a committed :class:`Checkpoint` or the range of a run started; ValueError
+    for anything else (JSON of another shape, a span outside the log's range, a path outside CRP's folder, a
+    span without samples that names files)."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        raise ValueError("not JSON") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"not a JSON object: {line!r:.80}")
+    if "run" in record:
+        return _span(record["run"], "run", sample_range)
+    span = _span(record.get("span"), "span", sample_range)
+    files = record.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(files.get(kind, []), list) and all(isinstance(p, str) for p in files.get(kind, []))
+            for kind in KINDS):
+        raise ValueError("its files are not lists of paths per kind")
+    files = {kind: list(files.get(kind, [])) for kind in KINDS}
+    if not all(_inside(p) for kind in KINDS for p in files[kind]):
+        raise ValueError("it names a path outside CRP's folder")
+    if span[0] == span[1] and any(files.values()):
+        raise ValueError(f"its span [{span[0]}, {span[1]}) holds no sample but names files")
+    return Checkpoint(span, files)
+
+
 def remove_if_empty(folder: Path) -> None:
     """Remove ``folder`` and empty folders in it if it holds no file."""
     if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
@@ -139,25 +176,25 @@ class CheckpointLog:
         return self._records()[1]
 
     def _records(self) -> tuple[tuple[int, int] | None, list[Checkpoint]]:
-        """The range of the last run started (None if none is logged) and the committed checkpoints."""
+        """The range of the last run started (None if none is logged) and the committed checkpoints.
+
+        Any content ends: a line that is not a record of ours (cut by a kill, edited, binary) stops the reading,
+        and what follows is computed again."""
         run, entries = None, []
         if not self.path.is_file():
             return run, entries
-        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
             try:
-                record = json.loads(line)
-                if "run" in record:
-                    run = tuple(int(v) for v in record["run"])
-                    continue
-                span = tuple(int(v) for v in record["span"])
-                files = {kind: [str(p) for p in record["files"].get(kind, [])] for kind in KINDS}
-                if len(span) != 2 or not all(_inside(p) for kind in KINDS for p in files[kind]):
-                    raise ValueError("bad span or a path outside CRP's folder")
-            except (ValueError, TypeError, KeyError, AttributeError) as err:
+                record = _parse_record(line, self.range)
+            except ValueError as err:
                 logger.warning("%s: line %d is damaged (%s); checkpoints from there on are redone",
                                self.path, number, err)
                 break
-            entries.append(Checkpoint(span, files))
+            if isinstance(record, Checkpoint):
+                entries.append(record)
+            else:
+                run = record
         return run, entries
 
     def _write(self, entries: Sequence[Checkpoint], run: tuple[int, int] | None) -> None:
@@ -219,12 +256,16 @@ class CheckpointLog:
 
     def chain(self, start: int, limit: int) -> list[Checkpoint]:
         """The committed checkpoints that continue each other from ``start`` up to at most ``limit`` and whose
-        files are all readable."""
+        files are all readable.
+
+        Ends on any log: every step moves strictly forward (spans without samples, which CRP saves with no file
+        when the last batch ended on a checkpoint, are skipped); of spans logged twice from the same start, the
+        one logged last is used (the earlier commit was redone)."""
         self._recover_stages()
-        by_start = {entry.span[0]: entry for entry in self.read()}
+        by_start = {entry.span[0]: entry for entry in self.read() if entry.span[1] > entry.span[0]}
         chain, position = [], start
-        while position in by_start and by_start[position].span[1] <= limit:
-            entry = by_start[position]
+        while position in by_start and position < by_start[position].span[1] <= limit:
+            entry = by_start.pop(position)  # popped: no entry is visited twice
             if not all(_readable(prefix) for prefix in _files_of(self, entry)):
                 logger.warning("checkpoint of samples [%d, %d) in %s is damaged; it is computed again",
                                entry.span[0], entry.span[1], self.root)
@@ -328,17 +369,27 @@ def _journal(root: str | os.PathLike) -> Path:
 
 
 def finish_collect(root: str | os.PathLike) -> None:
-    """Delete the checkpoint files a collect killed while deleting them left behind (they were collected)."""
+    """Delete the checkpoint files a collect killed while deleting them left behind (they were collected).
+
+    Any journal ends: one cut by a kill, not a list, or naming files that are gone, folders or paths outside
+    CRP's folder deletes only the files it names inside CRP's folder; a journal that is not a file is refused
+    (ValueError naming it)."""
     journal = _journal(root)
-    try:
-        files = json.loads(journal.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not journal.exists() and not journal.is_symlink():
         return
-    except ValueError:  # cut by a kill while written: the logs still list those checkpoints, nothing to delete
+    if not journal.is_file():
+        raise ValueError(f"{str(journal)!r} (crp-invert's journal of a collect) is not a file; remove it and resume")
+    try:
+        files = json.loads(journal.read_bytes().decode("utf-8", errors="replace"))
+    except (ValueError, RecursionError):  # cut by a kill while written: the logs still list those checkpoints
         files = []
     for relative in files if isinstance(files, list) else []:
         if isinstance(relative, str) and _inside(relative):
-            (Path(root) / relative).unlink(missing_ok=True)
+            target = Path(root) / relative
+            if target.is_file() or target.is_symlink():
+                target.unlink(missing_ok=True)
+            elif target.exists():
+                logger.warning("%s names %s, which is not a file; left as it is", journal, target)
     journal.unlink(missing_ok=True)
     remove_if_empty(Path(root) / FOLDER)
 

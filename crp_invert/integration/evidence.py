@@ -280,6 +280,20 @@ def _reference_columns(evidence: Evidence, reference_layer: str, n_channels: int
     return np.asarray(values, dtype=np.float64), start
 
 
+def _check_reference_rows(evidence: Evidence, indices: list[int | None], start: int, n_rows: int) -> None:
+    """ValueError if the concepts or a sample index do not belong to the reference's samples ``[start,
+    start + n_rows)`` (concepts of another dataset would give another sample's concepts)."""
+    n_concepts = getattr(evidence.concepts, "n_samples", None)
+    allowed = {start + n_rows, int(getattr(evidence.reference, "dataset_length", start + n_rows))}
+    if n_concepts is not None and n_concepts not in allowed:
+        raise ValueError(f"concepts hold {n_concepts} samples but the reference holds {n_rows} (samples "
+                         f"[{start}, {start + n_rows})): they must describe the same samples")
+    for index in indices:
+        if index is not None and not start <= index < start + n_rows:
+            raise ValueError(f"sample_index {index} is not a sample of the reference (samples [{start}, "
+                             f"{start + n_rows}))")
+
+
 def _percentile(reference: np.ndarray, value: float) -> tuple[float, int]:
     """``scipy.stats.percentileofscore(kind="mean")`` over the finite reference values, and their number."""
     finite = reference[np.isfinite(reference)]
@@ -315,6 +329,7 @@ def collect_evidence(evidence: Evidence, layer: str, activation: torch.Tensor, o
     pooled = pool(activation.detach(), _evidence_pooling(evidence, reference_layer)).double().cpu()
     columns = sorted(set(orders.reshape(-1).tolist()))
     reference, start = _reference_columns(evidence, reference_layer, n_channels, columns)
+    _check_reference_rows(evidence, indices, start, reference.shape[0])
     position = {channel: i for i, channel in enumerate(columns)}
     results = []
     for i in range(n_samples):

@@ -260,17 +260,24 @@ class GlocalExplanation:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "GlocalExplanation":
-        """Rebuild from :py:meth:`to_dict` output."""
+        """Rebuild from :py:meth:`to_dict` output (TypeError, KeyError or ValueError for anything else)."""
         from ..core.labels import Explanation
 
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a GlocalExplanation document must be a JSON object, got {type(data).__name__}")
         evidence, sources = data.get("evidence"), data.get("label_sources")
-        if sources is not None and any(source not in SOURCES + (None,) for source in sources):
+        if sources is not None and (not isinstance(sources, list)
+                                    or any(source not in SOURCES + (None,) for source in sources)):
             raise ValueError(f"label_sources must be {SOURCES} or null, got {sources!r}")
-        return cls(layer=data["layer"], target=int(data["target"]), rank_by=data.get("rank_by", "signed"),
-                   labels=tuple(None if label is None else Explanation.from_json(label) for label in data["labels"]),
-                   evidence=None if evidence is None else tuple(ChannelEvidence.from_dict(e) for e in evidence),
-                   label_sources=None if sources is None else tuple(sources),
-                   **{name: _tensor_from_json(data[name]) for name in _TENSOR_FIELDS})
+        try:
+            return cls(layer=data["layer"], target=int(data["target"]), rank_by=data.get("rank_by", "signed"),
+                       labels=tuple(None if label is None else Explanation.from_json(label)
+                                    for label in data["labels"]),
+                       evidence=None if evidence is None else tuple(ChannelEvidence.from_dict(e) for e in evidence),
+                       label_sources=None if sources is None else tuple(sources),
+                       **{name: _tensor_from_json(data[name]) for name in _TENSOR_FIELDS})
+        except (AttributeError, IndexError, OverflowError, RuntimeError) as error:  # a damaged document
+            raise ValueError(f"not a GlocalExplanation document: {type(error).__name__}: {error}") from None
 
     def to_json(self, path=None) -> str:
         """The explanation as JSON text; also written to ``path`` when given."""

@@ -30,16 +30,33 @@ against each other and stitched together row-wise (e.g. with h5py virtual datase
 Layer names are used as given (``features.40``, ``layer4.1.conv2``) but never as HDF5 paths: groups are
 numbered and the name lives in an attribute, so a name cannot create nested groups or escape ``layers/``.
 
-Crash safety: a new cache is built under a temporary name (``FILE.partial``) and renamed into place once
-its root and first layers are on disk (at the first row written, flush or close), so a process stopped
-while creating it leaves no file at ``FILE`` and a rerun starts afresh. Datasets have a fixed shape and are
-allocated when the layer is created (the space is reserved first: a full disk or a file-size limit refuses
-the layer before any metadata changes), so writing rows never changes HDF5 metadata. A layer enters the
-root's ``layer_index`` last: a layer group the index does not name was interrupted and is ignored. Rows are
-marked in ``complete`` only after their data were flushed to disk, so a process stopped at any point
-(exception, Ctrl-C, ``kill -9``) leaves a file that opens and whose ``complete`` rows are trustworthy; the
-rest is recorded again by a resumed run. A file whose root was never finished (by an older version) and
-that has no complete row is re-created.
+Crash safety (a kill anywhere, inside HDF5's own writes included, loses no layer and no row that was
+complete): HDF5 changes its metadata (object headers, B-trees, heaps, the superblock) in several writes when
+a group or dataset is created and the file flushed, so a process killed in between can leave a file HDF5 no
+longer opens, and with it every layer recorded before. Hence HDF5 metadata never changes in a file that is
+in place at ``FILE``:
+
+* A new cache is built under a temporary name (``FILE.partial``) and renamed into place once its root and
+  first layers are on disk (at the first row written, flush or close).
+* A layer added to a cache in place is added to a copy (copy-on-write): the file is flushed, copied to
+  ``FILE.partial`` (with its permissions), the layer created there, and the copy renamed over ``FILE`` with
+  the next rows written (or at flush / close). Layers added in one session share one copy. A kill before
+  the rename leaves ``FILE`` as it was (the stale copy is removed by the next writer); the rename itself is
+  atomic. The price is one copy of the file per session that adds layers (disk space and time of a copy).
+* Datasets have a fixed shape and are allocated when the layer is created (the space is reserved first: a
+  full disk or a file-size limit refuses the layer before any metadata changes), so writing rows into a file
+  in place writes only raw data and never HDF5 metadata.
+* Rows are marked in ``complete`` only after their data were flushed, and a layer enters the root's
+  ``layer_index`` last (a layer group the index does not name was interrupted and is ignored).
+
+So a process stopped at any point (exception, Ctrl-C, ``kill -9``) leaves a file that opens, holds every
+layer that had complete rows, and whose ``complete`` rows are trustworthy; the rest is recorded again by a
+resumed run. ``benchmarks/fault_injection.py`` kills writers at random points and checks exactly this (see
+BENCHMARKS.md). Other designs were weighed: a file per layer behind an index file keeps no single file a user
+can open with h5py (and breaks the virtual datasets of sharded caches); HDF5's SWMR mode protects appends,
+not the creation of new datasets. Files of the earlier single-file writers have the same layout and are read
+and continued as they are. A file whose root was never finished (by an older version) and that has no
+complete row is re-created.
 
 Concurrency: a writer holds ``FILE.lock`` (see :mod:`crp_invert.storage.lock`); a second writer, or a reader
 while a writer is at work, gets :class:`~crp_invert.storage.lock.FileInUseError` ("in use by another
@@ -60,6 +77,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -255,6 +273,45 @@ def is_activation_cache(path: str | os.PathLike) -> bool:
         return _format_of(file) == FORMAT
 
 
+def _checked_layer_arguments(layer: Any, n_channels: Any, meta: dict[str, Any]) -> int:
+    """Check the arguments of :meth:`ActivationCache.add_layer`; returns ``n_channels`` as an int."""
+    if not isinstance(layer, str) or not layer:
+        raise ValueError(f"layer must be a non-empty str, got {layer!r}")
+    check_name(layer, "a layer name")
+    if not is_int(n_channels):
+        raise TypeError(f"layer {layer!r}: n_channels must be an int, got {n_channels!r}")
+    if int(n_channels) < 1:
+        raise ValueError(f"layer {layer!r}: n_channels must be >= 1, got {int(n_channels)}")
+    for key, value in meta.items():
+        if isinstance(value, str):
+            if "\0" in value:
+                raise ValueError(f"layer {layer!r}: attribute {key!r} contains a NUL character")
+        elif value is not None and not isinstance(value, (int, float, bool, np.generic)):
+            raise TypeError(f"layer {layer!r}: attribute {key!r} must be a str or a number, got {value!r:.80}")
+    return int(n_channels)
+
+
+def _layer_bytes(n_rows: int, n_channels: int, relevances: bool, chunks: tuple[int, int]) -> int:
+    """Bytes a new layer takes in the file (its data, chunk index and attributes, with a margin)."""
+    n_chunks = -(-n_rows // chunks[0]) * -(-n_channels // chunks[1])
+    data_bytes = n_rows * n_channels * 4 * (2 if relevances else 1) + n_rows
+    return data_bytes + 64 * n_chunks * 2 + (256 << 10) + data_bytes // 100
+
+
+def _allocated_datasets(chunks: tuple[int, int]) -> DatasetMaker:
+    """A dataset maker for :func:`create_layer` whose datasets are allocated at creation: writing rows later
+    never changes HDF5 metadata (crash safety)."""
+
+    def allocated(group: h5py.Group, name: str, shape: tuple, dtype: str, fill: float) -> None:
+        h5py = h5py_module()
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks if len(shape) == 2 else None,
+                             fillvalue=fill, dcpl=dcpl)
+
+    return allocated
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
@@ -308,6 +365,7 @@ class ActivationCache:
         self._root: dict[str, Any] | None = None
         self._checked_values: set[tuple[str, str]] = set()
         self._pending: Path | None = None  # the temporary file of a cache not yet renamed into place
+        self._copied = False  # whether _pending is a copy of the file in place (copy-on-write), not a new cache
         self._file = None
         if mode == "r" and not self.path.exists():
             raise FileNotFoundError(f"no such file: {str(self.path)!r}")
@@ -338,6 +396,8 @@ class ActivationCache:
                                self.path)
             else:
                 self._check_format()
+                # a copy left by a kill before it was renamed into place (we hold the lock: it is ours)
+                self.path.with_name(self.path.name + ".partial").unlink(missing_ok=True)
                 return
             self._file.close()
         # a new cache: built as FILE.partial (ours while we hold the lock), renamed into place by _commit
@@ -355,13 +415,16 @@ class ActivationCache:
         finally:
             os.close(descriptor)
         os.replace(self._pending, self.path)
-        self._pending = None
+        self._pending, self._copied = None, False
 
     def _abandon(self) -> None:
-        """After a failed change of a new cache: drop its temporary file (nothing at ``path`` changed)."""
+        """After a failed change of a new cache or of a copy: drop the temporary file (nothing at ``path``
+        changed). A new cache is closed; a cache in place is open again as it was."""
         pending, self._pending = self._pending, None
+        copied, self._copied = self._copied, False
         self._writers.clear()
         self._groups.clear()
+        self._index_memo = None
         try:
             if self._file is not None and self._file.id.valid:
                 self._file.close()
@@ -369,7 +432,10 @@ class ActivationCache:
             pass
         with contextlib.suppress(OSError):
             os.unlink(pending)
-        self._lock.release()
+        if copied:
+            self._file = open_h5(self.path, "r+", rdcc_nbytes=FILE_CACHE_BYTES, rdcc_nslots=10007)
+        else:
+            self._lock.release()
 
     @contextlib.contextmanager
     def _changing(self, what: str) -> Iterator[None]:
@@ -563,68 +629,81 @@ class ActivationCache:
             ``model_hash``, ``fingerprint``, ...). For an existing layer, every given value must equal the
             stored one, otherwise ValueError names the differences (this is what refuses resuming with another
             model or pooling).
+
+        Notes
+        -----
+        A layer added to a cache that is already in place is added to a copy of the file, renamed over it with
+        the next rows written (or at :meth:`flush` / :meth:`close`): see the module's "Crash safety".
         """
         self._writable()
         self._need_init()
-        if not isinstance(layer, str) or not layer:
-            raise ValueError(f"layer must be a non-empty str, got {layer!r}")
-        check_name(layer, "a layer name")
-        if not is_int(n_channels):
-            raise TypeError(f"layer {layer!r}: n_channels must be an int, got {n_channels!r}")
-        n_channels = int(n_channels)
-        if n_channels < 1:
-            raise ValueError(f"layer {layer!r}: n_channels must be >= 1, got {n_channels}")
-        for key, value in meta.items():
-            if isinstance(value, str):
-                if "\0" in value:
-                    raise ValueError(f"layer {layer!r}: attribute {key!r} contains a NUL character")
-            elif value is not None and not isinstance(value, (int, float, bool, np.generic)):
-                raise TypeError(f"layer {layer!r}: attribute {key!r} must be a str or a number, got {value!r:.80}")
-        index = self._index()
-        if layer in index:
-            group = self._group(layer)
-            diffs = []
-            if int(group.attrs["n_channels"]) != n_channels:
-                diffs.append(f"n_channels: stored {int(group.attrs['n_channels'])}, now {n_channels}")
-            if relevances and "relevances" not in group:
-                diffs.append("relevances: stored without, now with")
-            for key, value in meta.items():
-                stored = group.attrs.get(key)
-                stored = stored.item() if isinstance(stored, np.generic) else stored
-                try:
-                    same = bool(stored == value)
-                except (ValueError, TypeError):  # an array stored where a scalar is given
-                    same = False
-                if not same:
-                    diffs.append(f"{key}: stored {stored!r:.80}, now {value!r:.80}")
-            if diffs:
-                raise ValueError(
-                    f"cache {str(self.path)!r} layer {layer!r} was recorded differently; refusing to mix "
-                    "results "
-                    "(use another file or overwrite=True): " + "; ".join(diffs)
-                )
+        n_channels = _checked_layer_arguments(layer, n_channels, meta)
+        if layer in self._index():
+            self._check_same_layer(layer, n_channels, relevances, meta)
             return
+        chunks = self._layer_chunks(layer, n_channels, chunks)
+        self._copy_on_write()
+        self._reserve(_layer_bytes(self.n_samples, n_channels, relevances, chunks), f"add layer {layer!r}")
+        with self._changing(f"add layer {layer!r}"):
+            create_layer(self._file, layer, n_channels, relevances, meta, _allocated_datasets(chunks))
+            self._index_memo = None
+            self._file.flush()
+            self._trim()
+
+    def _check_same_layer(self, layer: str, n_channels: int, relevances: bool, meta: dict[str, Any]) -> None:
+        """ValueError naming every difference between an existing layer and the one asked for."""
+        group = self._group(layer)
+        diffs = []
+        if int(group.attrs["n_channels"]) != n_channels:
+            diffs.append(f"n_channels: stored {int(group.attrs['n_channels'])}, now {n_channels}")
+        if relevances and "relevances" not in group:
+            diffs.append("relevances: stored without, now with")
+        for key, value in meta.items():
+            stored = group.attrs.get(key)
+            stored = stored.item() if isinstance(stored, np.generic) else stored
+            try:
+                same = bool(stored == value)
+            except (ValueError, TypeError):  # an array stored where a scalar is given
+                same = False
+            if not same:
+                diffs.append(f"{key}: stored {stored!r:.80}, now {value!r:.80}")
+        if diffs:
+            raise ValueError(
+                f"cache {str(self.path)!r} layer {layer!r} was recorded differently; refusing to mix results "
+                "(use another file or overwrite=True): " + "; ".join(diffs)
+            )
+
+    def _layer_chunks(self, layer: str, n_channels: int, chunks: tuple[int, int] | None) -> tuple[int, int]:
+        """The chunk shape of a new layer: the given one, checked, or :func:`chunk_shape`."""
         n_rows = self.n_samples
         chunks = chunk_shape(n_rows, n_channels) if chunks is None else tuple(int(c) for c in chunks)
         if len(chunks) != 2 or not all(0 < c <= size for c, size in zip(chunks, (n_rows, n_channels))):
             raise ValueError(f"layer {layer!r}: chunks must be 2 sizes within {(n_rows, n_channels)}, got {chunks}")
-        n_chunks = -(-n_rows // chunks[0]) * -(-n_channels // chunks[1])
-        data_bytes = n_rows * n_channels * 4 * (2 if relevances else 1) + n_rows
-        self._reserve(data_bytes + 64 * n_chunks * 2 + (256 << 10) + data_bytes // 100, f"add layer {layer!r}")
+        return chunks
 
-        def allocated(group: h5py.Group, name: str, shape: tuple, dtype: str, fill: float) -> None:
-            # allocated at creation: writing rows later never changes HDF5 metadata (crash safety)
-            h5py = h5py_module()
-            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-            group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks if len(shape) == 2 else None,
-                                 fillvalue=fill, dcpl=dcpl)
-
-        with self._changing(f"add layer {layer!r}"):
-            create_layer(self._file, layer, n_channels, relevances, meta, allocated)
-            self._index_memo = None
-            self._file.flush()
-            self._trim()
+    def _copy_on_write(self) -> None:
+        """Before HDF5 metadata of a cache in place changes: continue on a copy (``PATH.partial``), renamed over
+        the file by :meth:`_commit`, so that a kill inside HDF5's writes leaves the file as it was."""
+        if self._pending is not None:
+            return
+        self._file.flush()
+        self._writers.clear()
+        self._groups.clear()
+        self._file.close()
+        pending = self.path.with_name(self.path.name + ".partial")
+        try:
+            shutil.copyfile(self.path, pending)
+            shutil.copymode(self.path, pending)
+            self._file = open_h5(pending, "r+", rdcc_nbytes=FILE_CACHE_BYTES, rdcc_nslots=10007)
+        except BaseException as error:
+            with contextlib.suppress(OSError):
+                os.unlink(pending)
+            self._file = open_h5(self.path, "r+", rdcc_nbytes=FILE_CACHE_BYTES, rdcc_nslots=10007)
+            if isinstance(error, OSError):
+                raise OSError(error.errno, f"cannot copy {str(self.path)!r} to add a layer ({error.strerror}); "
+                              "nothing was changed: free space and run again") from None
+            raise
+        self._pending, self._copied = pending, True
 
     def _trim(self) -> None:
         """Cut the space :meth:`_reserve` set aside and HDF5 did not use (after a flush)."""
