@@ -264,6 +264,13 @@ class Audit:
         result = {item.name: item.flagged(threshold) for item in self.classes}
         return {name: channels for name, channels in result.items() if channels}
 
+    def suspects(self, min_share: float | None = None) -> dict[str, AuditChannel]:
+        """Class name -> its artifact suspect (:attr:`ClassAudit.suspect`), for the classes where it carries at least
+        ``min_share`` (default: :attr:`min_share`): the Clever-Hans findings."""
+        threshold = self.min_share if min_share is None else float(min_share)
+        return {item.name: item.suspect for item in self.classes
+                if item.suspect is not None and item.suspect.share >= threshold}
+
     def verdicts(self) -> list[str]:
         """One verdict line per class (:meth:`ClassAudit.verdict`)."""
         return [item.verdict(self.min_share, self.quantity) for item in self.classes]

@@ -154,6 +154,8 @@ def test_suspect_is_the_largest_share_among_all_channels(planted):
         np.testing.assert_allclose(result[name].suspect_share, reference["share"][best], rtol=1e-12)
     assert result["blue square"].channels[0].channel != result["blue square"].suspect.channel
     assert result["empty"].suspect is None and result["empty"].suspect_share == 0.0
+    assert result.suspects(0.0) == {name: result[name].suspect for name in CLASSES[:2]}
+    assert list(result.suspects()) == [name for name in CLASSES[:2] if result[name].suspect_share >= 0.1]
 
 
 def test_without_concepts_the_labels_decide(planted):

@@ -59,8 +59,10 @@ GLOCAL_LAYER = "conv3"
 AUDIT_LAYER = "conv3"
 #: share of a class's relevance from which a flagged channel counts in the demo's audit
 AUDIT_MIN_SHARE = 0.1
-#: panels per row of the demo's glocal figures (input, class heatmap, the top channels, the rest)
-GLOCAL_COLUMNS = 5
+#: panels per row of the demo's glocal figures (input, class heatmap, the top channels, the rest) and the longest
+#: label shown in a panel title: titles of neighbouring panels do not run into each other
+GLOCAL_COLUMNS = 4
+GLOCAL_LABEL_CHARS = 30
 
 
 @dataclass
@@ -138,10 +140,11 @@ class DemoSummary:
     other_suspect_share : float
         The largest share of an artifact suspect in any other class (0 without one); ``other_suspect_class``
         names the class.
-    flagged_classes : list of str
-        The other classes with a flagged channel of share >= ``audit_min_share``.
+    suspect_classes : list of str
+        The other classes with an artifact suspect of share >= ``audit_min_share`` (:meth:`Audit.suspects`).
     false_flags : int
-        Flagged channels with a share >= ``audit_min_share`` in the classes without the artifact.
+        Flagged channels of any kind (artifact, unrelated, unlabeled) with a share >= ``audit_min_share`` in the
+        classes without the artifact; the unrelated and unlabeled ones depend on the labels.
     audit_min_share : float
     verdict : str
         The audit's verdict line of ``artifact_class``.
@@ -171,7 +174,7 @@ class DemoSummary:
     artifact_share: float = 0.0
     other_suspect_share: float = 0.0
     other_suspect_class: str | None = None
-    flagged_classes: list[str] = field(default_factory=list)
+    suspect_classes: list[str] = field(default_factory=list)
     false_flags: int = 0
     audit_min_share: float = AUDIT_MIN_SHARE
     verdict: str = ""
@@ -223,10 +226,10 @@ class DemoSummary:
         others = (f"largest artifact-suspect share in another class {self.other_suspect_share:.3f} "
                   f"({self.other_suspect_class}), margin {self.audit_margin:.1f}x" if self.other_suspect_class
                   else "no artifact suspect in any other class")
-        flagged = ", ".join(self.flagged_classes) or "none"
+        suspects = ", ".join(self.suspect_classes) or "none"
         return (f"Clever-Hans audit of {self.audit_layer} ({self.n_artifact} artifact images added as the concept "
-                f"'artifact'): {self.verdict}; {others}; other classes with a flagged channel (share >= "
-                f"{self.audit_min_share:g}): {flagged}")
+                f"'artifact'): {self.verdict}; {others}; other classes with an artifact suspect (share >= "
+                f"{self.audit_min_share:g}): {suspects}")
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (NaN and inf as null)."""
@@ -494,7 +497,7 @@ def _glocal(data: _Data, setup: Any, labels: dict[str, Any], cache_path: Path, s
     (outputs.out / "figures").mkdir(exist_ok=True)
     for k, (i, glocal) in enumerate(zip(chosen, glocals, strict=True)):
         figure = plot_glocal(glocal, image=data.images[i], class_name=dataset.class_names[glocal.target],
-                             ncols=GLOCAL_COLUMNS)
+                             ncols=GLOCAL_COLUMNS, max_label_chars=GLOCAL_LABEL_CHARS)
         _save_figure(figure, outputs.out / "figures" / f"glocal_{k}.png", outputs, f"glocal_{k}")
     return chosen, glocals
 
@@ -535,6 +538,7 @@ def _audit_facts(result: Any) -> dict[str, Any]:
     others = [item for item in result.classes if item.name != ARTIFACT_CLASS]
     strongest = max(others, key=lambda item: item.suspect_share, default=None)
     flagged = {name: channels for name, channels in result.flagged().items() if name != ARTIFACT_CLASS}
+    suspects = [name for name in result.suspects() if name != ARTIFACT_CLASS]
     return dict(
         audit_layer=result.layer, artifact_class=ARTIFACT_CLASS, artifact_rank=rank,
         artifact_channel=None if suspect is None else
@@ -542,7 +546,7 @@ def _audit_facts(result: Any) -> dict[str, Any]:
         artifact_share=planted.suspect_share,
         other_suspect_share=0.0 if strongest is None else strongest.suspect_share,
         other_suspect_class=None if strongest is None or strongest.suspect is None else strongest.name,
-        flagged_classes=list(flagged), false_flags=sum(len(channels) for channels in flagged.values()),
+        suspect_classes=suspects, false_flags=sum(len(channels) for channels in flagged.values()),
         audit_min_share=result.min_share, verdict=planted.verdict(result.min_share, result.quantity))
 
 
