@@ -123,7 +123,12 @@ class DemoSummary:
     timings : dict of str to float
         Seconds per stage.
     planted_truth_score_l3_relevance : float
-        The planted-truth score of the L = 3 labels of the output layer's *relevances* (``source="relevance"``).
+        The planted-truth score of L = 3 labels of the output layer's *relevances* on the shapes images (where the
+        truth is planted).
+    planted_truth_score_l3_relevance_all : float
+        The same for the report's relevance labels (``source="relevance"``), over every row: on the artifact images
+        the model's shortcut lowers the logit of the image's own class, so a few logits get ``shape AND color AND
+        NOT artifact``, a true statement about the model.
     labels_differ : dict of str to int
         Per layer, the channels whose activation and relevance labels differ.
     n_artifact : int
@@ -165,6 +170,7 @@ class DemoSummary:
     written: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     planted_truth_score_l3_relevance: float = math.nan
+    planted_truth_score_l3_relevance_all: float = math.nan
     labels_differ: dict[str, int] = field(default_factory=dict)
     n_artifact: int = 0
     audit_layer: str = ""
@@ -213,7 +219,9 @@ class DemoSummary:
             f"L = 3 {self.explanation_accuracy_l3:.3f}")
         out.append(
             f"relevance labels (source=\"relevance\"): planted truth of the output neurons at L = 3: "
-            f"{self.planted_truth_score_l3_relevance:.3f} (activations: {self.planted_truth_score_l3:.3f}); "
+            f"{self.planted_truth_score_l3_relevance:.3f} on the shapes images, "
+            f"{self.planted_truth_score_l3_relevance_all:.3f} with the artifact images (activations: "
+            f"{self.planted_truth_score_l3:.3f}); "
             f"channels whose activation and relevance labels differ: "
             + ", ".join(f"{layer} {count}" for layer, count in self.labels_differ.items()))
         if self.audit_layer:
@@ -570,7 +578,10 @@ def _notes(summary: DemoSummary, settings: _Settings, data: _Data) -> list[str]:
         "(source=\"activation\"); each layer's second table puts the labels of their relevances "
         "(source=\"relevance\") next to them. At L = 3 the relevance labels of the output neurons lose the "
         f"'large' confound of the activations: planted truth {summary.planted_truth_score_l3_relevance:.3f} with "
-        f"relevance against {summary.planted_truth_score_l3:.3f} with activation (both L = 3, B = {settings.B}).",
+        f"relevance against {summary.planted_truth_score_l3:.3f} with activation (both L = 3, B = {settings.B}; "
+        f"the relevance score on the shapes images; with the artifact images "
+        f"{summary.planted_truth_score_l3_relevance_all:.3f}: the model's shortcut lowers the logit of an artifact "
+        "image's own class, so a few relevance labels read `shape AND color AND NOT artifact`).",
         "Glocal figures: every channel part shows its evidence on the image from the activation cache (the "
         "channel's activation percentile among the labeled images, and whether its label holds on the image).",
     ]
@@ -598,12 +609,23 @@ def _report(data: _Data, setup: Any, fv: Any, cache_path: Path, labels: dict[str
                  audits=audits)
 
 
-def _relevance_facts(data: _Data, labels: dict[str, Any], relevance_labels: dict[str, Any]) -> dict[str, Any]:
+def _relevance_facts(data: _Data, labels: dict[str, Any], relevance_labels: dict[str, Any], cache_path: Path,
+                     settings: _Settings) -> dict[str, Any]:
+    """Planted truth of the output layer's relevance labels (L = 3) on the shapes images, where the truth is
+    planted, and on every row (the artifact images too); the channels whose two labels differ."""
+    from ..labeler import ConceptLabeler
     from ..report import differing_channels
+    from ..storage.cache import ActivationCache
     from .truth import planted_truth_score
 
     output_layer, dataset = data.model.layer_names[-1], data.dataset
-    return dict(planted_truth_score_l3_relevance=planted_truth_score(
+    with ActivationCache(cache_path) as cache:
+        relevances = cache.relevances(output_layer)[:dataset.n_base]
+    shapes = ConceptLabeler(dataset.base.concepts, device=settings.device).label(
+        relevances, L=settings.L, B=settings.B, layer=output_layer, progress=False)
+    return dict(planted_truth_score_l3_relevance=planted_truth_score(shapes, dataset.class_formulas,
+                                                                     dataset.class_names),
+                planted_truth_score_l3_relevance_all=planted_truth_score(
                     relevance_labels[output_layer], dataset.class_formulas, dataset.class_names),
                 labels_differ={name: len(differing_channels(labels[name], relevance_labels[name])) for name in labels})
 
@@ -703,7 +725,7 @@ def run_demo(
         circuits = [_circuit(data, labels, int(data.dataset.targets[glocal[0][0]]), outputs)] if glocal[0] else []
     with outputs.stage("relevance labels"):
         relevance_labels = _label(data, cache_path, settings, outputs, "relevance")
-        facts.update(_relevance_facts(data, labels, relevance_labels))
+        facts.update(_relevance_facts(data, labels, relevance_labels, cache_path, settings))
     audits = []
     if settings.n_artifact:
         with outputs.stage("audit"):
