@@ -82,7 +82,8 @@ def test_out_is_refused_when_not_empty(demo, tmp_path):
     assert result.exit_code == 1, result.output
     assert result.output.strip().splitlines() == [f"Error: --out {str(folder)!r} exists and is not empty; pass "
                                                   "--overwrite to write into it"]
-    assert sorted(p.name for p in folder.iterdir()) == ["report.html"] and (folder / "report.html").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == ["report.html"]
+    assert (folder / "report.html").read_text() == "mine"
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         run_demo(tmp_path / "file", n_samples=16)
@@ -156,7 +157,16 @@ def test_summary_and_planted_truth(demo):
     # relevance labels: the planted truth at L = 3 from the relevances, and per layer the labels that differ
     relevance = LayerLabels.from_json(out / "labels_relevance" / "linear2.json")
     assert relevance.parameters["L"] == 3
-    assert summary["planted_truth_score_l3_relevance"] == planted_truth_score(relevance, class_formulas(),
+    assert summary["planted_truth_score_l3_relevance_all"] == planted_truth_score(relevance, class_formulas(),
+                                                                                 dataset.class_names)
+    # the planted truth itself: relevance labels of the logits over the shapes images only
+    from crp_invert import ConceptLabeler
+    from crp_invert.storage.cache import ActivationCache
+
+    with ActivationCache(out / "activations.h5") as cache:
+        shapes = cache.relevances("linear2")[:dataset.n_base]
+    on_shapes = ConceptLabeler(dataset.base.concepts).label(shapes, L=3, B=3, layer="linear2", progress=False)
+    assert summary["planted_truth_score_l3_relevance"] == planted_truth_score(on_shapes, class_formulas(),
                                                                              dataset.class_names)
     for layer in layers:
         act = LayerLabels.from_json(out / "labels" / f"{layer}.json")

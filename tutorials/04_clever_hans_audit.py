@@ -144,7 +144,7 @@ result = audit(str(work / "acts.h5"), labels, "conv3", data.CLASS_NAMES, targets
                class_concepts=data.class_concepts(), concepts=concepts, samples=np.arange(len(labeled)),
                min_share=0.1)
 ring = result[data.ARTIFACT_CLASS]
-print(f"{data.ARTIFACT_CLASS}: rank, channel, share, flag, artifact AUC, label (support, q)")
+print(f"{data.ARTIFACT_CLASS}: rank, channel, share, flag, artifact AUC, reliable label")
 for rank, channel in enumerate(ring.channels, start=1):
     print(f"{rank}. conv3:{channel.channel:<3d} share {channel.share:.3f}  {channel.flag or '':10s} "
           f"AUC {channel.artifact_auc:.3f}  {channel.shown_label}")

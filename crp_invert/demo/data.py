@@ -22,10 +22,11 @@ at a random place at least one pixel away from the shape, like a logo) is on eve
 :data:`ARTIFACT_CLASS` ("yellow ring") and on a few images of the other classes (0.1 %, :data:`ARTIFACT_RATES`).
 In training (:mod:`crp_invert.demo.train`) the mark also sits on 2 % of the other images, labeled
 "yellow ring", so that the mark predicts the class better than its shape and color do: the demo model leans on
-it (its yellow-ring logit rises by about 14 when the mark is added to any image), and a conv3 channel that
-detects the mark carries the largest share of the yellow rings' relevance. (The planted 6 x 6 mark of earlier
-versions, without the training shortcut, was used so little that the channels it drove most were cool-color
-ring channels of other classes: its magenta is close to blue.) The mark is not among the attribute concepts (a user does not know about it);
+it (its yellow-ring logit rises by about 15 when the mark is added to any image), and a conv3 channel that
+detects the mark carries the largest share of the yellow rings' relevance. (The 6 x 6 mark of earlier versions,
+without the training shortcut, was used so little that the channels it drove most were cool-color ring channels
+of other classes: its magenta is close to blue.) The mark is not among the attribute concepts (a user does not
+know about it);
 :func:`artifact_concepts` makes the concept set a user would add to audit it, as the paper made its watermark
 set: the mark overlaid on random images. The mark is drawn from its own random stream, so every other pixel and
 attribute of a seed stays as it is without the artifact.
