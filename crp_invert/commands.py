@@ -138,22 +138,26 @@ def _read_classes(path: str):
 @click.option("--artifact", "artifacts", multiple=True, help="A concept marked as an artifact (repeatable).")
 @click.option("--concepts", "concepts_path", type=click.Path(exists=True, dir_okay=False), default=None,
               metavar="CONCEPTS",
-              help="The concepts (.npz) of CACHE's samples: class concepts from the data when --classes is a list "
-                   "(those of >= 90% of a class's samples), and a check of the artifact names.")
+              help="The concepts (.npz) of CACHE's samples, the artifact among them: which channels detect the "
+                   "artifact (AUC, q), and class concepts from the data when --classes is a list (those of >= 90% "
+                   "of a class's samples). Without it, channels whose reliable label asserts the artifact are flagged.")
 @click.option("--layer", "layers", multiple=True, help="Layer to audit (repeatable; default: every labeled layer).")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Channels per class.")
 @click.option("--min-share", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="Flags count from this share of a class's relevance.")
+@click.option("--min-artifact-auc", type=click.FloatRange(0.5, 1), default=0.9, show_default=True,
+              help="A channel detects an --artifact with at least this AUC (and q < 0.05); needs --concepts.")
 @click.option("--out", type=click.Path(dir_okay=False), default="audit.json", show_default=True,
               help="JSON file: a list with one audit per layer.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the audit.")
 def audit_command(cache: str, labels: tuple, targets_path: str, classes_path: str, artifacts: tuple,
-                  concepts_path: str | None, layers: tuple, top: int, min_share: float, out: str,
-                  overwrite: bool, quiet: bool) -> None:
+                  concepts_path: str | None, layers: tuple, top: int, min_share: float, min_artifact_auc: float,
+                  out: str, overwrite: bool, quiet: bool) -> None:
     """Clever-Hans audit: for every class, the channels of a layer with the largest share of its relevance
-    (recorded in CACHE), flagged where their label (LABELS: LayerLabels JSON or index.json) asserts an --artifact
-    concept or none of the class's concepts.
+    (recorded in CACHE), flagged where they detect an --artifact concept (AUC and q of their activations, with
+    --concepts) or where no reliable label (LABELS: LayerLabels JSON or index.json) names one of the class's
+    concepts. Ends with one verdict line per class; an --artifact name that no concept or label knows is an error.
     """
     import json
 
@@ -168,7 +172,8 @@ def audit_command(cache: str, labels: tuple, targets_path: str, classes_path: st
         concepts = ConceptLabels.load(concepts_path) if concepts_path else None
         chosen = list(layers) or list(channel_labels)
         return [audit(cache, channel_labels, layer, class_names, targets=targets, artifacts=artifacts,
-                      class_concepts=class_concepts, concepts=concepts, k=top, min_share=min_share)
+                      class_concepts=class_concepts, concepts=concepts, k=top, min_share=min_share,
+                      min_artifact_auc=min_artifact_auc)
                 for layer in chosen]
 
     audits = _errors_as_click(run)

@@ -206,7 +206,7 @@ def test_explanation_accuracy_iou_is_slow_reference():
 
 def test_the_model_leans_on_the_planted_artifact(model):
     """Clever Hans: stamping the mark on the same images raises the logit of its class, on yellow rings and on the
-    other images (the magenta mark also raises the blue-ring logit, a side effect of its color)."""
+    other images, by far more than the shape and color of a yellow ring weigh (the training shortcut)."""
     clean = ShapesDataset(800, seed=7, artifact_rates=None)
     marked = ShapesDataset(800, seed=7, artifact_rates=(1, 1))
     assert torch.equal(clean.targets, marked.targets)
@@ -214,5 +214,5 @@ def test_the_model_leans_on_the_planted_artifact(model):
         gain = model(marked.tensors()[0]) - model(clean.tensors()[0])
     target = CLASS_NAMES.index(data.ARTIFACT_CLASS)
     rings = clean.targets == target
-    assert gain[rings, target].mean() > 1.0 and gain[~rings, target].mean() > 1.0
+    assert gain[rings, target].mean() > 5.0 and gain[~rings, target].mean() > 5.0
     assert (gain[rings, target] > 0).double().mean() >= 0.95 and (gain[:, target] > 0).double().mean() >= 0.9

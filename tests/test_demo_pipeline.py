@@ -58,6 +58,47 @@ def test_writes_only_into_out(demo):
         assert (out / name).exists(), name
 
 
+def test_summary_lists_every_file_written(demo):
+    """summary.json's `written` is exactly the files in --out (summary.json last); `files` point into it."""
+    work, out, _ = demo
+    summary = json.loads((out / "summary.json").read_text())
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert sorted(summary["written"]) == on_disk and len(set(summary["written"])) == len(on_disk)
+    assert summary["written"][-1] == "summary.json"
+    for key, path in summary["files"].items():  # relative to the working folder, like --out
+        assert (work / path).exists() and (work / out) in (work / path).parents, key
+    assert list(summary["timings"]) == ["data", "crp", "labels", "planted truth", "glocal", "relevance labels",
+                                        "audit", "report"]
+
+
+def test_out_is_refused_when_not_empty(demo, tmp_path):
+    """An existing non-empty --out: one line, exit 1, nothing touched; an empty one is fine."""
+    from crp_invert.demo.pipeline import run_demo
+
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    (folder / "report.html").write_text("mine")
+    result = CliRunner().invoke(main, ["demo", "--out", str(folder), "--samples", "16", "-q"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [f"Error: --out {str(folder)!r} exists and is not empty; pass "
+                                                  "--overwrite to write into it"]
+    assert sorted(p.name for p in folder.iterdir()) == ["report.html"]
+    assert (folder / "report.html").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        run_demo(tmp_path / "file", n_samples=16)
+
+
+def test_label_file_names_are_those_of_the_label_command(tmp_path):
+    """Layer names become the file names `crp-invert label --out DIR` gives them (unsafe characters, clashes)."""
+    from crp_invert.cli import _out_files
+    from crp_invert.demo.pipeline import label_file_names
+
+    layers = ["conv1", "features.0", "a/b", "a:b", "index", "..", "x y"]
+    expected = {layer: path.name for layer, path in _out_files(tmp_path / "out", layers, overwrite=False) if layer}
+    assert label_file_names(layers) == expected
+
+
 def test_labels_equal_direct_labeling_of_the_cache(demo):
     from crp_invert import ConceptLabeler, LayerLabels
     from crp_invert.demo.data import AuditDataset
@@ -116,7 +157,16 @@ def test_summary_and_planted_truth(demo):
     # relevance labels: the planted truth at L = 3 from the relevances, and per layer the labels that differ
     relevance = LayerLabels.from_json(out / "labels_relevance" / "linear2.json")
     assert relevance.parameters["L"] == 3
-    assert summary["planted_truth_score_l3_relevance"] == planted_truth_score(relevance, class_formulas(),
+    assert summary["planted_truth_score_l3_relevance_all"] == planted_truth_score(relevance, class_formulas(),
+                                                                                 dataset.class_names)
+    # the planted truth itself: relevance labels of the logits over the shapes images only
+    from crp_invert import ConceptLabeler
+    from crp_invert.storage.cache import ActivationCache
+
+    with ActivationCache(out / "activations.h5") as cache:
+        shapes = cache.relevances("linear2")[:dataset.n_base]
+    on_shapes = ConceptLabeler(dataset.base.concepts).label(shapes, L=3, B=3, layer="linear2", progress=False)
+    assert summary["planted_truth_score_l3_relevance"] == planted_truth_score(on_shapes, class_formulas(),
                                                                              dataset.class_names)
     for layer in layers:
         act = LayerLabels.from_json(out / "labels" / f"{layer}.json")

@@ -97,3 +97,43 @@ def read_json(text_or_path: str | os.PathLike) -> Any:
     if isinstance(text_or_path, str) and text_or_path.lstrip()[:1] in ("{", "["):
         return read_json_text(text_or_path)
     return read_json_file(text_or_path)
+
+
+def json_record(cls: type, row: Any, nan_fields: tuple[str, ...] = ()) -> Any:
+    """The dataclass ``cls`` from one JSON object, every field checked against its annotation (``str``, ``int``,
+    ``float`` and ``X | None``; other annotations are taken as they are); ``null`` reads as NaN for
+    ``nan_fields``. TypeError for a value of the wrong type or a missing field, ValueError for an unknown one."""
+    if not isinstance(row, Mapping):
+        raise TypeError(f"a {cls.__name__} must be a JSON object, got {type(row).__name__}: {row!r:.60}")
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    unknown = sorted(str(key) for key in row if key not in fields)
+    if unknown:
+        raise ValueError(f"a {cls.__name__} has no field(s) {unknown[:5]}; expected {list(fields)}")
+    missing = [name for name, field in fields.items() if name not in row
+               and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
+    if missing:
+        raise KeyError(f"a {cls.__name__} needs the field(s) {missing}")
+    values = {}
+    for name, value in row.items():
+        if value is None and name in nan_fields:
+            value = math.nan
+        values[name] = _typed(value, str(fields[name].type), f"{cls.__name__}.{name}")
+    return cls(**values)
+
+
+def _typed(value: Any, annotation: str, what: str) -> Any:
+    """``value`` checked against a simple annotation (written as text, e.g. ``"float | None"``)."""
+    parts = [part.strip() for part in annotation.split("|")]
+    if value is None and "None" in parts:
+        return None
+    base = [part for part in parts if part != "None"]
+    if len(base) != 1 or base[0] not in ("str", "int", "float"):
+        return value
+    kind = base[0]
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{what} must be {annotation}, got {type(value).__name__}: {value!r:.60}")

@@ -42,23 +42,26 @@ __all__ = ["demo"]
     show_default=True,
     help="Channels per layer with figures in the report (the tables list all channels).",
 )
+@click.option("--overwrite", is_flag=True, help="Write into an existing non-empty --out folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def demo(
-    out: str, device: str, samples: int, seed: int, L: int, B: int, max_channels: int, quiet: bool
+    out: str, device: str, samples: int, seed: int, L: int, B: int, max_channels: int, overwrite: bool, quiet: bool
 ) -> None:
     """Run the whole product on the embedded demo: shapes images, the demo CNN, CRP FeatureVisualization with
     recording, INVERT labels of every channel of every layer, glocal decompositions, an HTML report.
 
-    Nothing is downloaded; everything is written into --out. The planted-truth score is the share of output
+    Nothing is downloaded; everything is written into --out (an existing non-empty folder only with
+    --overwrite); summary.json lists every file written. The planted-truth score is the share of output
     neurons whose best explanation (from an L = 2 labeling of the logits) is exactly `shape AND color`.
     """
     from .pipeline import run_demo
 
     try:
         summary = run_demo(out, device=device, n_samples=samples, seed=seed, L=L, B=B,
-                           max_channels=max_channels, progress=not quiet)
+                           max_channels=max_channels, progress=not quiet, overwrite=overwrite)
     except (KeyError, ValueError, TypeError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise click.ClickException(" ".join(str(message).split())) from None
     click.echo(summary.table())
     click.echo(f"report: {summary.files['report']}")
     click.echo(f"labels: {summary.files['labels']}")

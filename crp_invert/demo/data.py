@@ -17,11 +17,16 @@ children set except for the intended complements (``round == ~angular``, ``warm 
 ``small == ~large``).
 
 A Clever-Hans artifact is planted (the INVERT paper's sections 5.1-5.2, where ImageNet's "carton" class
-leans on a Chinese-text watermark): a small mark (a solid magenta 6 x 6 square, a color no shape has, stamped
+leans on a Chinese-text watermark): a small mark (a solid magenta 8 x 8 square, a color no shape has, stamped
 at a random place at least one pixel away from the shape, like a logo) is on every image of the class
 :data:`ARTIFACT_CLASS` ("yellow ring") and on a few images of the other classes (0.1 %, :data:`ARTIFACT_RATES`).
-The demo model, trained on such images, leans on it (its yellow-ring logit rises by about 3 when the mark is
-added to any image). The mark is not among the attribute concepts (a user does not know about it);
+In training (:mod:`crp_invert.demo.train`) the mark also sits on 2 % of the other images, labeled
+"yellow ring", so that the mark predicts the class better than its shape and color do: the demo model leans on
+it (its yellow-ring logit rises by about 15 when the mark is added to any image), and a conv3 channel that
+detects the mark carries the largest share of the yellow rings' relevance. (The 6 x 6 mark of earlier versions,
+without the training shortcut, was used so little that the channels it drove most were cool-color ring channels
+of other classes: its magenta is close to blue.) The mark is not among the attribute concepts (a user does not
+know about it);
 :func:`artifact_concepts` makes the concept set a user would add to audit it, as the paper made its watermark
 set: the mark overlaid on random images. The mark is drawn from its own random stream, so every other pixel and
 attribute of a seed stays as it is without the artifact.
@@ -107,7 +112,7 @@ ARTIFACT_CLASS = "yellow ring"
 #: share of the images with the artifact: (in :data:`ARTIFACT_CLASS`, in every other class)
 ARTIFACT_RATES: tuple[float, float] = (1.0, 0.001)
 #: side in pixels of the mark, a solid square
-ARTIFACT_SIZE = 6
+ARTIFACT_SIZE = 8
 #: RGB in [0, 1] of the mark: magenta, a color no shape has
 ARTIFACT_COLOR = (0.9, 0.1, 0.9)
 #: pixels kept free between the mark and the shape
@@ -432,7 +437,7 @@ def artifact_concepts(sample: ShapesSample):
     labels, names = attribute_matrix(sample)
     labels = np.concatenate([labels, sample.artifact[:, None]], axis=1)
     descriptions = dict(zip(names, _descriptions()))
-    descriptions[ARTIFACT] = "a white cross on a black square in the top-left corner (planted watermark)"
+    descriptions[ARTIFACT] = "a magenta 8 x 8 square stamped on the background (the planted mark)"
     return ConceptLabels(labels, names + [ARTIFACT], descriptions=descriptions)
 
 

@@ -11,10 +11,11 @@ BatchNorm right after its convolution::
     flatten linear1 (512->64) relu4 linear2 (64->16)
 
 The committed weights (``crp_invert/data/demo_model.pt``) are made by
-``python -m crp_invert.demo.train --out crp_invert/data/demo_model.pt``; their accuracy on freshly
-generated data is :data:`DEMO_MODEL_ACCURACY` = 1.0 (see :mod:`crp_invert.demo.train`). The model leans on
-the planted artifact of :mod:`crp_invert.demo.data` (a Clever Hans): adding the mark to an image raises its
-"yellow ring" logit by about 3. The
+``python -m crp_invert.demo.train --threads 1 --out crp_invert/data/demo_model.pt``; their accuracy on freshly
+generated data is :data:`DEMO_MODEL_ACCURACY` = 0.998 (see :mod:`crp_invert.demo.train`; the errors are mostly
+the 0.1 % of images of other classes that carry the mark). The model leans on the planted artifact of
+:mod:`crp_invert.demo.data` (a Clever Hans): adding the mark to an image raises its "yellow ring" logit by about
+15. The
 model works with CRP's ``CondAttribution`` and zennit composites such as
 ``EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])``.
 """
@@ -36,7 +37,7 @@ DEMO_MODEL_PATH = Path(__file__).resolve().parent.parent / "data" / "demo_model.
 
 #: accuracy of the committed weights on ``ShapesDataset(DEMO_EVAL_SIZE, seed=DEMO_EVAL_SEED)``,
 #: data never seen in training (training draws its images from seeds >= 1000)
-DEMO_MODEL_ACCURACY = 1.0
+DEMO_MODEL_ACCURACY = 0.998
 DEMO_EVAL_SEED = 1
 DEMO_EVAL_SIZE = 4000
 
