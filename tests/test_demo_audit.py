@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from test_report import parse
+from report_page import parse
 
 from crp_invert.audit import Audit, audit
 from crp_invert.demo.data import ARTIFACT, ARTIFACT_CLASS, CLASS_NAMES, AuditDataset, ShapesDataset, class_concepts

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_report import parse
+from report_page import parse
 
 from crp_invert.cli import main
 
