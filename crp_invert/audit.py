@@ -314,7 +314,7 @@ class Audit:
         """Rebuild from :meth:`to_dict` (audits written before support, q and detection were stored load too)."""
         if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
             raise ValueError(f"not a {_FORMAT} object (its 'format' must be {_FORMAT!r})")
-        classes = [_class_audit(item) for item in _list(data, "classes")]
+        classes = [_class_from_json(item) for item in _list(data, "classes")]
         return cls(layer=json_record(_Text, {"text": data["layer"]}).text, quantity=str(data["quantity"]),
                    artifacts=tuple(_strings(data["artifacts"], "artifacts")),
                    min_share=json_record(_Number, {"value": data["min_share"]}).value, classes=classes,
@@ -387,7 +387,7 @@ def _channel(row: Any) -> AuditChannel:
     return json_record(AuditChannel, values, nan_fields=("share", "value"))
 
 
-def _class_audit(data: Any) -> ClassAudit:
+def _class_from_json(data: Any) -> ClassAudit:
     """One class of an audit from JSON, every field checked."""
     data = _mapping(data, "class")
     values = {key: data[key] for key in ("target", "name", "n_samples") if key in data}
