@@ -38,7 +38,7 @@ N_MARKED = 60  # the last rows: the artifact concept set (the mark on random ima
 def layer_labels(texts, names=NAMES, layer="conv"):
     beams = [[] if text is None else [Explanation(formula=Formula.parse(text, names), auc=0.9, fraction=0.2,
                                                   length=1, p_value=1e-6, n_candidates=3, p_value_bonferroni=3e-6,
-                                                  p_value_bh=1e-5)] for text in texts]
+                                                  p_value_bh=1e-5, support=60, n_samples=N)] for text in texts]
     return LayerLabels(beams, names, layer)
 
 

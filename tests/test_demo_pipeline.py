@@ -177,7 +177,7 @@ def test_summary_and_planted_truth(demo):
 
 
 def test_report_lists_every_channel(demo):
-    from crp_invert.core.labels import LayerLabels
+    from crp_invert.core.labels import NO_RELIABLE_LABEL, LayerLabels
 
     _, out, _ = demo
     text = (out / "report.html").read_text()
@@ -189,7 +189,7 @@ def test_report_lists_every_channel(demo):
         rows = tables[layer][1:]
         assert [int(row[0]) for row in rows] == list(range(len(labels)))
         assert [row[1] for row in rows] == [
-            str(labels.best(c).formula) if labels.best(c) else "(no formula)" for c in range(len(labels))
+            str(labels.best(c).formula) if labels.best(c) else NO_RELIABLE_LABEL for c in range(len(labels))
         ]
     # a model was given: CRP reference samples, glocal figures and the circuit are in the page
     assert "<figcaption>CRP ActMax" in text and "<figcaption>CRP RelMax" in text
