@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import write_cache
 from scipy.stats import false_discovery_control, mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
@@ -24,7 +25,6 @@ from crp_invert.audit import (
 )
 from crp_invert.cli import main
 from crp_invert.integration.circuits import circuit_by_weight
-from crp_invert.storage.cache import ActivationCache
 
 CLASSES = ["red circle", "blue square", "empty"]
 NAMES = ["red", "blue", "circle", "square", "striped", "mark"]
@@ -171,21 +171,9 @@ def test_without_concepts_the_labels_decide(planted):
     assert "detection not measured" in result.table()
 
 
-def write_cache(path, relevances, activations=None):
-    """A one-layer cache ("conv") holding ``activations`` (default: the relevances) and ``relevances``."""
-    relevances = relevances.astype(np.float32)
-    activations = relevances if activations is None else activations.astype(np.float32)
-    with ActivationCache(path, mode="a", overwrite=True) as cache:
-        cache.initialize((0, len(relevances)))
-        cache.add_layer("conv", relevances.shape[1], relevances=True, pooling="mean")
-        cache.write("conv", (0, len(relevances)), activations, relevances)
-        cache.mark_complete((0, len(relevances)))
-    return path
-
-
 def test_cache_samples_and_top_k(planted, tmp_path):
     """A cache gives the audit of its arrays; samples= restricts the averaged rows."""
-    path = write_cache(tmp_path / "cache.h5", planted["relevances"], planted["activations"])
+    path = write_cache(tmp_path / "cache.h5", {"conv": (planted["activations"], planted["relevances"])})
     relevances = planted["relevances"].astype(np.float32)
     activations = planted["activations"].astype(np.float32)
     kwargs = dict(targets=planted["targets"], artifacts=["mark"], concepts=planted["concepts"], k=3)
@@ -312,7 +300,7 @@ def test_errors(planted):
 @pytest.fixture()
 def files(planted, tmp_path):
     """The audit command's inputs for the planted data."""
-    path = write_cache(tmp_path / "cache.h5", planted["relevances"], planted["activations"])
+    path = write_cache(tmp_path / "cache.h5", {"conv": (planted["activations"], planted["relevances"])})
     planted["labels"].to_json(tmp_path / "conv.json")
     np.save(tmp_path / "targets.npy", planted["targets"])
     (tmp_path / "targets.txt").write_text("\n".join(map(str, planted["targets"])))
@@ -366,7 +354,7 @@ def test_audit_command_refuses_nan_relevances(planted, files):
     folder, _ = files
     relevances = planted["relevances"].copy()
     relevances[5, 3] = np.nan
-    cache = write_cache(folder / "nan.h5", relevances, planted["activations"])
+    cache = write_cache(folder / "nan.h5", {"conv": (planted["activations"], relevances)})
     result = run_audit(folder, cache, "--targets", str(folder / "targets.npy"), "--classes",
                        str(folder / "classes.json"), "--concepts", str(folder / "concepts.npz"), "--artifact", "mark",
                        "--out", str(folder / "nan.json"))

@@ -36,6 +36,7 @@ def _saturated(images, sample=None):
 
 
 def test_same_seed_same_bytes():
+    """The same seed draws byte-identical uint8 images and attributes; another seed draws none of the same images."""
     a, b = generate_shapes(200, seed=11), generate_shapes(200, seed=11)
     assert a.images.dtype == np.uint8 and a.images.shape == (200, 32, 32, 3)
     assert a.images.tobytes() == b.images.tobytes()
@@ -49,6 +50,7 @@ def test_same_seed_same_bytes():
 
 
 def test_dataset_same_seed_same_tensors():
+    """ShapesDataset of the same seed gives equal tensors, of another seed different images."""
     a, b = ShapesDataset(64, seed=5), ShapesDataset(64, seed=5)
     xa, ya = a.tensors()
     xb, yb = b.tensors()
@@ -57,6 +59,7 @@ def test_dataset_same_seed_same_tensors():
 
 
 def test_classes_balanced_and_attributes_independent(sample):
+    """Every class has the same count, the target is shape * len(COLORS) + color, and every size and texture occurs."""
     counts = np.bincount(sample.targets, minlength=len(CLASS_NAMES))
     assert counts.tolist() == [N // len(CLASS_NAMES)] * len(CLASS_NAMES)
     assert np.array_equal(sample.targets, sample.shape * len(COLORS) + sample.color)
@@ -65,6 +68,7 @@ def test_classes_balanced_and_attributes_independent(sample):
 
 
 def test_masks_are_the_colored_pixels(sample):
+    """The shape masks match the saturated pixels (IoU > 0.95) and no colored pixel touches the border."""
     saturated = _saturated(sample.images, sample)
     intersection = (saturated & sample.masks).sum((1, 2))
     union = (saturated | sample.masks).sum((1, 2))
@@ -75,6 +79,7 @@ def test_masks_are_the_colored_pixels(sample):
 
 
 def test_fill_color_matches_color_label(sample):
+    """The mean color of each shape's pixels is nearest to the prototype of its color label."""
     expected = {"red": (1, 0, 0), "yellow": (1, 1, 0), "green": (0, 1, 0), "blue": (0, 0, 1)}
     assert set(expected) == set(COLORS)
     prototypes = np.array([expected[name] for name in COLORS], dtype=np.float64)
@@ -87,6 +92,7 @@ def test_fill_color_matches_color_label(sample):
 
 
 def test_large_shapes_cover_more_pixels(sample):
+    """Every large shape covers more pixels than every small one, overall and within each shape."""
     area = _saturated(sample.images, sample).sum((1, 2))
     small, large = area[sample.size == SIZES.index("small")], area[sample.size == SIZES.index("large")]
     assert small.min() > 20
@@ -132,6 +138,7 @@ def test_shape_label_matches_geometry(sample):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # rows or columns covered by the shape
 def test_texture_present_in_background(sample):
+    """The background away from the shape shows the labeled texture (plain, stripes, dots or checker)."""
     saturated = _saturated(sample.images, sample)
     # background: gray pixels away from the shape (one pixel of margin)
     near = saturated.copy()
@@ -164,6 +171,7 @@ def test_texture_present_in_background(sample):
 
 
 def test_attribute_matrix(sample):
+    """One-hot blocks equal the attribute labels, parents are the OR of their children, no class is a concept."""
     labels, names = attribute_matrix(sample)
     assert names == concept_names() and len(set(names)) == len(names)
     assert labels.dtype == bool and labels.shape == (N, len(names))
@@ -198,6 +206,7 @@ def test_planted_truth_is_unique_among_short_formulas(sample):
 
 
 def test_dataset_items():
+    """Items are (3, 32, 32) floats in [0, 1] with int targets of their attributes, like tensors() and a DataLoader."""
     ds = ShapesDataset(40, seed=1)
     assert len(ds) == 40
     assert ds.class_names == list(CLASS_NAMES) and len(CLASS_NAMES) == len(SHAPES) * len(COLORS)
@@ -218,6 +227,7 @@ def test_dataset_items():
 
 
 def test_concept_labels(sample):
+    """attribute_concepts equals attribute_matrix, and every class formula evaluates to exactly its class's samples."""
     from crp_invert import ConceptLabels
 
     concepts = data.attribute_concepts(sample)
@@ -232,6 +242,7 @@ def test_concept_labels(sample):
 
 @pytest.mark.parametrize("bad", [-1, 2.5, "10"])
 def test_bad_arguments(bad):
+    """generate_shapes refuses a negative, fractional or string n or seed with ValueError."""
     with pytest.raises(ValueError, match="n must be"):
         generate_shapes(bad)
     with pytest.raises(ValueError, match="seed must be"):
@@ -239,6 +250,7 @@ def test_bad_arguments(bad):
 
 
 def test_image_size():
+    """image_size sets the image's height and width; a too small size raises ValueError."""
     sample = generate_shapes(32, seed=0, image_size=48)
     assert sample.images.shape == (32, 48, 48, 3)
     with pytest.raises(ValueError, match="image_size"):
@@ -280,6 +292,7 @@ def test_artifact_is_planted_at_its_rates_and_changes_nothing_else():
 
 
 def test_audit_dataset_merges_the_artifact_concept_set():
+    """AuditDataset: shapes images then the artifact set, whose concept is true only on the set."""
     dataset = data.AuditDataset(160, seed=3, n_artifact=20)
     assert len(dataset) == 180 and dataset.n_base == 160
     concepts = dataset.concepts
@@ -302,6 +315,7 @@ def test_audit_dataset_merges_the_artifact_concept_set():
 
 
 def test_class_concepts_hold_for_every_image_of_the_class(sample):
+    """The documented class concepts equal those that hold for every image of the class in the data (min_fraction=1)."""
     from crp_invert.audit import class_concepts_from_data
 
     from_data = class_concepts_from_data(data.attribute_concepts(sample), sample.targets, CLASS_NAMES,

@@ -38,6 +38,7 @@ def logits_and_data(model):
 
 
 def test_structure():
+    """DemoCNN: layer names, each BatchNorm after its convolution, 4 distinct ReLUs, output shape, bad channels."""
     net = DemoCNN()
     assert net.layer_names == ["conv1", "conv2", "conv3", "linear1", "linear2"]
     modules = dict(net.named_modules())
@@ -57,6 +58,7 @@ def test_structure():
 
 
 def test_committed_weights(model):
+    """The committed weights (<= 1 MiB) load on the CPU in eval mode; a missing file raises FileNotFoundError."""
     assert DEMO_MODEL_PATH.is_file()
     assert DEMO_MODEL_PATH.stat().st_size <= 1 << 20
     assert isinstance(model, DemoCNN) and not model.training
@@ -69,6 +71,7 @@ def test_committed_weights(model):
 
 
 def test_documented_accuracy(model):
+    """The documented accuracy (in [0.9, 1]) is the committed model's accuracy on the documented data."""
     assert DEMO_MODEL_ACCURACY is not None and 0.9 <= DEMO_MODEL_ACCURACY <= 1.0
     # the documented number, on the documented data
     accuracy = evaluate(model, n=DEMO_EVAL_SIZE, seed=DEMO_EVAL_SEED)
@@ -76,12 +79,14 @@ def test_documented_accuracy(model):
 
 
 def test_accuracy_on_other_fresh_data(logits_and_data):
+    """On data of another seed the committed model is at most 2 points below its documented accuracy."""
     logits, dataset = logits_and_data
     accuracy = float((logits.argmax(1) == dataset.targets).double().mean())
     assert accuracy >= DEMO_MODEL_ACCURACY - 0.02
 
 
 def test_training_is_reproducible():
+    """One seed trains equal weights, another seed others; the caller's RNG is untouched; epochs=0 refused."""
     kwargs = dict(epochs=1, n_per_epoch=128, batch_size=64)
     before = torch.random.get_rng_state()
     a = train_demo_model(**kwargs)
@@ -133,6 +138,7 @@ def _fake_layer(formulas):
 
 
 def test_scores_on_known_labels():
+    """Planted-truth matches, score and explanation accuracy of hand-made labels with known answers."""
     from crp_invert import Formula
 
     sample = data.generate_shapes(64, seed=0)

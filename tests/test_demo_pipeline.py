@@ -41,6 +41,7 @@ def channel_tables(text):
 
 
 def test_writes_only_into_out(demo):
+    """The demo writes nothing outside --out, and there its report, cache, summary, labels, figures, CRP files."""
     work, out, _ = demo
     assert sorted(p.name for p in work.iterdir()) == ["out"]
     for name in (
@@ -100,6 +101,7 @@ def test_label_file_names_are_those_of_the_label_command(tmp_path):
 
 
 def test_labels_equal_direct_labeling_of_the_cache(demo):
+    """The label files equal ConceptLabeler's labels of the cached activations; the logits are the model's."""
     from crp_invert import ConceptLabeler, LayerLabels
     from crp_invert.demo.data import AuditDataset
     from crp_invert.demo.model import load_demo_model
@@ -130,6 +132,7 @@ def test_labels_equal_direct_labeling_of_the_cache(demo):
 
 
 def test_summary_and_planted_truth(demo):
+    """summary.json's planted-truth scores and layer rows equal recomputation from label files and cache."""
     from crp_invert.core.labels import LayerLabels
     from crp_invert.demo.data import AuditDataset, class_formulas
     from crp_invert.demo.truth import explanation_accuracy, planted_truth_score
@@ -177,6 +180,8 @@ def test_summary_and_planted_truth(demo):
 
 
 def test_report_lists_every_channel(demo):
+    """The report lists every channel of every layer with its best reliable label (or 'no reliable label'), CRP
+    samples, glocal and circuits."""
     from crp_invert.core.labels import NO_RELIABLE_LABEL, LayerLabels
 
     _, out, _ = demo
@@ -235,6 +240,7 @@ def test_report_from_demo_files_escapes_concept_names(demo, tmp_path):
 
 
 def test_bad_settings(tmp_path):
+    """Too few samples give usage error 2; run_demo refuses a bad n_samples or alpha with ValueError."""
     from crp_invert.demo.pipeline import run_demo
 
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "x"), "--samples", "5"])
