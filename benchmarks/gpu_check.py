@@ -211,7 +211,8 @@ def section_imagenet_labeling(args, part: Part) -> None:
     part["warm_up_seconds_2_features"] = seconds  # includes preparing the labels on the device
     budget = default_memory_budget(device)
     plan = SearchMemory(concepts.n_samples, concepts.n_concepts, 3, 3)
-    batch, prefetch, part_budget = batch_plan(plan, sizes["features"], budget, _itemsize(layer))
+    batch, prefetch, part_budget = batch_plan(plan, sizes["features"], budget, _itemsize(layer),
+                                              overlap=layer.device.type == "cpu")
     part.update(memory_budget_gb=budget / 1e9, feature_batch=batch, prefetch=prefetch,
                 plan_batches_gb=(2 if prefetch else 1) * (min(batch, sizes["features"]) * plan.feature_bytes(4)
                                                          + plan.working_memory(part_budget)) / 1e9,
@@ -235,7 +236,8 @@ def section_imagenet_labeling(args, part: Part) -> None:
         seconds, other = timed(lambda: label_array(layer, concepts, SearchParams(L=3, B=3), device=device,
                                                    backend=backend, memory_bytes=big, progress=False), device)
         part.update(budget_16gib_seconds=seconds, budget_16gib_peak_gb=peak_gb(device),
-                    budget_16gib_feature_batch=batch_plan(plan, sizes["features"], big, 4)[0],
+                    budget_16gib_feature_batch=batch_plan(plan, sizes["features"], big, 4,
+                                                          overlap=layer.device.type == "cpu")[0],
                     budget_16gib_identical=compare_labels(other, result)["identical"])
 
 

@@ -67,16 +67,19 @@ def default_feature_batch_size(n_samples: int, B: int, memory_bytes: int | None 
     return SearchMemory(int(n_samples), int(n_concepts), int(B), int(L)).feature_batch(budget, itemsize)
 
 
-def batch_plan(plan: SearchMemory, n_features: int, budget: int, itemsize: int = 4,
-               copies: int = 1) -> tuple[int, bool, int]:
+def batch_plan(plan: SearchMemory, n_features: int, budget: int, itemsize: int = 4, copies: int = 1,
+               overlap: bool = True) -> tuple[int, bool, int]:
     """``(feature batch, prefetch, budget of one batch)`` of :func:`label_array` for a layer of ``n_features``.
 
     One batch if the layer fits the budget; else, where half of the budget holds the least working memory and a
     feature, two batches at a time with half of the budget each: the next one read and ranked in a thread while
     the current one is searched. Either way the batches in flight, their working memory included, fit ``budget``.
+    ``overlap=False`` (activations already on the GPU: nothing to read, and one CUDA stream runs ranking and
+    search one after the other) keeps one batch at a time.
     """
     batch = plan.feature_batch(budget, itemsize, copies)
-    if batch < n_features and budget // 2 >= plan.minimum_working_memory() + plan.feature_bytes(itemsize, copies):
+    half_fits = budget // 2 >= plan.minimum_working_memory() + plan.feature_bytes(itemsize, copies)
+    if overlap and batch < n_features and half_fits:
         return plan.feature_batch(budget // 2, itemsize, copies), True, budget // 2
     return batch, False, budget
 
@@ -161,7 +164,9 @@ def label_array(
     budget = default_memory_budget(device) if memory_bytes is None else int(memory_bytes)
     prefetch = False
     if feature_batch_size is None:
-        feature_batch_size, prefetch, budget = batch_plan(plan, n_features, budget, itemsize, copies)
+        on_device = isinstance(activations, torch.Tensor) and activations.device.type != "cpu"
+        feature_batch_size, prefetch, budget = batch_plan(plan, n_features, budget, itemsize, copies,
+                                                          overlap=not on_device)
         feature_batch_size = _align_to_chunks(feature_batch_size, activations)
     working_memory = plan.working_memory(budget)
     rank_chunk = plan.chunks(working_memory)[0]
