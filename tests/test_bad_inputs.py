@@ -214,7 +214,8 @@ def report_with(tmp, labels_of: Callable[[], dict], use_concepts=True) -> Callab
 
 
 def fake_labels(n_features: int, names=NAMES, n_samples=N, layer="a") -> dict:
-    explanation = Explanation(Formula.concept(names[0]), 0.7, 0.4, 1, 0.01, 3, 0.03, 0.03)
+    explanation = Explanation(Formula.concept(names[0]), 0.7, 0.4, 1, 0.01, 3, 0.03, 0.03,
+                              support=round(0.4 * n_samples), n_samples=n_samples)
     return {layer: LayerLabels([[explanation]] * n_features, names, layer, {"n_samples": n_samples})}
 
 
@@ -792,11 +793,19 @@ def test_int64_near_2_60_ranks_exactly():
 
 
 def test_report_names_with_mathtext_and_anchors(tmp_path):
+    """Layer and concept names that break matplotlib's math text or collide as anchors: every card is drawn, every
+    anchor is unique and every shown label is in the page."""
+    import helpers
+
     # mathtext fails on "$a^^b$", "$x_$", "${$" and "x$$y" (matplotlib raises ValueError while drawing)
     layers = {"features.0": 2, "features/0": 2, "features_0": 2, "$a^^b$": 2, "x$$y": 2}
     names = ["$x_$", "${$", "b_c^d", "new\nline"]
-    write_cache(tmp_path / "cache.h5", layers=layers)
-    labels_ = concepts(names=names)
+    labels_ = concepts(n=80, names=names)
+    # each channel follows one concept (plus noise), so that every channel has a reliable label to draw
+    rng = np.random.default_rng(0)
+    planted = np.stack([labels_.mask(name).numpy() for name in names[:2]], 1).astype(np.float32)
+    helpers.write_cache(tmp_path / "cache.h5", {
+        layer: (planted + 0.1 * rng.normal(size=planted.shape)).astype(np.float32) for layer in layers})
     labeler = ConceptLabeler(labels_)
     results = labeler.label_cache(tmp_path / "cache.h5", L=2, B=2, progress=False)
     path = write_report(tmp_path / "r.html", results, cache=tmp_path / "cache.h5", concepts=labels_,

@@ -238,6 +238,22 @@ def sample_concepts(evidence: Evidence, n_samples: int) -> tuple[list[Any], list
     return rows, indices
 
 
+def check_concept_names(rows: Sequence[Any], labels: Sequence[Any]) -> None:
+    """KeyError naming the concepts the labels use but a sample's concepts lack (concepts of another concept
+    set), whether or not a label that uses them would be shown."""
+    needed: set[str] = set()
+    for layer_labels in labels:
+        needed.update(getattr(layer_labels, "concept_names", ()) or ())
+    for row in rows:
+        if row is None:
+            continue
+        known = set(row.names) if hasattr(row, "names") else set(row)
+        missing = sorted(needed - known)
+        if missing:
+            raise KeyError(f"unknown concept(s) {missing[:5]} in the sample's concepts: the labels were made with "
+                           f"other concepts ({len(needed)} names, e.g. {sorted(needed)[:3]})")
+
+
 def _evidence_pooling(evidence: Evidence, reference_layer: str):
     """The pooling of the reference: the cache's (checked against ``evidence.pooling``) or the given one."""
     from .recorder import POOLINGS

@@ -29,7 +29,7 @@ import torch
 
 from ..core.checks import is_int
 from ..core.jsonio import read_json, write_json
-from .evidence import ChannelEvidence, Evidence, collect_evidence, sample_concepts
+from .evidence import ChannelEvidence, Evidence, check_concept_names, collect_evidence, sample_concepts
 from .guard import model_guard
 from .layers import (
     LastCall,
@@ -387,6 +387,7 @@ def decompose_batch(attribution, samples: torch.Tensor, target, layer: str, comp
     sources = {"act": checked_layer_labels(labels, layer, n_channels),
                "rel": checked_layer_labels(relevance_labels, layer, n_channels)}
     rows, indices = sample_concepts(evidence, len(data)) if evidence is not None else ([None] * len(data), None)
+    check_concept_names(rows, list(sources.values()))
     last_call = LastCall(model, [layer] if found.calls[layer] > 1 else [])
     run = _Run(attribution, composite, layer, batch_size, last_call.mask)
     with model_guard(model), last_call.attached():
