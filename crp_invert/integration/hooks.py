@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -136,23 +137,15 @@ def record_activations(
     ActivationCache
         The cache: ``cache`` itself if an ActivationCache was given, otherwise the file reopened read-only.
     """
-    from tqdm.auto import tqdm
-
     layer_map = dict(layers) if isinstance(layers, Mapping) else {name: None for name in layers}
     if not layer_map:
         raise ValueError("layers must name at least one module")
     poolings = layer_poolings(layer_map, pooling)
     check_layers(model, layer_map)
     kinds, poolings, declared = layer_layouts(model, layer_map, poolings, layouts)
-    if n_samples is None:
-        dataset = getattr(data_loader, "dataset", None)
-        if dataset is None:
-            raise TypeError("data_loader has no .dataset; pass n_samples=")
-        n_samples = len(dataset)
+    n_samples = _dataset_length(data_loader, n_samples)
     check_sequential(data_loader)
-    if device is None:
-        param = next(iter(model.parameters()), None)
-        device = param.device if param is not None else torch.device("cpu")
+    device = _input_device(model, device)
     store, own = open_cache(cache, overwrite)
     try:
         store.initialize((0, int(n_samples)))
@@ -163,49 +156,10 @@ def record_activations(
         check_recorded_layers(store, meta, relevances=False)  # all but the data: refused before any work
         done = store.complete() if all(name in store for name in layer_map) else np.zeros(n_samples, dtype=bool)
         recorder = Recorder(store, layer_map, poolings, False, meta, flush_interval, kinds, declared)
-        modules = dict(model.named_modules())
-        current: dict[str, np.ndarray] = {}
-
-        def make_hook(name):
-            def hook(module, inputs, output):
-                recorder.activation(name, output[0] if isinstance(output, tuple) else output, current["indices"])
-
-            return hook
-
-        row = 0
-        handles = []
+        run = _HookedRun(model, composite, recorder, list(layer_map))
         try:
-            with model_guard(model, composite, only_on_error=True), torch.no_grad():
-                handles = [modules[name].register_forward_hook(make_hook(name)) for name in layer_map]
-                context = composite.context(model) if composite is not None else None
-                if context is not None:
-                    context.__enter__()
-                try:
-                    for batch in tqdm(data_loader, desc="recording activations", disable=not progress):
-                        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-                        if not isinstance(inputs, torch.Tensor):
-                            raise TypeError(
-                                f"batches must be tensors or (input, ...) tuples, got {type(inputs).__name__}"
-                            )
-                        if row == 0:
-                            _check_data(store, meta, inputs[:1])
-                        size = inputs.shape[0]
-                        if row + size > n_samples:
-                            raise ValueError(f"data_loader yielded more than n_samples={n_samples} samples")
-                        indices = np.arange(row, row + size)
-                        row += size
-                        if done[indices].all():
-                            continue
-                        current["indices"] = indices
-                        recorder.begin(indices)
-                        model(inputs.to(device))
-                        recorder.end()
-                finally:
-                    if context is not None:
-                        context.__exit__(None, None, None)
+            row = run.record(_batches(data_loader, progress), store, meta, done, n_samples, device)
         finally:
-            for handle in handles:
-                handle.remove()
             recorder.close()
         if row != n_samples:
             logger.warning("data_loader yielded %d samples, the cache has %d rows; the rest stay incomplete",
@@ -214,6 +168,90 @@ def record_activations(
         if own:
             store.close()
     return ActivationCache(store.path) if own else store
+
+
+def _dataset_length(data_loader: Iterable, n_samples: int | None) -> int:
+    """``n_samples``, or the length of the loader's dataset (TypeError where it has none)."""
+    if n_samples is not None:
+        return n_samples
+    dataset = getattr(data_loader, "dataset", None)
+    if dataset is None:
+        raise TypeError("data_loader has no .dataset; pass n_samples=")
+    return len(dataset)
+
+
+def _input_device(model: torch.nn.Module, device: torch.device | str | None) -> torch.device | str:
+    """Where inputs go: ``device``, else the device of the model's first parameter, else the CPU."""
+    if device is not None:
+        return device
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _batches(data_loader: Iterable, progress: bool) -> Iterator[torch.Tensor]:
+    """The input tensor of every batch (the first item of tuples), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(data_loader, desc="recording activations", disable=not progress):
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"batches must be tensors or (input, ...) tuples, got {type(inputs).__name__}")
+        yield inputs
+
+
+class _HookedRun:
+    """Forward passes with a hook on every recorded layer that hands its output to the recorder; the hooks,
+    the composite and the model are restored when the run ends, also after an error."""
+
+    def __init__(self, model: torch.nn.Module, composite: Any, recorder: Recorder, layers: list[str]) -> None:
+        self.model, self.composite, self.recorder, self.layers = model, composite, recorder, layers
+        self.indices: np.ndarray | None = None
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            self.recorder.activation(name, output[0] if isinstance(output, tuple) else output, self.indices)
+
+        return hook
+
+    def record(self, batches: Iterator[torch.Tensor], store: ActivationCache, meta: dict[str, dict],
+               done: np.ndarray, n_samples: int, device: Any) -> int:
+        """Record every batch whose rows are not all complete; returns the number of samples yielded."""
+        modules = dict(self.model.named_modules())
+        handles = []
+        try:
+            with model_guard(self.model, self.composite, only_on_error=True), torch.no_grad():
+                handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.layers]
+                with _composite_context(self.composite, self.model):  # after our hooks, as before
+                    return self._passes(batches, store, meta, done, n_samples, device)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _passes(self, batches, store, meta, done, n_samples, device) -> int:
+        row = 0
+        for inputs in batches:
+            if row == 0:
+                _check_data(store, meta, inputs[:1])
+            size = inputs.shape[0]
+            if row + size > n_samples:
+                raise ValueError(f"data_loader yielded more than n_samples={n_samples} samples")
+            self.indices, row = np.arange(row, row + size), row + size
+            if done[self.indices].all():
+                continue
+            self.recorder.begin(self.indices)
+            self.model(inputs.to(device))
+            self.recorder.end()
+        return row
+
+
+@contextmanager
+def _composite_context(composite: Any, model: torch.nn.Module) -> Iterator[None]:
+    """The composite registered on the model for the block (nothing without a composite)."""
+    if composite is None:
+        yield
+        return
+    with composite.context(model):
+        yield
 
 
 def _check_data(store: ActivationCache, meta: dict[str, dict], first: torch.Tensor) -> None:
