@@ -138,79 +138,121 @@ def label_array(
     if not isinstance(params, SearchParams):
         raise TypeError(f"params must be a SearchParams, got {type(params).__name__}")
     device = torch.device(device)
-    L, B, mode = params.L, params.B, params.mode
-    feature_batch_size = params.feature_batch_size
-    memorize_states = params.memorize_states
-    shape = _shape_of(activations)
-    n_samples, n_features = shape
+    split = _split_samples(activations, concepts, validation, seed)
+    batches = _plan_batches(activations, concepts, split, params, device, memory_bytes)
+    labels_t, held_labels = _prepared_labels(concepts, split, device, backend, prepared)
+    n_features = _shape_of(activations)[1]
+    bar = tqdm(range(0, n_features, batches.feature_batch_size), desc=f"labeling {layer}" if layer else "labeling",
+               unit="batch", disable=not progress or n_features <= batches.feature_batch_size, leave=False)
+    ranking = _Ranking(activations, device, batches.rank_chunk, split.search_rows, split.held_rows, backend)
+    found = _SearchedBeams(_Decoder(concepts.names), split.n_search, params)
+    for search_ranks, held_ranks in _ranked_batches(ranking, bar, batches.feature_batch_size, n_features,
+                                                    batches.prefetch):
+        result = beam_search(search_ranks, labels_t, memory_bytes=batches.working_memory, backend=backend,
+                             **params.search_kwargs())
+        del search_ranks
+        held = None
+        if held_ranks is not None:
+            held = _held_out_statistics(held_ranks, held_labels, result.beam, params.mode, batches.working_memory)
+            del held_ranks
+        found.add(result, held)
+        del result
+        if batches.prefetch and device.type == "cpu":
+            release_freed_memory()
+    parameters = dict(params.to_dict(), n_samples=split.n_samples, n_search_samples=split.n_search,
+                      validation=None if split.held_out is None else int(split.held_out.sum()))
+    return LayerLabels(correct_p_values(found.explanations), concepts.names, layer, parameters, found.states)
+
+
+class _Split(NamedTuple):
+    """The samples the search sees and those held out for validation (all searched without validation)."""
+
+    n_samples: int
+    held_out: np.ndarray | None
+    search_rows: torch.Tensor | None
+    held_rows: torch.Tensor | None
+    search_concepts: ConceptLabels
+
+    @property
+    def n_search(self) -> int:
+        return self.search_concepts.n_samples
+
+
+def _split_samples(activations: Any, concepts: ConceptLabels, validation: Any, seed: int) -> _Split:
+    """Check that activations and concepts describe the same samples, and split off the validation samples."""
+    n_samples = _shape_of(activations)[0]
     if n_samples != concepts.n_samples:
         raise ValueError(
             f"activations have N = {n_samples} samples but the concept labels have "
             f"N = {concepts.n_samples}; they must describe the same samples in the same order"
         )
     held_out = _validation_mask(validation, n_samples, seed)
-    search_rows = None if held_out is None else torch.from_numpy(np.flatnonzero(~held_out))
-    held_rows = None if held_out is None else torch.from_numpy(np.flatnonzero(held_out))
     search_concepts = concepts if held_out is None else concepts.subset(~held_out)
     if search_concepts.n_samples < 2:
         raise ValueError("fewer than 2 samples are left for the search after the validation split")
+    if held_out is None:
+        return _Split(n_samples, None, None, None, concepts)
+    return _Split(n_samples, held_out, torch.from_numpy(np.flatnonzero(~held_out)),
+                  torch.from_numpy(np.flatnonzero(held_out)), search_concepts)
 
-    # memory: refuse up front what cannot fit, then size the batches
-    n_search = search_concepts.n_samples
-    plan = SearchMemory(n_search, concepts.n_concepts, B, L)
+
+class _Batches(NamedTuple):
+    """How the features are searched: batch size, whether the next batch is prefetched, the memory of a search
+    and the columns ranked at once."""
+
+    feature_batch_size: int
+    prefetch: bool
+    working_memory: int
+    rank_chunk: int
+
+
+def _plan_batches(activations: Any, concepts: ConceptLabels, split: _Split, params: SearchParams,
+                  device: torch.device, memory_bytes: int | None) -> _Batches:
+    """Refuse up front what cannot fit (ValueError before any column is read), then size the batches."""
+    plan = SearchMemory(split.n_search, concepts.n_concepts, params.B, params.L)
     itemsize = _itemsize(activations)
-    copies = 1 if held_out is None else 2  # the batch as read, and its rows for the search
+    copies = 1 if split.held_out is None else 2  # the batch as read, and its rows for the search
     plan.check(memory_limit(device) if memory_bytes is None else int(memory_bytes), itemsize)
     budget = default_memory_budget(device) if memory_bytes is None else int(memory_bytes)
-    prefetch = False
+    feature_batch_size, prefetch = params.feature_batch_size, False
     if feature_batch_size is None:
         on_device = isinstance(activations, torch.Tensor) and activations.device.type != "cpu"
-        feature_batch_size, prefetch, budget = batch_plan(plan, n_features, budget, itemsize, copies,
-                                                          overlap=not on_device)
+        feature_batch_size, prefetch, budget = batch_plan(plan, _shape_of(activations)[1], budget, itemsize,
+                                                          copies, overlap=not on_device)
         feature_batch_size = _align_to_chunks(feature_batch_size, activations)
     working_memory = plan.working_memory(budget)
-    rank_chunk = plan.chunks(working_memory)[0]
+    return _Batches(feature_batch_size, prefetch, working_memory, plan.chunks(working_memory)[0])
 
-    if held_out is None:
-        labels_t = prepare_labels(concepts.torch_sparse_t(device), backend) if prepared is None else prepared
-        held_labels = None
-    else:
-        labels_t = prepare_labels(search_concepts.torch_sparse_t(device), backend)
-        held_labels = prepare_labels(concepts.subset(held_out).torch_sparse_t(device), backend)
 
-    parameters = dict(
-        params.to_dict(), n_samples=n_samples, n_search_samples=n_search,
-        validation=None if held_out is None else int(held_out.sum()),
-    )
-    names = concepts.names
-    decoder = _Decoder(names)
-    explanations: list[list[Explanation]] = []
-    states: list[list[list[Explanation]]] | None = [[] for _ in range(L)] if memorize_states else None
-    starts = range(0, n_features, feature_batch_size)
-    bar = tqdm(starts, desc=f"labeling {layer}" if layer else "labeling", unit="batch",
-               disable=not progress or len(starts) <= 1, leave=False)
-    ranking = _Ranking(activations, device, rank_chunk, search_rows, held_rows, backend)
-    for search_ranks, held_ranks in _ranked_batches(ranking, bar, feature_batch_size, n_features, prefetch):
-        result = beam_search(search_ranks, labels_t, memory_bytes=working_memory, backend=backend,
-                             **params.search_kwargs())
-        del search_ranks
-        held = None
-        if held_ranks is not None:
-            held = _held_out_statistics(held_ranks, held_labels, result.beam, mode, working_memory)
-            del held_ranks
-        explanations += decoder.explanations(result.beam, result.p_value, result.n_candidates, n_search, held)
-        if states is not None:
-            for step, state in enumerate(result.states):
-                alternative = "greater" if mode == "positive" else "less"
-                p_value = mann_whitney_pvalue(
-                    state.auc.nan_to_num(0.5), state.n_positive, n_search, result.tie_term[:, None], alternative
-                )
-                states[step] += decoder.explanations(state, p_value, result.n_candidates, n_search, None)
-        del result
-        if prefetch and device.type == "cpu":
-            release_freed_memory()
-    explanations = correct_p_values(explanations)
-    return LayerLabels(explanations, names, layer, parameters, states)
+def _prepared_labels(concepts: ConceptLabels, split: _Split, device: torch.device, backend: str,
+                     prepared: PreparedLabels | None) -> tuple[PreparedLabels, PreparedLabels | None]:
+    """The concepts prepared for the search (the caller's where given), and those of the held-out samples."""
+    if split.held_out is None:
+        return (prepare_labels(concepts.torch_sparse_t(device), backend) if prepared is None else prepared), None
+    return (prepare_labels(split.search_concepts.torch_sparse_t(device), backend),
+            prepare_labels(concepts.subset(split.held_out).torch_sparse_t(device), backend))
+
+
+class _SearchedBeams:
+    """The explanations of every searched feature batch, in feature order (and the beams after every length
+    with ``memorize_states``)."""
+
+    def __init__(self, decoder: _Decoder, n_search: int, params: SearchParams) -> None:
+        self.decoder, self.n_search, self.mode = decoder, n_search, params.mode
+        self.explanations: list[list[Explanation]] = []
+        self.states: list[list[list[Explanation]]] | None = (
+            [[] for _ in range(params.L)] if params.memorize_states else None)
+
+    def add(self, result: Any, held: Any) -> None:
+        self.explanations += self.decoder.explanations(result.beam, result.p_value, result.n_candidates,
+                                                       self.n_search, held)
+        if self.states is None:
+            return
+        alternative = "greater" if self.mode == "positive" else "less"
+        for step, state in enumerate(result.states):
+            p_value = mann_whitney_pvalue(state.auc.nan_to_num(0.5), state.n_positive, self.n_search,
+                                          result.tie_term[:, None], alternative)
+            self.states[step] += self.decoder.explanations(state, p_value, result.n_candidates, self.n_search, None)
 
 
 # helpers -----------------------------------------------------------------------------------------
