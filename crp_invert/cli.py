@@ -29,6 +29,8 @@ LAZY_COMMANDS: dict[str, str] = {
     "report": "crp_invert.commands:report_command",
     "find": "crp_invert.commands:find_command",
     "audit": "crp_invert.commands:audit_command",
+    "record": "crp_invert.model_commands:record_command",
+    "decompose": "crp_invert.model_commands:decompose_command",
 }
 
 

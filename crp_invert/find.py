@@ -189,16 +189,19 @@ class ChannelSearch:
         return [asdict(match) for match in self.matches]
 
     def table(self, max_rows: int | None = None) -> str:
-        """A plain-text table: rank, layer, channel, AUC, p, q (BH), the channel's own label."""
-        header = ["rank", "layer", "channel", "AUC", "p", "q (BH)", "channel's label (AUC, support, q)"]
+        """A plain-text table: rank, layer, channel, AUC, p, q (BH) and, where labels were given, the channel's own
+        label."""
+        header = ["rank", "layer", "channel", "AUC", "p", "q (BH)", "channel's label (AUC, n = support, q)"]
         lines = []
         for rank, match in enumerate(self.matches[:max_rows], start=1):
             lines.append([str(rank), match.layer, str(match.channel), f"{match.auc:.4f}",
                           format_p_value(match.p_value), format_p_value(match.p_value_bh), match.label_text()])
+        if not any(line[-1] for line in lines):  # searched without labels: no empty label column
+            header, lines = header[:-1], [line[:-1] for line in lines]
         widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
         out = [f"formula: {self.formula}  (fraction {self.fraction:.4f}: {self.n_positive} of {self.n_samples} "
                f"samples; source: {self.source}, mode: {self.mode})",
-               "  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+               "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
         out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
         if max_rows is not None and len(self.matches) > max_rows:
             out.append(f"... {len(self.matches) - max_rows} more")

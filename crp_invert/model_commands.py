@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-__all__ = ["record_command", "decompose_command", "load_callable", "parse_layout_options"]
+__all__ = ["record_command", "decompose_command", "load_callable", "parse_layout_options", "part_lines"]
 
 
 def load_callable(spec: str) -> Callable:
@@ -89,6 +89,14 @@ def _record(model, dataset, layers: list[str], layouts: dict[str, str], cache: s
                                     activation_cache=cache, pooling=pooling, layouts=layouts,
                                     overwrite=overwrite, progress=progress)
     fv.run(None, 0, len(dataset), batch_size=batch_size, checkpoint=max(batch_size, 500))
+
+
+def part_lines(part, labeled: bool) -> list[str]:
+    """One line per unit of a glocal explanation: its share and what its title shows ("no reliable label", or
+    with evidence "no reliable label holds here", where no label is shown); ``-`` without labels."""
+    texts = part.shown_texts() if labeled else ["-"] * len(part.channels)
+    return [f"unit {unit:5d}  share {share:+.3f}  {text}"
+            for unit, share, text in zip(part.channels.tolist(), part.share.tolist(), texts, strict=True)]
 
 
 @click.command("record")
@@ -195,8 +203,8 @@ def decompose_command(cache: str, model_spec: str, data_spec: str, layer: str, l
     for index, part in zip(samples, parts, strict=True):
         click.echo(f"## sample {index}, class {part.target}, layer {part.layer} "
                    f"(completeness error {part.completeness_error():.1e})")
-        for unit, share, label in zip(part.channels.tolist(), part.share.tolist(), part.label_strings(), strict=True):
-            click.echo(f"unit {unit:5d}  share {share:+.3f}  {label if label is not None else '-'}")
+        for line in part_lines(part, labeled=bool(labels_paths)):
+            click.echo(line)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps([part.to_dict() for part in parts]), encoding="utf-8")

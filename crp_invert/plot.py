@@ -275,7 +275,7 @@ def _density(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def plot_explanation(activations, concepts, explanation, feature: int | None = None, ax=None,
-                     points: int = 200, title: str | None = None):
+                     points: int = 200, title: str | None = None, value_name: str = "activation"):
     """The explanation figure (paper figures 1-2): activation densities inside and outside the formula.
 
     Parameters
@@ -294,6 +294,8 @@ def plot_explanation(activations, concepts, explanation, feature: int | None = N
         Grid points of the density estimate (Gaussian KDE).
     title : str, optional
         Replaces the first title line (default: ``"feature <f>: <formula>"``).
+    value_name : str
+        The x-axis label: what the values are (``"relevance"`` for relevance labels).
 
     Returns
     -------
@@ -331,7 +333,7 @@ def plot_explanation(activations, concepts, explanation, feature: int | None = N
     width = _chars_per_line(ax.get_position().width * figure.get_figwidth(), 9)
     ax.set_title("\n".join(_wrap(head, width)) + f"\nAUC {explanation.auc:.3f}, p = {explanation.p_value:.2g}, "
                  f"fraction {explanation.fraction:.1%}", fontsize=9)
-    ax.set_xlabel("activation")
+    ax.set_xlabel(value_name)
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
     _plain_text(ax)

@@ -56,6 +56,14 @@ def test_help_lists_label():
     assert isinstance(LAZY_COMMANDS, dict)
 
 
+@pytest.mark.parametrize("command", ["record", "decompose", "find", "audit", "report", "demo"])
+def test_every_documented_command_is_registered(command):
+    """Every subcommand the docs use (record and decompose were once lost in a merge) answers --help."""
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert f" {command} [OPTIONS]" in result.output
+
+
 @pytest.mark.parametrize("labels_file", ["dense.npz", "sparse.npz"])
 @pytest.mark.parametrize("source", ["activation", "relevance"])
 def test_label_one_layer(files, labels_file, source):
@@ -269,3 +277,23 @@ def test_python_dash_m(files):
         timeout=300,
     )
     assert proc.returncode != 0 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_decompose_lines_say_why_no_label_is_shown():
+    """crp-invert decompose prints a part's title text ("no reliable label holds here"), not "-", where a
+    labeled unit shows no label; "-" only when no labels were given."""
+    from crp_invert.integration.evidence import ChannelEvidence
+    from crp_invert.integration.glocal import GlocalExplanation
+    from crp_invert.model_commands import part_lines
+
+    maps = torch.zeros(2, 4, 4)
+    evidence = tuple(ChannelEvidence(channel=c, activation=0.0, percentile=50.0, n_reference=80, label_holds=holds)
+                     for c, holds in ((3, False), (5, None)))
+    part = GlocalExplanation(layer="encoder", target=0, heatmap=maps.sum(0), channels=torch.tensor([3, 5]),
+                             channel_heatmaps=maps, relevance=torch.tensor([0.6, 0.4]),
+                             share=torch.tensor([0.6, 0.4]), labels=(None, None), rest_heatmap=torch.zeros(4, 4),
+                             channel_relevance=torch.tensor([0.0, 0.0, 0.0, 0.6, 0.0, 0.4]),
+                             prediction=torch.zeros(2), evidence=evidence)
+    assert part_lines(part, labeled=True) == ["unit     3  share +0.600  no reliable label holds here",
+                                              "unit     5  share +0.400  no reliable label"]
+    assert part_lines(part, labeled=False) == ["unit     3  share +0.600  -", "unit     5  share +0.400  -"]

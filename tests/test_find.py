@@ -253,7 +253,7 @@ def test_label_column_shows_the_reliable_label_or_says_there_is_none(data, tmp_p
         seen.add(best is None)
     assert seen == {True, False}
     table = result.table()
-    assert NO_RELIABLE_LABEL in table and "support" in table
+    assert NO_RELIABLE_LABEL in table and "channel's label (AUC, n = support, q)" in table
     assert ChannelSearch.from_json(result.to_json(tmp_path / "found.json")) == result
     old = json.loads(result.to_json())
     for row in old["matches"]:
@@ -294,3 +294,12 @@ def test_unknown_concept_names_the_closest(data):
     """A typo in find's formula names the closest known concept."""
     with pytest.raises(KeyError, match="'rde' \\(closest: 'red'\\)"):
         find_channels("rde AND round", data["acts"], data["concepts"])
+
+
+def test_table_without_labels_has_no_label_column(data):
+    """A search without labels prints no (empty) label column and no trailing blanks."""
+    result = find_channels("red", data["path"], data["concepts"], labels=None)
+    lines = result.table().splitlines()
+    assert "channel's label" not in lines[1] and lines[1].split() == ["rank", "layer", "channel", "AUC", "p", "q",
+                                                                     "(BH)"]
+    assert all(line == line.rstrip() for line in lines)

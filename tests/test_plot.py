@@ -290,3 +290,12 @@ def test_circuit_figure_shows_whole_labels():
     assert expected in texts and "hidden:2\nno reliable label" in texts
     short = plot_circuit(Circuit((nodes[0], CircuitNode("hidden", 1, label="a", auc=0.9)), edges[:1]))
     assert figure.get_figheight() > short.get_figheight()
+
+
+def test_explanation_figure_names_its_values(labeled):
+    """The density figure's x axis says what it shows: activation by default, relevance when asked."""
+    concepts, activations, labels = labeled
+    default = plot_explanation(activations, concepts, labels[1][0], feature=1)
+    relevance = plot_explanation(activations, concepts, labels[1][0], feature=1, value_name="relevance")
+    assert default.axes[0].get_xlabel() == "activation"
+    assert relevance.axes[0].get_xlabel() == "relevance"

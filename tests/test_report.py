@@ -367,3 +367,24 @@ def test_sorting_in_chromium(setup, tmp_path):
     assert [formulas[c] for c in orders[3]] == sorted(formulas.values())
     # the escaped title is shown as text in the browser
     assert html.escape(EVIL) in dom and EVIL not in dom.split("<body", 1)[1].split('<pre id="order0">')[0]
+
+
+@pytest.mark.parametrize("source", ["activation", "relevance"])
+def test_card_density_names_the_source(setup, monkeypatch, source):
+    """A card's density figure is labeled with the report's source (relevance labels once read 'activation')."""
+    import crp_invert.plot
+    from crp_invert.report.cards import FigureSources, collect_card
+
+    seen = []
+    original = crp_invert.plot.plot_explanation
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("value_name", "activation"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(crp_invert.plot, "plot_explanation", recording)
+    layer, layer_labels = next(iter(setup["labels"].items()))
+    channel = select_channels(layer_labels, 1)[0]
+    values = np.random.default_rng(0).random((N, len(layer_labels)), dtype=np.float32)
+    card = collect_card(layer, channel, layer_labels, values, FigureSources(setup["concepts"], source=source))
+    assert card.density is not None and seen == [source]

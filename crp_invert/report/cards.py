@@ -26,6 +26,7 @@ class FigureSources:
     composite: Any = None
     n_reference: int = 6
     dpi: int = 60
+    source: str = "activation"  # what the density figures show: "activation" or "relevance"
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ def collect_card(layer: str, channel: int, layer_labels: Any, activations: np.nd
     best, density, samples = label.explanation, None, None
     if activations is not None and sources.concepts is not None:
         with plain_text():
-            figure = plot_explanation(activations[:, channel], sources.concepts, best, title=f"{layer}:{channel}")
+            figure = plot_explanation(activations[:, channel], sources.concepts, best, title=f"{layer}:{channel}",
+                                      value_name=sources.source)
             density = figure_picture(figure, f"density {layer} {channel}", sources.dpi)
     if sources.images is not None and sources.concepts is not None:
         mask = best.formula.evaluate(sources.concepts)

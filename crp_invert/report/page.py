@@ -273,7 +273,7 @@ def write_report(
     from .render import render_page
 
     _check_arguments(labels, source, n_reference)
-    sources = FigureSources(concepts, images, feature_visualization, composite, int(n_reference), dpi)
+    sources = FigureSources(concepts, images, feature_visualization, composite, int(n_reference), dpi, source)
     with _opened(cache) as store:
         _check_labels_match(labels, store, concepts)
         options = PageOptions(title, notes, summary, glocals, glocal_images, class_names, circuits, max_channels,
