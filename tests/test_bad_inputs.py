@@ -533,6 +533,7 @@ def ref_latin1(tmp) -> Callable[[], Any]:
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
 def test_hostile_input(row, tmp_path):
+    """Every hostile input of the catalogue raises its documented error type and message, no traceback text."""
     action = row.build(tmp_path)
     with pytest.raises(row.error, match=row.fragment) as caught:
         action()
@@ -540,6 +541,7 @@ def test_hostile_input(row, tmp_path):
 
 
 def test_catalogue_is_large_and_unique():
+    """The catalogue of hostile inputs has unique ids and at least 80 rows."""
     ids = [row.id for row in ROWS] + [row[0] for row in CLI_ROWS]
     assert len(ids) == len(set(ids))
     assert len(ids) >= 80
@@ -664,6 +666,8 @@ CLI_ROWS = [
 
 @pytest.mark.parametrize("row", CLI_ROWS, ids=[row[0] for row in CLI_ROWS])
 def test_cli_fails_cleanly_before_the_work(row, files, monkeypatch):
+    """Each bad CLI input exits with code 1 and a one-line error before the labeling starts, leaving every file as it
+    was."""
     import crp_invert.labeler
 
     def must_not_run(*args, **kwargs):
@@ -692,6 +696,7 @@ def run_module(*args, cwd=None):
 
 
 def test_cli_errors_in_a_real_process(files):
+    """In a real process, CLI input errors print one line to stderr and exit with code 1, no traceback."""
     (files / "empty.npz").write_bytes(b"")
     for args, fragment in [
         (["label", str(files / "cache.h5"), str(files / "empty.npz")], "empty (0 bytes)"),
@@ -704,6 +709,8 @@ def test_cli_errors_in_a_real_process(files):
 
 
 def test_cli_overwrite_replaces_and_locked_cache_is_in_use(files):
+    """--overwrite replaces an existing output, and a cache locked by another process is reported in use, not
+    damaged."""
     out = existing(files, "out.json")
     args = cli_label("--layer", "a", "--out", str(out))(files)
     result = CliRunner().invoke(main, args + ["--overwrite"])
@@ -724,6 +731,8 @@ def test_cli_overwrite_replaces_and_locked_cache_is_in_use(files):
 
 
 def test_nested_parentheses_and_nots_parse_correctly():
+    """Thousands of nested parentheses and NOTs, long ORs and the deepest formula allowed parse and round-trip
+    correctly."""
     a = Formula.concept("a")
     assert Formula.parse("(" * 5000 + "a" + ")" * 5000) == a
     assert Formula.parse("NOT " * 5000 + "a") == a
@@ -744,6 +753,8 @@ def test_nested_parentheses_and_nots_parse_correctly():
 
 
 def test_control_characters_stay_on_one_line():
+    """Concept names with newlines and control characters print as one-line formulas that parse back, and tables keep
+    one line a feature."""
     names = ["a\nb", "tab\there", "line\u2028sep", 'quote"back\\slash', "\x7f\x1b[31m", "plain"]
     labels = ConceptLabels(np.eye(len(names), dtype=bool), names)
     for name in labels.names:
@@ -757,6 +768,7 @@ def test_control_characters_stay_on_one_line():
 
 
 def test_underflowing_p_values_are_never_zero(tmp_path):
+    """A p-value below 1e-300 shows as '< 1e-300' in the table and the report, never as zero."""
     explanation = Explanation(Formula.concept("red"), 0.99, 0.2, 1, 0.0, 3, 0.0, 1e-320, support=12, n_samples=N)
     labels = LayerLabels([[explanation]] * 3, NAMES, "a", {"n_samples": N})
     table = labels.table()
@@ -768,6 +780,8 @@ def test_underflowing_p_values_are_never_zero(tmp_path):
 
 
 def test_int64_near_2_60_ranks_exactly():
+    """Integer activations near 2**60 (which float64 would tie) rank exactly: labels and AUCs equal those of small
+    integers and scipy's Mann-Whitney U."""
     rng = np.random.default_rng(3)
     labels = concepts(n=200, seed=3)
     order = np.stack([rng.permutation(200) for _ in range(3)], axis=1)
@@ -793,6 +807,8 @@ def test_int64_near_2_60_ranks_exactly():
 
 def test_report_names_with_mathtext_and_anchors(tmp_path):
     # mathtext fails on "$a^^b$", "$x_$", "${$" and "x$$y" (matplotlib raises ValueError while drawing)
+    """Layer and concept names that break matplotlib's mathtext or HTML anchors still give one drawn figure per card and
+    unique anchors."""
     layers = {"features.0": 2, "features/0": 2, "features_0": 2, "$a^^b$": 2, "x$$y": 2}
     names = ["$x_$", "${$", "b_c^d", "new\nline"]
     write_cache(tmp_path / "cache.h5", layers=layers)
@@ -813,6 +829,8 @@ def test_report_names_with_mathtext_and_anchors(tmp_path):
 
 
 def test_names_differing_by_a_nul_are_refused_where_files_cannot_keep_them(tmp_path):
+    """Concept and layer names that differ only by a NUL are refused, and the refused layer leaves nothing half-
+    created."""
     with pytest.raises(ValueError, match="NUL"):
         ConceptLabels(np.eye(2, dtype=bool), ["a", "a\0"])
     with ActivationCache(tmp_path / "c.h5", mode="a") as cache:
@@ -826,6 +844,8 @@ def test_names_differing_by_a_nul_are_refused_where_files_cannot_keep_them(tmp_p
 
 
 def test_valid_csr_files_still_load_like_the_slow_decoding(tmp_path):
+    """Valid CSR concept files (any index dtype, unsorted or duplicate entries, explicit 0/1 data) load like a slow
+    element-wise decoding."""
     rng = np.random.default_rng(7)
     dense = rng.random((30, 5)) < 0.3
     indptr = np.concatenate([[0], np.cumsum(dense.sum(1))])

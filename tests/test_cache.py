@@ -52,6 +52,7 @@ def make_concepts(n=N, k=5, seed=1):
 
 
 def test_round_trip_and_column_reads(tmp_path):
+    """A cache returns the activations and relevances written, also for column slices, index lists and masks."""
     data = make_cache(tmp_path / "a.h5")
     with ActivationCache(tmp_path / "a.h5") as cache:
         assert cache.layers == ["features.40", "layer4.1.conv2"]
@@ -77,6 +78,7 @@ def test_round_trip_and_column_reads(tmp_path):
 
 
 def test_layer_names_cannot_escape(tmp_path):
+    """Layer names with slashes, dots or odd characters are stored under numbered groups and read back unchanged."""
     names = ["a/b", "..", "/root", "layers/0", ".", "x" * 300, "ümlaut name"]
     with ActivationCache(tmp_path / "n.h5", mode="a") as cache:
         cache.initialize((0, 4))
@@ -95,6 +97,7 @@ def test_layer_names_cannot_escape(tmp_path):
 
 
 def test_missing_layer_lists_layers(tmp_path):
+    """Reading a missing layer raises a KeyError that lists the cache's layers."""
     make_cache(tmp_path / "a.h5")
     with ActivationCache(tmp_path / "a.h5") as cache:
         with pytest.raises(KeyError, match=r"features\.40.*layer4\.1\.conv2"):
@@ -103,6 +106,8 @@ def test_missing_layer_lists_layers(tmp_path):
 
 
 def test_existing_file_is_never_overwritten(tmp_path):
+    """Opening an existing cache continues it: other sample counts or layer settings are refused, only overwrite=True
+    wipes it."""
     data = make_cache(tmp_path / "a.h5")
     with ActivationCache(tmp_path / "a.h5", mode="a") as cache:  # continue, do not wipe
         assert cache.layers == list(data)
@@ -122,6 +127,8 @@ def test_existing_file_is_never_overwritten(tmp_path):
 
 
 def test_completion_bookkeeping(tmp_path):
+    """complete, missing_ranges and is_complete follow the rows marked complete per layer, for a shard of the
+    dataset."""
     with ActivationCache(tmp_path / "c.h5", mode="a") as cache:
         cache.initialize((100, 110), dataset_length=200)  # a shard: samples [100, 110) of 200
         cache.add_layer("l1", 3)
@@ -149,6 +156,7 @@ def test_completion_bookkeeping(tmp_path):
 
 
 def test_unreadable_files(tmp_path):
+    """Missing, non-HDF5, truncated and foreign HDF5 files raise errors that say what is wrong."""
     with pytest.raises(FileNotFoundError):
         ActivationCache(tmp_path / "missing.h5")
     (tmp_path / "text.h5").write_text("not hdf5 at all")
@@ -166,6 +174,7 @@ def test_unreadable_files(tmp_path):
 
 
 def test_chunk_shape_properties():
+    """chunk_shape stays within the array and about 1 MiB a chunk, and one band of chunks stays bounded."""
     for n_rows, n_cols in [
         (5000, 16),
         (10, 3),
@@ -183,6 +192,7 @@ def test_chunk_shape_properties():
 
 
 def test_fingerprint_components():
+    """The fingerprint changes with each of its components, and model_hash with the model's buffers."""
     base = dict(model_hash="m", layer="conv1", dataset_length=10, pooling="mean")
     reference = fingerprint(**base)
     assert fingerprint(**base) == reference
@@ -216,6 +226,7 @@ def labeler():
 
 @pytest.mark.parametrize("source", ["activation", "relevance"])
 def test_label_cache_equals_in_memory(tmp_path, labeler, source):
+    """label_cache gives the same labels as labeling the activations or relevances in memory."""
     data = make_cache(tmp_path / "a.h5")
     results = label_cache(
         labeler, tmp_path / "a.h5", source=source, L=2, B=2, feature_batch_size=3, progress=False
@@ -242,6 +253,8 @@ def test_label_cache_equals_in_memory(tmp_path, labeler, source):
 
 
 def test_label_cache_refuses_bad_caches(tmp_path, labeler):
+    """label_cache refuses missing layers, other sample counts, incomplete caches, missing relevances and unknown
+    sources."""
     make_cache(tmp_path / "a.h5")
     with pytest.raises(KeyError, match=r"conv9.*features\.40"):
         label_cache(labeler, tmp_path / "a.h5", layers=["conv9"], progress=False)
@@ -265,6 +278,8 @@ def test_label_cache_refuses_bad_caches(tmp_path, labeler):
 
 
 def test_flat_writer_round_trip(tmp_path, labeler):
+    """FlatActivationWriter appends batches (also after reopening) whose flattened rows read back and label like in
+    memory."""
     rng = np.random.default_rng(3)
     batches = [torch.from_numpy(rng.normal(size=(b, 2, 3)).astype(np.float32)) for b in (25, 1, 20)]
     batches.append(rng.normal(size=(14, 2, 3)))  # numpy float64 is accepted too
@@ -297,6 +312,7 @@ def test_flat_writer_round_trip(tmp_path, labeler):
 
 
 def test_cache_is_json_free_of_paths(tmp_path):
+    """The cache's layer index maps layer names to numbered groups, and its datasets are chunked."""
     make_cache(tmp_path / "a.h5")
     with h5py.File(tmp_path / "a.h5", "r") as file:
         index = json.loads(file.attrs["layer_index"])
@@ -395,6 +411,8 @@ def killed(status):
 
 
 def test_kill_at_every_step_of_creating_a_cache(tmp_path):
+    """A process killed at any step of creating a cache leaves no file or one that opens with trustworthy complete
+    rows."""
     counter = tmp_path / "count"
     (tmp_path / "dry").mkdir()
     assert in_child(lambda: record(tmp_path / "dry" / "cache.h5"), counter=counter) == 0
@@ -415,6 +433,7 @@ def test_kill_at_every_step_of_creating_a_cache(tmp_path):
 
 
 def test_kill_while_adding_a_layer_keeps_complete_rows(tmp_path):
+    """A process killed while adding a layer leaves the earlier layer complete and the cache usable for a rerun."""
     first, second = KILL_LAYERS[:1], KILL_LAYERS
     counter = tmp_path / "count"
     (tmp_path / "dry").mkdir()
@@ -436,6 +455,7 @@ def test_kill_while_adding_a_layer_keeps_complete_rows(tmp_path):
 
 @pytest.mark.parametrize("fraction", [0.0, 0.01, 0.2, 0.5, 0.9])
 def test_file_size_limit_while_creating_then_rerun(tmp_path, fraction):
+    """Running out of file size while creating a cache leaves a file that opens, and a rerun with space completes it."""
     (tmp_path / "full").mkdir()
     record(tmp_path / "full" / "cache.h5")
     size = (tmp_path / "full" / "cache.h5").stat().st_size
@@ -451,6 +471,7 @@ def test_file_size_limit_while_creating_then_rerun(tmp_path, fraction):
 
 @pytest.mark.parametrize("room", [512, 8000, 30000, 90000])
 def test_file_size_limit_while_adding_a_layer_keeps_the_cache(tmp_path, room):
+    """Running out of file size while adding a layer keeps the complete earlier layer, and a rerun adds the new one."""
     path = tmp_path / "cache.h5"
     first, second = KILL_LAYERS[:1], KILL_LAYERS[:1] + WIDE  # the wide layer needs about 100 kB
     record(path, first)
@@ -464,6 +485,7 @@ def test_file_size_limit_while_adding_a_layer_keeps_the_cache(tmp_path, room):
 
 
 def test_two_writers_one_refused_file_intact(tmp_path):
+    """While one process writes a cache, every other open is refused as in use, and the writer's file ends complete."""
     from crp_invert.storage.lock import FileInUseError
 
     for trial in range(5):
@@ -517,6 +539,7 @@ def test_two_writers_one_refused_file_intact(tmp_path):
 
 
 def test_a_file_locked_by_hdf5_alone_is_in_use_not_damaged(tmp_path):
+    """A cache held open by a plain h5py writer (no lock file of ours) is reported in use, not damaged."""
     from crp_invert.storage.lock import FileInUseError
 
     path = tmp_path / "cache.h5"
@@ -544,6 +567,7 @@ def test_a_file_locked_by_hdf5_alone_is_in_use_not_damaged(tmp_path):
 
 
 def test_half_initialized_file_of_older_versions_is_recreated(tmp_path):
+    """A half-initialized or empty HDF5 file left by older versions is recreated by the next recording."""
     path = tmp_path / "cache.h5"
     with h5py.File(path, "w") as file:  # what a kill inside write_root left behind: no layer_index
         file.attrs["format"] = "crp-invert-activation-cache"
