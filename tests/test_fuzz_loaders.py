@@ -20,6 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers import write_cache
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -273,13 +274,8 @@ LAYER_KEYS = ["name", "n_channels", "n_samples"]
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     path = tmp_path_factory.mktemp("template") / "cache.h5"
-    with ActivationCache(path, mode="a") as cache:
-        cache.initialize((0, 6))
-        for name, channels in (("a", 2), ("b", 3)):
-            cache.add_layer(name, channels, relevances=True, pooling="mean")
-            cache.write(name, (0, 6), np.ones((6, channels)), np.zeros((6, channels)))
-        cache.mark_complete((0, 6))
-    return path
+    return write_cache(path, {name: (np.ones((6, channels)), np.zeros((6, channels)))
+                              for name, channels in (("a", 2), ("b", 3))})
 
 
 @settings(parent=FUZZ, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -523,7 +519,7 @@ def valid_result_documents() -> dict:
     """One valid JSON document each of ChannelSearch, Audit and GlocalExplanation, made by the library."""
     import torch
     from crp.attribution import CondAttribution
-    from helpers import branch_net
+    from helpers import branch_net, random_concepts
     from zennit.composites import EpsilonPlus
 
     from crp_invert.audit import audit
@@ -531,7 +527,7 @@ def valid_result_documents() -> dict:
     from crp_invert.integration.glocal import decompose
 
     rng = np.random.default_rng(3)
-    concepts = ConceptLabels(rng.random((30, 3)) < 0.4, ["red", "big", "round"])
+    concepts = random_concepts(30, 3, share=0.4, seed=3, names=["red", "big", "round"])
     activations = rng.random((30, 4))
     labels = LayerLabels([[Explanation(Formula.concept("red"), 0.7, 0.4, 1, 0.01, 12, 0.1, 0.1)]] * 4,
                          concepts.names, "a", {"n_samples": 30})
