@@ -26,6 +26,7 @@ import scipy.sparse
 import scipy.stats
 import torch
 from click.testing import CliRunner
+from helpers import write_cache
 
 from crp_invert import (
     ActivationCache,
@@ -58,19 +59,17 @@ def concepts(n=N, names=NAMES, seed=1):
     return ConceptLabels(labels, names)
 
 
-def write_cache(path, layers=LAYERS, n=N, nan_layer=None, seed=0):
+def write_random_cache(path, layers=LAYERS, n=N, nan_layer=None, seed=0):
+    """A complete cache of normal activations (relevances: half of them), one NaN in ``nan_layer``; returns the
+    activations written."""
     rng = np.random.default_rng(seed)
     arrays = {}
-    with ActivationCache(path, mode="a", overwrite=True) as cache:
-        cache.initialize((0, n))
-        for name, channels in layers.items():
-            acts = rng.normal(size=(n, channels)).astype(np.float32)
-            if name == nan_layer:
-                acts[5, channels - 1] = np.nan
-            cache.add_layer(name, channels, relevances=True, pooling="mean")
-            cache.write(name, (0, n), acts, acts * 0.5)
-            arrays[name] = acts
-        cache.mark_complete((0, n))
+    for name, channels in layers.items():
+        acts = rng.normal(size=(n, channels)).astype(np.float32)
+        if name == nan_layer:
+            acts[5, channels - 1] = np.nan
+        arrays[name] = acts
+    write_cache(path, {name: (acts, acts * 0.5) for name, acts in arrays.items()})
     return arrays
 
 
@@ -168,7 +167,7 @@ def deep_text(levels: int) -> str:
 
 def cache_edit(tmp, edit: Callable[[h5py.File], None]) -> Path:
     path = tmp / "cache.h5"
-    write_cache(path)
+    write_random_cache(path)
     with h5py.File(path, "r+") as file:
         edit(file)
     return path
@@ -205,7 +204,7 @@ def reference_pair(tmp, tensor: Any = None, description: Any = None, raw_tensor:
 
 def report_with(tmp, labels_of: Callable[[], dict], use_concepts=True) -> Callable[[], Any]:
     path = tmp / "cache.h5"
-    write_cache(path)
+    write_random_cache(path)
 
     def run():
         return write_report(tmp / "r.html", labels_of(), cache=path, concepts=concepts() if use_concepts else None,
@@ -220,7 +219,7 @@ def fake_labels(n_features: int, names=NAMES, n_samples=N, layer="a") -> dict:
 
 def label_nan_cache(tmp) -> Callable[[], Any]:
     path = tmp / "cache.h5"
-    write_cache(path, nan_layer="b")
+    write_random_cache(path, nan_layer="b")
     return lambda: label_cache(ConceptLabeler(concepts()), path, L=1, B=1, progress=False)
 
 
@@ -477,7 +476,7 @@ def corrupt_member(tmp) -> Path:
 
 
 def truncated_cache(tmp) -> Path:
-    write_cache(tmp / "full.h5")
+    write_random_cache(tmp / "full.h5")
     raw = (tmp / "full.h5").read_bytes()
     (tmp / "cut.h5").write_bytes(raw[: len(raw) // 2])
     return tmp / "cut.h5"
@@ -502,7 +501,7 @@ def while_locked(tmp, action: Callable[[Path], Any]) -> Callable[[], Any]:
     """``action(cache)`` while the cache's lock file is held as another process would hold it (another open
     file description); the cache must stay intact."""
     path = tmp / "cache.h5"
-    write_cache(path)
+    write_random_cache(path)
     before = path.read_bytes()
 
     def run():
@@ -552,7 +551,7 @@ def test_catalogue_is_large_and_unique():
 
 @pytest.fixture
 def files(tmp_path):
-    write_cache(tmp_path / "cache.h5")
+    write_random_cache(tmp_path / "cache.h5")
     concepts().save(tmp_path / "concepts.npz")
     return tmp_path
 
@@ -602,7 +601,7 @@ def short_concepts(t) -> Path:
 
 
 def nan_cache(t) -> Path:
-    write_cache(t / "nan.h5", nan_layer="b")
+    write_random_cache(t / "nan.h5", nan_layer="b")
     return t / "nan.h5"
 
 
@@ -773,7 +772,7 @@ def test_underflowing_p_values_are_never_zero(tmp_path):
     labels = LayerLabels([[explanation]] * 3, NAMES, "a", {"n_samples": N})
     table = labels.table()
     assert "< 1e-300" in table and "0.00e+00" not in table
-    write_cache(tmp_path / "cache.h5")
+    write_random_cache(tmp_path / "cache.h5")
     text = write_report(tmp_path / "r.html", {"a": labels}, cache=tmp_path / "cache.h5", max_channels=1,
                         concepts=concepts(), progress=False).read_text()
     assert html.escape("< 1e-300") in text and "0.00e+00" not in text
@@ -811,7 +810,7 @@ def test_report_names_with_mathtext_and_anchors(tmp_path):
     unique anchors."""
     layers = {"features.0": 2, "features/0": 2, "features_0": 2, "$a^^b$": 2, "x$$y": 2}
     names = ["$x_$", "${$", "b_c^d", "new\nline"]
-    write_cache(tmp_path / "cache.h5", layers=layers)
+    write_random_cache(tmp_path / "cache.h5", layers=layers)
     labels_ = concepts(names=names)
     labeler = ConceptLabeler(labels_)
     results = labeler.label_cache(tmp_path / "cache.h5", L=2, B=2, progress=False)
@@ -876,7 +875,7 @@ def test_find_channels_refuses_caches_labels_and_concepts_that_do_not_belong_tog
     from crp_invert.find import find_channels
 
     path = tmp_path / "cache.h5"
-    write_cache(path)
+    write_random_cache(path)
     labels_a = fake_labels(LAYERS["a"])["a"]
     with pytest.raises(ValueError, match="N=24 rows .* N=30"):
         find_channels("red", path, concepts(n=30))
@@ -963,7 +962,7 @@ class _Structure(HTMLParser):
 def _report_structure(folder: Path, layer_names: list[str], concept_names: list[str], class_names: list[str],
                       title: str) -> tuple[list, str]:
     folder.mkdir()
-    write_cache(folder / "cache.h5", layers=dict.fromkeys(layer_names, 2))
+    write_random_cache(folder / "cache.h5", layers=dict.fromkeys(layer_names, 2))
     labels_ = concepts(names=concept_names)
     results = ConceptLabeler(labels_).label_cache(folder / "cache.h5", L=2, B=2, progress=False)
     path = write_report(folder / "r.html", results, cache=folder / "cache.h5", concepts=labels_, max_channels=1,
@@ -1005,7 +1004,7 @@ def test_outputs_get_the_permissions_of_an_ordinary_new_file(tmp_path, umask):
     from crp_invert.core.jsonio import write_json
 
     expected = 0o666 & ~umask
-    write_cache(tmp_path / "cache.h5")
+    write_random_cache(tmp_path / "cache.h5")
     labels = fake_labels(LAYERS["a"])
     labels["a"].to_json(tmp_path / "labels.json")
     labels["a"].to_csv(tmp_path / "labels.csv")

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import write_cache
 
 from crp_invert import ActivationCache, FlatActivationWriter, label_cache, label_h5
 from crp_invert.storage.fingerprint import fingerprint, model_hash
@@ -17,25 +18,33 @@ from crp_invert.storage.h5 import chunk_shape
 N, C = 60, 7
 
 
-def make_cache(
-    path, layers=("features.40", "layer4.1.conv2"), n=N, c=C, relevances=True, complete=True, seed=0
-):
-    """A cache filled with random data (ties included); returns the arrays written."""
+def random_layers(layers=("features.40", "layer4.1.conv2"), n=N, c=C, seed=0):
+    """Random activations (ties included) and relevances of the layers, ``c + i`` channels for layer ``i``."""
     rng = np.random.default_rng(seed)
     data = {}
-    with ActivationCache(path, mode="a", overwrite=True) as cache:
+    for i, name in enumerate(layers):
+        acts = rng.integers(0, 5, size=(n, c + i)).astype(np.float32) + rng.random((n, c + i)).astype(np.float32)
+        acts[:, 0] = np.round(acts[:, 0])  # ties
+        rels = rng.normal(size=(n, c + i)).astype(np.float32)
+        data[name] = (acts, rels)
+    return data
+
+
+def write_random_cache(path, layers=("features.40", "layer4.1.conv2"), n=N, c=C, relevances=True, complete=True,
+                       seed=0):
+    """A cache filled with :func:`random_layers` (layer ``i`` has fingerprint ``fp{i}``); returns the arrays
+    written."""
+    data = random_layers(layers, n, c, seed)
+    meta = {name: {"pooling": "mean", "fingerprint": f"fp{i}"} for i, name in enumerate(layers)}
+    if complete:
+        write_cache(path, {name: (acts, rels if relevances else None) for name, (acts, rels) in data.items()},
+                    meta=meta.__getitem__)
+        return data
+    with ActivationCache(path, mode="a", overwrite=True) as cache:  # written but never marked complete
         cache.initialize((0, n))
-        for i, name in enumerate(layers):
-            acts = rng.integers(0, 5, size=(n, c + i)).astype(np.float32) + rng.random((n, c + i)).astype(
-                np.float32
-            )
-            acts[:, 0] = np.round(acts[:, 0])  # ties
-            rels = rng.normal(size=(n, c + i)).astype(np.float32)
-            cache.add_layer(name, c + i, relevances=relevances, pooling="mean", fingerprint=f"fp{i}")
+        for name, (acts, rels) in data.items():
+            cache.add_layer(name, acts.shape[1], relevances=relevances, **meta[name])
             cache.write(name, (0, n), acts, rels if relevances else None)
-            data[name] = (acts, rels)
-        if complete:
-            cache.mark_complete((0, n))
     return data
 
 
@@ -53,7 +62,7 @@ def make_concepts(n=N, k=5, seed=1):
 
 def test_round_trip_and_column_reads(tmp_path):
     """A cache returns the activations and relevances written, also for column slices, index lists and masks."""
-    data = make_cache(tmp_path / "a.h5")
+    data = write_random_cache(tmp_path / "a.h5")
     with ActivationCache(tmp_path / "a.h5") as cache:
         assert cache.layers == ["features.40", "layer4.1.conv2"]
         assert cache.n_samples == N and cache.is_complete()
@@ -98,7 +107,7 @@ def test_layer_names_cannot_escape(tmp_path):
 
 def test_missing_layer_lists_layers(tmp_path):
     """Reading a missing layer raises a KeyError that lists the cache's layers."""
-    make_cache(tmp_path / "a.h5")
+    write_random_cache(tmp_path / "a.h5")
     with ActivationCache(tmp_path / "a.h5") as cache:
         with pytest.raises(KeyError, match=r"features\.40.*layer4\.1\.conv2"):
             cache.activations("conv9")
@@ -108,7 +117,7 @@ def test_missing_layer_lists_layers(tmp_path):
 def test_existing_file_is_never_overwritten(tmp_path):
     """Opening an existing cache continues it: other sample counts or layer settings are refused, only overwrite=True
     wipes it."""
-    data = make_cache(tmp_path / "a.h5")
+    data = write_random_cache(tmp_path / "a.h5")
     with ActivationCache(tmp_path / "a.h5", mode="a") as cache:  # continue, do not wipe
         assert cache.layers == list(data)
         with pytest.raises(ValueError, match="samples"):
@@ -162,7 +171,7 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "text.h5").write_text("not hdf5 at all")
     with pytest.raises(ValueError, match="not an HDF5 file"):
         ActivationCache(tmp_path / "text.h5")
-    make_cache(tmp_path / "full.h5")
+    write_random_cache(tmp_path / "full.h5")
     raw = (tmp_path / "full.h5").read_bytes()
     (tmp_path / "cut.h5").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="cut.h5"):
@@ -227,7 +236,7 @@ def labeler():
 @pytest.mark.parametrize("source", ["activation", "relevance"])
 def test_label_cache_equals_in_memory(tmp_path, labeler, source):
     """label_cache gives the same labels as labeling the activations or relevances in memory."""
-    data = make_cache(tmp_path / "a.h5")
+    data = write_random_cache(tmp_path / "a.h5")
     results = label_cache(
         labeler, tmp_path / "a.h5", source=source, L=2, B=2, feature_batch_size=3, progress=False
     )
@@ -255,16 +264,16 @@ def test_label_cache_equals_in_memory(tmp_path, labeler, source):
 def test_label_cache_refuses_bad_caches(tmp_path, labeler):
     """label_cache refuses missing layers, other sample counts, incomplete caches, missing relevances and unknown
     sources."""
-    make_cache(tmp_path / "a.h5")
+    write_random_cache(tmp_path / "a.h5")
     with pytest.raises(KeyError, match=r"conv9.*features\.40"):
         label_cache(labeler, tmp_path / "a.h5", layers=["conv9"], progress=False)
-    make_cache(tmp_path / "short.h5", n=N - 1)
+    write_random_cache(tmp_path / "short.h5", n=N - 1)
     with pytest.raises(ValueError, match=f"N={N - 1}.*N={N}"):
         label_cache(labeler, tmp_path / "short.h5", progress=False)
-    make_cache(tmp_path / "partial.h5", complete=False)
+    write_random_cache(tmp_path / "partial.h5", complete=False)
     with pytest.raises(ValueError, match="incomplete"):
         label_cache(labeler, tmp_path / "partial.h5", progress=False)
-    make_cache(tmp_path / "norel.h5", relevances=False)
+    write_random_cache(tmp_path / "norel.h5", relevances=False)
     with pytest.raises(KeyError, match="relevances"):
         label_cache(labeler, tmp_path / "norel.h5", source="relevance", progress=False)
     with pytest.raises(ValueError, match="source"):
@@ -313,7 +322,7 @@ def test_flat_writer_round_trip(tmp_path, labeler):
 
 def test_cache_is_json_free_of_paths(tmp_path):
     """The cache's layer index maps layer names to numbered groups, and its datasets are chunked."""
-    make_cache(tmp_path / "a.h5")
+    write_random_cache(tmp_path / "a.h5")
     with h5py.File(tmp_path / "a.h5", "r") as file:
         index = json.loads(file.attrs["layer_index"])
         assert index == {"features.40": "0", "layer4.1.conv2": "1"}
