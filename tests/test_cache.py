@@ -419,6 +419,7 @@ def killed(status):
     return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_kill_at_every_step_of_creating_a_cache(tmp_path):
     """A process killed at any step of creating a cache leaves no file or one that opens with trustworthy complete
     rows."""

@@ -317,6 +317,7 @@ def test_interrupted_run_resumes_to_identical_results(recorded, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_killed_process_leaves_resumable_cache(recorded, tmp_path):
     """A child SIGKILLed in a batch leaves a cache whose complete rows are the finished batches; recording the
     missing range then equals an uninterrupted run."""

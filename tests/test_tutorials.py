@@ -206,6 +206,7 @@ def test_stored_notebook_matches_its_script(source):
     assert any(build.output_kinds(nbformat.read(build.notebook_path(source), as_version=4)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", SOURCES, ids=lambda path: path.stem)
 def test_notebook_executes_like_the_stored_one(source, tmp_path):
     """Executing a tutorial from a fresh kernel gives the stored notebook's output kinds, metadata and cell ids, writing
