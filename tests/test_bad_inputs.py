@@ -26,6 +26,7 @@ import scipy.sparse
 import scipy.stats
 import torch
 from click.testing import CliRunner
+from helpers import write_cache
 
 from crp_invert import (
     ActivationCache,
@@ -58,19 +59,17 @@ def concepts(n=N, names=NAMES, seed=1):
     return ConceptLabels(labels, names)
 
 
-def write_cache(path, layers=LAYERS, n=N, nan_layer=None, seed=0):
+def write_random_cache(path, layers=LAYERS, n=N, nan_layer=None, seed=0):
+    """A complete cache of normal activations (relevances: half of them), one NaN in ``nan_layer``; returns the
+    activations written."""
     rng = np.random.default_rng(seed)
     arrays = {}
-    with ActivationCache(path, mode="a", overwrite=True) as cache:
-        cache.initialize((0, n))
-        for name, channels in layers.items():
-            acts = rng.normal(size=(n, channels)).astype(np.float32)
-            if name == nan_layer:
-                acts[5, channels - 1] = np.nan
-            cache.add_layer(name, channels, relevances=True, pooling="mean")
-            cache.write(name, (0, n), acts, acts * 0.5)
-            arrays[name] = acts
-        cache.mark_complete((0, n))
+    for name, channels in layers.items():
+        acts = rng.normal(size=(n, channels)).astype(np.float32)
+        if name == nan_layer:
+            acts[5, channels - 1] = np.nan
+        arrays[name] = acts
+    write_cache(path, {name: (acts, acts * 0.5) for name, acts in arrays.items()})
     return arrays
 
 
@@ -168,7 +167,7 @@ def deep_text(levels: int) -> str:
 
 def cache_edit(tmp, edit: Callable[[h5py.File], None]) -> Path:
     path = tmp / "cache.h5"
-    write_cache(path)
+    write_random_cache(path)
     with h5py.File(path, "r+") as file:
         edit(file)
     return path
@@ -205,7 +204,7 @@ def reference_pair(tmp, tensor: Any = None, description: Any = None, raw_tensor:
 
 def report_with(tmp, labels_of: Callable[[], dict], use_concepts=True) -> Callable[[], Any]:
     path = tmp / "cache.h5"
-    write_cache(path)
+    write_random_cache(path)
 
     def run():
         return write_report(tmp / "r.html", labels_of(), cache=path, concepts=concepts() if use_concepts else None,
@@ -221,7 +220,7 @@ def fake_labels(n_features: int, names=NAMES, n_samples=N, layer="a") -> dict:
 
 def label_nan_cache(tmp) -> Callable[[], Any]:
     path = tmp / "cache.h5"
-    write_cache(path, nan_layer="b")
+    write_random_cache(path, nan_layer="b")
     return lambda: label_cache(ConceptLabeler(concepts()), path, L=1, B=1, progress=False)
 
 
@@ -478,7 +477,7 @@ def corrupt_member(tmp) -> Path:
 
 
 def truncated_cache(tmp) -> Path:
-    write_cache(tmp / "full.h5")
+    write_random_cache(tmp / "full.h5")
     raw = (tmp / "full.h5").read_bytes()
     (tmp / "cut.h5").write_bytes(raw[: len(raw) // 2])
     return tmp / "cut.h5"
@@ -503,7 +502,7 @@ def while_locked(tmp, action: Callable[[Path], Any]) -> Callable[[], Any]:
     """``action(cache)`` while the cache's lock file is held as another process would hold it (another open
     file description); the cache must stay intact."""
     path = tmp / "cache.h5"
-    write_cache(path)
+    write_random_cache(path)
     before = path.read_bytes()
 
     def run():
@@ -534,6 +533,7 @@ def ref_latin1(tmp) -> Callable[[], Any]:
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
 def test_hostile_input(row, tmp_path):
+    """Every hostile input of the catalogue raises its documented error type and message, no traceback text."""
     action = row.build(tmp_path)
     with pytest.raises(row.error, match=row.fragment) as caught:
         action()
@@ -541,6 +541,7 @@ def test_hostile_input(row, tmp_path):
 
 
 def test_catalogue_is_large_and_unique():
+    """The catalogue of hostile inputs has unique ids and at least 80 rows."""
     ids = [row.id for row in ROWS] + [row[0] for row in CLI_ROWS]
     assert len(ids) == len(set(ids))
     assert len(ids) >= 80
@@ -551,7 +552,7 @@ def test_catalogue_is_large_and_unique():
 
 @pytest.fixture
 def files(tmp_path):
-    write_cache(tmp_path / "cache.h5")
+    write_random_cache(tmp_path / "cache.h5")
     concepts().save(tmp_path / "concepts.npz")
     return tmp_path
 
@@ -601,7 +602,7 @@ def short_concepts(t) -> Path:
 
 
 def nan_cache(t) -> Path:
-    write_cache(t / "nan.h5", nan_layer="b")
+    write_random_cache(t / "nan.h5", nan_layer="b")
     return t / "nan.h5"
 
 
@@ -665,6 +666,8 @@ CLI_ROWS = [
 
 @pytest.mark.parametrize("row", CLI_ROWS, ids=[row[0] for row in CLI_ROWS])
 def test_cli_fails_cleanly_before_the_work(row, files, monkeypatch):
+    """Each bad CLI input exits with code 1 and a one-line error before the labeling starts, leaving every file as it
+    was."""
     import crp_invert.labeler
 
     def must_not_run(*args, **kwargs):
@@ -693,6 +696,7 @@ def run_module(*args, cwd=None):
 
 
 def test_cli_errors_in_a_real_process(files):
+    """In a real process, CLI input errors print one line to stderr and exit with code 1, no traceback."""
     (files / "empty.npz").write_bytes(b"")
     for args, fragment in [
         (["label", str(files / "cache.h5"), str(files / "empty.npz")], "empty (0 bytes)"),
@@ -705,6 +709,8 @@ def test_cli_errors_in_a_real_process(files):
 
 
 def test_cli_overwrite_replaces_and_locked_cache_is_in_use(files):
+    """--overwrite replaces an existing output, and a cache locked by another process is reported in use, not
+    damaged."""
     out = existing(files, "out.json")
     args = cli_label("--layer", "a", "--out", str(out))(files)
     result = CliRunner().invoke(main, args + ["--overwrite"])
@@ -725,6 +731,8 @@ def test_cli_overwrite_replaces_and_locked_cache_is_in_use(files):
 
 
 def test_nested_parentheses_and_nots_parse_correctly():
+    """Thousands of nested parentheses and NOTs, long ORs and the deepest formula allowed parse and round-trip
+    correctly."""
     a = Formula.concept("a")
     assert Formula.parse("(" * 5000 + "a" + ")" * 5000) == a
     assert Formula.parse("NOT " * 5000 + "a") == a
@@ -745,6 +753,8 @@ def test_nested_parentheses_and_nots_parse_correctly():
 
 
 def test_control_characters_stay_on_one_line():
+    """Concept names with newlines and control characters print as one-line formulas that parse back, and tables keep
+    one line a feature."""
     names = ["a\nb", "tab\there", "line\u2028sep", 'quote"back\\slash', "\x7f\x1b[31m", "plain"]
     labels = ConceptLabels(np.eye(len(names), dtype=bool), names)
     for name in labels.names:
@@ -758,17 +768,20 @@ def test_control_characters_stay_on_one_line():
 
 
 def test_underflowing_p_values_are_never_zero(tmp_path):
+    """A p-value below 1e-300 shows as '< 1e-300' in the table and the report, never as zero."""
     explanation = Explanation(Formula.concept("red"), 0.99, 0.2, 1, 0.0, 3, 0.0, 1e-320, support=12, n_samples=N)
     labels = LayerLabels([[explanation]] * 3, NAMES, "a", {"n_samples": N})
     table = labels.table()
     assert "< 1e-300" in table and "0.00e+00" not in table
-    write_cache(tmp_path / "cache.h5")
+    write_random_cache(tmp_path / "cache.h5")
     text = write_report(tmp_path / "r.html", {"a": labels}, cache=tmp_path / "cache.h5", max_channels=1,
                         concepts=concepts(), progress=False).read_text()
     assert html.escape("< 1e-300") in text and "0.00e+00" not in text
 
 
 def test_int64_near_2_60_ranks_exactly():
+    """Integer activations near 2**60 (which float64 would tie) rank exactly: labels and AUCs equal those of small
+    integers and scipy's Mann-Whitney U."""
     rng = np.random.default_rng(3)
     labels = concepts(n=200, seed=3)
     order = np.stack([rng.permutation(200) for _ in range(3)], axis=1)
@@ -795,8 +808,6 @@ def test_int64_near_2_60_ranks_exactly():
 def test_report_names_with_mathtext_and_anchors(tmp_path):
     """Layer and concept names that break matplotlib's math text or collide as anchors: every card is drawn, every
     anchor is unique and every shown label is in the page."""
-    import helpers
-
     # mathtext fails on "$a^^b$", "$x_$", "${$" and "x$$y" (matplotlib raises ValueError while drawing)
     layers = {"features.0": 2, "features/0": 2, "features_0": 2, "$a^^b$": 2, "x$$y": 2}
     names = ["$x_$", "${$", "b_c^d", "new\nline"]
@@ -804,7 +815,7 @@ def test_report_names_with_mathtext_and_anchors(tmp_path):
     # each channel follows one concept (plus noise), so that every channel has a reliable label to draw
     rng = np.random.default_rng(0)
     planted = np.stack([labels_.mask(name).numpy() for name in names[:2]], 1).astype(np.float32)
-    helpers.write_cache(tmp_path / "cache.h5", {
+    write_cache(tmp_path / "cache.h5", {
         layer: (planted + 0.1 * rng.normal(size=planted.shape)).astype(np.float32) for layer in layers})
     labeler = ConceptLabeler(labels_)
     results = labeler.label_cache(tmp_path / "cache.h5", L=2, B=2, progress=False)
@@ -822,6 +833,8 @@ def test_report_names_with_mathtext_and_anchors(tmp_path):
 
 
 def test_names_differing_by_a_nul_are_refused_where_files_cannot_keep_them(tmp_path):
+    """Concept and layer names that differ only by a NUL are refused, and the refused layer leaves nothing half-
+    created."""
     with pytest.raises(ValueError, match="NUL"):
         ConceptLabels(np.eye(2, dtype=bool), ["a", "a\0"])
     with ActivationCache(tmp_path / "c.h5", mode="a") as cache:
@@ -835,6 +848,8 @@ def test_names_differing_by_a_nul_are_refused_where_files_cannot_keep_them(tmp_p
 
 
 def test_valid_csr_files_still_load_like_the_slow_decoding(tmp_path):
+    """Valid CSR concept files (any index dtype, unsorted or duplicate entries, explicit 0/1 data) load like a slow
+    element-wise decoding."""
     rng = np.random.default_rng(7)
     dense = rng.random((30, 5)) < 0.3
     indptr = np.concatenate([[0], np.cumsum(dense.sum(1))])
@@ -865,7 +880,7 @@ def test_find_channels_refuses_caches_labels_and_concepts_that_do_not_belong_tog
     from crp_invert.find import find_channels
 
     path = tmp_path / "cache.h5"
-    write_cache(path)
+    write_random_cache(path)
     labels_a = fake_labels(LAYERS["a"])["a"]
     with pytest.raises(ValueError, match="N=24 rows .* N=30"):
         find_channels("red", path, concepts(n=30))
@@ -952,7 +967,7 @@ class _Structure(HTMLParser):
 def _report_structure(folder: Path, layer_names: list[str], concept_names: list[str], class_names: list[str],
                       title: str) -> tuple[list, str]:
     folder.mkdir()
-    write_cache(folder / "cache.h5", layers=dict.fromkeys(layer_names, 2))
+    write_random_cache(folder / "cache.h5", layers=dict.fromkeys(layer_names, 2))
     labels_ = concepts(names=concept_names)
     results = ConceptLabeler(labels_).label_cache(folder / "cache.h5", L=2, B=2, progress=False)
     path = write_report(folder / "r.html", results, cache=folder / "cache.h5", concepts=labels_, max_channels=1,
@@ -994,7 +1009,7 @@ def test_outputs_get_the_permissions_of_an_ordinary_new_file(tmp_path, umask):
     from crp_invert.core.jsonio import write_json
 
     expected = 0o666 & ~umask
-    write_cache(tmp_path / "cache.h5")
+    write_random_cache(tmp_path / "cache.h5")
     labels = fake_labels(LAYERS["a"])
     labels["a"].to_json(tmp_path / "labels.json")
     labels["a"].to_csv(tmp_path / "labels.csv")

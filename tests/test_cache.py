@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import write_cache
 
 from crp_invert import ActivationCache, FlatActivationWriter, label_cache, label_h5
 from crp_invert.storage.fingerprint import fingerprint, model_hash
@@ -17,25 +18,33 @@ from crp_invert.storage.h5 import chunk_shape
 N, C = 60, 7
 
 
-def make_cache(
-    path, layers=("features.40", "layer4.1.conv2"), n=N, c=C, relevances=True, complete=True, seed=0
-):
-    """A cache filled with random data (ties included); returns the arrays written."""
+def random_layers(layers=("features.40", "layer4.1.conv2"), n=N, c=C, seed=0):
+    """Random activations (ties included) and relevances of the layers, ``c + i`` channels for layer ``i``."""
     rng = np.random.default_rng(seed)
     data = {}
-    with ActivationCache(path, mode="a", overwrite=True) as cache:
+    for i, name in enumerate(layers):
+        acts = rng.integers(0, 5, size=(n, c + i)).astype(np.float32) + rng.random((n, c + i)).astype(np.float32)
+        acts[:, 0] = np.round(acts[:, 0])  # ties
+        rels = rng.normal(size=(n, c + i)).astype(np.float32)
+        data[name] = (acts, rels)
+    return data
+
+
+def write_random_cache(path, layers=("features.40", "layer4.1.conv2"), n=N, c=C, relevances=True, complete=True,
+                       seed=0):
+    """A cache filled with :func:`random_layers` (layer ``i`` has fingerprint ``fp{i}``); returns the arrays
+    written."""
+    data = random_layers(layers, n, c, seed)
+    meta = {name: {"pooling": "mean", "fingerprint": f"fp{i}"} for i, name in enumerate(layers)}
+    if complete:
+        write_cache(path, {name: (acts, rels if relevances else None) for name, (acts, rels) in data.items()},
+                    meta=meta.__getitem__)
+        return data
+    with ActivationCache(path, mode="a", overwrite=True) as cache:  # written but never marked complete
         cache.initialize((0, n))
-        for i, name in enumerate(layers):
-            acts = rng.integers(0, 5, size=(n, c + i)).astype(np.float32) + rng.random((n, c + i)).astype(
-                np.float32
-            )
-            acts[:, 0] = np.round(acts[:, 0])  # ties
-            rels = rng.normal(size=(n, c + i)).astype(np.float32)
-            cache.add_layer(name, c + i, relevances=relevances, pooling="mean", fingerprint=f"fp{i}")
+        for name, (acts, rels) in data.items():
+            cache.add_layer(name, acts.shape[1], relevances=relevances, **meta[name])
             cache.write(name, (0, n), acts, rels if relevances else None)
-            data[name] = (acts, rels)
-        if complete:
-            cache.mark_complete((0, n))
     return data
 
 
@@ -52,7 +61,8 @@ def make_concepts(n=N, k=5, seed=1):
 
 
 def test_round_trip_and_column_reads(tmp_path):
-    data = make_cache(tmp_path / "a.h5")
+    """A cache returns the activations and relevances written, also for column slices, index lists and masks."""
+    data = write_random_cache(tmp_path / "a.h5")
     with ActivationCache(tmp_path / "a.h5") as cache:
         assert cache.layers == ["features.40", "layer4.1.conv2"]
         assert cache.n_samples == N and cache.is_complete()
@@ -77,6 +87,7 @@ def test_round_trip_and_column_reads(tmp_path):
 
 
 def test_layer_names_cannot_escape(tmp_path):
+    """Layer names with slashes, dots or odd characters are stored under numbered groups and read back unchanged."""
     names = ["a/b", "..", "/root", "layers/0", ".", "x" * 300, "ümlaut name"]
     with ActivationCache(tmp_path / "n.h5", mode="a") as cache:
         cache.initialize((0, 4))
@@ -95,7 +106,8 @@ def test_layer_names_cannot_escape(tmp_path):
 
 
 def test_missing_layer_lists_layers(tmp_path):
-    make_cache(tmp_path / "a.h5")
+    """Reading a missing layer raises a KeyError that lists the cache's layers."""
+    write_random_cache(tmp_path / "a.h5")
     with ActivationCache(tmp_path / "a.h5") as cache:
         with pytest.raises(KeyError, match=r"features\.40.*layer4\.1\.conv2"):
             cache.activations("conv9")
@@ -103,7 +115,9 @@ def test_missing_layer_lists_layers(tmp_path):
 
 
 def test_existing_file_is_never_overwritten(tmp_path):
-    data = make_cache(tmp_path / "a.h5")
+    """Opening an existing cache continues it: other sample counts or layer settings are refused, only overwrite=True
+    wipes it."""
+    data = write_random_cache(tmp_path / "a.h5")
     with ActivationCache(tmp_path / "a.h5", mode="a") as cache:  # continue, do not wipe
         assert cache.layers == list(data)
         with pytest.raises(ValueError, match="samples"):
@@ -122,6 +136,8 @@ def test_existing_file_is_never_overwritten(tmp_path):
 
 
 def test_completion_bookkeeping(tmp_path):
+    """complete, missing_ranges and is_complete follow the rows marked complete per layer, for a shard of the
+    dataset."""
     with ActivationCache(tmp_path / "c.h5", mode="a") as cache:
         cache.initialize((100, 110), dataset_length=200)  # a shard: samples [100, 110) of 200
         cache.add_layer("l1", 3)
@@ -149,12 +165,13 @@ def test_completion_bookkeeping(tmp_path):
 
 
 def test_unreadable_files(tmp_path):
+    """Missing, non-HDF5, truncated and foreign HDF5 files raise errors that say what is wrong."""
     with pytest.raises(FileNotFoundError):
         ActivationCache(tmp_path / "missing.h5")
     (tmp_path / "text.h5").write_text("not hdf5 at all")
     with pytest.raises(ValueError, match="not an HDF5 file"):
         ActivationCache(tmp_path / "text.h5")
-    make_cache(tmp_path / "full.h5")
+    write_random_cache(tmp_path / "full.h5")
     raw = (tmp_path / "full.h5").read_bytes()
     (tmp_path / "cut.h5").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="cut.h5"):
@@ -166,6 +183,7 @@ def test_unreadable_files(tmp_path):
 
 
 def test_chunk_shape_properties():
+    """chunk_shape stays within the array and about 1 MiB a chunk, and one band of chunks stays bounded."""
     for n_rows, n_cols in [
         (5000, 16),
         (10, 3),
@@ -183,6 +201,7 @@ def test_chunk_shape_properties():
 
 
 def test_fingerprint_components():
+    """The fingerprint changes with each of its components, and model_hash with the model's buffers."""
     base = dict(model_hash="m", layer="conv1", dataset_length=10, pooling="mean")
     reference = fingerprint(**base)
     assert fingerprint(**base) == reference
@@ -216,7 +235,8 @@ def labeler():
 
 @pytest.mark.parametrize("source", ["activation", "relevance"])
 def test_label_cache_equals_in_memory(tmp_path, labeler, source):
-    data = make_cache(tmp_path / "a.h5")
+    """label_cache gives the same labels as labeling the activations or relevances in memory."""
+    data = write_random_cache(tmp_path / "a.h5")
     results = label_cache(
         labeler, tmp_path / "a.h5", source=source, L=2, B=2, feature_batch_size=3, progress=False
     )
@@ -242,16 +262,18 @@ def test_label_cache_equals_in_memory(tmp_path, labeler, source):
 
 
 def test_label_cache_refuses_bad_caches(tmp_path, labeler):
-    make_cache(tmp_path / "a.h5")
+    """label_cache refuses missing layers, other sample counts, incomplete caches, missing relevances and unknown
+    sources."""
+    write_random_cache(tmp_path / "a.h5")
     with pytest.raises(KeyError, match=r"conv9.*features\.40"):
         label_cache(labeler, tmp_path / "a.h5", layers=["conv9"], progress=False)
-    make_cache(tmp_path / "short.h5", n=N - 1)
+    write_random_cache(tmp_path / "short.h5", n=N - 1)
     with pytest.raises(ValueError, match=f"N={N - 1}.*N={N}"):
         label_cache(labeler, tmp_path / "short.h5", progress=False)
-    make_cache(tmp_path / "partial.h5", complete=False)
+    write_random_cache(tmp_path / "partial.h5", complete=False)
     with pytest.raises(ValueError, match="incomplete"):
         label_cache(labeler, tmp_path / "partial.h5", progress=False)
-    make_cache(tmp_path / "norel.h5", relevances=False)
+    write_random_cache(tmp_path / "norel.h5", relevances=False)
     with pytest.raises(KeyError, match="relevances"):
         label_cache(labeler, tmp_path / "norel.h5", source="relevance", progress=False)
     with pytest.raises(ValueError, match="source"):
@@ -265,6 +287,8 @@ def test_label_cache_refuses_bad_caches(tmp_path, labeler):
 
 
 def test_flat_writer_round_trip(tmp_path, labeler):
+    """FlatActivationWriter appends batches (also after reopening) whose flattened rows read back and label like in
+    memory."""
     rng = np.random.default_rng(3)
     batches = [torch.from_numpy(rng.normal(size=(b, 2, 3)).astype(np.float32)) for b in (25, 1, 20)]
     batches.append(rng.normal(size=(14, 2, 3)))  # numpy float64 is accepted too
@@ -297,7 +321,8 @@ def test_flat_writer_round_trip(tmp_path, labeler):
 
 
 def test_cache_is_json_free_of_paths(tmp_path):
-    make_cache(tmp_path / "a.h5")
+    """The cache's layer index maps layer names to numbered groups, and its datasets are chunked."""
+    write_random_cache(tmp_path / "a.h5")
     with h5py.File(tmp_path / "a.h5", "r") as file:
         index = json.loads(file.attrs["layer_index"])
         assert index == {"features.40": "0", "layer4.1.conv2": "1"}
@@ -394,7 +419,10 @@ def killed(status):
     return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_kill_at_every_step_of_creating_a_cache(tmp_path):
+    """A process killed at any step of creating a cache leaves no file or one that opens with trustworthy complete
+    rows."""
     counter = tmp_path / "count"
     (tmp_path / "dry").mkdir()
     assert in_child(lambda: record(tmp_path / "dry" / "cache.h5"), counter=counter) == 0
@@ -415,6 +443,7 @@ def test_kill_at_every_step_of_creating_a_cache(tmp_path):
 
 
 def test_kill_while_adding_a_layer_keeps_complete_rows(tmp_path):
+    """A process killed while adding a layer leaves the earlier layer complete and the cache usable for a rerun."""
     first, second = KILL_LAYERS[:1], KILL_LAYERS
     counter = tmp_path / "count"
     (tmp_path / "dry").mkdir()
@@ -436,6 +465,7 @@ def test_kill_while_adding_a_layer_keeps_complete_rows(tmp_path):
 
 @pytest.mark.parametrize("fraction", [0.0, 0.01, 0.2, 0.5, 0.9])
 def test_file_size_limit_while_creating_then_rerun(tmp_path, fraction):
+    """Running out of file size while creating a cache leaves a file that opens, and a rerun with space completes it."""
     (tmp_path / "full").mkdir()
     record(tmp_path / "full" / "cache.h5")
     size = (tmp_path / "full" / "cache.h5").stat().st_size
@@ -451,6 +481,7 @@ def test_file_size_limit_while_creating_then_rerun(tmp_path, fraction):
 
 @pytest.mark.parametrize("room", [512, 8000, 30000, 90000])
 def test_file_size_limit_while_adding_a_layer_keeps_the_cache(tmp_path, room):
+    """Running out of file size while adding a layer keeps the complete earlier layer, and a rerun adds the new one."""
     path = tmp_path / "cache.h5"
     first, second = KILL_LAYERS[:1], KILL_LAYERS[:1] + WIDE  # the wide layer needs about 100 kB
     record(path, first)
@@ -464,6 +495,7 @@ def test_file_size_limit_while_adding_a_layer_keeps_the_cache(tmp_path, room):
 
 
 def test_two_writers_one_refused_file_intact(tmp_path):
+    """While one process writes a cache, every other open is refused as in use, and the writer's file ends complete."""
     from crp_invert.storage.lock import FileInUseError
 
     for trial in range(5):
@@ -517,6 +549,7 @@ def test_two_writers_one_refused_file_intact(tmp_path):
 
 
 def test_a_file_locked_by_hdf5_alone_is_in_use_not_damaged(tmp_path):
+    """A cache held open by a plain h5py writer (no lock file of ours) is reported in use, not damaged."""
     from crp_invert.storage.lock import FileInUseError
 
     path = tmp_path / "cache.h5"
@@ -544,6 +577,7 @@ def test_a_file_locked_by_hdf5_alone_is_in_use_not_damaged(tmp_path):
 
 
 def test_half_initialized_file_of_older_versions_is_recreated(tmp_path):
+    """A half-initialized or empty HDF5 file left by older versions is recreated by the next recording."""
     path = tmp_path / "cache.h5"
     with h5py.File(path, "w") as file:  # what a kill inside write_root left behind: no layer_index
         file.attrs["format"] = "crp-invert-activation-cache"

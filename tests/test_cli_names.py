@@ -8,10 +8,9 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import random_concepts, write_cache
 
 from crp_invert.cli import main
-from crp_invert.core.concepts import ConceptLabels
-from crp_invert.storage.cache import ActivationCache
 
 N, CHANNELS = 120, 4
 NAMES = ["red", "round", "big"]
@@ -20,16 +19,13 @@ NAMES = ["red", "round", "big"]
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A cache of one layer whose channels follow the concepts, the concepts .npz and the layer's labels."""
-    rng = np.random.default_rng(0)
-    labels = rng.random((N, len(NAMES))) < 0.4
-    acts = (labels[:, np.arange(CHANNELS) % len(NAMES)] + rng.normal(size=(N, CHANNELS)) * 0.3).astype(np.float32)
+    concepts = random_concepts(N, len(NAMES), share=0.4, seed=0, names=NAMES)
+    labels = concepts.dense().numpy()
+    noise = np.random.default_rng(1).normal(size=(N, CHANNELS)) * 0.3
+    acts = (labels[:, np.arange(CHANNELS) % len(NAMES)] + noise).astype(np.float32)
     folder = tmp_path_factory.mktemp("names")
-    with ActivationCache(folder / "cache.h5", mode="a", overwrite=True) as cache:
-        cache.initialize((0, N))
-        cache.add_layer("conv", CHANNELS, relevances=False, pooling="mean")
-        cache.write("conv", (0, N), acts)
-        cache.mark_complete((0, N))
-    ConceptLabels(labels, NAMES).save(folder / "concepts.npz")
+    write_cache(folder / "cache.h5", {"conv": acts})
+    concepts.save(folder / "concepts.npz")
     labeled = CliRunner().invoke(main, ["label", str(folder / "cache.h5"), str(folder / "concepts.npz"), "-L", "1",
                                         "-B", "1", "--min-support", "0", "--out", str(folder / "labels"), "-q"])
     assert labeled.exit_code == 0, labeled.output

@@ -20,6 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from helpers import write_cache
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -76,6 +77,8 @@ KEYS = st.sampled_from(["names", "labels", "indices", "indptr", "shape", "data",
 @FUZZ
 @given(st.dictionaries(KEYS, ARRAYS, max_size=7))
 def test_random_npz_arrays(arrays):
+    """Random arrays in a concepts .npz either load with the names and labels written or are refused with our error
+    types."""
     with folder() as tmp:
         np.savez(tmp / "c.npz", **arrays)
         labels = load_or_refuse(lambda: ConceptLabels.load(tmp / "c.npz"))
@@ -142,6 +145,7 @@ def mutated_csr(draw):
 @FUZZ
 @given(mutated_csr(), st.integers(0, 2))
 def test_mutated_csr_loads_exactly_the_valid_files(case, extra_names):
+    """A mutated CSR concepts file loads exactly when a slow decoding finds it valid, with the same labels."""
     arrays, n_cols = case
     names = [f"c{i}" for i in range(n_cols + (extra_names if extra_names == 1 else 0))]
     with folder() as tmp:
@@ -177,6 +181,7 @@ def flipped(flips) -> bytes:
                           max_size=6).map(flipped),
                  st.integers(0, len(VALID_NPZ)).map(lambda cut: VALID_NPZ[:cut])))
 def test_random_and_damaged_npz_bytes(raw):
+    """Random and truncated .npz bytes either load consistent concepts or are refused with our error types."""
     with folder() as tmp:
         (tmp / "c.npz").write_bytes(raw)
         labels = load_or_refuse(lambda: ConceptLabels.load(tmp / "c.npz"))
@@ -232,6 +237,8 @@ def mutated_labels(draw):
 @FUZZ
 @given(st.one_of(JSON, mutated_labels()))
 def test_labels_json(document):
+    """Random and mutated labels JSON either loads as labels that round-trip and render, or is refused with our error
+    types."""
     with folder() as tmp:
         (tmp / "l.json").write_text(json.dumps(document))
         labels = load_or_refuse(lambda: LayerLabels.from_json(tmp / "l.json"))
@@ -247,6 +254,7 @@ def test_labels_json(document):
 @FUZZ
 @given(st.text(max_size=200))
 def test_labels_json_text(text):
+    """Random text as a labels JSON file is refused with our error types (or loads), never another exception."""
     with folder() as tmp:
         (tmp / "l.json").write_text(text)
         load_or_refuse(lambda: LayerLabels.from_json(tmp / "l.json"))
@@ -266,13 +274,8 @@ LAYER_KEYS = ["name", "n_channels", "n_samples"]
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     path = tmp_path_factory.mktemp("template") / "cache.h5"
-    with ActivationCache(path, mode="a") as cache:
-        cache.initialize((0, 6))
-        for name, channels in (("a", 2), ("b", 3)):
-            cache.add_layer(name, channels, relevances=True, pooling="mean")
-            cache.write(name, (0, 6), np.ones((6, channels)), np.zeros((6, channels)))
-        cache.mark_complete((0, 6))
-    return path
+    return write_cache(path, {name: (np.ones((6, channels)), np.zeros((6, channels)))
+                              for name, channels in (("a", 2), ("b", 3))})
 
 
 @settings(parent=FUZZ, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -280,6 +283,8 @@ def template(tmp_path_factory):
 @given(edits=st.lists(st.tuples(st.sampled_from(["root", "0", "1"]), st.integers(0, 6), st.one_of(
     st.none(), ATTRIBUTE_VALUES)), min_size=1, max_size=3))
 def test_cache_metadata(template, edits):
+    """An activation cache with edited or deleted metadata either opens and reads consistently or is refused with our
+    error types."""
     with folder() as tmp:
         path = tmp / "cache.h5"
         shutil.copy(template, path)
@@ -346,6 +351,8 @@ def test_parse_agrees_with_python(tokens):
 @given(st.text(max_size=80) | st.lists(st.sampled_from(['"', "\\", "(", ")", " ", "AND", "x", "\n", "\\u00"]),
                                        max_size=20).map("".join))
 def test_parse_random_text(text):
+    """Random text either parses to a one-line formula that round-trips, or raises FormulaParseError within the time
+    limit."""
     try:
         with time_limit():
             formula = Formula.parse(text)
@@ -390,6 +397,8 @@ def slow_evaluate(data, env):
 @FUZZ
 @given(FORMULA_JSON)
 def test_formula_json(data):
+    """Random formula JSON loads exactly when a slow evaluator accepts it, and then evaluates like it on every
+    assignment."""
     formula = load_or_refuse(lambda: Formula.from_json(data))
     for values in itertools.product([False, True], repeat=3):
         env = dict(zip("abc", values))
@@ -510,7 +519,7 @@ def valid_result_documents() -> dict:
     """One valid JSON document each of ChannelSearch, Audit and GlocalExplanation, made by the library."""
     import torch
     from crp.attribution import CondAttribution
-    from helpers import branch_net
+    from helpers import branch_net, random_concepts
     from zennit.composites import EpsilonPlus
 
     from crp_invert.audit import audit
@@ -518,7 +527,7 @@ def valid_result_documents() -> dict:
     from crp_invert.integration.glocal import decompose
 
     rng = np.random.default_rng(3)
-    concepts = ConceptLabels(rng.random((30, 3)) < 0.4, ["red", "big", "round"])
+    concepts = random_concepts(30, 3, share=0.4, seed=3, names=["red", "big", "round"])
     activations = rng.random((30, 4))
     labels = LayerLabels([[Explanation(Formula.concept("red"), 0.7, 0.4, 1, 0.01, 12, 0.1, 0.1)]] * 4,
                          concepts.names, "a", {"n_samples": 30})

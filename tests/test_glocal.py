@@ -9,7 +9,7 @@ from crp.attribution import AttributionGraph, CondAttribution
 from crp.concepts import ChannelConcept
 from crp.graph import trace_model_graph
 from helpers import branch_net as make_branch_net
-from helpers import randomize_batch_norm
+from helpers import randomize_batch_norm, write_cache
 from torch import nn
 from zennit.composites import EpsilonPlus
 from zennit.torchvision import SequentialMergeBatchNorm
@@ -438,11 +438,7 @@ def test_circuit_by_relevance_reads_a_real_activation_cache(tmp_path):
     generator = torch.Generator().manual_seed(3)
     relevances = torch.randn(30, 6, generator=generator)
     sample_targets = torch.arange(30) % 3
-    with ActivationCache(tmp_path / "acts.h5", mode="a") as cache:
-        cache.initialize((0, 30))
-        cache.add_layer("features.4", 6, relevances=True)
-        cache.write("features.4", (0, 30), torch.rand(30, 6, generator=generator), relevances)
-        cache.mark_complete((0, 30))
+    write_cache(tmp_path / "acts.h5", {"features.4": (torch.rand(30, 6, generator=generator), relevances)}, meta={})
     with ActivationCache(tmp_path / "acts.h5") as cache:
         from_cache = circuit_by_relevance(cache, target=1, k=3, layer="features.4", sample_targets=sample_targets)
     from_tensor = circuit_by_relevance(relevances, target=1, k=3, layer="features.4", sample_targets=sample_targets)
@@ -462,7 +458,7 @@ N_REFERENCE = 40
 def labeled_reference(setup, tmp_path):
     """A labeled dataset for conv2: its pooled activations as CRP records them (canonized), concepts planted on
     three channels and one random, labels from the labeler, and an ActivationCache file holding the activations."""
-    from crp_invert import ActivationCache, ConceptLabeler, ConceptLabels
+    from crp_invert import ConceptLabeler, ConceptLabels
 
     _, model, attribution, composite, data = setup
     generator = torch.Generator().manual_seed(11)
@@ -476,11 +472,7 @@ def labeled_reference(setup, tmp_path):
     concepts = ConceptLabels(torch.stack(planted + [noise], 1), ["red", "round", "furry", "metal"])
     labels = ConceptLabeler(concepts).label(reference, L=2, B=2, layer="conv2", progress=False)
     path = tmp_path / "acts.h5"
-    with ActivationCache(path, mode="a") as cache:
-        cache.initialize((0, N_REFERENCE))
-        cache.add_layer("conv2", reference.shape[1], pooling="mean")
-        cache.write("conv2", (0, N_REFERENCE), reference)
-        cache.mark_complete((0, N_REFERENCE))
+    write_cache(path, {"conv2": reference})
     return inputs, reference, concepts, labels, path
 
 

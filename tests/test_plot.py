@@ -9,6 +9,7 @@ import textwrap  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import random_concepts  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from crp_invert import ChannelEvidence, ConceptLabeler, ConceptLabels, Explanation, Formula  # noqa: E402
@@ -220,7 +221,7 @@ def test_plots_draw_any_name_as_written():
     legends), and every text has parse_math and usetex off."""
     from crp_invert.core.formula import quote_name
 
-    concepts = ConceptLabels(torch.rand(40, len(NAMES), generator=torch.Generator().manual_seed(0)) > 0.5, NAMES)
+    concepts = random_concepts(40, len(NAMES), share=0.5, seed=0, names=NAMES)
     formula = Formula.parse(" AND ".join(quote_name(name) for name in NAMES[:3]))
     explanation = Explanation(formula=formula, auc=0.7, fraction=0.2, length=3, p_value=0.01)
     titled = plot_explanation(torch.randn(40), concepts, explanation, title=NAMES[3])

@@ -125,6 +125,8 @@ def condattribution_relevances(model, x, targets):
 
 
 def test_cache_layout_and_completion(recorded):
+    """The recorded cache holds the mapped layers, all samples complete, with pooling, concept, composite and
+    fingerprint metadata."""
     with ActivationCache(recorded["cache"]) as cache:
         assert cache.layers == LAYERS
         assert cache.n_samples == N_SAMPLES and cache.sample_range == (0, N_SAMPLES)
@@ -138,6 +140,7 @@ def test_cache_layout_and_completion(recorded):
 
 
 def test_cached_activations_equal_independent_pooling(recorded):
+    """Cached activations equal an independent pooled forward pass, and the model is restored without hooks."""
     expected = independent_pooled(recorded["model"], recorded["x"])
     with ActivationCache(recorded["cache"]) as cache:
         for name in LAYERS:
@@ -151,6 +154,7 @@ def test_cached_activations_equal_independent_pooling(recorded):
 
 
 def test_cached_relevances_equal_condattribution(recorded):
+    """Cached relevances equal CRP's CondAttribution with ChannelConcept."""
     expected = condattribution_relevances(recorded["model"], recorded["x"], recorded["y"])
     with ActivationCache(recorded["cache"]) as cache:
         for name in LAYERS:
@@ -160,6 +164,7 @@ def test_cached_relevances_equal_condattribution(recorded):
 
 
 def test_crp_files_unchanged_by_recording(recorded):
+    """Recording leaves CRP's result files byte for byte those of plain CRP."""
     assert_same_crp_files(recorded["root"] / "fv", recorded["root"] / "plain")
 
 
@@ -189,6 +194,7 @@ def test_compute_stats_without_numpy_int(recorded):
 
 
 def test_refuses_other_model_or_pooling(recorded, tmp_path):
+    """Continuing a cache with another model, pooling or dataset length is refused and leaves the cache unchanged."""
     before = ActivationCache(recorded["cache"])
     acts = before.activations("conv2")
     before.close()
@@ -229,6 +235,7 @@ def test_refuses_other_model_or_pooling(recorded, tmp_path):
 
 
 def test_unknown_layer_and_bad_arguments(tmp_path):
+    """Unknown layers and bad recording arguments are refused when the visualization is made."""
     model = make_model()
     x, y = make_data(8)
     with pytest.raises(KeyError, match="conv1"):
@@ -262,6 +269,7 @@ class Interrupt(Exception):
 
 
 def test_interrupted_run_resumes_to_identical_results(recorded, tmp_path):
+    """An interrupted run keeps its complete rows, and resuming gives the same cache as an uninterrupted run."""
     model = make_model()
     x, y = make_data()
     armed = {"on": True}
@@ -309,6 +317,7 @@ def test_interrupted_run_resumes_to_identical_results(recorded, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_killed_process_leaves_resumable_cache(recorded, tmp_path):
     """A child SIGKILLed in a batch leaves a cache whose complete rows are the finished batches; recording the
     missing range then equals an uninterrupted run."""
@@ -352,6 +361,8 @@ class PlainMultiFV(FeatureVisualization):
 
 
 def test_multitarget_dataset(tmp_path, caplog):
+    """With several targets a sample, cached relevances are the sum over its targets and CRP's files equal plain
+    CRP's."""
     model = make_model()
     n = 12
     x, _ = make_data(n)
@@ -394,6 +405,7 @@ def test_multitarget_dataset(tmp_path, caplog):
 
 @pytest.mark.parametrize("pooling", ["mean", "max", "sum"])
 def test_record_activations_pooling(tmp_path, pooling):
+    """record_activations with mean, max and sum pooling equals an independent pooled forward pass."""
     model = make_model()
     x, y = make_data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)
@@ -410,6 +422,7 @@ def test_record_activations_pooling(tmp_path, pooling):
 
 
 def test_record_activations_without_composite_records_plain_outputs(tmp_path):
+    """Without a composite, record_activations stores the plain layer outputs."""
     model = make_model()
     x, _ = make_data(10)
     cache = record_activations(
@@ -422,6 +435,7 @@ def test_record_activations_without_composite_records_plain_outputs(tmp_path):
 
 
 def test_record_activations_error_removes_hooks_and_resumes(tmp_path):
+    """An error in the loader removes record_activations' hooks, and a rerun continues where it stopped."""
     model = make_model()
     x, _ = make_data()
     calls = []
@@ -471,6 +485,7 @@ def test_record_activations_error_removes_hooks_and_resumes(tmp_path):
 
 
 def test_record_activations_bad_input(tmp_path):
+    """record_activations refuses unknown layers, a missing n_samples and too many samples, leaving no hooks."""
     model = make_model()
     x, _ = make_data(10)
     with pytest.raises(KeyError, match="not modules"):
@@ -483,6 +498,8 @@ def test_record_activations_bad_input(tmp_path):
 
 
 def test_pool_matches_definition():
+    """pool's mean, sum, max and custom poolings equal their definitions; unknown or shape-keeping poolings are
+    refused."""
     out = torch.randn(3, 4, 5, 6)
     torch.testing.assert_close(pool(out, "mean"), out.mean((2, 3)))
     torch.testing.assert_close(pool(out, "sum"), out.sum((2, 3)))
@@ -497,6 +514,7 @@ def test_pool_matches_definition():
 
 
 def test_labels_from_recorded_cache_equal_in_memory(recorded):
+    """Labels from the recorded cache equal labels of the same tensors in memory."""
     from crp_invert import ConceptLabeler
     from crp_invert.core.concepts import ConceptLabels
 
@@ -520,6 +538,7 @@ def test_labels_from_recorded_cache_equal_in_memory(recorded):
 
 
 def test_constructor_is_crps_plus_keyword_only_additions():
+    """InvertFeatureVisualization takes FeatureVisualization's arguments plus keyword-only additions."""
     import inspect
 
     ours = list(inspect.signature(InvertFeatureVisualization.__init__).parameters.values())
@@ -586,6 +605,7 @@ def test_crp_tutorial_arguments(tmp_path, monkeypatch):
 
 
 def test_activation_cache_passed_as_cache_still_works(tmp_path):
+    """The old cache= spelling still works with a DeprecationWarning, and giving both spellings is refused."""
     model = make_model()
     x, y = make_data(16)
     with pytest.warns(DeprecationWarning, match="activation_cache"):
@@ -620,6 +640,8 @@ def _fail_in_backward_of_batch(fv, batch):
 
 
 def test_error_inside_crps_loop_leaves_the_model_as_it_was(tmp_path):
+    """An error inside CRP's loop leaves the model's parameters, buffers, attributes and hooks as they were (plain CRP
+    does not)."""
     model = make_model()
     params = {name: p for name, p in model.named_parameters()}
     data = {name: p.data.clone() for name, p in model.state_dict().items()}
@@ -651,6 +673,7 @@ def test_error_inside_crps_loop_leaves_the_model_as_it_was(tmp_path):
 
 
 def test_crp_progress_bars_are_named(tmp_path, capsys):
+    """CRP's progress bars are named after the work they show, and progress=False shows none."""
     import crp.maximization
     import crp.statistics
     import crp.visualization
@@ -681,6 +704,7 @@ def test_crp_progress_bars_are_named(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["/tmp/escape", "a/../../escape", "..", "..\\escape", "C:escape", "a\x00b"])
 def test_layer_names_that_leave_the_output_folder_are_refused(tmp_path, name):
+    """Layer names that would write outside the output folder are refused before anything is written."""
     model = make_model()
     model._modules[name] = torch.nn.Identity()  # torch's add_module refuses some of these names, a dict does not
     x, y = make_data(8)
@@ -691,6 +715,7 @@ def test_layer_names_that_leave_the_output_folder_are_refused(tmp_path, name):
 
 
 def test_layer_names_inside_the_output_folder_are_accepted():
+    """Layer names that stay inside the output folder are accepted."""
     from crp_invert.integration.feature_visualization import check_layer_names
 
     check_layer_names(["features.0", "layer4.1.relu", "a/b", "x..y", ""])
@@ -723,6 +748,7 @@ class ListSampler(torch.utils.data.Sampler):
     ids=["shuffle", "subset-random", "skips", "repeats", "batch-sampler-out-of-order"],
 )
 def test_record_activations_refuses_loaders_out_of_dataset_order(tmp_path, make_loader):
+    """record_activations refuses loaders that do not yield the dataset in order, writing no file."""
     model = make_model()
     x, y = make_data(12)
     loader = make_loader(torch.utils.data.TensorDataset(x, y))
@@ -732,6 +758,7 @@ def test_record_activations_refuses_loaders_out_of_dataset_order(tmp_path, make_
 
 
 def test_record_activations_accepts_sequential_loaders(tmp_path):
+    """record_activations accepts sequential loaders (default, sequential sampler, drop_last) and records their rows."""
     model = make_model()
     x, y = make_data(12)
     dataset = torch.utils.data.TensorDataset(x, y)
@@ -749,6 +776,7 @@ def test_record_activations_accepts_sequential_loaders(tmp_path):
 
 
 def test_record_activations_refuses_to_continue_with_other_data(tmp_path):
+    """Continuing a recording with other data is refused and leaves the cached rows unchanged."""
     model = make_model()
     x, y = make_data(12)
     other = x.clone()
@@ -769,6 +797,7 @@ def test_record_activations_refuses_to_continue_with_other_data(tmp_path):
 
 
 def test_resume_refuses_other_dataset_preprocessing_or_weights(tmp_path):
+    """Resuming with another dataset, targets, preprocessing or weights is refused; the same inputs resume."""
     model = make_model()
     x, y = make_data(24)
     armed = {"on": True}

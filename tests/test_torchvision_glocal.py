@@ -133,6 +133,7 @@ def assert_close(value, reference, rtol=1e-4):
 # decomposition on a leaf and on a container
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["leaf", "container"])
 def test_decomposition_is_complete_and_equals_crp(setup, kind):
     """On torchvision models, leaf and container decompositions are complete and equal CRP's."""

@@ -108,7 +108,8 @@ def _fast_gc(monkeypatch):
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def runs(request, tmp_path_factory):
-    """Plain CRP and ours on the same model, data and layer map."""
+    """Plain CRP and ours on the same model, data and layer map (the tests using it are marked slow: the four
+    models take minutes to run)."""
     import crp.maximization
     import crp.statistics
 
@@ -129,11 +130,15 @@ def runs(request, tmp_path_factory):
     return {"name": name, "root": root, "model": model, "x": x, "y": y, "before": before}
 
 
+@pytest.mark.slow
 def test_crp_files_equal_plain_crp(runs):
+    """Recording activations leaves CRP's result files byte for byte those of plain CRP on a torchvision model."""
     assert_same_crp_files(runs["root"] / "ours", runs["root"] / "plain")
 
 
+@pytest.mark.slow
 def test_model_unchanged_and_no_hooks_left(runs):
+    """After the recording run the torchvision model's state is unchanged and no hooks are left."""
     assert_same_state(runs["before"], model_state(runs["model"]))
 
 
@@ -161,7 +166,9 @@ def canonized_outputs(name, model, x):
     return outputs, calls
 
 
+@pytest.mark.slow
 def test_cached_activations_equal_canonized_forward_hooks(runs):
+    """The cached activations equal the pooled outputs of forward hooks on the canonized model."""
     name = runs["name"]
     outputs, calls = canonized_outputs(name, runs["model"], runs["x"])
     assert {layer for layer, n in calls.items() if n == 2} == CALLED_TWICE & set(calls)
@@ -171,7 +178,10 @@ def test_cached_activations_equal_canonized_forward_hooks(runs):
             torch.testing.assert_close(cache.activations(layer), expected, rtol=1e-5, atol=1e-6, msg=layer)
 
 
+@pytest.mark.slow
 def test_record_activations_equal_canonized_forward_hooks(runs, tmp_path):
+    """record_activations with the composite's canonizers equals forward hooks on the canonized model, and leaves the
+    model as it was."""
     name, model, x = runs["name"], runs["model"], runs["x"]
     before = model_state(model)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=BATCH)
@@ -182,7 +192,9 @@ def test_record_activations_equal_canonized_forward_hooks(runs, tmp_path):
     assert_same_state(before, model_state(model))
 
 
+@pytest.mark.slow
 def test_cached_relevances_equal_condattribution(runs):
+    """The cached relevances equal CRP's CondAttribution with ChannelConcept, one layer at a time."""
     name, model, x, y = runs["name"], runs["model"], runs["x"], runs["y"]
     with ActivationCache(runs["root"] / "acts.h5") as cache:
         for layer in MODELS[name][2]:
@@ -197,7 +209,9 @@ def test_cached_relevances_equal_condattribution(runs):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale, msg=layer)
 
 
+@pytest.mark.slow
 def test_failing_call_leaves_no_hooks_or_canonizer_changes(runs, tmp_path):
+    """An error in the middle of a run leaves the torchvision model without hooks or canonizer changes."""
     name = runs["name"]
     model = build(name)
     before = model_state(model)
@@ -217,6 +231,7 @@ def test_failing_call_leaves_no_hooks_or_canonizer_changes(runs, tmp_path):
 
 
 def test_densenet_with_batchnorm_merging_fails_cleanly(tmp_path):
+    """BatchNorm merging on DenseNet fails with plain CRP's error, but our run leaves the model as it was."""
     x, y = data()
     merge = EpsilonPlus(canonizers=[SequentialMergeBatchNorm()])
     plain_model = build("densenet121")
@@ -237,6 +252,7 @@ def test_densenet_with_batchnorm_merging_fails_cleanly(tmp_path):
     assert model.features.conv0.bias is None
 
 
+@pytest.mark.slow
 def test_every_layer_name_plain_crp_accepts_is_recorded(runs):
     """Every name of the layer map (leaves, containers, modules called twice) has complete, finite rows."""
     with ActivationCache(runs["root"] / "acts.h5") as cache:

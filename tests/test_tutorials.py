@@ -72,12 +72,14 @@ EXAMPLE_CELLS = [
 
 
 def test_read_percent_example():
+    """read_percent splits the example script into its cells; a header alone or empty text gives no cells."""
     assert build.read_percent(EXAMPLE) == EXAMPLE_CELLS
     assert build.read_percent(EXAMPLE.split("\n# %% [markdown]\n# # Title")[0]) == []  # a header alone: no cells
     assert build.read_percent("") == []
 
 
 def test_write_percent_example():
+    """write_percent writes the example cells as a percent script that reads back to the same cells."""
     text = build.write_percent(EXAMPLE_CELLS)
     assert text.startswith("# %% [markdown]\n# # Title\n#\n# Some")
     assert "\n\n# %%\n# %matplotlib inline\nimport numpy" in text
@@ -94,6 +96,7 @@ def test_write_percent_example():
     ("# ---\n# jupyter: {}\n\n# %%\nx = 1\n", 1),         # a header that does not close
 ])
 def test_read_percent_rejects(text, line):
+    """read_percent refuses malformed percent scripts, naming the line."""
     with pytest.raises(ValueError, match=f"line {line}"):
         build.read_percent(text)
 
@@ -105,6 +108,7 @@ def test_read_percent_rejects(text, line):
     ([("raw", "x")], "cell type"),
 ])
 def test_write_percent_rejects(cells, message):
+    """write_percent refuses cells it cannot write, saying why."""
     with pytest.raises(ValueError, match=message):
         build.write_percent(cells)
 
@@ -126,6 +130,7 @@ def without_trailing_blank_lines(source):
 
 @given(CELLS)
 def test_percent_round_trip(cells):
+    """Random cells round-trip through write_percent and read_percent, and the written form is canonical."""
     try:
         text = build.write_percent(cells)
     except ValueError as error:
@@ -155,6 +160,7 @@ def executed(cells, error_in=None):
 
 
 def test_differences_name_what_is_stale(tmp_path):
+    """differences names a missing, differing, longer or unexecuted notebook next to its script."""
     cells = [("markdown", "# T"), ("code", "print(1)"), ("code", "x = 2")]
     source = tmp_path / "01_t.py"
     source.write_text(build.write_percent(cells))
@@ -174,6 +180,7 @@ def test_differences_name_what_is_stale(tmp_path):
 
 
 def test_cell_ids_come_from_the_content():
+    """Notebook cell ids are the same on every build, unique, and follow the cell's content."""
     cells = [("code", "x = 1"), ("code", "x = 1"), ("markdown", "x = 1")]
     first, second = build.notebook_from_cells(cells), build.notebook_from_cells(cells)
     ids = [cell.id for cell in first.cells]
@@ -182,6 +189,7 @@ def test_cell_ids_come_from_the_content():
 
 
 def test_every_tutorial_has_a_script_and_a_notebook():
+    """Every tutorial script has a stored notebook, there are no orphans, and the build's --check passes."""
     assert [path.name for path in SOURCES[:3]] == [
         "01_label_channels.py", "02_glocal_and_circuits.py", "03_bring_your_own_data.py"]
     assert build.orphans() == []
@@ -192,13 +200,17 @@ def test_every_tutorial_has_a_script_and_a_notebook():
 
 @pytest.mark.parametrize("source", SOURCES, ids=lambda path: path.stem)
 def test_stored_notebook_matches_its_script(source):
+    """Each stored notebook matches its script cell for cell and holds outputs."""
     compile(source.read_text(encoding="utf-8"), str(source), "exec")  # the scripts are plain Python
     assert build.differences(source) == [], REBUILD
     assert any(build.output_kinds(nbformat.read(build.notebook_path(source), as_version=4)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", SOURCES, ids=lambda path: path.stem)
 def test_notebook_executes_like_the_stored_one(source, tmp_path):
+    """Executing a tutorial from a fresh kernel gives the stored notebook's output kinds, metadata and cell ids, writing
+    nothing outside its folder."""
     notebook = build.execute(build.read_source(source), cwd=tmp_path)  # CellExecutionError names a failing cell
     assert list(tmp_path.iterdir()) == []  # the notebooks write into their own temporary folder only
     stored = nbformat.read(build.notebook_path(source), as_version=4)
