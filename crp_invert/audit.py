@@ -435,16 +435,6 @@ def _targets(targets: Any, n_rows: int) -> np.ndarray:
     return targets.astype(np.int64)
 
 
-def _targets(targets: Any, n_rows: int) -> np.ndarray:
-    if isinstance(targets, torch.Tensor):
-        targets = targets.detach().cpu().numpy()
-    targets = np.asarray(targets).reshape(-1)
-    if targets.shape != (n_rows,) or (targets.size and not np.issubdtype(targets.dtype, np.integer)):
-        raise ValueError(f"targets must be {n_rows} class indices (one per row of the cache), got dtype "
-                         f"{targets.dtype} and shape {targets.shape}")
-    return targets.astype(np.int64)
-
-
 def _relevance_matrix(cache: Any, layer: str) -> np.ndarray:
     if isinstance(cache, (ActivationCache, str, os.PathLike)):
         own = not isinstance(cache, ActivationCache)

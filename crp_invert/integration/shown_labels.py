@@ -37,11 +37,9 @@ def is_reliable(explanation: Any) -> bool:
     return bool(getattr(explanation, "reliable", True))
 
 
-def checked_layer_labels(labels: Any, layer: str, n_channels: int):
-    """The LayerLabels of ``layer`` (or None), checked against the layer's name and channel count.
-
-    ``labels`` is a LayerLabels, a mapping of layer name to LayerLabels, or None.
-    """
+def labels_of_layer(labels: Any, layer: str):
+    """The LayerLabels of ``layer`` from a LayerLabels or a mapping of layer name to LayerLabels (None stays
+    None); KeyError for a layer the mapping lacks, ValueError for labels of another layer."""
     if labels is None:
         return None
     if isinstance(labels, Mapping):
@@ -51,6 +49,17 @@ def checked_layer_labels(labels: Any, layer: str, n_channels: int):
     label_layer = getattr(labels, "layer", None)
     if label_layer is not None and label_layer != layer:
         raise ValueError(f"labels are for layer {label_layer!r}, not for layer {layer!r}")
+    return labels
+
+
+def checked_layer_labels(labels: Any, layer: str, n_channels: int):
+    """The LayerLabels of ``layer`` (or None), checked against the layer's name and channel count.
+
+    ``labels`` is a LayerLabels, a mapping of layer name to LayerLabels, or None.
+    """
+    labels = labels_of_layer(labels, layer)
+    if labels is None:
+        return None
     if len(labels) != n_channels:
         raise ValueError(f"labels have {len(labels)} features but layer {layer!r} has {n_channels} channels; "
                          f"labels of another layer?")

@@ -33,6 +33,7 @@ import torch
 from crp.attribution import CondAttribution
 
 from .layouts import TokenConcept
+from .shown_labels import labels_of_layer
 
 __all__ = ["GradientTimesInput", "vit_layouts", "vit_layer_map", "units_first_view", "decompose_units",
            "conservation", "RELEVANCE_GRADIENT_X_INPUT"]
@@ -207,14 +208,7 @@ def decompose_units(attribution, samples: torch.Tensor, target, layer: str, comp
     from .glocal import decompose_batch
 
     kwargs["evidence"] = _view_evidence(kwargs.get("evidence"), layer)
-    if labels is not None:
-        if isinstance(labels, Mapping):
-            if layer not in labels:
-                raise KeyError(f"no labels for layer {layer!r}; labels are given for {sorted(labels)}")
-            labels = labels[layer]
-        label_layer = getattr(labels, "layer", None)
-        if label_layer is not None and label_layer != layer:
-            raise ValueError(f"labels are for layer {label_layer!r}, not for layer {layer!r}")
+    labels = labels_of_layer(labels, layer)
     with units_first_view(attribution.model, layer) as view:
         if labels is not None:
             labels = copy.copy(labels)
