@@ -266,7 +266,8 @@ class Audit:
 
     def suspects(self, min_share: float | None = None) -> dict[str, AuditChannel]:
         """Class name -> its artifact suspect (:attr:`ClassAudit.suspect`), for the classes where it carries at least
-        ``min_share`` (default: :attr:`min_share`): the Clever-Hans findings."""
+        ``min_share`` (default: :attr:`min_share`): the Clever-Hans findings.
+        """
         threshold = self.min_share if min_share is None else float(min_share)
         return {item.name: item.suspect for item in self.classes
                 if item.suspect is not None and item.suspect.share >= threshold}
@@ -277,7 +278,8 @@ class Audit:
 
     def table(self, max_channels: int | None = None) -> str:
         """Plain text: per class its channels (share, flag, artifact AUC and q, label with support and q), then
-        one verdict line per class."""
+        one verdict line per class.
+        """
         detection = {"activations": f"detects it with AUC >= {self.min_artifact_auc:g} and q < {self.alpha:g}",
                      "labels": "has a reliable label asserting it (detection not measured: no concepts)",
                      "none": "(no artifact given)"}[self.detection]

@@ -190,7 +190,8 @@ class ChannelSearch:
 
     def table(self, max_rows: int | None = None) -> str:
         """A plain-text table: rank, layer, channel, AUC, p, q (BH) and, where labels were given, the channel's own
-        label."""
+        label.
+        """
         header = ["rank", "layer", "channel", "AUC", "p", "q (BH)", "channel's label (AUC, n = support, q)"]
         lines = []
         for rank, match in enumerate(self.matches[:max_rows], start=1):

@@ -52,14 +52,14 @@ KNOWN_GAPS = {
     "integration.feature_visualization.InvertFeatureVisualization.analyze_relevance": {"GL08"},
     "integration.feature_visualization.InvertFeatureVisualization.collect_results": {"GL02"},
     "integration.feature_visualization.InvertFeatureVisualization.get_data_concurrently": {"GL08"},
-    "integration.glocal.ChannelEvidence": {"PR01"},
-    "integration.glocal.ChannelEvidence.from_dict": {"GL08"},
-    "integration.glocal.Evidence": {"PR06"},
+    "integration.evidence.ChannelEvidence": {"PR01"},
+    "integration.evidence.ChannelEvidence.from_dict": {"GL08"},
+    "integration.evidence.Evidence": {"PR06"},
     "integration.glocal.GlocalExplanation": {"PR01"},
     "integration.glocal.GlocalExplanation.to_dict": {"GL02"},
     "integration.glocal.channel_relevances": {"PR04", "PR07"},
     "integration.glocal.decompose": {"PR04", "PR07", "RT03"},
-    "report.write_report": {"PR07"},
+    "report.page.write_report": {"PR07"},
     "storage.cache.ActivationCache": {"GL07"},
     "storage.cache.ActivationCache.closed": {"GL08"},
 }
@@ -69,9 +69,9 @@ def public_names() -> list[str]:
     """Every public name of crp_invert and the public methods and properties its classes define themselves."""
     names = []
     for name in crp_invert.__all__:
-        if name == "__version__":
-            continue
         obj = getattr(crp_invert, name)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):  # constants (__version__, NO_RELIABLE_LABEL)
+            continue
         names.append(f"{obj.__module__}.{name}")
         if inspect.isclass(obj) and not issubclass(obj, BaseException):
             for member, value in vars(obj).items():
@@ -87,8 +87,8 @@ def _errors(qualified: str) -> dict[str, str]:
 
 def checked_codes(qualified: str) -> set[str]:
     """FORMAT for every name; COMPLETE for functions and classes, COMPLETE_METHOD for methods and properties."""
-    top_level = {f"{getattr(crp_invert, name).__module__}.{name}" for name in crp_invert.__all__
-                 if name != "__version__"}
+    top_level = {f"{obj.__module__}.{name}" for name in crp_invert.__all__
+                 for obj in [getattr(crp_invert, name)] if inspect.isclass(obj) or inspect.isfunction(obj)}
     return FORMAT | (COMPLETE if qualified in top_level else COMPLETE_METHOD)
 
 

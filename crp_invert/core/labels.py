@@ -233,7 +233,8 @@ class Explanation:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict of every field, the formula's text and (derived, not read back) ``reliable`` and
-        ``unreliable_reason``."""
+        ``unreliable_reason``.
+        """
         data = asdict(self)
         data["formula"] = self.formula.to_json()
         data["text"] = str(self.formula)
@@ -373,7 +374,8 @@ class LayerLabels:
 
     def best_any(self, feature: int) -> Explanation | None:
         """The top of ``feature``'s beam whether reliable or not (the paper's label), or None if the beam is
-        empty."""
+        empty.
+        """
         beam = self[feature]
         return beam[0] if beam else None
 
@@ -432,7 +434,8 @@ class LayerLabels:
 
     def table(self, max_rows: int | None = None, max_width: int = 60) -> str:
         """A plain-text table of the best reliable explanation of every feature (support, p, q), or
-        :data:`NO_RELIABLE_LABEL` with the top of the beam and why it is not reliable."""
+        :data:`NO_RELIABLE_LABEL` with the top of the beam and why it is not reliable.
+        """
         has_validation = any(beam and beam[0].validation_auc is not None for beam in self._explanations)
         header = ["feature", "formula", "AUC", "support", "p (Bonf.)", "q (BH)"]
         if has_validation:

@@ -227,7 +227,8 @@ class GlocalExplanation:
 
     def shown_texts(self) -> list[str]:
         """What each part's title says: the formula, "no reliable label holds here" (evidence: none of the
-        channel's reliable labels holds on the sample) or "no reliable label"."""
+        channel's reliable labels holds on the sample) or "no reliable label".
+        """
         texts = []
         for i, label in enumerate(self.labels):
             part = self.evidence[i] if self.evidence is not None else None
