@@ -216,9 +216,8 @@ def paths_of(value, prefix=()):
             yield from paths_of(item, prefix + (i,))
 
 
-@st.composite
-def mutated_labels(draw):
-    document = valid_labels_document()
+def mutate(draw, document) -> None:
+    """Change 1 to 3 random places of a JSON document in place: replace a value by random JSON or delete it."""
     for _ in range(draw(st.integers(1, 3))):
         paths = [p for p in paths_of(document) if p]
         path = draw(st.sampled_from(paths))
@@ -231,6 +230,12 @@ def mutated_labels(draw):
             del parent[path[-1]]
         else:
             parent.pop(path[-1])
+
+
+@st.composite
+def mutated_labels(draw):
+    document = valid_labels_document()
+    mutate(draw, document)
     return document
 
 
@@ -551,18 +556,7 @@ def result_loader(kind):
 def mutated_result(draw):
     kind = draw(st.sampled_from(["search", "audit", "glocal"]))
     document = json.loads(json.dumps(valid_result_documents()[kind]))
-    for _ in range(draw(st.integers(1, 3))):
-        paths = [p for p in paths_of(document) if p]
-        path = draw(st.sampled_from(paths))
-        parent = document
-        for key in path[:-1]:
-            parent = parent[key]
-        if draw(st.booleans()):
-            parent[path[-1]] = draw(JSON)
-        elif isinstance(parent, dict):
-            del parent[path[-1]]
-        else:
-            parent.pop(path[-1])
+    mutate(draw, document)
     return kind, document
 
 
