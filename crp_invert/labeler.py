@@ -176,7 +176,8 @@ class ConceptLabeler:
         LayerLabels
             Per feature the B best explanations, best first.
         """
-        prepared = self._prepared_labels() if validation is None else None
+        # prepared by label_array while it ranks the first batch, then kept for the next call
+        prepared = self._prepared_labels if validation is None else None
         return label_array(activations, self.concepts, params, device=self.device, validation=validation,
                            layer=layer, progress=progress, seed=seed, prepared=prepared, backend=self.backend)
 

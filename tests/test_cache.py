@@ -680,3 +680,28 @@ def test_fault_injection_loses_no_layer_and_no_row(tmp_path, mode, trials):
     assert result["trials"] == trials and result["killed"] >= 1
     assert result["failures"] == 0, result["examples"]
     assert result["resumed_bitwise"] == trials
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_first_nonfinite_equals_a_scan_of_every_value(tmp_path, seed):
+    """first_nonfinite finds the same first bad value (row-major, complete rows only) and count of affected
+    columns in its band as a scan of every value, also beside finite values whose column sums overflow."""
+    from crp_invert.storage.h5 import first_nonfinite
+
+    rng = np.random.default_rng(seed)
+    values = rng.random((50, 6)).astype(np.float32)
+    values[:, 1] = np.float32(3e38)  # finite, but the column's sum overflows to inf
+    for _ in range(seed % 3):
+        values[rng.integers(50), rng.integers(6)] = rng.choice([np.nan, np.inf, -np.inf])
+    rows = rng.random(50) < 0.7
+    with h5py.File(tmp_path / "v.h5", "w") as file:
+        dataset = file.create_dataset("v", data=values, chunks=(8, 6))
+        found = first_nonfinite(dataset, rows)
+    bad = ~np.isfinite(values) & rows[:, None]
+    if not bad.any():
+        assert found is None
+        return
+    row, column = (int(v) for v in np.argwhere(bad)[0])
+    band = slice(row - row % 8, row - row % 8 + 8)
+    kind = "NaN" if np.isnan(values[row, column]) else "an infinite value"
+    assert found == (row, column, kind, int(bad[band].any(axis=0).sum()))

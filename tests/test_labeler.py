@@ -262,6 +262,18 @@ class TestBadInput:
         with pytest.raises(ValueError, match=f"feature 7 contain {kind}"):
             labeler.label(scores, feature_batch_size=4, progress=False)
 
+
+    def test_finite_scores_whose_sum_overflows_are_accepted(self, labeler):
+        """float32 columns whose sum overflows to inf (values near the float32 maximum) are still labeled, and a
+        NaN beside them is still found."""
+        scores = np.random.rand(30, 3).astype(np.float32)
+        scores[:, 1] = np.float32(3e38) * np.linspace(0.5, 1.0, 30, dtype=np.float32)
+        result = labeler.label(scores, progress=False)
+        reference = labeler.label(scores.astype(np.float64), progress=False)
+        assert [str(result.best_any(f).formula) for f in range(3)] == [str(reference.best_any(f).formula) for f in range(3)]
+        scores[3, 2] = np.nan
+        with pytest.raises(ValueError, match="feature 2 contain NaN"):
+            labeler.label(scores, progress=False)
     @pytest.mark.parametrize("kwargs, error, pattern", [
         (dict(L=0), ValueError, "L must be at least 1"),
         (dict(B=0), ValueError, "B must be at least 1"),

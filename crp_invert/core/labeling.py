@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -119,14 +119,15 @@ def label_array(
     layer: str | None = None,
     progress: bool = True,
     seed: int = 0,
-    prepared: PreparedLabels | None = None,
+    prepared: PreparedLabels | Callable[[], PreparedLabels] | None = None,
     memory_bytes: int | None = None,
     backend: str = "auto",
 ) -> LayerLabels:
     """Label every column of ``activations`` with INVERT explanations (see :meth:`ConceptLabeler.label`).
 
-    ``prepared`` is ``prepare_labels(concepts.torch_sparse_t(device))``, passed by callers that
-    label several arrays with the same concepts. ``memory_bytes`` is the memory budget of a feature
+    ``prepared`` is ``prepare_labels(concepts.torch_sparse_t(device))``, or a function that returns them,
+    passed by callers that label several arrays with the same concepts (a function is called while the first
+    batch is read and ranked). ``memory_bytes`` is the memory budget of a feature
     batch (default :func:`~crp_invert.core.search.default_memory_budget`); a ValueError is raised before
     any column is read if one feature needs more than it (by default: more than
     :func:`~crp_invert.core.search.memory_limit`). ``backend`` chooses the kernels (``"auto"``: numpy / scipy
@@ -140,25 +141,29 @@ def label_array(
     device = torch.device(device)
     split = _split_samples(activations, concepts, validation, seed)
     batches = _plan_batches(activations, concepts, split, params, device, memory_bytes)
-    labels_t, held_labels = _prepared_labels(concepts, split, device, backend, prepared)
     n_features = _shape_of(activations)[1]
     bar = tqdm(range(0, n_features, batches.feature_batch_size), desc=f"labeling {layer}" if layer else "labeling",
                unit="batch", disable=not progress or n_features <= batches.feature_batch_size, leave=False)
     ranking = _Ranking(activations, device, batches.rank_chunk, split.search_rows, split.held_rows, backend)
     found = _SearchedBeams(_Decoder(concepts.names), split.n_search, params)
-    for search_ranks, held_ranks in _ranked_batches(ranking, bar, batches.feature_batch_size, n_features,
-                                                    batches.prefetch):
-        result = beam_search(search_ranks, labels_t, memory_bytes=batches.working_memory, backend=backend,
-                             **params.search_kwargs())
-        del search_ranks
-        held = None
-        if held_ranks is not None:
-            held = _held_out_statistics(held_ranks, held_labels, result.beam, params.mode, batches.working_memory)
-            del held_ranks
-        found.add(result, held)
-        del result
-        if batches.prefetch and device.type == "cpu":
-            release_freed_memory()
+    with ThreadPoolExecutor(max_workers=1) as preparing:
+        # the concepts are prepared while the first batch is read and ranked
+        labels_future = preparing.submit(_prepared_labels, concepts, split, device, backend, prepared)
+        batches_found = _ranked_batches(ranking, bar, batches.feature_batch_size, n_features, batches.prefetch)
+        for search_ranks, held_ranks in batches_found:
+            labels_t, held_labels = labels_future.result()
+            result = beam_search(search_ranks, labels_t, memory_bytes=batches.working_memory, backend=backend,
+                                 **params.search_kwargs())
+            del search_ranks
+            held = None
+            if held_ranks is not None:
+                held = _held_out_statistics(held_ranks, held_labels, result.beam, params.mode,
+                                            batches.working_memory)
+                del held_ranks
+            found.add(result, held)
+            del result
+            if batches.prefetch and device.type == "cpu":
+                release_freed_memory()
     parameters = dict(params.to_dict(), n_samples=split.n_samples, n_search_samples=split.n_search,
                       validation=None if split.held_out is None else int(split.held_out.sum()))
     return LayerLabels(correct_p_values(found.explanations), concepts.names, layer, parameters, found.states)
@@ -225,8 +230,11 @@ def _plan_batches(activations: Any, concepts: ConceptLabels, split: _Split, para
 
 
 def _prepared_labels(concepts: ConceptLabels, split: _Split, device: torch.device, backend: str,
-                     prepared: PreparedLabels | None) -> tuple[PreparedLabels, PreparedLabels | None]:
+                     prepared: PreparedLabels | Callable[[], PreparedLabels] | None,
+                     ) -> tuple[PreparedLabels, PreparedLabels | None]:
     """The concepts prepared for the search (the caller's where given), and those of the held-out samples."""
+    if split.held_out is None and callable(prepared):
+        return prepared(), None
     if split.held_out is None:
         return (prepare_labels(concepts.torch_sparse_t(device), backend) if prepared is None else prepared), None
     return (prepare_labels(split.search_concepts.torch_sparse_t(device), backend),
@@ -267,9 +275,7 @@ class _Ranking(NamedTuple):
     def batch(self, start: int, stop: int) -> tuple[CompactRanks, CompactRanks | None]:
         """Columns ``[start, stop)`` read, checked and ranked: ``(search ranks, held-out ranks or None)``."""
         block = read_feature_columns(self.activations, start, stop, self.device)
-        # checked a few columns at a time: the check's temporaries stay within the working memory
-        for column in range(0, stop - start, self.rank_chunk):
-            check_finite(block[:, column:column + self.rank_chunk], start + column)
+        check_finite(block, start)
         # keep only the ranks: the scores of the batch are freed before the search
         held = (None if self.held_rows is None
                 else compact_ranks(block[self.held_rows.to(block.device)], self.rank_chunk, self.backend))
@@ -340,14 +346,17 @@ def read_feature_columns(activations: Any, start: int, stop: int, device: torch.
 
 def check_finite(block: torch.Tensor, offset: int) -> None:
     """ValueError naming the first feature (``offset`` + column) of ``block`` with NaN or inf."""
-    finite = torch.isfinite(block)
-    if not bool(finite.all()):
-        bad_features = (~finite).any(dim=0).nonzero().flatten()
-        feature = offset + int(bad_features[0])
-        column = block[:, int(bad_features[0])]
-        kind = "NaN" if bool(torch.isnan(column).any()) else "inf"
-        more = f" (and {len(bad_features) - 1} more features in this batch)" if len(bad_features) > 1 else ""
-        raise ValueError(f"activations of feature {feature} contain {kind}{more}")
+    # one pass without a temporary as large as the block: a column whose sum is finite has only finite
+    # values (NaN and inf propagate); only columns whose sum is not (NaN, inf, or an overflow) are checked
+    # value by value
+    suspects = (~torch.isfinite(block.sum(dim=0))).nonzero().flatten().tolist()
+    bad_features = [column for column in suspects if not bool(torch.isfinite(block[:, column]).all())]
+    if not bad_features:
+        return
+    column = block[:, bad_features[0]]
+    kind = "NaN" if bool(torch.isnan(column).any()) else "inf"
+    more = f" (and {len(bad_features) - 1} more features in this batch)" if len(bad_features) > 1 else ""
+    raise ValueError(f"activations of feature {offset + bad_features[0]} contain {kind}{more}")
 
 
 def _validation_mask(validation: Any, n_samples: int, seed: int) -> np.ndarray | None:

@@ -8,6 +8,7 @@ AUC of a formula computable from one matrix product (see :mod:`crp_invert.search
 from __future__ import annotations
 
 import math
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -111,34 +112,12 @@ def compact_ranks(scores: torch.Tensor, features_per_chunk: int | None = None,
     doubled = torch.empty(n_features, n_samples, dtype=torch.int32, device=scores.device)
     tie_term = torch.empty(n_features, dtype=torch.float64, device=scores.device)
     if not device_kernels(scores.device, backend):
-        # radix sorts in numpy, one column per thread (numpy releases the GIL while sorting)
-        if scores.dtype == torch.bfloat16:
-            scores = scores.float()
-        values = scores.detach().numpy()
-        out = doubled.numpy()
-        ties = np.empty(n_features, dtype=np.float64)
-        with ThreadPoolExecutor(max_workers=max(1, min(step, torch.get_num_threads()))) as pool:
-            for start in range(0, n_features, step):
-                stop = min(start + step, n_features)
-                ties[start:stop] = list(pool.map(lambda f: _rank_column(values[:, f], out[f]), range(start, stop)))
-        tie_term.copy_(torch.from_numpy(ties))
+        _rank_columns_cpu(scores, doubled, tie_term, step)
         return CompactRanks(doubled, tie_term)
     for start in range(0, n_features, step):
         stop = min(start + step, n_features)
         _rank_rows(scores[:, start:stop].T, doubled[start:stop], tie_term[start:stop])
     return CompactRanks(doubled, tie_term)
-
-
-def _order_keys(values: np.ndarray) -> np.ndarray:
-    """Unsigned integers with the order of the floats ``values`` (-0.0 and 0.0 get the same key)."""
-    bits = 8 * values.itemsize
-    signed = (values + values.dtype.type(0.0)).view(f"i{values.itemsize}")  # -0.0 + 0.0 = 0.0
-    # negative floats: flip the magnitude bits; then the sign bit, for unsigned order
-    magnitude = np.array((1 << (bits - 1)) - 1, dtype=signed.dtype)
-    signed ^= (signed >> (bits - 1)) & magnitude
-    keys = signed.view(f"u{values.itemsize}")
-    keys ^= np.array(1 << (bits - 1), dtype=keys.dtype)
-    return keys
 
 
 def _radix_order(keys: np.ndarray) -> np.ndarray:
@@ -154,22 +133,117 @@ def _radix_order(keys: np.ndarray) -> np.ndarray:
     return order
 
 
-def _rank_column(values: np.ndarray, out: np.ndarray) -> float:
-    """Doubled midranks of one column into ``out`` (int32); returns its tie term."""
+# samples per block of the blocked transpose: the source rows of a block stay in the CPU's caches
+_TRANSPOSE_ROWS = 16384
+
+
+class _Workspace:
+    """Buffers of one ranking thread, reused from column to column: fresh memory costs a page fault per 4 KiB,
+    as much time as the ranking itself on some machines.
+
+    ``values`` holds up to ``width`` columns of scores, transposed (ranking destroys them); ``order`` and
+    ``sorted_keys`` the outputs of the sort; ``starts`` the tie group boundaries.
+    """
+
+    def __init__(self, n_samples: int, width: int, dtype: np.dtype) -> None:
+        self.values = np.empty((width, n_samples), dtype=dtype)
+        self.order = torch.empty(n_samples, dtype=torch.int64)
+        self.sorted_keys: torch.Tensor | None = None
+        self.starts = np.empty(n_samples, dtype=bool)
+
+    def sort(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Stable sort of non-negative integer keys (torch sorts them by radix): sorted keys and order."""
+        if self.sorted_keys is None or self.sorted_keys.dtype != keys.dtype:
+            self.sorted_keys = torch.empty(len(keys), dtype=keys.dtype)
+        torch.sort(keys, stable=True, out=(self.sorted_keys, self.order))
+        return self.sorted_keys.numpy(), self.order.numpy()
+
+    def transpose(self, columns: np.ndarray) -> np.ndarray:
+        """``columns`` ``[N, w]`` copied into ``values[:w]`` as rows, one block of samples at a time (a strided
+        column read alone would load a cache line per value)."""
+        rows = self.values[:columns.shape[1]]
+        for start in range(0, columns.shape[0], _TRANSPOSE_ROWS):
+            rows[:, start:start + _TRANSPOSE_ROWS] = columns[start:start + _TRANSPOSE_ROWS].T
+        return rows
+
+
+def _group_width(features_in_flight: int, n_workers: int, itemsize: int) -> int:
+    """Columns a ranking thread transposes at once: as many as the memory of ``features_in_flight`` columns
+    (:data:`RANK_BYTES_PER_SAMPLE` each) allows beside every thread's other buffers, 1 to 16."""
+    per_worker = features_in_flight * RANK_BYTES_PER_SAMPLE // n_workers
+    return max(1, min(16, (per_worker - RANK_BYTES_PER_SAMPLE) // itemsize + 1))
+
+
+def _rank_columns_cpu(scores: torch.Tensor, doubled: torch.Tensor, tie_term: torch.Tensor, step: int) -> None:
+    """Doubled midranks and tie terms of every column of ``scores`` (CPU): groups of columns, one per thread,
+    transposed into the thread's :class:`_Workspace` and ranked there; at most ``step`` columns' memory."""
+    if scores.dtype in (torch.bfloat16, torch.float16):
+        scores = scores.float()
+    values, out = scores.detach().numpy(), doubled.numpy()
+    n_samples, n_features = values.shape
+    n_workers = max(1, min(step, n_features, torch.get_num_threads()))
+    width = min(_group_width(step, n_workers, values.itemsize), -(-n_features // n_workers))
+    spare: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(n_workers):
+        spare.put(_Workspace(n_samples, width, values.dtype))
+
+    def rank(start: int) -> list[float]:
+        workspace = spare.get()
+        try:
+            rows = workspace.transpose(values[:, start:start + width])
+            return [_rank_column(row, out[start + i], workspace) for i, row in enumerate(rows)]
+        finally:
+            spare.put(workspace)
+
+    # the sorts and numpy's large operations release the GIL: the threads rank in parallel
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        ties = [tie for group in pool.map(rank, range(0, n_features, width)) for tie in group]
+    tie_term.copy_(torch.tensor(ties, dtype=torch.float64))
+
+
+def _order_keys(values: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """Unsigned integers with the order of the floats ``values`` (-0.0 and 0.0 get the same key); with
+    ``in_place`` they overwrite ``values``."""
+    bits = 8 * values.itemsize
+    # -0.0 + 0.0 = 0.0
+    signed = np.add(values, values.dtype.type(0.0), out=values if in_place else None).view(f"i{values.itemsize}")
+    # negative floats: flip the magnitude bits; then the sign bit, for unsigned order
+    magnitude = np.array((1 << (bits - 1)) - 1, dtype=signed.dtype)
+    signed ^= (signed >> (bits - 1)) & magnitude
+    keys = signed.view(f"u{values.itemsize}")
+    keys ^= np.array(1 << (bits - 1), dtype=keys.dtype)
+    return keys
+
+
+def _sortable_keys(keys: np.ndarray) -> torch.Tensor | None:
+    """Unsigned order keys less their minimum as non-negative torch integers (what torch sorts by radix): int32
+    where they fit, else int64; None where they need 64 bits (float64 spanning most of its range)."""
+    keys -= keys.min()
+    span = int(keys.max())
+    if span < 2 ** 31:
+        return torch.from_numpy(keys.view(np.int32) if keys.dtype == np.uint32 else keys.astype(np.int32))
+    if span < 2 ** 63:
+        return torch.from_numpy(keys.view(np.int64) if keys.dtype == np.uint64 else keys.astype(np.int64))
+    return None
+
+
+def _rank_column(values: np.ndarray, out: np.ndarray, workspace: _Workspace) -> float:
+    """Doubled midranks of one column of float scores into ``out`` (int32), overwriting ``values`` (a row of
+    ``workspace``); returns its tie term."""
     n_samples = len(values)
-    if values.dtype.kind != "f":
-        values = values.astype(np.float64)
-    keys = _order_keys(values)
-    order = _radix_order(keys)
-    sorted_keys = keys[order]
-    del keys
-    starts = np.empty(n_samples, dtype=bool)
+    keys = _order_keys(values, in_place=True)
+    sortable = _sortable_keys(keys)
+    if sortable is None:
+        order = _radix_order(keys)
+        sorted_keys = keys[order]
+    else:
+        sorted_keys, order = workspace.sort(sortable)
+    del keys, sortable
+    starts = workspace.starts
     starts[0] = True
     np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=starts[1:])
-    del sorted_keys
     # a tie group at sorted positions first .. first + size - 1 has the doubled midrank 2 first + size + 1
     first = np.flatnonzero(starts)
-    del starts
     size = np.diff(first, append=n_samples)
     out[order] = np.repeat((2 * first + size + 1).astype(np.int32), size)
     # t**3 - t per group, exact in int64 while t < 2**21
