@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -33,6 +34,7 @@ from .formula import Formula
 from .labels import Explanation, LayerLabels, correct_p_values
 from .metrics import CompactRanks, auc_from_rank_sums, compact_ranks, mann_whitney_pvalue
 from .params import SearchParams
+from .scratch import Scratch
 from .search import (
     BeamState,
     PreparedLabels,
@@ -144,7 +146,10 @@ def label_array(
     n_features = _shape_of(activations)[1]
     bar = tqdm(range(0, n_features, batches.feature_batch_size), desc=f"labeling {layer}" if layer else "labeling",
                unit="batch", disable=not progress or n_features <= batches.feature_batch_size, leave=False)
-    ranking = _Ranking(activations, device, batches.rank_chunk, split.search_rows, split.held_rows, backend)
+    # buffers kept from batch to batch (fresh memory costs a page fault per 4 KiB)
+    scratch = Scratch()
+    ranking = _Ranking(activations, device, batches.rank_chunk, split.search_rows, split.held_rows, backend,
+                       scratch)
     found = _SearchedBeams(_Decoder(concepts.names), split.n_search, params)
     with ThreadPoolExecutor(max_workers=1) as preparing:
         # the concepts are prepared while the first batch is read and ranked
@@ -153,7 +158,8 @@ def label_array(
         for search_ranks, held_ranks in batches_found:
             labels_t, held_labels = labels_future.result()
             result = beam_search(search_ranks, labels_t, memory_bytes=batches.working_memory, backend=backend,
-                                 **params.search_kwargs())
+                                 scratch=scratch, **params.search_kwargs())
+            scratch.give(search_ranks.doubled)
             del search_ranks
             held = None
             if held_ranks is not None:
@@ -271,6 +277,7 @@ class _Ranking(NamedTuple):
     search_rows: torch.Tensor | None
     held_rows: torch.Tensor | None
     backend: str
+    scratch: Scratch
 
     def batch(self, start: int, stop: int) -> tuple[CompactRanks, CompactRanks | None]:
         """Columns ``[start, stop)`` read, checked and ranked: ``(search ranks, held-out ranks or None)``."""
@@ -280,7 +287,7 @@ class _Ranking(NamedTuple):
         held = (None if self.held_rows is None
                 else compact_ranks(block[self.held_rows.to(block.device)], self.rank_chunk, self.backend))
         rows = block if self.search_rows is None else block[self.search_rows.to(block.device)]
-        return compact_ranks(rows, self.rank_chunk, self.backend), held
+        return compact_ranks(rows, self.rank_chunk, self.backend, self.scratch), held
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .backend import device_kernels
+from .scratch import Scratch
 
 __all__ = [
     "RankedScores",
@@ -85,7 +86,7 @@ RANK_BYTES_PER_SAMPLE = 64
 
 
 def compact_ranks(scores: torch.Tensor, features_per_chunk: int | None = None,
-                  backend: str = "auto") -> CompactRanks:
+                  backend: str = "auto", scratch: Scratch | None = None) -> CompactRanks:
     """Doubled midranks ``[F, N]`` int32 and tie terms of every column of ``scores`` ``[N, F]``.
 
     Parameters
@@ -98,6 +99,9 @@ def compact_ranks(scores: torch.Tensor, features_per_chunk: int | None = None,
     backend : {"auto", "torch"}
         ``"auto"``: numpy radix sorts on the CPU, torch sorts elsewhere; ``"torch"``: torch sorts on any
         device (see :mod:`crp_invert.core.backend`). The ranks are the same.
+    scratch : Scratch, optional
+        Memory kept from batch to batch (:class:`~crp_invert.core.scratch.Scratch`) for the ranking's buffers
+        and, on the CPU, the returned ranks: give ``doubled`` back to it when done with them.
 
     Examples
     --------
@@ -109,11 +113,13 @@ def compact_ranks(scores: torch.Tensor, features_per_chunk: int | None = None,
     if 2 * n_samples >= 2 ** 31:
         raise ValueError(f"at most {2 ** 30 - 1} samples can be ranked, got N = {n_samples}")
     step = n_features if features_per_chunk is None else max(1, int(features_per_chunk))
-    doubled = torch.empty(n_features, n_samples, dtype=torch.int32, device=scores.device)
     tie_term = torch.empty(n_features, dtype=torch.float64, device=scores.device)
     if not device_kernels(scores.device, backend):
-        _rank_columns_cpu(scores, doubled, tie_term, step)
+        scratch = Scratch() if scratch is None else scratch
+        doubled = scratch.take_tensor((n_features, n_samples), np.int32)
+        _rank_columns_cpu(scores, doubled, tie_term, step, scratch)
         return CompactRanks(doubled, tie_term)
+    doubled = torch.empty(n_features, n_samples, dtype=torch.int32, device=scores.device)
     for start in range(0, n_features, step):
         stop = min(start + step, n_features)
         _rank_rows(scores[:, start:stop].T, doubled[start:stop], tie_term[start:stop])
@@ -138,23 +144,26 @@ _TRANSPOSE_ROWS = 16384
 
 
 class _Workspace:
-    """Buffers of one ranking thread, reused from column to column: fresh memory costs a page fault per 4 KiB,
-    as much time as the ranking itself on some machines.
+    """Buffers of one ranking thread, reused from column to column (and, from a caller's
+    :class:`~crp_invert.core.scratch.Scratch`, from batch to batch).
 
     ``values`` holds up to ``width`` columns of scores, transposed (ranking destroys them); ``order`` and
     ``sorted_keys`` the outputs of the sort; ``starts`` the tie group boundaries.
     """
 
-    def __init__(self, n_samples: int, width: int, dtype: np.dtype) -> None:
-        self.values = np.empty((width, n_samples), dtype=dtype)
-        self.order = torch.empty(n_samples, dtype=torch.int64)
+    def __init__(self, n_samples: int, width: int, dtype: np.dtype, scratch: Scratch) -> None:
+        self.scratch = scratch
+        self.values = scratch.take((width, n_samples), dtype)
+        self.order = scratch.take_tensor((n_samples,), np.int64)
+        self.starts = scratch.take((n_samples,), bool)
         self.sorted_keys: torch.Tensor | None = None
-        self.starts = np.empty(n_samples, dtype=bool)
 
     def sort(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Stable sort of non-negative integer keys (torch sorts them by radix): sorted keys and order."""
         if self.sorted_keys is None or self.sorted_keys.dtype != keys.dtype:
-            self.sorted_keys = torch.empty(len(keys), dtype=keys.dtype)
+            if self.sorted_keys is not None:
+                self.scratch.give(self.sorted_keys)
+            self.sorted_keys = self.scratch.take_tensor((len(keys),), keys.numpy().dtype)
         torch.sort(keys, stable=True, out=(self.sorted_keys, self.order))
         return self.sorted_keys.numpy(), self.order.numpy()
 
@@ -166,6 +175,12 @@ class _Workspace:
             rows[:, start:start + _TRANSPOSE_ROWS] = columns[start:start + _TRANSPOSE_ROWS].T
         return rows
 
+    def release(self) -> None:
+        """Give every buffer back to the scratch."""
+        for buffer in (self.values, self.order, self.starts, self.sorted_keys):
+            if buffer is not None:
+                self.scratch.give(buffer)
+
 
 def _group_width(features_in_flight: int, n_workers: int, itemsize: int) -> int:
     """Columns a ranking thread transposes at once: as many as the memory of ``features_in_flight`` columns
@@ -174,7 +189,8 @@ def _group_width(features_in_flight: int, n_workers: int, itemsize: int) -> int:
     return max(1, min(16, (per_worker - RANK_BYTES_PER_SAMPLE) // itemsize + 1))
 
 
-def _rank_columns_cpu(scores: torch.Tensor, doubled: torch.Tensor, tie_term: torch.Tensor, step: int) -> None:
+def _rank_columns_cpu(scores: torch.Tensor, doubled: torch.Tensor, tie_term: torch.Tensor, step: int,
+                      scratch: Scratch) -> None:
     """Doubled midranks and tie terms of every column of ``scores`` (CPU): groups of columns, one per thread,
     transposed into the thread's :class:`_Workspace` and ranked there; at most ``step`` columns' memory."""
     if scores.dtype in (torch.bfloat16, torch.float16):
@@ -183,9 +199,10 @@ def _rank_columns_cpu(scores: torch.Tensor, doubled: torch.Tensor, tie_term: tor
     n_samples, n_features = values.shape
     n_workers = max(1, min(step, n_features, torch.get_num_threads()))
     width = min(_group_width(step, n_workers, values.itemsize), -(-n_features // n_workers))
+    workspaces = [_Workspace(n_samples, width, values.dtype, scratch) for _ in range(n_workers)]
     spare: queue.SimpleQueue = queue.SimpleQueue()
-    for _ in range(n_workers):
-        spare.put(_Workspace(n_samples, width, values.dtype))
+    for workspace in workspaces:
+        spare.put(workspace)
 
     def rank(start: int) -> list[float]:
         workspace = spare.get()
@@ -196,8 +213,12 @@ def _rank_columns_cpu(scores: torch.Tensor, doubled: torch.Tensor, tie_term: tor
             spare.put(workspace)
 
     # the sorts and numpy's large operations release the GIL: the threads rank in parallel
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        ties = [tie for group in pool.map(rank, range(0, n_features, width)) for tie in group]
+    try:
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            ties = [tie for group in pool.map(rank, range(0, n_features, width)) for tie in group]
+    finally:
+        for workspace in workspaces:
+            workspace.release()
     tie_term.copy_(torch.tensor(ties, dtype=torch.float64))
 
 

@@ -24,10 +24,11 @@ Ties are broken deterministically: candidates are ordered by score, then by the 
 from __future__ import annotations
 
 import os
+import queue
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse
@@ -36,6 +37,7 @@ import torch
 from .backend import device_kernels
 from .metrics import RANK_BYTES_PER_SAMPLE, CompactRanks, auc_from_rank_sums, compact_ranks, mann_whitney_pvalue
 from .params import MODES
+from .scratch import Scratch
 
 __all__ = ["SearchResult", "BeamState", "PreparedLabels", "SearchMemory", "beam_search", "prepare_labels",
            "beam_rank_sums", "available_memory", "default_memory_budget", "MODES", "AND", "OR"]
@@ -289,6 +291,7 @@ def beam_search(
     memory_bytes: int | None = None,
     backend: str = "auto",
     min_support: int = 0,
+    scratch: Scratch | None = None,
 ) -> SearchResult:
     """Beam search for the best formula of every feature (column) of ``scores``.
 
@@ -325,6 +328,9 @@ def beam_search(
     min_support : int
         A formula must hold on at least ``min_support`` samples and fail on at least as many (count
         bounds applied with the fractions' at every length; 0: no bound besides ``0 < T < 1``).
+    scratch : Scratch, optional
+        Memory kept from call to call (:class:`~crp_invert.core.scratch.Scratch`), passed by callers that
+        search many batches.
     """
     prepared = labels_t if isinstance(labels_t, PreparedLabels) else prepare_labels(labels_t, backend)
     n_samples, n_concepts = prepared.n_samples, prepared.n_concepts
@@ -344,7 +350,7 @@ def beam_search(
         raise ValueError(f"scores have N = {doubled.shape[1]} samples but the labels have N = {n_samples}")
 
     # rank sums of every concept: [F, K], exact (float64 sums of integers below 2**53)
-    concept_rank_sums = _concept_rank_sums(doubled, prepared, sums_chunk, backend)
+    concept_rank_sums = _concept_rank_sums(doubled, prepared, sums_chunk, backend, scratch)
 
     settings = _Settings(L, B, limit_search, *_count_bounds(n_samples, min_fraction, max_fraction, min_support),
                          1.0 if mode == "positive" else -1.0, memorize_states, list_elements)
@@ -368,7 +374,7 @@ def beam_search(
 
 
 def _concept_rank_sums(doubled: torch.Tensor, prepared: PreparedLabels, chunk: int,
-                       backend: str = "auto") -> torch.Tensor:
+                       backend: str = "auto", scratch: Scratch | None = None) -> torch.Tensor:
     """``[F, K]`` float64 rank sums of every concept, exact (sums of integers below 2**53).
 
     On the CPU one feature at a time through the samples' concepts (each sample's doubled rank is added
@@ -379,12 +385,7 @@ def _concept_rank_sums(doubled: torch.Tensor, prepared: PreparedLabels, chunk: i
     n_features, n_samples = doubled.shape
     out = torch.empty(n_features, prepared.n_concepts, dtype=torch.float64, device=doubled.device)
     if prepared.by_sample is not None and not device_kernels(doubled.device, backend):
-        # scipy releases the GIL in the product: one feature per thread, at most ``chunk`` at once
-        def column_sums(feature: int) -> None:
-            out[feature] = torch.from_numpy(prepared.by_sample @ doubled[feature].numpy().astype(np.float64))
-
-        with ThreadPoolExecutor(max_workers=max(1, min(chunk, torch.get_num_threads()))) as pool:
-            list(pool.map(column_sums, range(n_features)))
+        _concept_rank_sums_cpu(doubled.numpy(), prepared.by_sample, chunk, out.numpy(), scratch)
         return out.mul_(0.5)
     for start in range(0, n_features, chunk):
         stop = min(start + chunk, n_features)
@@ -393,6 +394,40 @@ def _concept_rank_sums(doubled: torch.Tensor, prepared: PreparedLabels, chunk: i
         out[start:stop] = torch.sparse.mm(prepared.matrix, column).T.mul_(0.5)
         del column
     return out
+
+
+def _concept_rank_sums_cpu(doubled: np.ndarray, by_sample: Any, chunk: int, out: np.ndarray,
+                           scratch: Scratch | None = None) -> None:
+    """:func:`_concept_rank_sums` on the CPU: each thread multiplies the ``[K, N]`` labels with a group of
+    features' ranks at once (one pass over the labels for up to 16 features: the product reads the labels,
+    not the ranks), in a float64 buffer of its own reused from group to group; at most ``chunk`` features'
+    buffers at once."""
+    n_features, n_samples = doubled.shape
+    n_workers = max(1, min(chunk, n_features, torch.get_num_threads()))
+    width = max(1, min(16, chunk // n_workers, -(-n_features // n_workers)))
+    scratch = Scratch() if scratch is None else scratch
+    buffers = [scratch.take((n_samples * width,), np.float64) for _ in range(n_workers)]
+    spare: queue.SimpleQueue = queue.SimpleQueue()
+    for buffer in buffers:
+        spare.put(buffer)
+
+    def group_sums(start: int) -> None:
+        stop = min(start + width, n_features)
+        buffer = spare.get()
+        try:
+            columns = buffer[:n_samples * (stop - start)].reshape(n_samples, stop - start)
+            np.copyto(columns, doubled[start:stop].T)
+            out[start:stop] = (by_sample @ columns).T
+        finally:
+            spare.put(buffer)
+
+    # scipy releases the GIL in the product: the threads sum in parallel
+    try:
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            list(pool.map(group_sums, range(0, n_features, width)))
+    finally:
+        for buffer in buffers:
+            scratch.give(buffer)
 
 
 class _Settings(NamedTuple):
