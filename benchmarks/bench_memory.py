@@ -2,6 +2,7 @@
 working memory of each phase, and the fixed part.
 
     python benchmarks/bench_memory.py [--n 1280000] [--features 128]
+    python benchmarks/bench_memory.py --whole 50000x512,1280000x256 --pressure 3   # whole runs, model vs peak
 
 Every measurement runs in a fresh child process with glibc told to return freed blocks to the system
 (``MALLOC_MMAP_THRESHOLD_=65536``), and resets the process's peak RSS (``/proc/self/clear_refs``) right
@@ -12,12 +13,14 @@ one markdown row per phase: the model's bytes (``crp_invert.core.search.SearchMe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -100,7 +103,33 @@ def child(phase: str, n: int, n_features: int) -> dict:
         tick = time.perf_counter()
         labeler.label(acts, L=3, B=3, progress=False)
         return {"bytes": _peak_since(base), "seconds": time.perf_counter() - tick}
+    if phase == "run":
+        return whole_run(Path(os.environ["BENCH_MEMORY_DIR"]), n, n_features)
     raise ValueError(phase)
+
+
+def whole_run(folder: Path, n: int, n_features: int) -> dict:
+    """Label the layer of an ActivationCache as ``crp-invert label`` does (the default budget, torch's
+    threads): the peak RSS against the model's prediction, the RSS before labeling (the process, the concepts,
+    the open cache) + the prepared labels (their arrays) + the batches in flight as planned."""
+    from crp_invert import ActivationCache, ConceptLabeler, ConceptLabels, label_cache
+    from crp_invert.core.labeling import planned_memory
+    from crp_invert.core.params import SearchParams
+    from crp_invert.core.search import default_memory_budget
+
+    concepts = ConceptLabels.load(folder / f"labels_{n}.npz")
+    with ActivationCache(folder / f"layer4_{n}x{n_features}.h5") as cache:
+        base = _reset_peak()
+        budget = default_memory_budget("cpu")
+        plan = planned_memory(cache.dataset("layer4", "activation"), concepts, SearchParams(L=3, B=3))
+        labeler = ConceptLabeler(concepts)
+        tick = time.perf_counter()
+        label_cache(labeler, cache, progress=False, L=3, B=3)
+        seconds = time.perf_counter() - tick
+        peak = _status("VmHWM")
+    return {"base": base, "prepared": labeler._prepared_labels().nbytes, "in_flight": plan["in_flight_bytes"],
+            "batch": plan["feature_batch_size"], "prefetch": plan["prefetch"], "peak": peak, "seconds": seconds,
+            "budget": budget}
 
 
 def measure(phase: str, n: int, n_features: int) -> dict:
@@ -111,14 +140,88 @@ def measure(phase: str, n: int, n_features: int) -> dict:
     return json.loads(next(line for line in out.splitlines() if line.startswith(MARK))[len(MARK):])
 
 
+def measure_run(folder: Path, n: int, n_features: int) -> dict:
+    """:func:`whole_run` in a fresh process with the environment a user has (glibc's and torch's defaults)."""
+    env = dict(os.environ, BENCH_MEMORY_DIR=str(folder),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, __file__, "--child", "run", "--n", str(n), "--features", str(n_features)],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(next(line for line in out.splitlines() if line.startswith(MARK))[len(MARK):])
+
+
+def ensure_layer(folder: Path, n: int, n_features: int) -> None:
+    """The synthetic layer and its concepts of ``bench_imagenet.py`` in ``folder`` (written once)."""
+    import synthetic
+    from bench_imagenet import write_cache
+
+    from crp_invert import ConceptLabels
+
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = folder / f"labels_{n}.npz"
+    if not labels.exists():
+        synthetic.concept_labels(n)[0].save(labels)
+    cache = folder / f"layer4_{n}x{n_features}.h5"
+    if not cache.exists():
+        write_cache(cache, ConceptLabels.load(labels), n_features)
+
+
+@contextlib.contextmanager
+def memory_pressure(leave_bytes: int | None) -> Iterator[None]:
+    """Another process holding all but ``leave_bytes`` of the available memory (None: nothing held)."""
+    if leave_bytes is None:
+        yield
+        return
+    with open("/proc/meminfo", encoding="ascii") as handle:
+        available = int(re.search(r"MemAvailable:\s+(\d+)", handle.read()).group(1)) * 1024
+    hold = max(0, available - leave_bytes)
+    hog = subprocess.Popen([sys.executable, "-c", "import numpy, sys, time; a = numpy.ones(int(sys.argv[1]), "
+                            "dtype=numpy.uint8); print('held', flush=True); time.sleep(86400)", str(hold)],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        hog.stdout.readline()
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def print_whole_runs(folder: Path, runs: list[tuple[int, int]], leave_gib: float | None) -> None:
+    """One row per layer and memory condition: the model's prediction of the peak RSS against the peak."""
+    mib = 1 << 20
+    print("\n| N | F | free memory | budget | batches | before labeling | prepared labels | batches in flight "
+          "(model) | predicted peak | measured peak | measured / predicted |\n" + "| --- " * 11 + "|")
+    for n, n_features in runs:
+        ensure_layer(folder, n, n_features)
+        for leave in [None] + ([int(leave_gib * (1 << 30))] if leave_gib else []):
+            with memory_pressure(leave):
+                row = measure_run(folder, n, n_features)
+            predicted = row["base"] + row["prepared"] + row["in_flight"]
+            condition = "idle machine" if leave is None else f"{leave_gib:g} GiB left (another process holds the rest)"
+            batches = f"{row['batch']}{' x 2 in flight' if row['prefetch'] else ''}"
+            print(f"| {n:,} | {n_features:,} | {condition} | {row['budget'] / mib:.0f} MiB | {batches} | "
+                  f"{row['base'] / mib:.0f} MiB | {row['prepared'] / mib:.0f} MiB | {row['in_flight'] / mib:.0f} MiB | "
+                  f"{predicted / mib:.0f} MiB | {row['peak'] / mib:.0f} MiB | {row['peak'] / predicted:.2f} |",
+                  flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_280_000)
     parser.add_argument("--features", type=int, default=128)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--whole", default=None,
+                        help="comma-separated NxF layers labeled from an ActivationCache as the CLI does, e.g. "
+                             "50000x512,1280000x256: the model's predicted peak against the measured one")
+    parser.add_argument("--pressure", type=float, default=None,
+                        help="with --whole, also measure with only this many GiB left available")
+    parser.add_argument("--dir", default="/tmp/crp-invert-bench-imagenet", help="where --whole keeps its files")
     args = parser.parse_args()
     if args.child:
         print(MARK + json.dumps(child(args.child, args.n, args.features)), flush=True)
+        return
+    if args.whole:
+        runs = [tuple(int(v) for v in item.lower().split("x")) for item in args.whole.split(",")]
+        print_whole_runs(Path(args.dir), runs, args.pressure)
         return
 
     import platform

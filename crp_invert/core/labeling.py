@@ -47,7 +47,7 @@ from .search import (
     prepare_labels,
 )
 
-__all__ = ["label_array", "batch_plan", "default_feature_batch_size", "available_memory", "read_feature_columns",
+__all__ = ["label_array", "planned_memory", "batch_plan", "default_feature_batch_size", "available_memory", "read_feature_columns",
            "check_finite"]
 
 logger = logging.getLogger(__name__)
@@ -209,12 +209,13 @@ def _split_samples(activations: Any, concepts: ConceptLabels, validation: Any, s
 
 class _Batches(NamedTuple):
     """How the features are searched: batch size, whether the next batch is prefetched, the memory of a search
-    and the columns ranked at once."""
+    and the columns ranked at once, and the memory of the batches in flight (the model's prediction)."""
 
     feature_batch_size: int
     prefetch: bool
     working_memory: int
     rank_chunk: int
+    in_flight_bytes: int
 
 
 def _plan_batches(activations: Any, concepts: ConceptLabels, split: _Split, params: SearchParams,
@@ -232,7 +233,38 @@ def _plan_batches(activations: Any, concepts: ConceptLabels, split: _Split, para
                                                           copies, overlap=not on_device)
         feature_batch_size = _align_to_chunks(feature_batch_size, activations)
     working_memory = plan.working_memory(budget)
-    return _Batches(feature_batch_size, prefetch, working_memory, plan.chunks(working_memory)[0])
+    batch = min(feature_batch_size, _shape_of(activations)[1])
+    in_flight = (2 if prefetch else 1) * (batch * plan.feature_bytes(itemsize, copies) + working_memory)
+    return _Batches(feature_batch_size, prefetch, working_memory, plan.chunks(working_memory)[0], in_flight)
+
+
+def planned_memory(activations: Any, concepts: ConceptLabels, params: SearchParams, *,
+                   device: str | torch.device = "cpu", validation: Any = None, seed: int = 0,
+                   memory_bytes: int | None = None) -> dict[str, int | bool]:
+    """How :func:`label_array` would search ``activations`` now (the budget depends on the free memory), as
+    the memory model (:class:`~crp_invert.core.search.SearchMemory`) plans it.
+
+    Returns
+    -------
+    dict
+        ``feature_batch_size``, ``prefetch`` (two batches in flight), ``working_memory`` (bytes of each
+        batch's search), ``in_flight_bytes``: the most memory the labeling holds at once besides the process,
+        the concepts and the prepared labels (:attr:`~crp_invert.core.search.PreparedLabels.nbytes`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from crp_invert import ConceptLabels
+    >>> concepts = ConceptLabels(np.eye(4, dtype=bool)[np.arange(100) % 4], ["a", "b", "c", "d"])
+    >>> plan = planned_memory(np.zeros((100, 8), dtype=np.float32), concepts, SearchParams())
+    >>> plan["feature_batch_size"], plan["prefetch"]
+    (8, False)
+    """
+    split = _split_samples(activations, concepts, validation, seed)
+    batches = _plan_batches(activations, concepts, split, params, torch.device(device), memory_bytes)
+    return {"feature_batch_size": min(batches.feature_batch_size, _shape_of(activations)[1]),
+            "prefetch": batches.prefetch,
+            "working_memory": batches.working_memory, "in_flight_bytes": batches.in_flight_bytes}
 
 
 def _prepared_labels(concepts: ConceptLabels, split: _Split, device: torch.device, backend: str,

@@ -642,6 +642,19 @@ class PreparedLabels(NamedTuple):
     def n_concepts(self) -> int:
         return len(self.flipped)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the prepared labels (arrays shared between their forms counted once)."""
+        arrays = [self.matrix.crow_indices(), self.matrix.col_indices(), self.matrix.values(), self.flipped,
+                  self.counts, self.dense_t]
+        for rows in (self.rows, self.samples, self.sides):
+            arrays += [rows.crow, rows.col, rows.counts]
+        if self.by_sample is not None:
+            arrays += [torch.from_numpy(a) for a in (self.by_sample.data, self.by_sample.indices,
+                                                     self.by_sample.indptr)]
+        held = {a.data_ptr(): a.numel() * a.element_size() for a in arrays if a is not None}
+        return sum(held.values())
+
 
 def prepare_labels(labels_t: torch.Tensor, backend: str = "auto") -> PreparedLabels:
     """Prepare transposed sparse labels ``[K, N]`` (CSR or COO) once for many :func:`beam_search` calls.
