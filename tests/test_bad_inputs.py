@@ -858,6 +858,12 @@ def test_valid_csr_files_still_load_like_the_slow_decoding(tmp_path):
         path = csr(tmp_path, indices=indices.astype(dtype), indptr=indptr.astype(dtype), shape=dense.shape,
                    names=[f"c{i}" for i in range(5)])
         np.testing.assert_array_equal(ConceptLabels.load(path).dense().numpy(), dense)
+    # sorted, and each row's first entry twice, without data
+    twice = np.concatenate([np.repeat(np.flatnonzero(row), [2] + [1] * (row.sum() - 1)) if row.any() else []
+                            for row in dense]).astype(np.int64)
+    path = csr(tmp_path, indices=twice, indptr=np.concatenate([[0], np.cumsum(dense.sum(1) + dense.any(1))]),
+               shape=dense.shape, names=[f"c{i}" for i in range(5)])
+    np.testing.assert_array_equal(ConceptLabels.load(path).dense().numpy(), dense)
     # duplicate entries and explicit data of 0/1
     data = np.ones(len(indices), dtype=np.int8)
     data[::3] = 0

@@ -106,6 +106,9 @@ def _csr(data: Any, indptr: np.ndarray, indices: np.ndarray, shape: tuple, where
     indptr, indices = _check_csr(np.asarray(indptr), np.asarray(indices), shape, where)
     if data is None:
         data = np.ones(len(indices), dtype=np.bool_)
+        matrix = scipy.sparse.csr_matrix((data, indices, indptr), shape=shape, dtype=np.bool_)
+        if matrix.has_canonical_format:  # sorted without duplicates (as saved): nothing to sum (a fifth of the time)
+            return matrix
     else:
         data = np.asarray(data)
         if data.shape != indices.shape:
