@@ -5,6 +5,7 @@ ActivationCache on disk with ``crp-invert label``, in fresh processes, and measu
     python benchmarks/bench_imagenet.py --features 256       # the quick version (1.3 GB)
     python benchmarks/bench_imagenet.py --n 200000 --features 64 --runs 1x2   # a small check
     python benchmarks/bench_imagenet.py --device cuda --runs 1x2             # the search on a GPU
+    python benchmarks/bench_imagenet.py --features 256 --runs 1x1 --cores 0  # one core (the serial fraction)
 
 Writes a synthetic layer (``benchmarks/synthetic.py``: 1,000 classes + 481 parents, K = 1,481, about
 8.6 positive concepts per sample; every feature a ReLU of one concept plus noise) into an ActivationCache
@@ -49,7 +50,7 @@ def write_cache(path: Path, concepts, n_features: int) -> float:
 
 
 def run_label(cache: Path, labels: Path, out: Path, processes: int, threads: int, L: int, B: int,
-              device: str = "cpu") -> dict:
+              device: str = "cpu", cores: str | None = None) -> dict:
     """One ``crp-invert label`` run in a fresh process tree: wall seconds and the largest peak RSS."""
     from bench_scale import evict
 
@@ -62,12 +63,14 @@ def run_label(cache: Path, labels: Path, out: Path, processes: int, threads: int
         command = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] + command
     evict(cache)
     tick = time.perf_counter()
-    child = subprocess.Popen([sys.executable] + command, env=env)
+    pin = [] if cores is None else ["taskset", "-c", cores]
+    child = subprocess.Popen(pin + [sys.executable] + command, env=env)
     _pid, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - tick
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"crp-invert label failed with exit status {os.waitstatus_to_exitcode(status)}")
-    return {"seconds": seconds, "peak_rss_gb": usage.ru_maxrss / 1024 ** 2}
+    return {"seconds": seconds, "peak_rss_gb": usage.ru_maxrss / 1024 ** 2,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime, "sys_seconds": usage.ru_stime}
 
 
 def main() -> None:
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="passed to crp-invert label (cuda: the search on the GPU)")
     parser.add_argument("--dir", default="/tmp/crp-invert-bench-imagenet")
     parser.add_argument("--keep", action="store_true", help="keep the files (and reuse them next time)")
+    parser.add_argument("--cores", default=None, help="run pinned to these CPUs (taskset -c), e.g. 0 for one core")
     args = parser.parse_args()
 
     import synthetic
@@ -102,16 +106,17 @@ def main() -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}\n")
     print("| N | F | device | processes x threads | wall s (whole command) | s per feature | "
-          "peak RSS (largest process) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "peak RSS (largest process) | CPU s (of which system) | cores busy |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     outputs = []
     for run in args.runs.split(","):
         processes, threads = (int(v) for v in run.lower().split("x"))
         out = folder / f"labels_{processes}x{threads}.json"
-        row = run_label(cache, labels, out, processes, threads, args.L, args.B, args.device)
+        row = run_label(cache, labels, out, processes, threads, args.L, args.B, args.device, args.cores)
         outputs.append(out)
         print(f"| {args.n:,} | {args.features:,} | {args.device} | {processes} x {threads} | {row['seconds']:.1f} | "
-              f"{row['seconds'] / args.features:.3f} | {row['peak_rss_gb']:.2f} GB |", flush=True)
+              f"{row['seconds'] / args.features:.3f} | {row['peak_rss_gb']:.2f} GB | {row['cpu_seconds']:.1f} "
+              f"({row['sys_seconds']:.1f}) | {row['cpu_seconds'] / row['seconds']:.2f} |", flush=True)
     documents = [json.loads(path.read_text()) for path in outputs]
     print(f"\nlabels identical across runs: {all(d['features'] == documents[0]['features'] for d in documents)}")
     if not args.keep:
