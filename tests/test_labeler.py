@@ -727,3 +727,24 @@ def test_bad_support_in_json_is_named(support, n_samples, error, pattern):
     data.update(support=support, n_samples=n_samples)
     with pytest.raises(error, match=pattern):
         Explanation.from_json(data)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prefetched_batches_with_kept_buffers_agree_with_one_batch(dtype):
+    """Two batches in flight (the next ranked in a thread) whose buffers are handed from batch to batch, a
+    shorter last batch included, give the labels of one batch."""
+    from crp_invert.core.labeling import label_array, planned_memory
+    from crp_invert.core.search import SearchMemory
+
+    labels, scores, names = random_case(21, n=400, k=6, f=23)
+    scores = scores.astype(dtype)
+    scores[:, 5] = np.round(scores[:, 5] * 1e6) * 1e30  # a column with a wide span of values
+    concepts = ConceptLabels(labels, names)
+    params = SearchParams(L=3, B=3)
+    plan = SearchMemory(400, 6, 3, 3)
+    budget = 2 * (plan.minimum_working_memory() + 5 * plan.feature_bytes(np.dtype(dtype).itemsize))
+    planned = planned_memory(scores, concepts, params, memory_bytes=budget)
+    assert planned["prefetch"] and planned["feature_batch_size"] == 5
+    batched = label_array(scores, concepts, params, memory_bytes=budget, progress=False)
+    whole = label_array(scores, concepts, SearchParams(L=3, B=3, feature_batch_size=23), progress=False)
+    assert batched.to_dict()["features"] == whole.to_dict()["features"]

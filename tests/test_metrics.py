@@ -208,3 +208,28 @@ def test_tie_term_above_two_million_samples(backend):
     assert ranked.tie_term[0].item() == pytest.approx(float((groups ** 3 - groups).sum()), rel=1e-15)
     order = np.argsort(values, kind="stable")
     assert ranked.doubled[0, order[0]] == 1 + int(groups[0])  # the lowest group: doubled midrank 1 + t
+
+
+def test_scratch_lends_kept_memory_and_ranks_alike():
+    """A Scratch hands a given-back block to the next take of any dtype that fits (the smallest such), ignores
+    arrays it did not lend, and compact_ranks with a kept scratch ranks like a fresh one, batch after batch."""
+    from crp_invert.core.metrics import compact_ranks
+    from crp_invert.core.scratch import Scratch
+
+    scratch = Scratch()
+    big, small = scratch.take((100,), np.float64), scratch.take((10,), np.int32)
+    scratch.give(big)
+    scratch.give(small)
+    scratch.give(np.empty(3))  # not lent: ignored
+    assert scratch.kept_bytes == 840
+    again = scratch.take((5,), np.int64)
+    assert again.ctypes.data == small.ctypes.data and again.dtype == np.int64 and again.flags.c_contiguous
+    rng = np.random.default_rng(3)
+    for n_features in (7, 7, 3):
+        scores = torch.from_numpy(np.round(rng.normal(size=(500, n_features)), 1).astype(np.float32))
+        kept = compact_ranks(scores, 2, scratch=scratch)
+        fresh = compact_ranks(scores, 2)
+        assert torch.equal(kept.doubled, fresh.doubled) and torch.equal(kept.tie_term, fresh.tie_term)
+        for f in range(n_features):
+            np.testing.assert_array_equal(kept.doubled[f].numpy(), 2 * rankdata(scores[:, f].numpy()))
+        scratch.give(kept.doubled)
