@@ -335,13 +335,13 @@ class Recorder:
         indices: they are compared with the previous call's (cheap) instead of sorted again."""
         data_indices = np.asarray(data_indices)
         seen = self._batch["seen"]
-        if seen is not None and (seen[0] is data_indices or np.array_equal(seen[0], data_indices)):
+        if seen is not None and np.array_equal(seen[0], data_indices):
             return seen[1], seen[2]
         if data_indices.ndim == 1 and (data_indices.size < 2 or bool((np.diff(data_indices) > 0).all())):
             unique, first = data_indices.copy(), None
         else:
             unique, first = np.unique(data_indices, return_index=True)
-        self._batch["seen"] = (data_indices, unique, first)
+        self._batch["seen"] = (data_indices.copy(), unique, first)
         return unique, first
 
     @torch.no_grad()
@@ -363,9 +363,10 @@ class Recorder:
         if self._batch is None or not self.record_relevance or layer in self._batch["rel"]:
             return  # a module called several times: its first relevance belongs to its last output
         per_row = self.layer_map[layer].attribute(relevance, layer_name=layer, abs_norm=False)
-        data_indices = np.asarray(data_indices)
-        unique, inverse = np.unique(data_indices, return_inverse=True)
-        if unique.size != per_row.shape[0] or not np.array_equal(unique, data_indices):
+        unique, first = self._unique_rows(data_indices)
+        if first is not None or unique.size != per_row.shape[0]:
+            data_indices = np.asarray(data_indices)
+            unique, inverse = np.unique(data_indices, return_inverse=True)
             # several targets per sample (or rows out of order): sum the rows of each sample
             summed = torch.zeros((unique.size, per_row.shape[1]), dtype=per_row.dtype, device=per_row.device)
             per_row = summed.index_add_(0, torch.from_numpy(inverse.reshape(-1)).to(per_row.device), per_row)
