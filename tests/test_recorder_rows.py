@@ -1,6 +1,7 @@
 """The Recorder's rows against a slow reference: the fast paths for indices that are sorted and unique (sorted
 once per batch, no summing) give what sorting every call gives, for any mix of sorted, repeated and unsorted
-indices, and record_activations skips iterating only torch's own sequential samplers."""
+indices, and record_activations skips iterating only torch's own sequential samplers; the glocal evidence's
+percentile by binary search equals scipy's."""
 
 import numpy as np
 import pytest
@@ -82,3 +83,25 @@ def test_plain_sequential_only_for_torchs_own_classes():
     assert not _plain_sequential(loader(dataset, batch_size=3, sampler=torch.utils.data.SequentialSampler(other)))
     batches = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), 3, False)
     assert not _plain_sequential(loader(dataset, batch_sampler=batches))  # not the loader's own sampler
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 1.0, 1.5, 2.0, -3.0, float("nan"), float("inf"), -float("inf")]),
+                min_size=1, max_size=30),
+       st.sampled_from([0.0, 1.0, 1.25, 2.0, -3.0, 5.0, float("inf"), -float("inf"), float("nan")]))
+def test_evidence_percentile_equals_scipy(values, value):
+    """The evidence's percentile by binary search equals scipy's percentileofscore(kind="mean") over finite values."""
+    from scipy.stats import percentileofscore
+
+    from crp_invert.integration.evidence import _Column
+
+    column = np.array(values)
+    finite = column[np.isfinite(column)]
+    if finite.size == 0:
+        with pytest.raises(ValueError, match="finite"):
+            _Column(column)
+        return
+    percentile, n = _Column(column).percentile(value)
+    assert n == finite.size
+    expected = 0.0 if value != value else percentileofscore(finite, value, kind="mean")
+    assert percentile == pytest.approx(expected, abs=1e-9)
