@@ -332,23 +332,31 @@ class Recorder:
     def _unique_rows(self, data_indices: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """The sorted unique dataset indices of a hook call and, unless they are ``data_indices`` itself (sorted,
         each once), the position of each one's first occurrence. Every layer of a batch reports the same
-        indices: they are compared with the previous call's (cheap) instead of sorted again."""
-        data_indices = np.asarray(data_indices)
+        indices: the same object, or equal to the previous call's, is not sorted again."""
         seen = self._batch["seen"]
-        if seen is not None and np.array_equal(seen[0], data_indices):
-            return seen[1], seen[2]
+        if seen is not None and seen[0] is data_indices:  # the same object: the hooks pass one array per batch
+            return seen[2], seen[3]
+        given, data_indices = data_indices, np.asarray(data_indices)
+        if seen is not None and np.array_equal(seen[1], data_indices):
+            return seen[2], seen[3]
         if data_indices.ndim == 1 and (data_indices.size < 2 or bool((np.diff(data_indices) > 0).all())):
             unique, first = data_indices.copy(), None
         else:
             unique, first = np.unique(data_indices, return_index=True)
-        self._batch["seen"] = (data_indices.copy(), unique, first)
+        self._batch["seen"] = (given, data_indices.copy(), unique, first)
         return unique, first
 
-    @torch.no_grad()
     def activation(self, layer: str, output: torch.Tensor, data_indices: np.ndarray) -> None:
         """A layer's output for the samples ``data_indices`` (repeated for samples with several targets)."""
         if self._batch is None:
             return
+        if torch.is_grad_enabled():  # inside CRP's pass; the hooks of record_activations run without gradients
+            with torch.no_grad():
+                self._activation(layer, output, data_indices)
+        else:
+            self._activation(layer, output, data_indices)
+
+    def _activation(self, layer: str, output: torch.Tensor, data_indices: np.ndarray) -> None:
         unique, first = self._unique_rows(data_indices)
         if first is not None:
             # several targets per sample: CRP repeats the sample, its activation is stored once
