@@ -4,12 +4,15 @@ over a plain CRP ``FeatureVisualization.run`` on the same model, data and layer 
     python benchmarks/bench_recording.py --torchvision [--models resnet18,vgg11_bn] [--samples 256]
                                          [--size 64] [--batch-size 32] [--repeats 3]
     python benchmarks/bench_recording.py [--samples 5000] [--batch-size 64] [--repeats 3]
+    python benchmarks/bench_recording.py --hooks [--repeats 7] [--loader-repeats 4]
 
 ``--torchvision``: torchvision ResNet18 (``ResNetCanonizer``) and VGG11_bn (``VGGCanonizer``) with random
 weights (``weights=None``, random BatchNorm statistics) on random images, every Conv2d layer in the layer map,
 ``EpsilonPlusFlat``. Without it: the shared FashionMNIST model on ``../shared/data/fashion-mnist-crp`` (layers
 conv1, conv2, linear1, linear2), plus the cache size, ``record_activations`` and labeling from the cache
-(exits 0 with a message when the shared data are missing).
+(exits 0 with a message when the shared data are missing). ``--hooks``: ``record_activations`` against a bare
+forward pass over the same DataLoader, at 5,000 and ``--loader-repeats`` x 5,000 samples, with the overhead split
+into a part paid once per run and a part per batch.
 
 Measured per model: the wall and CPU time of both runs, best of ``--repeats`` interleaved runs (so that drifts
 in machine load hit both), and the time spent inside the recording code itself (timed by wrapping its
@@ -297,6 +300,111 @@ def fashion_main(args) -> int:
     return 0
 
 
+def hooks_timer() -> tuple[dict[str, float], Callable[[], None]]:
+    """Wrap the functions ``record_activations`` calls once per run (set-up, file creation, the final write,
+    flush and commit) and once per batch; returns the counters ``{"fixed": s, "per_batch": s}`` and a function
+    that unwraps them. Hook dispatch inside the forward pass is not counted (the wall-time fit counts it)."""
+    import crp_invert.integration.hooks as hooks
+    from crp_invert.integration.recorder import Recorder
+
+    spent = {"fixed": 0.0, "per_batch": 0.0}
+    wrapped: list[tuple[Any, str, Any]] = []
+
+    def timed(owner: Any, name: str, kind: str) -> None:
+        function = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[kind] += time.perf_counter() - start
+
+        wrapped.append((owner, name, function))
+        setattr(owner, name, wrapper)
+
+    for name in ("begin", "activation", "end"):
+        timed(Recorder, name, "per_batch")
+    timed(Recorder, "close", "fixed")  # writes the rows buffered since the last flush (one flush at this size)
+    for name in ("check_sequential", "open_cache", "model_hash", "check_recorded_layers", "_check_data",
+                 "ActivationCache"):
+        timed(hooks, name, "fixed")
+
+    def restore() -> None:
+        for owner, name, function in reversed(wrapped):
+            setattr(owner, name, function)
+
+    return spent, restore
+
+
+def hooks_main(args) -> int:
+    """``record_activations`` of the four FashionMNIST layers against a bare forward pass over the same
+    DataLoader (a TensorDataset, batch size ``--batch-size``), interleaved, at the val set and the val set
+    repeated ``--loader-repeats`` times; the overhead split into a fixed and a per-batch part."""
+    from fashion_mnist import LAYERS, data_dir, load
+
+    from crp_invert import record_activations
+
+    folder = data_dir()
+    if folder is None:
+        print("shared FashionMNIST data not found; nothing to benchmark (skipped).")
+        return 0
+    model, images, targets = load(folder)
+    images, targets = images[:args.samples], torch.from_numpy(targets[:args.samples])
+    before = conditions(args.device)
+    rows, fits = [], []
+    work = Path(tempfile.mkdtemp(prefix="bench-hooks-"))
+    try:
+        for times in (1, args.loader_repeats):
+            dataset = torch.utils.data.TensorDataset(images.repeat(times, 1, 1, 1), targets.repeat(times))
+            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
+
+            def bare(loader=loader):
+                with torch.no_grad():
+                    for batch, _ in loader:
+                        model(batch)
+
+            def record(loader=loader):
+                record_activations(model, loader, LAYERS, work / "cache.h5", overwrite=True, progress=False).close()
+
+            best = {"bare": float("inf"), "record": float("inf"), "fixed": float("inf"), "per_batch": float("inf")}
+            bare()
+            spent, restore = hooks_timer()
+            try:
+                for _ in range(args.repeats):
+                    for name, run in (("bare", bare), ("record", record)):
+                        spent["fixed"] = spent["per_batch"] = 0.0
+                        start = time.perf_counter()
+                        run()
+                        best[name] = min(best[name], time.perf_counter() - start)
+                        if name == "record":
+                            best["fixed"] = min(best["fixed"], spent["fixed"])
+                            best["per_batch"] = min(best["per_batch"], spent["per_batch"])
+            finally:
+                restore()
+            n, batches = len(dataset), len(loader)
+            fits.append((batches, best["record"] - best["bare"]))
+            rows.append(f"| {n:,} samples ({batches} batches) | {best['bare']:.3f} | {best['record']:.3f} | "
+                        f"{best['record'] / best['bare']:.3f} | {1e3 * best['fixed']:.1f} | "
+                        f"{1e3 * best['per_batch'] / batches:.3f} |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (b1, d1), (b2, d2) = fits
+    per_batch = (d2 - d1) / (b2 - b1) if b2 != b1 else float("nan")
+    print(f"Conditions: {before}; after: load average {', '.join(f'{v:.2f}' for v in os.getloadavg())}.")
+    print(f"FashionMNIST model, layers {', '.join(LAYERS)}, TensorDataset, batch size {args.batch_size}, best of "
+          f"{args.repeats} interleaved runs (bare, record).")
+    print()
+    print("| data | bare forward (s) | record_activations (s) | ratio | in set-up and file writes, once (ms) "
+          "| in the recorder per batch (ms) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("\n".join(rows))
+    print()
+    print(f"Fit of the wall-time overheads of the two sizes: {1e3 * per_batch:.3f} ms per batch (hooks included), "
+          f"{1e3 * (d1 - per_batch * b1):.1f} ms once per run.")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--torchvision", action="store_true", help="ResNet18 and VGG11_bn with random weights")
@@ -307,11 +415,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-label", action="store_true")
+    parser.add_argument("--hooks", action="store_true",
+                        help="record_activations against a bare forward pass (FashionMNIST), fixed and per-batch part")
+    parser.add_argument("--loader-repeats", type=int, default=4, help="with --hooks: the larger run's data")
     args = parser.parse_args()
     if args.samples is None:
         args.samples = 256 if args.torchvision else 5000
     if args.batch_size is None:
         args.batch_size = 32 if args.torchvision else 64
+    if args.hooks:
+        return hooks_main(args)
     return torchvision_main(args) if args.torchvision else fashion_main(args)
 
 

@@ -310,23 +310,41 @@ def _check_reference_rows(evidence: Evidence, indices: list[int | None], start: 
                              f"{start + n_rows}))")
 
 
-def _percentile(reference: np.ndarray, value: float) -> tuple[float, int]:
-    """``scipy.stats.percentileofscore(kind="mean")`` over the finite reference values, and their number."""
-    finite = reference[np.isfinite(reference)]
-    if finite.size == 0:
-        raise ValueError("the reference holds no recorded (finite) activation of this channel")
-    below = np.count_nonzero(finite < value)
-    equal = np.count_nonzero(finite == value)
-    return float(100.0 * (below + 0.5 * equal) / finite.size), int(finite.size)
+class _Column:
+    """One channel's reference values, sorted once: the percentile of each of many parts by binary search, not
+    a pass over the column per part."""
+
+    def __init__(self, column: np.ndarray) -> None:
+        self.column = column
+        self.finite = np.sort(column[np.isfinite(column)])
+        if self.finite.size == 0:
+            raise ValueError("the reference holds no recorded (finite) activation of this channel")
+        self._largest: float | None = None
+
+    def percentile(self, value: float) -> tuple[float, int]:
+        """``scipy.stats.percentileofscore(kind="mean")`` of ``value`` over the finite reference values (a NaN
+        value: 0), and their number."""
+        if value != value:  # NaN: nothing is below or equal
+            return 0.0, int(self.finite.size)
+        below = int(np.searchsorted(self.finite, value, side="left"))
+        equal = int(np.searchsorted(self.finite, value, side="right")) - below
+        return float(100.0 * (below + 0.5 * equal) / self.finite.size), int(self.finite.size)
+
+    def largest(self) -> float:
+        """``nanmax(|column|)``, computed at the first call."""
+        if self._largest is None:
+            self._largest = float(np.nanmax(np.abs(self.column)))
+        return self._largest
 
 
-def _check_reference_row(column: np.ndarray, row: int | None, value: float, where: str) -> None:
+def _check_reference_row(column: _Column, row: int | None, value: float, where: str) -> None:
     """Warn when the cache's own row of the sample disagrees with the activation computed now."""
-    if row is None or not 0 <= row < len(column) or not np.isfinite(column[row]):
+    values = column.column
+    if row is None or not 0 <= row < len(values) or not np.isfinite(values[row]):
         return
-    if abs(column[row] - value) > 1e-3 * abs(value) + 1e-5 * float(np.nanmax(np.abs(column))):
+    if abs(values[row] - value) > 1e-3 * abs(value) + 1e-5 * column.largest():
         logger.warning("%s: activation %.6g but the reference holds %.6g; recorded with another composite "
-                       "or pooling?", where, value, column[row])
+                       "or pooling?", where, value, values[row])
 
 
 def collect_evidence(evidence: Evidence, layer: str, activation: torch.Tensor, orders: torch.Tensor,
@@ -347,13 +365,16 @@ def collect_evidence(evidence: Evidence, layer: str, activation: torch.Tensor, o
     reference, start = _reference_columns(evidence, reference_layer, n_channels, columns)
     _check_reference_rows(evidence, indices, start, reference.shape[0])
     position = {channel: i for i, channel in enumerate(columns)}
+    sorted_columns: dict[int, _Column] = {}
     results = []
     for i in range(n_samples):
         parts = []
         for channel, choice in zip(orders[i].tolist(), choices[i]):
             value = float(pooled[i, channel])
-            column = reference[:, position[channel]]
-            percentile, n_reference = _percentile(column, value)
+            if channel not in sorted_columns:
+                sorted_columns[channel] = _Column(reference[:, position[channel]])
+            column = sorted_columns[channel]
+            percentile, n_reference = column.percentile(value)
             _check_reference_row(column, None if indices[i] is None else indices[i] - start, value,
                                  f"sample {indices[i]}, channel {channel} of layer {reference_layer!r}")
             parts.append(ChannelEvidence(channel=int(channel), activation=value, percentile=percentile,

@@ -393,7 +393,8 @@ def decompose_batch(attribution, samples: torch.Tensor, target, layer: str, comp
     run = _Run(attribution, composite, layer, batch_size, last_call.mask)
     with model_guard(model), last_call.attached():
         passes = _conditional_heatmaps(run, data, targets, top_k, rank_by, n_channels, progress)
-    choices = [[choose_label(_candidates(sources, c), rows[i]) for c in passes.order[i].tolist()]
+    memos = [{} for _ in range(len(data))]  # per sample: whether each formula holds, evaluated once
+    choices = [[choose_label(_candidates(sources, c), rows[i], memos[i]) for c in passes.order[i].tolist()]
                for i in range(len(data))]
     parts_evidence = [None] * len(data)
     if evidence is not None:

@@ -52,6 +52,16 @@ def _indices_in_order(index_source: Iterable, what: str) -> None:
             expected += 1
 
 
+def _plain_sequential(data_loader: torch.utils.data.DataLoader) -> bool:
+    """Whether the loader uses torch's ``SequentialSampler`` over its own dataset, batched (if at all) by torch's
+    ``BatchSampler``: exactly these classes yield 0, 1, 2, ... (``shuffle=False``, no sampler given)."""
+    sampler, batch_sampler = data_loader.sampler, data_loader.batch_sampler
+    if type(sampler) is not torch.utils.data.SequentialSampler or sampler.data_source is not data_loader.dataset:
+        return False
+    return batch_sampler is None or (type(batch_sampler) is torch.utils.data.BatchSampler
+                                     and batch_sampler.sampler is sampler)
+
+
 def check_sequential(data_loader: Any) -> None:
     """Refuse a torch DataLoader whose samples do not come in dataset order (shuffled, a sampler that skips or
     repeats samples, ``in_order=False``). Other iterables are trusted to yield the dataset in order.
@@ -72,6 +82,8 @@ def check_sequential(data_loader: Any) -> None:
             f"the data_loader samples in random order ({type(data_loader.sampler).__name__}, e.g. shuffle=True): "
             "rows of the cache are assigned in the order the loader yields samples; use shuffle=False"
         )
+    if _plain_sequential(data_loader):
+        return  # torch's own classes, not subclasses: range(len(dataset)) in order, nothing to iterate
     source, what = ((data_loader.batch_sampler, "batch sampler") if data_loader.batch_sampler is not None
                     else (data_loader.sampler, "sampler"))
     for _ in range(2):  # twice: a sampler with its own randomness would differ

@@ -321,21 +321,44 @@ class Recorder:
         self._last_flush = time.monotonic()
         self._batch: dict[str, Any] | None = None
         self.n_skipped = 0
+        self._layers_added = False
 
     # -- per batch -----------------------------------------------------------------------------------------
 
     def begin(self, samples: np.ndarray) -> None:
         """Start a batch of the given dataset indices (an unfinished previous batch is dropped)."""
-        self._batch = {"samples": np.asarray(samples), "act": {}, "rel": {}, "indices": None}
+        self._batch = {"samples": np.asarray(samples), "act": {}, "rel": {}, "indices": None, "seen": None}
 
-    @torch.no_grad()
+    def _unique_rows(self, data_indices: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """The sorted unique dataset indices of a hook call and, unless they are ``data_indices`` itself (sorted,
+        each once), the position of each one's first occurrence. Every layer of a batch reports the same
+        indices: the same object, or equal to the previous call's, is not sorted again."""
+        seen = self._batch["seen"]
+        if seen is not None and seen[0] is data_indices:  # the same object: the hooks pass one array per batch
+            return seen[2], seen[3]
+        given, data_indices = data_indices, np.asarray(data_indices)
+        if seen is not None and np.array_equal(seen[1], data_indices):
+            return seen[2], seen[3]
+        if data_indices.ndim == 1 and (data_indices.size < 2 or bool((np.diff(data_indices) > 0).all())):
+            unique, first = data_indices.copy(), None
+        else:
+            unique, first = np.unique(data_indices, return_index=True)
+        self._batch["seen"] = (given, data_indices.copy(), unique, first)
+        return unique, first
+
     def activation(self, layer: str, output: torch.Tensor, data_indices: np.ndarray) -> None:
         """A layer's output for the samples ``data_indices`` (repeated for samples with several targets)."""
         if self._batch is None:
             return
-        data_indices = np.asarray(data_indices)
-        unique, first = np.unique(data_indices, return_index=True)
-        if unique.size != data_indices.size or not np.array_equal(unique, data_indices):
+        if torch.is_grad_enabled():  # inside CRP's pass; the hooks of record_activations run without gradients
+            with torch.no_grad():
+                self._activation(layer, output, data_indices)
+        else:
+            self._activation(layer, output, data_indices)
+
+    def _activation(self, layer: str, output: torch.Tensor, data_indices: np.ndarray) -> None:
+        unique, first = self._unique_rows(data_indices)
+        if first is not None:
             # several targets per sample: CRP repeats the sample, its activation is stored once
             output = output[torch.from_numpy(first).to(output.device)]
         check_output_layout(layer, output, self.layouts[layer], self.declared[layer])
@@ -348,9 +371,10 @@ class Recorder:
         if self._batch is None or not self.record_relevance or layer in self._batch["rel"]:
             return  # a module called several times: its first relevance belongs to its last output
         per_row = self.layer_map[layer].attribute(relevance, layer_name=layer, abs_norm=False)
-        data_indices = np.asarray(data_indices)
-        unique, inverse = np.unique(data_indices, return_inverse=True)
-        if unique.size != per_row.shape[0] or not np.array_equal(unique, data_indices):
+        unique, first = self._unique_rows(data_indices)
+        if first is not None or unique.size != per_row.shape[0]:
+            data_indices = np.asarray(data_indices)
+            unique, inverse = np.unique(data_indices, return_inverse=True)
             # several targets per sample (or rows out of order): sum the rows of each sample
             summed = torch.zeros((unique.size, per_row.shape[1]), dtype=per_row.dtype, device=per_row.device)
             per_row = summed.index_add_(0, torch.from_numpy(inverse.reshape(-1)).to(per_row.device), per_row)
@@ -360,7 +384,7 @@ class Recorder:
         batch = self._batch
         if batch["indices"] is None:
             batch["indices"] = unique
-        elif not np.array_equal(batch["indices"], unique):
+        elif batch["indices"] is not unique and not np.array_equal(batch["indices"], unique):
             raise RuntimeError(f"layer {layer!r} saw other samples than the other layers in this batch")
         if keep == "last" or layer not in batch[kind]:
             # a copy: an output that is already [B, C] is the module's own tensor, which an in-place operation
@@ -384,11 +408,14 @@ class Recorder:
                 "(for a layer without relevance use record_relevance=False)"
             )
         indices = batch["indices"]
-        self.n_skipped += int(np.setdiff1d(batch["samples"], indices).size)
-        for name in self.layer_map:
-            if name not in self.cache:
-                channels = batch["act"][name].shape[1]
-                self.cache.add_layer(name, channels, relevances=self.record_relevance, **self.meta[name])
+        if not np.array_equal(batch["samples"], indices):
+            self.n_skipped += int(np.setdiff1d(batch["samples"], indices).size)
+        if not self._layers_added:  # once: the layers stay in the cache
+            for name in self.layer_map:
+                if name not in self.cache:
+                    channels = batch["act"][name].shape[1]
+                    self.cache.add_layer(name, channels, relevances=self.record_relevance, **self.meta[name])
+            self._layers_added = True
         rows = np.asarray(indices, dtype=np.int64) - self.start
         self._buffer.append((rows, batch["act"], batch["rel"]))
         self._buffered_bytes += sum(t.numel() * 4 for part in (batch["act"], batch["rel"]) for t in part.values())

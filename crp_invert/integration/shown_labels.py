@@ -86,6 +86,16 @@ def formula_holds(explanation: Any, concepts_row: Any) -> bool:
     return bool(explanation.formula.evaluate(concepts_row).reshape(-1)[0])
 
 
+def _holds(explanation: Any, concepts_row: Any, memo: dict | None) -> bool:
+    """:func:`formula_holds`, remembered in ``memo`` by formula (equal formulas evaluate alike)."""
+    if memo is None:
+        return formula_holds(explanation, concepts_row)
+    formula = explanation.formula
+    if formula not in memo:
+        memo[formula] = formula_holds(explanation, concepts_row)
+    return memo[formula]
+
+
 @dataclass(frozen=True)
 class LabelChoice:
     """The explanation one glocal part shows, and how it was chosen.
@@ -122,12 +132,14 @@ class LabelChoice:
         return NONE_HOLDS if self.holds is False else NO_RELIABLE_LABEL
 
 
-def choose_label(candidates: Mapping[str, Sequence[Any]], concepts_row: Any = None) -> LabelChoice:
+def choose_label(candidates: Mapping[str, Sequence[Any]], concepts_row: Any = None,
+                 holds_memo: dict | None = None) -> LabelChoice:
     """The explanation a glocal part shows, among reliable ``candidates`` per source (best first).
 
     With the sample's concepts (``concepts_row``) each source offers its first explanation that holds on the
     sample; without them, its first. Of the offers the one with the higher AUC is shown (ties: the source
-    first in :data:`SOURCES`).
+    first in :data:`SOURCES`). ``holds_memo``, one dict per sample kept across the calls of that sample,
+    remembers whether each formula holds, so that a formula shared by several channels is evaluated once.
 
     Examples
     --------
@@ -144,7 +156,7 @@ def choose_label(candidates: Mapping[str, Sequence[Any]], concepts_row: Any = No
         explanations = list(candidates.get(source) or ())
         n_reliable += len(explanations)
         if concepts_row is not None:
-            explanations = [e for e in explanations if formula_holds(e, concepts_row)]
+            explanations = [e for e in explanations if _holds(e, concepts_row, holds_memo)]
             n_holding += len(explanations)
         if explanations:
             auc = float(explanations[0].auc)
