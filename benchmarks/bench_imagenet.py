@@ -57,7 +57,7 @@ def run_label(cache: Path, labels: Path, out: Path, processes: int, threads: int
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT) + os.pathsep
                + os.environ.get("PYTHONPATH", ""))
     command = ["-m", "crp_invert", "label", str(cache), str(labels), "-L", str(L), "-B", str(B),
-               "--device", device, "-q", "--out", str(out)]
+               "--device", device, "-q", "--out", str(out), "--overwrite"]
     if processes > 1:
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
         command = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] + command

@@ -79,10 +79,11 @@ class CompactRanks(NamedTuple):
     tie_term: torch.Tensor
 
 
-# bytes per score that ranking one feature needs at most (a copy of the scores, the sorted copy, the sort
-# order, group boundaries and the sorted ranks; 56 measured as peak RSS for float32 and float64 scores
-# without ties, see benchmarks/bench_memory.py)
-RANK_BYTES_PER_SAMPLE = 64
+# bytes per score that ranking one feature needs at most (its ranks, the thread's transposed scores, sort keys
+# and order, group boundaries, the sorted ranks; 48.5 measured as peak RSS for float32 scores without ties at
+# N = 1.28 M, see benchmarks/bench_memory.py): the working memory of a batch at N = 1.28 M (128 MiB with the
+# CPU's default budget) then ranks two columns at once, one per core of a small machine
+RANK_BYTES_PER_SAMPLE = 52
 
 
 def compact_ranks(scores: torch.Tensor, features_per_chunk: int | None = None,
@@ -266,11 +267,25 @@ def _rank_column(values: np.ndarray, out: np.ndarray, workspace: _Workspace) -> 
     # a tie group at sorted positions first .. first + size - 1 has the doubled midrank 2 first + size + 1
     first = np.flatnonzero(starts)
     size = np.diff(first, append=n_samples)
-    out[order] = np.repeat((2 * first + size + 1).astype(np.int32), size)
-    # t**3 - t per group, exact in int64 while t < 2**21
-    if n_samples < 2 ** 21:
-        return float(int((size * (size * size - 1)).sum()))
-    return float((size.astype(np.float64) * (size * size - 1).astype(np.float64)).sum())
+    group_rank = np.multiply(first, 2, out=first)
+    group_rank += size
+    group_rank += 1
+    out[order] = np.repeat(group_rank.astype(np.int32), size)
+    del first, group_rank
+    return _tie_term(size, n_samples)
+
+
+def _tie_term(size: np.ndarray, n_samples: int) -> float:
+    """``sum(t**3 - t)`` over the tie groups' sizes: exact in int64 while ``N < 2**21``; in blocks (no temporary
+    as large as ``size``)."""
+    total: int | float = 0
+    for begin in range(0, len(size), _TRANSPOSE_ROWS):
+        t = size[begin:begin + _TRANSPOSE_ROWS]
+        if n_samples < 2 ** 21:
+            total += int((t * (t * t - 1)).sum())
+        else:
+            total += float((t.astype(np.float64) * (t * t - 1).astype(np.float64)).sum())
+    return float(total)
 
 
 def _rank_rows(rows: torch.Tensor, out: torch.Tensor, tie_out: torch.Tensor) -> None:
