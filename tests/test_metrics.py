@@ -233,3 +233,5 @@ def test_scratch_lends_kept_memory_and_ranks_alike():
         for f in range(n_features):
             np.testing.assert_array_equal(kept.doubled[f].numpy(), 2 * rankdata(scores[:, f].numpy()))
         scratch.give(kept.doubled)
+    empty = compact_ranks(torch.zeros(5, 0), scratch=scratch)  # no column: empty ranks, nothing to rank
+    assert empty.doubled.shape == (0, 5) and empty.tie_term.shape == (0,)

@@ -199,7 +199,7 @@ def _rank_columns_cpu(scores: torch.Tensor, doubled: torch.Tensor, tie_term: tor
     values, out = scores.detach().numpy(), doubled.numpy()
     n_samples, n_features = values.shape
     n_workers = max(1, min(step, n_features, torch.get_num_threads()))
-    width = min(_group_width(step, n_workers, values.itemsize), -(-n_features // n_workers))
+    width = max(1, min(_group_width(step, n_workers, values.itemsize), -(-n_features // n_workers)))
     workspaces = [_Workspace(n_samples, width, values.dtype, scratch) for _ in range(n_workers)]
     spare: queue.SimpleQueue = queue.SimpleQueue()
     for workspace in workspaces:
