@@ -101,12 +101,12 @@ def main() -> None:
         from crp_invert import ConceptLabels
 
         seconds = write_cache(cache, ConceptLabels.load(labels), args.features)
-        print(f"wrote {cache} ({cache.stat().st_size / 1e9:.1f} GB) in {seconds:.0f} s", flush=True)
+        print(f"wrote {cache} ({cache.stat().st_size / 1e6:,.0f} MB) in {seconds:.1f} s", flush=True)
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}\n")
     print("| N | F | device | processes x threads | wall s (whole command) | s per feature | "
-          "peak RSS (largest process) | CPU s (of which system) | cores busy |")
+          "peak RSS (largest process, at exit) | CPU s (of which system) | cores busy |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     outputs = []
     for run in args.runs.split(","):
@@ -115,10 +115,11 @@ def main() -> None:
         row = run_label(cache, labels, out, processes, threads, args.L, args.B, args.device, args.cores)
         outputs.append(out)
         print(f"| {args.n:,} | {args.features:,} | {args.device} | {processes} x {threads} | {row['seconds']:.1f} | "
-              f"{row['seconds'] / args.features:.3f} | {row['peak_rss_gb']:.2f} GB | {row['cpu_seconds']:.1f} "
+              f"{row['seconds'] / args.features:.3f} | {row['peak_rss_gb']:.2f} GiB | {row['cpu_seconds']:.1f} "
               f"({row['sys_seconds']:.1f}) | {row['cpu_seconds'] / row['seconds']:.2f} |", flush=True)
     documents = [json.loads(path.read_text()) for path in outputs]
-    print(f"\nlabels identical across runs: {all(d['features'] == documents[0]['features'] for d in documents)}")
+    same = all(d["features"] == documents[0]["features"] for d in documents)
+    print(f"\nlabels identical across runs: {same if len(documents) > 1 else 'n/a (one run)'}")
     if not args.keep:
         for path in [cache, labels] + outputs:
             path.unlink(missing_ok=True)

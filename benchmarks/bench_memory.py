@@ -4,8 +4,8 @@ working memory of each phase, and the fixed part.
     python benchmarks/bench_memory.py [--n 1280000] [--features 128]
     python benchmarks/bench_memory.py --whole 50000x512,1280000x256 --pressure 3   # whole runs, model vs peak
 
-Every measurement runs in a fresh child process with glibc told to return freed blocks to the system
-(``MALLOC_MMAP_THRESHOLD_=65536``), and resets the process's peak RSS (``/proc/self/clear_refs``) right
+Every per-phase measurement runs in a fresh child process with glibc told to return freed blocks to the system
+(``MALLOC_MMAP_THRESHOLD_=65536``; ``--whole`` runs keep glibc's and torch's defaults, as a user has them), and resets the process's peak RSS (``/proc/self/clear_refs``) right
 before the measured step, so that the peak minus the RSS before it is what the step held at once. Prints
 one markdown row per phase: the model's bytes (``crp_invert.core.search.SearchMemory``, the constants in
 ``core/search.py`` and ``core/metrics.py``) and the measured ones.
@@ -127,7 +127,7 @@ def whole_run(folder: Path, n: int, n_features: int) -> dict:
         label_cache(labeler, cache, progress=False, L=3, B=3)
         seconds = time.perf_counter() - tick
         peak = _status("VmHWM")
-    return {"base": base, "prepared": labeler._prepared_labels().nbytes, "in_flight": plan["in_flight_bytes"],
+    return {"base": base, "prepared": labeler.prepared_nbytes, "in_flight": plan["in_flight_bytes"],
             "batch": plan["feature_batch_size"], "prefetch": plan["prefetch"], "peak": peak, "seconds": seconds,
             "budget": budget}
 
@@ -187,7 +187,11 @@ def memory_pressure(leave_bytes: int | None) -> Iterator[None]:
 
 def print_whole_runs(folder: Path, runs: list[tuple[int, int]], leave_gib: float | None) -> None:
     """One row per layer and memory condition: the model's prediction of the peak RSS against the peak."""
+    import platform
+
     mib = 1 << 20
+    print(f"# bench_memory --whole: K = 1,481, L = 3, B = 3, synthetic layers from an ActivationCache; "
+          f"{platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}")
     print("\n| N | F | free memory | budget | batches | before labeling | prepared labels | batches in flight "
           "(model) | predicted peak | measured peak | measured / predicted |\n" + "| --- " * 11 + "|")
     for n, n_features in runs:

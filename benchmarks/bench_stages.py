@@ -54,7 +54,7 @@ def report(started: float, usage_before) -> None:
     wall = time.perf_counter() - started
     cpu = usage.ru_utime + usage.ru_stime - usage_before.ru_utime - usage_before.ru_stime
     print(f"after import torch: wall {wall:.2f} s, CPU {cpu:.2f} s (system {usage.ru_stime - usage_before.ru_stime:.2f}),"
-          f" cores busy {cpu / wall:.2f}, peak RSS {usage.ru_maxrss / 1024 ** 2:.2f} GB, "
+          f" cores busy {cpu / wall:.2f}, peak RSS {usage.ru_maxrss / 1024 ** 2:.2f} GiB, "
           f"minor faults {usage.ru_minflt - usage_before.ru_minflt:,}")
     if EVENTS:
         print(f"first stage at {min(e[2] for e in EVENTS) - started:.2f} s, last stage ended at "
@@ -79,9 +79,10 @@ def main() -> None:
 
     started, usage_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     try:
-        cli(["label"] + sys.argv[1:], standalone_mode=False)
+        cli(["label"] + sys.argv[1:], prog_name="bench_stages.py", standalone_mode=False)
     finally:
-        report(started, usage_before)
+        if EVENTS:  # nothing labeled (--help, an error before the first batch): nothing to report
+            report(started, usage_before)
 
 
 if __name__ == "__main__":

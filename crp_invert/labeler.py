@@ -78,6 +78,13 @@ class ConceptLabeler:
         backend = "" if self.backend == "auto" else f", backend={self.backend!r}"
         return f"ConceptLabeler({self.concepts!r}, device={str(self.device)!r}{backend})"
 
+    @property
+    def prepared_nbytes(self) -> int:
+        """Bytes the labeler keeps of its concepts prepared for the search (prepared on first use), the part of
+        a labeling process's memory besides the concepts and the batches in flight (see
+        :func:`~crp_invert.core.labeling.planned_memory`)."""
+        return self._prepared_labels().nbytes
+
     def _prepared_labels(self) -> PreparedLabels:
         # built once: preparing a large label matrix costs more than a small search
         if self._cached_labels is None:
