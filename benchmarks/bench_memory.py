@@ -2,11 +2,12 @@
 working memory of each phase, and the fixed part.
 
     python benchmarks/bench_memory.py [--n 1280000] [--features 128]
-    python benchmarks/bench_memory.py --whole 50000x512,1280000x256 --pressure 3   # whole runs, model vs peak
+    python benchmarks/bench_memory.py --whole 50000x512,1280000x256 --pressure 3
+        # whole runs from an ActivationCache: the model's predicted peak against the measured one
 
-Every per-phase measurement runs in a fresh child process with glibc told to return freed blocks to the system
-(``MALLOC_MMAP_THRESHOLD_=65536``; ``--whole`` runs keep glibc's and torch's defaults, as a user has them), and resets the process's peak RSS (``/proc/self/clear_refs``) right
-before the measured step, so that the peak minus the RSS before it is what the step held at once. Prints
+Every per-phase measurement runs in a fresh child process with glibc told to return freed blocks to the
+system (``MALLOC_MMAP_THRESHOLD_=65536``; ``--whole`` runs keep glibc's and torch's defaults, as a user has
+them), and resets the process's peak RSS (``/proc/self/clear_refs``) right before the measured step, so that the peak minus the RSS before it is what the step held at once. Prints
 one markdown row per phase: the model's bytes (``crp_invert.core.search.SearchMemory``, the constants in
 ``core/search.py`` and ``core/metrics.py``) and the measured ones.
 """

@@ -53,7 +53,8 @@ def report(started: float, usage_before) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter() - started
     cpu = usage.ru_utime + usage.ru_stime - usage_before.ru_utime - usage_before.ru_stime
-    print(f"after import torch: wall {wall:.2f} s, CPU {cpu:.2f} s (system {usage.ru_stime - usage_before.ru_stime:.2f}),"
+    system = usage.ru_stime - usage_before.ru_stime
+    print(f"after import torch: wall {wall:.2f} s, CPU {cpu:.2f} s (system {system:.2f}),"
           f" cores busy {cpu / wall:.2f}, peak RSS {usage.ru_maxrss / 1024 ** 2:.2f} GiB, "
           f"minor faults {usage.ru_minflt - usage_before.ru_minflt:,}")
     if EVENTS:
@@ -67,7 +68,8 @@ def report(started: float, usage_before) -> None:
         row[1] += end - start
         row[2] += cpu_seconds
         row[3] += faults
-    print("\n| stage | thread | calls | wall s (summed over threads) | CPU s | minor faults |\n| --- | --- | ---: | ---: | ---: | ---: |")
+    print("\n| stage | thread | calls | wall s (summed over threads) | CPU s | minor faults |\n"
+          "| --- | --- | ---: | ---: | ---: | ---: |")
     for (name, kind), (calls, wall_seconds, cpu_seconds, faults) in sorted(totals.items()):
         print(f"| {name} | {kind} | {calls} | {wall_seconds:.2f} | {cpu_seconds:.2f} | {faults:,} |")
 

@@ -19,7 +19,6 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -47,8 +46,8 @@ from .search import (
     prepare_labels,
 )
 
-__all__ = ["label_array", "planned_memory", "batch_plan", "default_feature_batch_size", "available_memory", "read_feature_columns",
-           "check_finite"]
+__all__ = ["label_array", "planned_memory", "batch_plan", "default_feature_batch_size", "available_memory",
+           "read_feature_columns", "check_finite"]
 
 logger = logging.getLogger(__name__)
 
