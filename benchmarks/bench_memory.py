@@ -8,7 +8,8 @@ working memory of each phase, and the fixed part.
 Every per-phase measurement runs in a fresh child process with glibc told to return freed blocks to the
 system (``MALLOC_MMAP_THRESHOLD_=65536``; ``--whole`` runs keep glibc's and torch's defaults, as a user has
 them), and resets the process's peak RSS (``/proc/self/clear_refs``) right before the measured step, so that
-the peak minus the RSS before it is what the step held at once. Prints one markdown row per phase: the model's bytes (``crp_invert.core.search.SearchMemory``, the constants in
+the peak minus the RSS before it is what the step held at once. Prints one markdown row per phase: the model's
+bytes (``crp_invert.core.search.SearchMemory``, the constants in
 ``core/search.py`` and ``core/metrics.py``) and the measured ones.
 """
 from __future__ import annotations
