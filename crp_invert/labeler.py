@@ -82,7 +82,8 @@ class ConceptLabeler:
     def prepared_nbytes(self) -> int:
         """Bytes the labeler keeps of its concepts prepared for the search (prepared on first use), the part of
         a labeling process's memory besides the concepts and the batches in flight (see
-        :func:`~crp_invert.core.labeling.planned_memory`)."""
+        :func:`~crp_invert.core.labeling.planned_memory`).
+        """
         return self._prepared_labels().nbytes
 
     def _prepared_labels(self) -> PreparedLabels:
