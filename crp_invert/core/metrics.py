@@ -8,7 +8,6 @@ AUC of a formula computable from one matrix product (see :mod:`crp_invert.search
 from __future__ import annotations
 
 import math
-import queue
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -193,33 +192,27 @@ def _group_width(features_in_flight: int, n_workers: int, itemsize: int) -> int:
 def _rank_columns_cpu(scores: torch.Tensor, doubled: torch.Tensor, tie_term: torch.Tensor, step: int,
                       scratch: Scratch) -> None:
     """Doubled midranks and tie terms of every column of ``scores`` (CPU): groups of columns, one per thread,
-    transposed into the thread's :class:`_Workspace` and ranked there; at most ``step`` columns' memory."""
+    transposed into a :class:`_Workspace` lent by ``scratch`` and ranked there; at most ``step`` columns'
+    memory."""
     if scores.dtype in (torch.bfloat16, torch.float16):
         scores = scores.float()
     values, out = scores.detach().numpy(), doubled.numpy()
     n_samples, n_features = values.shape
     n_workers = max(1, min(step, n_features, torch.get_num_threads()))
     width = max(1, min(_group_width(step, n_workers, values.itemsize), -(-n_features // n_workers)))
-    workspaces = [_Workspace(n_samples, width, values.dtype, scratch) for _ in range(n_workers)]
-    spare: queue.SimpleQueue = queue.SimpleQueue()
-    for workspace in workspaces:
-        spare.put(workspace)
 
     def rank(start: int) -> list[float]:
-        workspace = spare.get()
+        # the scratch lends the group's workspace: the next group (or batch) gets the same memory back
+        workspace = _Workspace(n_samples, width, values.dtype, scratch)
         try:
             rows = workspace.transpose(values[:, start:start + width])
             return [_rank_column(row, out[start + i], workspace) for i, row in enumerate(rows)]
         finally:
-            spare.put(workspace)
+            workspace.release()
 
     # the sorts and numpy's large operations release the GIL: the threads rank in parallel
-    try:
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            ties = [tie for group in pool.map(rank, range(0, n_features, width)) for tie in group]
-    finally:
-        for workspace in workspaces:
-            workspace.release()
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        ties = [tie for group in pool.map(rank, range(0, n_features, width)) for tie in group]
     tie_term.copy_(torch.tensor(ties, dtype=torch.float64))
 
 

@@ -24,7 +24,6 @@ Ties are broken deterministically: candidates are ordered by score, then by the 
 from __future__ import annotations
 
 import os
-import queue
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -400,34 +399,25 @@ def _concept_rank_sums_cpu(doubled: np.ndarray, by_sample: Any, chunk: int, out:
                            scratch: Scratch | None = None) -> None:
     """:func:`_concept_rank_sums` on the CPU: each thread multiplies the ``[K, N]`` labels with a group of
     features' ranks at once (one pass over the labels for up to 16 features: the product reads the labels,
-    not the ranks), in a float64 buffer of its own reused from group to group; at most ``chunk`` features'
-    buffers at once."""
+    not the ranks), in a float64 buffer lent by ``scratch`` (the same memory from group to group and batch to
+    batch); at most ``chunk`` features' buffers at once."""
     n_features, n_samples = doubled.shape
     n_workers = max(1, min(chunk, n_features, torch.get_num_threads()))
     width = max(1, min(16, chunk // n_workers, -(-n_features // n_workers)))
     scratch = Scratch() if scratch is None else scratch
-    buffers = [scratch.take((n_samples * width,), np.float64) for _ in range(n_workers)]
-    spare: queue.SimpleQueue = queue.SimpleQueue()
-    for buffer in buffers:
-        spare.put(buffer)
 
     def group_sums(start: int) -> None:
         stop = min(start + width, n_features)
-        buffer = spare.get()
+        columns = scratch.take((n_samples, stop - start), np.float64)
         try:
-            columns = buffer[:n_samples * (stop - start)].reshape(n_samples, stop - start)
             np.copyto(columns, doubled[start:stop].T)
             out[start:stop] = (by_sample @ columns).T
         finally:
-            spare.put(buffer)
+            scratch.give(columns)
 
     # scipy releases the GIL in the product: the threads sum in parallel
-    try:
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            list(pool.map(group_sums, range(0, n_features, width)))
-    finally:
-        for buffer in buffers:
-            scratch.give(buffer)
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        list(pool.map(group_sums, range(0, n_features, width)))
 
 
 class _Settings(NamedTuple):
